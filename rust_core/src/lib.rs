@@ -1,0 +1,14 @@
+//! tollway's Rust core: the primitives every request passes through.
+//!
+//! Everything here is plain Rust that `cargo test` runs without Python;
+//! time is always passed in (`now`, seconds as f64 on a monotonic clock) so
+//! tests are deterministic. The pyo3 bindings live in `py.rs` alone, behind
+//! the `python` feature.
+
+pub mod breaker;
+pub mod cost;
+pub mod limiter;
+pub mod tokenizer;
+
+#[cfg(feature = "python")]
+mod py;
