@@ -3,6 +3,219 @@
 __version__: str
 
 # ==== BEGIN tokenizer + cost stubs ====
+from collections.abc import Mapping as _Mapping
+from collections.abc import Sequence as _Sequence
+from typing import Any as _Any
+from typing import Self as _Self
+from typing import final as _final
+
+def count_tokens(text: str, encoding: str = "o200k_base") -> int:
+    """len(tiktoken encode_ordinary(text)) for "o200k_base" or "cl100k_base"."""
+
+def encode_ordinary(text: str, encoding: str = "o200k_base") -> list[int]: ...
+def encoding_file(name: str) -> bytes:
+    """The embedded .tiktoken file of an encoding, byte for byte."""
+
+def encoding_for_model(model: str) -> str: ...
+def count_chat_tokens(
+    messages: _Sequence[_Mapping[str, _Any]],
+    model: str,
+    tools: _Sequence[_Mapping[str, _Any]] | None = None,
+) -> int: ...
+
+class UnknownModelError(KeyError):
+    """The model has no price in the estimator's table."""
+
+@_final
+class Estimate:
+    def __new__(
+        cls, prompt_tokens: int, max_output_tokens: int, max_cost_nanousd: int
+    ) -> _Self: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def max_output_tokens(self) -> int: ...
+    @property
+    def max_cost_nanousd(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@_final
+class CostEstimator:
+    """Prices per model (pico-USD per token) and cost bounds (nano-USD)."""
+
+    def __new__(
+        cls,
+        prices: _Mapping[str, _Mapping[str, object]],
+        *,
+        default_max_output_tokens: int = 1024,
+    ) -> _Self: ...
+    @property
+    def default_max_output_tokens(self) -> int: ...
+    def set_price(
+        self, model: str, input_usd_per_mtok: object, output_usd_per_mtok: object
+    ) -> None: ...
+    def price(self, model: str) -> tuple[int, int] | None: ...
+    def prices(self) -> list[tuple[str, int, int]]: ...
+    def estimate(self, model: str, prompt_tokens: int, max_output_tokens: int) -> Estimate: ...
+    def estimate_chat(self, model: str, request: _Mapping[str, _Any]) -> Estimate: ...
+    def estimate_embeddings(
+        self,
+        model: str,
+        input: str | _Sequence[str] | _Sequence[int] | _Sequence[_Sequence[int]],
+    ) -> Estimate: ...
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int = 0) -> int: ...
+
 # ==== END tokenizer + cost stubs ====
 # ==== BEGIN limiter + breaker stubs ====
+import typing as _typing  # noqa: E402  (below the other parts' stubs)
+
+@_typing.final
+class Limits:
+    """Per-tier limits of a key; 0 or None disables a tier.
+
+    Defaults (DESIGN.md): per_minute=60, per_hour=1000, per_day=10000,
+    expensive_per_hour=10, tokens_per_minute=None.
+    """
+
+    def __new__(
+        cls,
+        per_minute: int | None = ...,
+        per_hour: int | None = ...,
+        per_day: int | None = ...,
+        expensive_per_hour: int | None = ...,
+        tokens_per_minute: int | None = None,
+    ) -> Limits: ...
+    @staticmethod
+    def unlimited() -> Limits: ...
+    @property
+    def per_minute(self) -> int | None: ...
+    @property
+    def per_hour(self) -> int | None: ...
+    @property
+    def per_day(self) -> int | None: ...
+    @property
+    def expensive_per_hour(self) -> int | None: ...
+    @property
+    def tokens_per_minute(self) -> int | None: ...
+    def as_dict(self) -> dict[str, int | None]: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@_typing.final
+class TierStatus:
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int:
+        """Whole units that could be consumed now."""
+    @property
+    def reset(self) -> float:
+        """Seconds until the bucket is full again."""
+
+@_typing.final
+class RateDecision:
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the denying tiers admit the same cost; 0 if allowed, inf if never."""
+    @property
+    def denied_by(self) -> tuple[str, ...]: ...
+    @property
+    def tiers(self) -> dict[str, TierStatus]:
+        """Every enabled tier, after this check's consumption."""
+    @property
+    def limits(self) -> Limits: ...
+    def tier(self, name: str) -> TierStatus | None: ...
+    def __bool__(self) -> bool: ...
+
+@_typing.final
+class RateLimiter:
+    """Multi-tier token-bucket rate limiter keyed by tenant; thread-safe."""
+
+    def __new__(cls, limits: Limits | None = None, *, shards: int = 64) -> RateLimiter: ...
+    def check(
+        self,
+        key: str,
+        cost: int = 1,
+        *,
+        expensive: bool = False,
+        tokens: int = 0,
+        now: float | None = None,
+    ) -> RateDecision: ...
+    def status(
+        self,
+        key: str,
+        cost: int = 1,
+        *,
+        expensive: bool = False,
+        tokens: int = 0,
+        now: float | None = None,
+    ) -> RateDecision: ...
+    def set_limits(self, key: str, limits: Limits | None, *, now: float | None = None) -> None: ...
+    def limits(self, key: str) -> Limits: ...
+    @property
+    def default_limits(self) -> Limits: ...
+    def set_default_limits(self, limits: Limits, *, now: float | None = None) -> None: ...
+    def evict_idle(self, now: float | None = None) -> int: ...
+    def __len__(self) -> int: ...
+
+@_typing.final
+class BreakerSnapshot:
+    @property
+    def state(self) -> str: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def calls(self) -> int: ...
+    @property
+    def opens(self) -> int: ...
+    @property
+    def consecutive_opens(self) -> int: ...
+    @property
+    def recovery_timeout(self) -> float: ...
+    @property
+    def retry_after(self) -> float: ...
+    @property
+    def probes_in_flight(self) -> int: ...
+    @property
+    def dropped_transitions(self) -> int: ...
+
+@_typing.final
+class CircuitBreaker:
+    """The raw breaker; use :class:`tollway.breaker.CircuitBreaker` for listeners."""
+
+    def __new__(
+        cls,
+        *,
+        failure_threshold: int = 5,
+        window_s: float = 60.0,
+        failure_rate: float | None = None,
+        min_calls: int = 20,
+        recovery_s: float = 30.0,
+        recovery_multiplier: float = 2.0,
+        max_recovery_s: float = 300.0,
+        half_open_max_calls: int = 1,
+        success_threshold: int = 1,
+        slow_call_s: float | None = None,
+        probe_timeout_s: float = 60.0,
+        healthy_reset_s: float = 60.0,
+    ) -> CircuitBreaker: ...
+    def allow(self, now: float | None = None) -> bool: ...
+    def record_success(
+        self, now: float | None = None, duration_s: float = 0.0
+    ) -> tuple[str, str, float, str] | None: ...
+    def record_failure(self, now: float | None = None) -> tuple[str, str, float, str] | None: ...
+    def state(self, now: float | None = None) -> str: ...
+    def retry_after(self, now: float | None = None) -> float: ...
+    def snapshot(self, now: float | None = None) -> BreakerSnapshot: ...
+    def reset(self, now: float | None = None) -> tuple[str, str, float, str] | None: ...
+    def drain_transitions(self) -> list[tuple[str, str, float, str]]: ...
+    @property
+    def pending_transitions(self) -> int: ...
+    def config(self) -> dict[str, int | float | None]: ...
+
 # ==== END limiter + breaker stubs ====
