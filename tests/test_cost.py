@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tollway.tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     CostEstimator,

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+
 import tollway
 from tollway import tokens
 from tollway.tokens import (

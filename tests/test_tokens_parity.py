@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
-import tollway
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import tollway
 from tollway.tokens import ENCODINGS, count_tokens, encode_ordinary, encoding_file
 
 REPO = Path(__file__).resolve().parent.parent
