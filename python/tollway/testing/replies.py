@@ -1,0 +1,478 @@
+"""The OpenAI side of the simulated upstream: deterministic replies, independent of HTTP.
+
+``Replies.route`` turns (method, path, decoded JSON body) into either a whole
+JSON reply or the list of SSE events of a stream; the server in
+``tollway.testing.upstream`` decides when and how the bytes go out (latency,
+chunk delays, faults). Content is an echo of the last user message (or a fixed
+number of filler words), usage is counted with ``tollway.count_tokens`` so the
+gateway's own counts can be compared with it.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import functools
+import hashlib
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "Full",
+    "Replies",
+    "Stream",
+    "count_tokens",
+    "default_error_code",
+    "error",
+]
+
+DEFAULT_MODELS: tuple[str, ...] = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+)
+# What a reply says when `reply_words` asks for a fixed length instead of an echo.
+_FILLER = "the quick brown fox jumps over the lazy dog".split()  # noqa: SIM905
+# Characters of tool-call arguments per stream event: OpenAI sends them in small deltas too.
+_ARGUMENT_PIECE = 8
+
+
+def _whitespace_count(text: str) -> int:
+    return len(text.split())
+
+
+def _load_counter() -> Callable[[str], int]:
+    # count_tokens lives in the Rust core; the upstream must keep working without it
+    # (e.g. before the extension is built), so a whitespace count stands in.
+    try:
+        import tollway
+    except ImportError:
+        return _whitespace_count
+    fn = getattr(tollway, "count_tokens", None)
+    if not callable(fn):
+        return _whitespace_count
+    counter: Callable[[str], int] = fn
+    return counter
+
+
+# Benchmarks send the same prompts again and again; counting is deterministic, so cache it.
+count_tokens: Callable[[str], int] = functools.lru_cache(maxsize=4096)(_load_counter())
+
+
+class Full:
+    """A whole reply: status, body bytes, content type and extra headers."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+class Stream:
+    """A 200 SSE reply, as its complete events; the server frames and paces them."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events = events  # complete SSE events, "data: ...\n\n"
+
+
+_encode = msgspec.json.encode
+
+
+def error(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Full:
+    if type_ is None:
+        type_ = _default_error_type(status)
+    envelope = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Full(status, _encode(envelope), headers=headers)
+
+
+def _default_error_type(status: int) -> str:
+    if status == 429:
+        return "requests"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def default_error_code(status: int) -> str | None:
+    return {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _placeholder(schema: Any, prompt: str) -> Any:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind == "string":
+        enum = schema.get("enum")
+        return enum[0] if isinstance(enum, list) and enum else prompt
+    if kind in ("number", "integer"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "object":
+        props = schema.get("properties")
+        if not isinstance(props, dict):
+            return {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(props)
+        return {n: _placeholder(props.get(n), prompt) for n in names if isinstance(n, str)}
+    return None
+
+
+def _tool_to_call(tools: list[Any], tool_choice: Any) -> tuple[str, dict[str, Any]] | None:
+    functions = [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict)
+        and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+    ]
+    if not functions:
+        return None
+    if isinstance(tool_choice, dict):
+        forced = (tool_choice.get("function") or {}).get("name")
+        for fn in functions:
+            if fn["name"] == forced:
+                return fn["name"], fn
+    first: dict[str, Any] = functions[0]
+    return first["name"], first
+
+
+@functools.lru_cache(maxsize=2048)
+def _vector(key: str, dims: int) -> tuple[float, ...]:
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    rng = random.Random(seed)
+    raw = [rng.uniform(-1.0, 1.0) for _ in range(dims)]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    # Round-trip through float32 as the real API's vectors are float32 values.
+    return tuple(array.array("f", (x / norm for x in raw)))
+
+
+class Replies:
+    """Builds OpenAI-shaped replies; ``reply_words`` and ``models`` may be changed at any time."""
+
+    def __init__(
+        self, name: str, models: Sequence[str] = DEFAULT_MODELS, reply_words: int | None = None
+    ) -> None:
+        self.name = name
+        self.models = list(models)
+        self.reply_words = reply_words  # None: echo the last user message
+        self._ids = itertools.count(1)
+
+    def route(self, method: str, path: str, body: Any) -> Full | Stream:
+        """The reply to one request that passed auth and faults."""
+        path = path.rstrip("/")
+        if path == "/v1/chat/completions":
+            return self._chat(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/embeddings":
+            return self._embeddings(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/models":
+            return self._model_list() if method == "GET" else self._not_allowed(method, path)
+        if path.startswith("/v1/models/") and method == "GET":
+            model_id = path[len("/v1/models/") :]
+            if model_id in self.models:
+                return Full(200, _encode(self._model_obj(model_id)))
+            return error(404, f"The model '{model_id}' does not exist", code="model_not_found")
+        return error(404, f"Invalid URL ({method} {path})")
+
+    def _not_allowed(self, method: str, path: str) -> Full:
+        return error(405, f"Method {method} not allowed on {path}")
+
+    def _model_obj(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": self.name}
+
+    def _model_list(self) -> Full:
+        return Full(
+            200, _encode({"object": "list", "data": [self._model_obj(m) for m in self.models]})
+        )
+
+    # ---- chat
+    def _chat(self, body: Any) -> Full | Stream:
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return error(
+                400,
+                "'messages' is a required property and must be a non-empty array",
+                param="messages",
+            )
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", param="model")
+        prompt = ""
+        prompt_tokens = 3  # OpenAI's reply priming
+        for m in messages:
+            if not isinstance(m, dict):
+                return error(400, "each message must be an object", param="messages")
+            text = _text_of(m.get("content"))
+            prompt_tokens += 3 + count_tokens(text)
+            if m.get("role") == "user":
+                prompt = text
+        tools = body.get("tools")
+        call = None
+        if isinstance(tools, list) and tools and body.get("tool_choice") != "none":
+            prompt_tokens += count_tokens(_encode(tools).decode())
+            call = _tool_to_call(tools, body.get("tool_choice"))
+        cid = f"chatcmpl-{next(self._ids):012x}"
+        created = int(time.time())
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        include_usage = (
+            stream and isinstance(options, dict) and options.get("include_usage") is True
+        )
+        if call is not None:
+            name, fn = call
+            args = _encode(
+                _placeholder(fn.get("parameters") or {"type": "object"}, prompt)
+            ).decode()
+            completion_tokens = count_tokens(name) + count_tokens(args)
+            usage = self._usage(prompt_tokens, completion_tokens)
+            call_id = (
+                "call_" + hashlib.blake2b(f"{name}|{prompt}".encode(), digest_size=12).hexdigest()
+            )
+            if stream:
+                return self._tool_stream(
+                    cid, created, model, call_id, name, args, usage if include_usage else None
+                )
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None,
+                "refusal": None,
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": args},
+                    }
+                ],
+            }
+            return Full(
+                200, _encode(self._completion(cid, created, model, message, "tool_calls", usage))
+            )
+        words, finish = self._reply_words(prompt, body)
+        text = " ".join(words)
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+            text = _encode({"echo": text}).decode()
+            words = [text]
+        usage = self._usage(prompt_tokens, count_tokens(text))
+        if stream:
+            return self._text_stream(
+                cid, created, model, words, finish, usage if include_usage else None
+            )
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return Full(200, _encode(self._completion(cid, created, model, message, finish, usage)))
+
+    def _reply_words(self, prompt: str, body: dict[str, Any]) -> tuple[list[str], str]:
+        if self.reply_words is not None:
+            words = [_FILLER[i % len(_FILLER)] for i in range(self.reply_words)]
+        else:
+            words = prompt.split() or ["ok"]
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(limit, int) and 0 < limit < len(words):
+            return words[:limit], "length"
+        return words, "stop"
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    @staticmethod
+    def _completion(
+        cid: str,
+        created: int,
+        model: str,
+        message: dict[str, Any],
+        finish: str,
+        usage: dict[str, int],
+    ) -> dict[str, Any]:
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_tollway",
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": usage,
+        }
+
+    @staticmethod
+    def _events(
+        cid: str,
+        created: int,
+        model: str,
+        deltas: Iterable[tuple[dict[str, Any], str | None]],
+        usage: dict[str, int] | None,
+    ) -> Stream:
+        base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_tollway",
+        }
+        # The chunks differ only in their delta and finish_reason: encode the frame once
+        # and splice (the zero-latency upstream must stream far faster than the gateway).
+        head = b"data: " + _encode(base)[:-1] + b',"choices":[{"index":0,"delta":'
+        tail = b',"usage":null}\n\n' if usage is not None else b"}\n\n"
+        events = [
+            b'%b%b,"logprobs":null,"finish_reason":%b}]%b'
+            % (head, _encode(delta), _encode(finish), tail)
+            for delta, finish in deltas
+        ]
+        if usage is not None:
+            events.append(b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return Stream(events)
+
+    def _text_stream(
+        self,
+        cid: str,
+        created: int,
+        model: str,
+        words: list[str],
+        finish: str,
+        usage: dict[str, int] | None,
+    ) -> Stream:
+        deltas: list[tuple[dict[str, Any], str | None]] = [
+            ({"role": "assistant", "content": "", "refusal": None}, None)
+        ]
+        deltas.extend(({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words))
+        deltas.append(({}, finish))
+        return self._events(cid, created, model, deltas, usage)
+
+    def _tool_stream(
+        self,
+        cid: str,
+        created: int,
+        model: str,
+        call_id: str,
+        name: str,
+        args: str,
+        usage: dict[str, int] | None,
+    ) -> Stream:
+        deltas: list[tuple[dict[str, Any], str | None]] = [
+            (
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ],
+                },
+                None,
+            )
+        ]
+        for i in range(0, len(args), _ARGUMENT_PIECE):
+            piece = args[i : i + _ARGUMENT_PIECE]
+            deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
+        deltas.append(({}, "tool_calls"))
+        return self._events(cid, created, model, deltas, usage)
+
+    # ---- embeddings
+    def _embeddings(self, body: Any) -> Full:
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", param="model")
+        raw = body.get("input")
+        items: list[str | list[int]]
+        if isinstance(raw, str) or (
+            isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw)
+        ):
+            items = [raw]
+        elif (
+            isinstance(raw, list)
+            and raw
+            and all(
+                isinstance(x, str) or (isinstance(x, list) and all(isinstance(t, int) for t in x))
+                for x in raw
+            )
+        ):
+            items = raw
+        else:
+            return error(
+                400,
+                "'input' must be a string, an array of strings or of token arrays",
+                param="input",
+            )
+        dims = body.get("dimensions")
+        if dims is None:
+            dims = 3072 if model.endswith("-large") else 1536
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 8192:
+            return error(400, "'dimensions' must be a positive integer", param="dimensions")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        tokens = 0
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                key, tokens = item, tokens + count_tokens(item)
+            else:
+                key, tokens = ",".join(map(str, item)), tokens + len(item)
+            vec = _vector(key, dims)
+            embedding: Any = (
+                base64.b64encode(array.array("f", vec).tobytes()).decode() if as_base64 else vec
+            )
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        return Full(
+            200,
+            _encode(
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                }
+            ),
+        )
