@@ -1,0 +1,146 @@
+"""The ``tollway`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tollway.config import Config, ConfigError, default_config, load_config, missing_secrets
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _find_config(path: str | None) -> Config:
+    """--config, else $TOLLWAY_CONFIG, else ./tollway.toml when present, else defaults."""
+    path = path or os.environ.get("TOLLWAY_CONFIG")
+    if path:
+        return load_config(path)
+    if Path("tollway.toml").is_file():
+        return load_config("tollway.toml")
+    return default_config()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tollway.app import create_app
+    from tollway.logs import configure_logging, logger
+    from tollway.server import bind, serve
+
+    try:
+        config = _find_config(args.config)
+        host = args.host or config.server.host
+        port = config.server.port if args.port is None else args.port
+        configure_logging(config.server.log_level)
+        app = create_app(config)
+    except ConfigError as exc:
+        print(f"tollway: config error: {exc}", file=sys.stderr)
+        return 2
+    if not config.server.access_log:
+        logger.getChild("access").disabled = True
+    if not config.tenants:
+        logger.warning("no tenants configured: every API call will be refused (401)")
+    sock = bind(host, port)
+    real = sock.getsockname()[1]
+    serve(app, sock, log_level=config.server.log_level,
+          on_ready=lambda: logger.info("serving", extra={"host": host, "port": real}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tollway import demo
+
+    return demo.run(args.host, args.port, args.latency_ms)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import re
+
+    from tollway.auth import hash_key, new_key
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.tenant):
+        print("tollway: a tenant id is 1-64 letters, digits, '_' or '-'", file=sys.stderr)
+        return 2
+    key = new_key()
+    print(f"key: {key}")
+    print("  (shown once: store it now; tollway keeps only its SHA-256)")
+    print(f"Add to [[tenants]] id = {args.tenant!r} in the config:")
+    print(f'key_sha256 = ["{hash_key(key)}"]')
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name in missing_secrets(config):
+        print(f"warning: environment variable {name} is not set; `tollway serve` will refuse "
+              "to start without it", file=sys.stderr)
+    print(f"ok: {args.path}: {len(config.providers)} providers "
+          f"({', '.join(p.name for p in config.providers) or 'none'}), "
+          f"{len(config.models)} models, {len(config.routes)} routes, "
+          f"{len(config.tenants)} tenants")
+    return 0
+
+
+# ==== BEGIN events commands ====
+def add_events_commands(sub: Any) -> None:
+    """`tollway events tail`, `tollway usage`, `tollway replay`."""
+    from tollway.events.cli import add_commands
+
+    add_commands(sub, find_config=_find_config)
+# ==== END events commands ====
+
+
+# ==== BEGIN shadow commands ====
+def add_shadow_commands(sub: Any) -> None:
+    """`tollway shadow report`."""
+    from tollway.shadow.cli import add_commands
+
+    add_commands(sub, find_config=_find_config)
+# ==== END shadow commands ====
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollway", description="An OpenAI-compatible AI gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help="TOML file (default: $TOLLWAY_CONFIG or ./tollway.toml)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="gateway + simulated upstream, with a ready key")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="simulated upstream latency")
+    p.set_defaults(func=cmd_demo)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command",
+                                                                 required=True)
+    p = keys.add_parser("create", help="print a new key and its hash for the config")
+    p.add_argument("--tenant", required=True)
+    p.set_defaults(func=cmd_keys_create)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_config)
+
+    add_events_commands(sub)
+    add_shadow_commands(sub)  # ==== shadow ====
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.func
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

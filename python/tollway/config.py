@@ -1,0 +1,455 @@
+"""Configuration: one TOML file decoded into msgspec structs, plus built-ins.
+
+The shape is fixed by DESIGN.md. Secrets never appear in the file, only the
+name of the environment variable that holds them (``api_key_env``).
+
+Loading is all-or-nothing: :func:`load_config` either returns a complete,
+cross-checked :class:`Config` or raises :class:`ConfigError` naming the file
+and the field (msgspec's path, e.g. ``$.tenants[0].tier``), so the process
+never starts half-configured. Built-in defaults fill what the file leaves out:
+providers enabled from the environment (``OPENAI_API_KEY``,
+``OPENROUTER_API_KEY``, ``LOCAL_OPENAI_URL`` / ``LOCAL_API_KEY``), the models
+of the built-in price table, the three budget tiers, and an ``auto`` route.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, field
+
+NonNegative = Annotated[float, Meta(ge=0)]
+Positive = Annotated[float, Meta(gt=0)]
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+# Tenant ids end up in NATS subjects (tollway.call.completed.<tenant>): no dots or wildcards.
+TenantId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the file and the field."""
+
+    def __init__(self, message: str, *, source: str = "<config>", path: str | None = None) -> None:
+        self.source = source
+        self.path = path
+        self.detail = message
+        where = f"{source}: {path}: " if path else f"{source}: "
+        super().__init__(where + message)
+
+
+class _Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerConfig(_Base):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    admin_key_env: str = "TOLLWAY_ADMIN_KEY"
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True  # one JSON line per request on the "tollway.access" logger
+    builtin_providers: bool = True  # enable openai/openrouter/local from the environment
+    builtin_models: bool = True  # the models of the built-in price table
+
+
+class NatsConfig(_Base):
+    url: str | list[str] = "embedded"
+    data_dir: str = ".tollway"
+    enabled: bool = True
+
+
+class ProviderConfig(_Base):
+    name: Name
+    base_url: str
+    kind: Literal["openai"] = "openai"  # wire format: OpenAI-compatible
+    api_key_env: str | None = None
+    local: bool = False  # may receive confidential data
+    # OpenRouter's optional attribution headers (sent when set, on any provider).
+    http_referer: str | None = None
+    x_title: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # extra non-secret headers
+    connect_timeout_s: Positive = 5.0
+    # Until the response headers arrive (a whole completion when not streaming),
+    # and the longest silence allowed between two stream chunks.
+    first_byte_timeout_s: Positive = 120.0
+    total_timeout_s: Positive = 600.0
+    max_connections: Annotated[int, Meta(ge=1)] = 1000
+    # "raw": tollway's own HTTP/1.1 client (asyncio + httptools), about half the gateway's
+    # CPU per proxied call of "aiohttp" (see README); both pass one contract test suite.
+    http_client: Literal["raw", "aiohttp"] = "raw"
+    keepalive_s: Positive = 15.0  # idle connections older than this are not reused
+
+
+class ModelConfig(_Base):
+    id: Name
+    provider: Name
+    upstream: str = ""  # the provider's name for it; default: id
+    input_usd_per_mtok: NonNegative = 0.0
+    output_usd_per_mtok: NonNegative = 0.0
+    kind: Literal["chat", "embedding"] = "chat"
+
+    def __post_init__(self) -> None:
+        if not self.upstream:
+            self.upstream = self.id
+
+
+class RouteConfig(_Base):
+    alias: Name
+    candidates: Annotated[list[Name], Meta(min_length=1)]
+
+
+class TierConfig(_Base):
+    max_call_usd: NonNegative
+    daily_usd: NonNegative
+
+
+class TenantLimits(_Base):
+    per_minute: Annotated[int, Meta(ge=0)] = 60
+    per_hour: Annotated[int, Meta(ge=0)] = 1000
+    per_day: Annotated[int, Meta(ge=0)] = 10000
+    expensive_per_hour: Annotated[int, Meta(ge=0)] = 10
+    tokens_per_minute: Annotated[int, Meta(ge=0)] | None = None
+
+
+class TenantConfig(_Base):
+    id: TenantId
+    tier: str = "standard"
+    key_sha256: list[Sha256Hex] = field(default_factory=list)
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    daily_usd: NonNegative | None = None  # overrides the tier's daily budget
+    models: list[Name] | None = None  # model ids / aliases allowed; None = all
+
+
+# ==== BEGIN extra config sections ====
+# Other parts add their own sections here (e.g. [events], [guards], [shadow]),
+# each a struct with defaults, and a field for it on Config below.
+
+
+class EventsConfig(_Base):
+    """[events]: the JetStream event log, its outbox, the projections and budget holds."""
+
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "TOLLWAY"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # 3 on a NATS cluster
+    duplicate_window_s: Annotated[float, Meta(ge=120)] = 600.0  # resends within it are dropped
+    max_age_days: NonNegative = 0.0  # 0: keep every event (the stream is the record of truth)
+    kv_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "tollway_checkpoints"
+    queue_size: Annotated[int, Meta(ge=1)] = 10_000  # in memory; beyond it, the outbox
+    batch_size: Annotated[int, Meta(ge=1, le=4096)] = 256
+    publish_timeout_s: Positive = 2.0  # acks not back by then: the batch goes to the outbox
+    outbox_fsync: Literal["always", "interval", "never"] = "interval"
+    outbox_fsync_interval_s: Positive = 1.0
+    checkpoint_interval_s: Positive = 10.0
+    reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
+    budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)
+
+
+class GuardsConfig(_Base):
+    """[guards]: rate limits, the per-call cost cap and the daily budget (issue 4)."""
+
+    enabled: bool = True  # false: no rate limits, estimates, cost cap nor budget (benchmarks)
+    rate_limits: bool = True
+    budget: bool = True
+    # A call is "expensive" (the expensive_per_hour tier) when its first candidate is one
+    # of these models, or when its estimated maximum cost reaches the threshold (0: off).
+    expensive_models: list[Name] = field(default_factory=list)
+    expensive_min_cost_usd: NonNegative = 0.01
+    default_limits: TenantLimits = field(default_factory=TenantLimits)  # tenants without own
+
+
+class RetryConfig(_Base):
+    """[retry]: attempts per candidate, exponential backoff with full jitter, Retry-After."""
+
+    attempts: Annotated[int, Meta(ge=1, le=10)] = 3  # per candidate, the first included
+    initial_backoff_s: NonNegative = 0.25
+    max_backoff_s: NonNegative = 8.0
+    max_retry_after_s: NonNegative = 10.0  # a provider asking for longer: fail over instead
+
+
+class BreakerConfig(_Base):
+    """[breaker]: one circuit breaker per provider."""
+
+    failure_threshold: Annotated[int, Meta(ge=1)] = 5  # failures within window_s open it
+    window_s: Positive = 60.0
+    recovery_s: Positive = 30.0  # open this long, then half-open: probes go through
+    recovery_multiplier: Annotated[float, Meta(ge=1)] = 2.0  # growth on consecutive re-opens
+    max_recovery_s: Positive = 300.0
+    half_open_max_calls: Annotated[int, Meta(ge=1)] = 1
+    success_threshold: Annotated[int, Meta(ge=1)] = 1  # good probes that close it
+
+
+class PolicyConfig(_Base):
+    """[policy]: routing by sensitivity, budget tier, latency class and task."""
+
+    local_only: list[str] = field(default_factory=lambda: ["confidential", "restricted"])
+    default_latency: Literal["interactive", "standard", "batch"] = "standard"
+    # p95 latency objectives per task (upstream included); slower deployments go last.
+    latency_objectives_s: dict[str, Positive] = field(
+        default_factory=lambda: {"chat": 3.5, "draft": 6.0})
+    # With model "auto", a task hint may pick another route alias (or model): {code = "coders"}.
+    task_routes: dict[str, Name] = field(default_factory=dict)
+    latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.2
+
+
+class ShadowRouteConfig(_Base):
+    """[[shadow]]: one route's shadow candidates and caps, or its A/B split (tollway.shadow)."""
+
+    route: Name  # a route alias or model id, as callers name it in `model`
+    candidates: Annotated[list[Name], Meta(min_length=1, max_length=8)]  # model ids
+    mode: Literal["shadow", "ab"] = "shadow"
+    # shadow mode
+    fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0  # share of calls shadowed
+    daily_usd: NonNegative = 1.0  # shadow spend cap per UTC day (no tenant's budget)
+    max_in_flight: Annotated[int, Meta(ge=0, le=10_000)] = 4  # over it: skipped, not queued
+    timeout_s: Positive = 120.0  # a slower candidate counts as an error
+    agreement_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8
+    seed: int | None = None  # sampling RNG seed (tests, reproducible experiments)
+    # A/B mode: each candidate serves weights[i] of the callers, sticky by tenant or user
+    weights: list[Annotated[float, Meta(ge=0.0, le=1.0)]] = field(default_factory=list)
+    sticky: Literal["tenant", "user"] = "tenant"
+    salt: str = ""  # change it to reshuffle who lands in which arm
+# ==== END extra config sections ====
+
+
+class Config(_Base):
+    server: ServerConfig = field(default_factory=ServerConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    providers: list[ProviderConfig] = field(default_factory=list)
+    models: list[ModelConfig] = field(default_factory=list)
+    routes: list[RouteConfig] = field(default_factory=list)
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
+    tenants: list[TenantConfig] = field(default_factory=list)
+    # ==== BEGIN extra config fields ====
+    events: EventsConfig = field(default_factory=EventsConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    shadow: list[ShadowRouteConfig] = field(default_factory=list)
+    # ==== END extra config fields ====
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+    def tenant(self, tenant_id: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.id == tenant_id), None)
+
+
+DEFAULT_TIERS: dict[str, dict[str, float]] = {
+    "low": {"max_call_usd": 0.002, "daily_usd": 0.10},
+    "standard": {"max_call_usd": 0.01, "daily_usd": 1.00},
+    "premium": {"max_call_usd": 0.05, "daily_usd": 10.00},
+}
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+def builtin_providers(env: Mapping[str, str]) -> list[ProviderConfig]:
+    """The providers the environment enables (keys are read later, by name)."""
+    out: list[ProviderConfig] = []
+    if env.get("OPENAI_API_KEY"):
+        out.append(
+            ProviderConfig(name="openai", base_url=OPENAI_BASE_URL, api_key_env="OPENAI_API_KEY")
+        )
+    if env.get("OPENROUTER_API_KEY"):
+        out.append(
+            ProviderConfig(
+                name="openrouter",
+                base_url=OPENROUTER_BASE_URL,
+                api_key_env="OPENROUTER_API_KEY",
+                http_referer=env.get("OPENROUTER_HTTP_REFERER") or None,
+                x_title=env.get("OPENROUTER_X_TITLE") or None,
+            )
+        )
+    if env.get("LOCAL_OPENAI_URL"):
+        out.append(
+            ProviderConfig(
+                name="local",
+                base_url=env["LOCAL_OPENAI_URL"].rstrip("/"),
+                api_key_env="LOCAL_API_KEY" if env.get("LOCAL_API_KEY") else None,
+                local=True,
+            )
+        )
+    return out
+
+
+def builtin_models() -> list[ModelConfig]:
+    """The models of the built-in price table (``tollway/data/prices.toml``).
+
+    The table is keyed by model id: ``vendor/model`` ids are OpenRouter's, the
+    rest OpenAI's.
+    """
+    from tollway.tokens import load_price_table
+
+    models = []
+    for mid, price in load_price_table().items():
+        models.append(ModelConfig(
+            id=mid,
+            provider="openrouter" if "/" in mid else "openai",
+            input_usd_per_mtok=price["input_usd_per_mtok"],
+            output_usd_per_mtok=price["output_usd_per_mtok"],
+            kind="embedding" if "embedding" in mid else "chat",
+        ))
+    return models
+
+
+def _default_route(models: list[ModelConfig]) -> RouteConfig | None:
+    chat = [m for m in models if m.kind == "chat"]
+    if not chat:
+        return None
+    # Cheapest first: without a policy of its own, `auto` should not surprise a bill.
+    chat.sort(key=lambda m: (m.input_usd_per_mtok + m.output_usd_per_mtok, m.id))
+    return RouteConfig(alias="auto", candidates=[m.id for m in chat])
+
+
+def _convert(raw: dict[str, Any], source: str) -> Config:
+    tiers = raw.get("tiers", {})
+    if isinstance(tiers, dict):
+        # A file may give only one field of a built-in tier; the other keeps its default.
+        merged = {name: dict(vals) for name, vals in DEFAULT_TIERS.items()}
+        for name, vals in tiers.items():
+            merged[name] = {**merged.get(name, {}), **vals} if isinstance(vals, dict) else vals
+        raw = {**raw, "tiers": merged}
+    try:
+        return msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        path = None
+        m = re.search(r" - at `(\$[^`]*)`$", msg)
+        if m:
+            path, msg = m.group(1), msg[: m.start()]
+        raise ConfigError(msg, source=source, path=path) from None
+
+
+def _check(cfg: Config, file_cfg: Config, source: str) -> None:
+    """Cross-references; paths point into the file where the fault is."""
+    seen: set[str] = set()
+    for i, p in enumerate(file_cfg.providers):
+        if p.name in seen:
+            raise ConfigError(f"duplicate provider {p.name!r}", source=source,
+                              path=f"$.providers[{i}].name")
+        seen.add(p.name)
+        if not p.base_url.startswith(("http://", "https://")):
+            raise ConfigError("base_url must start with http:// or https://", source=source,
+                              path=f"$.providers[{i}].base_url")
+    providers = {p.name for p in cfg.providers}
+    seen = set()
+    for i, m in enumerate(file_cfg.models):
+        if m.id in seen:
+            raise ConfigError(f"duplicate model {m.id!r}", source=source, path=f"$.models[{i}].id")
+        seen.add(m.id)
+        if m.provider not in providers:
+            raise ConfigError(
+                f"model {m.id!r} names provider {m.provider!r}, which is not configured "
+                f"(configured: {', '.join(sorted(providers)) or 'none'})",
+                source=source, path=f"$.models[{i}].provider")
+    models = {m.id for m in cfg.models}
+    aliases: set[str] = set()
+    for i, r in enumerate(file_cfg.routes):
+        if r.alias in aliases:
+            raise ConfigError(f"duplicate route {r.alias!r}", source=source,
+                              path=f"$.routes[{i}].alias")
+        if r.alias in models:
+            raise ConfigError(f"route alias {r.alias!r} is also a model id", source=source,
+                              path=f"$.routes[{i}].alias")
+        aliases.add(r.alias)
+        for j, c in enumerate(r.candidates):
+            if c not in models:
+                raise ConfigError(
+                    f"route {r.alias!r} names model {c!r}, which is not configured "
+                    "(or its provider is not enabled)",
+                    source=source, path=f"$.routes[{i}].candidates[{j}]")
+    aliases |= {r.alias for r in cfg.routes}
+    # ==== BEGIN shadow checks ====
+    from tollway.shadow.config import check_shadow
+
+    for path, message in check_shadow(file_cfg.shadow,
+                                      {m.id: m.kind == "chat" for m in cfg.models}, aliases):
+        raise ConfigError(message, source=source, path=path)
+    # ==== END shadow checks ====
+    ids: set[str] = set()
+    hashes: dict[str, str] = {}
+    for i, t in enumerate(file_cfg.tenants):
+        if t.id in ids:
+            raise ConfigError(f"duplicate tenant {t.id!r}", source=source,
+                              path=f"$.tenants[{i}].id")
+        ids.add(t.id)
+        if t.tier not in cfg.tiers:
+            raise ConfigError(
+                f"unknown tier {t.tier!r} (tiers: {', '.join(sorted(cfg.tiers))})",
+                source=source, path=f"$.tenants[{i}].tier")
+        for j, h in enumerate(t.key_sha256):
+            other = hashes.get(h.lower())
+            if other is not None:
+                raise ConfigError(f"key hash already used by tenant {other!r}", source=source,
+                                  path=f"$.tenants[{i}].key_sha256[{j}]")
+            hashes[h.lower()] = t.id
+        for j, name in enumerate(t.models or ()):
+            if name not in models and name not in aliases:
+                raise ConfigError(f"unknown model or route {name!r}", source=source,
+                                  path=f"$.tenants[{i}].models[{j}]")
+
+
+def parse_config(
+    raw: dict[str, Any], *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Build a complete Config from a TOML-shaped dict plus the built-ins."""
+    env = os.environ if env is None else env
+    file_cfg = _convert(raw, source)
+    server = file_cfg.server
+
+    providers = {p.name: p for p in (builtin_providers(env) if server.builtin_providers else [])}
+    providers.update({p.name: p for p in file_cfg.providers})
+    models = {m.id: m for m in (builtin_models() if server.builtin_models else [])
+              if m.provider in providers}
+    models.update({m.id: m for m in file_cfg.models})
+    routes = list(file_cfg.routes)
+    if not any(r.alias == "auto" for r in routes) and "auto" not in models:
+        auto = _default_route(list(models.values()))
+        if auto is not None:
+            routes.append(auto)
+    tenants = [
+        msgspec.structs.replace(t, key_sha256=[h.lower() for h in t.key_sha256])
+        for t in file_cfg.tenants
+    ]
+    cfg = msgspec.structs.replace(
+        file_cfg,
+        providers=list(providers.values()),
+        models=list(models.values()),
+        routes=routes,
+        tenants=tenants,
+    )
+    _check(cfg, file_cfg, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file; raises ConfigError naming the file and field."""
+    source = str(path)
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=source) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=source) from None
+    return parse_config(raw, source=source, env=env)
+
+
+def default_config(*, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration without a file: built-ins and the environment only."""
+    return parse_config({}, source="<defaults>", env=env)
+
+
+def missing_secrets(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
+    """Env var names the config refers to that are not set (a half-configured start)."""
+    env = os.environ if env is None else env
+    return sorted({p.api_key_env for p in cfg.providers
+                   if p.api_key_env and not env.get(p.api_key_env)})

@@ -1,0 +1,111 @@
+"""The Gateway: every long-lived object of one app, owned by its lifespan."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import cast
+
+from tollway.auth import KeyIndex
+from tollway.breaker import BreakerOptions, BreakerTransition
+from tollway.clock import Clock, SystemClock
+from tollway.config import Config, ConfigError, missing_secrets
+from tollway.guards import BudgetBook, LocalBudget, build_guards
+from tollway.metrics import Metrics
+from tollway.pipeline import Pipeline
+from tollway.pipeline.plan import Catalog
+from tollway.policy import Policy
+from tollway.providers import OpenAIProvider, build_providers
+from tollway.record import NullRecorder, Recorder
+from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
+from tollway.tokens import CostEstimator
+
+
+class Gateway:
+    """Built by ``create_app``; started and stopped by the app's lifespan."""
+
+    def __init__(self, config: Config, env: Mapping[str, str] | None = None,
+                 recorder: Recorder | None = None, clock: Clock | None = None) -> None:
+        env = dict(os.environ if env is None else env)
+        missing = missing_secrets(config, env)
+        if missing:
+            # Refuse to start half-configured: a provider without its key fails every call.
+            raise ConfigError(f"environment variables not set: {', '.join(missing)}",
+                              source="<environment>")
+        self.config = config
+        # The one clock of policy, guards and resilience (tests pass a manual one).
+        self.clock: Clock = clock or SystemClock()
+        self.keys = KeyIndex(config, env)
+        self.catalog = Catalog(config)
+        self.metrics = Metrics()
+        self.recorder: Recorder = recorder or NullRecorder()
+        self.providers: dict[str, OpenAIProvider] = build_providers(config.providers, env)
+        # Prices by tollway model id (the config's, which override the built-in table).
+        self.estimator = CostEstimator({
+            m.id: {"input_usd_per_mtok": m.input_usd_per_mtok,
+                   "output_usd_per_mtok": m.output_usd_per_mtok}
+            for m in config.models
+        })
+        # Policy, guards and resilience: breakers and latency per provider/deployment,
+        # retries, the routing policy, and the guards in front of dispatch.
+        bc, rc = config.breaker, config.retry
+        options: BreakerOptions = {
+            "failure_threshold": bc.failure_threshold, "window_s": bc.window_s,
+            "recovery_s": bc.recovery_s, "recovery_multiplier": bc.recovery_multiplier,
+            "max_recovery_s": bc.max_recovery_s, "half_open_max_calls": bc.half_open_max_calls,
+            "success_threshold": bc.success_threshold}
+        self.breakers = Breakers([p.name for p in config.providers], self.clock, options)
+        self.breakers.hooks.append(self._breaker_changed)
+        self.metrics.registry.register(self.breakers)
+        self.latency = LatencyTracker(alpha=config.policy.latency_ewma_alpha)
+        self.retry = RetryPolicy(rc.attempts, rc.initial_backoff_s, rc.max_backoff_s,
+                                 rc.max_retry_after_s)
+        self.policy = Policy(config, self.catalog, self.estimator, self.breakers, self.latency,
+                             self.clock)
+        self.local_budget = LocalBudget(self.clock)
+        guards, finishers, self.rate_guard, self.budget_guard = build_guards(
+            config, self.clock, self.budget_book)
+        self.pipeline = Pipeline(self)
+        self.pipeline.guards[:] = guards
+        self.pipeline.finishers[:] = finishers
+        self.ready = False
+        # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
+        self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []
+        self.started_at = time.time()
+
+    def budget_book(self) -> BudgetBook:
+        """Where budget holds go: the events layer's shared view when it runs (every
+        gateway on the NATS sees every other's spend), else this process's own book."""
+        svc = getattr(self, "events", None)  # set by the events lifespan
+        return self.local_budget if svc is None else cast(BudgetBook, svc.budget)
+
+    def _breaker_changed(self, t: BreakerTransition, failures: int) -> None:
+        # The events layer, when running, publishes breaker changes (breaker.changed).
+        svc = getattr(self, "events", None)
+        publish = getattr(getattr(svc, "recorder", None), "breaker_changed", None)
+        if publish is not None:
+            publish(t.breaker, t.from_state, t.to_state, failures=failures, reason=t.reason)
+
+    async def not_ready_reasons(self) -> list[str]:
+        if not self.ready:
+            return ["starting"]
+        reasons = []
+        for check in self.ready_checks:
+            try:
+                reason = await check()
+            except Exception as exc:  # a failing check means not ready, not a 500
+                reason = f"check failed: {type(exc).__name__}"
+            if reason:
+                reasons.append(reason)
+        return reasons
+
+    async def start(self) -> None:
+        for provider in self.providers.values():
+            await provider.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for provider in self.providers.values():
+            await provider.aclose()

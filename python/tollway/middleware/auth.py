@@ -1,0 +1,55 @@
+"""Authentication: deny by default, with an explicit list of public paths.
+
+Every path needs a key except those in :data:`tollway.auth.PUBLIC_PATHS`, so
+a new route cannot be left open by accident. Admin paths need the admin key.
+The presented key is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tollway.asgi import Receive, Scope, Send, send_error
+from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS, KeyIndex, bearer
+from tollway.context import SCOPE_KEY, RequestInfo
+from tollway.errors import AuthenticationFailed, PermissionDenied
+from tollway.metrics import Metrics
+
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
+
+
+class AuthMiddleware:
+    def __init__(self, app: Any, keys: KeyIndex, metrics: Metrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        auth = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+                break
+        key = bearer(auth)
+        if key is None:
+            self.metrics.rejections.inc(("missing_api_key",))
+            await send_error(send, AuthenticationFailed(
+                "missing API key: send it as 'Authorization: Bearer <key>'",
+                code="missing_api_key"), _CHALLENGE)
+            return
+        principal = self.keys.resolve(key)
+        if principal is None:
+            self.metrics.rejections.inc(("invalid_api_key",))
+            await send_error(send, AuthenticationFailed("invalid API key"), _CHALLENGE)
+            return
+        if not principal.admin and scope["path"].startswith(ADMIN_PREFIXES):
+            self.metrics.rejections.inc(("admin_required",))
+            await send_error(send, PermissionDenied("this endpoint needs the admin key",
+                                                    code="admin_required"))
+            return
+        info: RequestInfo = scope[SCOPE_KEY]
+        info.principal = principal
+        await self.app(scope, receive, send)

@@ -1,0 +1,305 @@
+"""The request pipeline: the one place that orders the steps of a call.
+
+    auth -> decode -> plan -> guards -> dispatch -> settle -> record
+
+:meth:`Pipeline.run` is that order; each step is a method (or a module of
+this package) that later issues replace or extend without touching the
+order: routing policy plugs into :meth:`Pipeline.plan`, rate limits, budgets
+and cost caps are :data:`Guard` callables, retries and breakers live in
+:mod:`.dispatch`. Settle and record are synchronous and run in ``finally``,
+so a client that disconnects (or a cancelled task) cannot skip them: every
+call that reaches the pipeline ends as exactly one :class:`CallRecord`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tollway.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_error
+from tollway.context import SCOPE_KEY, RequestInfo
+from tollway.errors import (
+    InternalError,
+    InvalidRequest,
+    PermissionDenied,
+    TollwayError,
+    spec_for,
+)
+from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
+from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest, decode_chat, decode_embeddings
+from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
+from tollway.pipeline.plan import RoutePlan
+from tollway.pipeline.usage import count_input, count_prompt, count_text, reply_text
+from tollway.record import CallRecord, Outcome
+
+if TYPE_CHECKING:
+    from tollway.gateway import Gateway
+
+log = logging.getLogger("tollway.pipeline")
+
+# A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
+Guard = Callable[[Call, RoutePlan], Awaitable[None]]
+# Runs once per call after settle and before record (e.g. a budget hold replaced by the
+# actual cost); must not raise, and cannot be skipped by a disconnect.
+Finisher = Callable[[Call], None]
+
+TASKS = frozenset({"chat", "draft", "summarize", "classify", "extract", "code", "embed"})
+SENSITIVITIES = frozenset({"public", "internal", "confidential", "restricted"})
+LATENCIES = frozenset({"interactive", "standard", "batch"})
+_HINTS = {
+    b"x-tollway-task": ("task", TASKS),
+    b"x-tollway-sensitivity": ("sensitivity", SENSITIVITIES),
+    b"x-tollway-latency": ("latency_class", LATENCIES),
+}
+
+
+class Pipeline:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.max_body = gateway.config.server.max_body_bytes
+        self.guards: list[Guard] = []
+        self.finishers: list[Finisher] = []
+        # ==== BEGIN shadow plan hooks ====
+        # Run after the policy, may replace the plan (the A/B split puts a candidate first).
+        self.plan_hooks: list[Callable[[Call, RoutePlan], RoutePlan]] = []
+        # ==== END shadow plan hooks ====
+        self.dispatcher = Dispatcher(gateway)
+
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(CHAT, scope, receive, send)
+
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(EMBEDDINGS, scope, receive, send)
+
+    # ---- the order --------------------------------------------------------
+    async def run(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        info: RequestInfo = scope[SCOPE_KEY]
+        call = self.authorize(endpoint, info)  # 1 auth (the key was checked by the middleware)
+        if call is None:
+            await send_error(send, PermissionDenied("this endpoint needs a tenant key, "
+                                                    "not the admin key"))
+            return
+        try:
+            try:
+                await self.decode(call, scope, receive)  # 2
+                plan = self.plan(call)  # 3
+                for guard in self.guards:  # 4
+                    await guard(call, plan)
+                await self.dispatcher.dispatch(call, receive, send)  # 5 (a stream is relayed here)
+                self.settle(call)  # 6
+                if not call.response_started:
+                    await self.respond(call, send)
+            except TollwayError as exc:
+                await self.fail(call, exc, send)
+            except ClientGone:
+                call.client_cancelled = True
+                call.status = 499
+                call.error = InvalidRequest("client closed the connection before the body")
+            except Exception:
+                log.exception("pipeline error", extra={"endpoint": endpoint})
+                await self.fail(call, InternalError("internal error"), send)
+        finally:
+            self.settle(call)  # 6 again: a no-op unless the call ended early
+            self.finish(call)
+            self.record(call)  # 7
+
+    # ---- steps ------------------------------------------------------------
+    def authorize(self, endpoint: str, info: RequestInfo) -> Call | None:
+        """The call of the tenant behind the key; None for the admin key (not a tenant)."""
+        principal = info.principal
+        if principal is None or principal.tenant is None:
+            return None
+        return Call(endpoint, info, principal.tenant)
+
+    async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = value
+            elif name.startswith(b"x-tollway-"):
+                self._hint(call, name, value)
+        call.body = await read_body(receive, self.max_body, content_length)
+        if call.endpoint == CHAT:
+            chat = decode_chat(call.body)
+            call.request = chat
+            call.stream = bool(chat.stream)
+            call.include_usage = bool(
+                chat.stream and chat.stream_options and chat.stream_options.include_usage)
+        else:
+            call.request = decode_embeddings(call.body)
+        call.info.stream = call.stream
+
+    def _hint(self, call: Call, name: bytes, raw: bytes) -> None:
+        # ==== BEGIN shadow user hint ====
+        if name == b"x-tollway-user":  # a caller-given user id: case kept, not validated
+            call.user = raw.decode("latin-1").strip()[:256]
+            return
+        # ==== END shadow user hint ====
+        value = raw.decode("latin-1").strip().lower()
+        hint = _HINTS.get(name)
+        if hint is not None:
+            attr, allowed = hint
+            if value not in allowed:
+                raise InvalidRequest(
+                    f"{name.decode()} must be one of: {', '.join(sorted(allowed))}",
+                    param=name.decode())
+            setattr(call, attr, value)
+        elif name == b"x-tollway-budget-tier":
+            tiers = self.gw.config.tiers
+            own = tiers[call.tenant.tier]
+            asked = tiers.get(value)
+            if asked is None:
+                raise InvalidRequest(f"unknown budget tier {value!r}", param=name.decode())
+            if asked.max_call_usd > own.max_call_usd or asked.daily_usd > own.daily_usd:
+                raise InvalidRequest("X-Tollway-Budget-Tier may only lower the tenant's tier",
+                                     param=name.decode())
+            call.tier = value
+
+    def plan(self, call: Call) -> RoutePlan:
+        plan: RoutePlan = self.gw.policy.plan(call)  # tollway.policy: may refuse (403, ...)
+        # ==== BEGIN shadow plan hooks ====
+        for hook in self.plan_hooks:
+            plan = hook(call, plan)
+        # ==== END shadow plan hooks ====
+        call.plan = plan
+        call.reason = plan.reason
+        return plan
+
+    def settle(self, call: Call) -> None:
+        """Tokens and actual cost: the provider's usage, or counted tokens."""
+        if call.settled:
+            return
+        call.settled = True
+        dep = call.deployment
+        if dep is None:
+            return
+        try:
+            self._settle_tokens(call)
+        except Exception:  # counting must never lose the record
+            log.exception("settle failed")
+        call.cost_nanousd = self.gw.estimator.cost(
+            dep.model, call.prompt_tokens, call.completion_tokens)
+
+    def _settle_tokens(self, call: Call) -> None:
+        dep = call.deployment
+        assert dep is not None
+        req = call.request
+        if call.tap is not None:
+            usage = call.tap.usage
+            if usage is not None:
+                call.prompt_tokens, call.completion_tokens = (
+                    usage.prompt_tokens, usage.completion_tokens)
+            else:  # no usage chunk (provider sent none, or the client left before it)
+                call.prompt_tokens = count_prompt(call.body, dep.upstream)
+                call.completion_tokens = count_text(call.tap.text(), dep.upstream)
+            return
+        reply = call.reply
+        if reply is None:
+            return
+        usage = call.usage
+        if usage is not None:
+            call.prompt_tokens, call.completion_tokens = (
+                usage.prompt_tokens, usage.completion_tokens)
+        elif isinstance(req, ChatRequest):
+            call.prompt_tokens = count_prompt(call.body, dep.upstream)
+            call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
+        elif isinstance(req, EmbeddingsRequest):
+            call.prompt_tokens = count_input(req.input, dep.upstream)
+
+    def finish(self, call: Call) -> None:
+        for finisher in self.finishers:
+            try:
+                finisher(call)
+            except Exception:  # a finisher must not raise; the record still gets written
+                log.exception("finisher failed")
+
+    async def respond(self, call: Call, send: Send) -> None:
+        dep, reply = call.deployment, call.reply
+        assert dep is not None and reply is not None
+        headers = served_headers(dep)
+        headers.append((b"x-tollway-cost-usd", cost_header(call.cost_nanousd)))
+        headers.extend(call.headers)
+        call.response_started = True
+        await send_bytes(send, 200, reply.body, headers)
+
+    async def fail(self, call: Call, exc: TollwayError, send: Send) -> None:
+        call.error = exc
+        call.status = spec_for(exc).status
+        if call.response_started:
+            return  # a stream already under way ends with an error event instead
+        headers = served_headers(call.deployment) if call.deployment is not None else []
+        headers.extend(call.headers)
+        call.response_started = True
+        await send_error(send, exc, headers)
+
+    def record(self, call: Call) -> None:
+        """The call's one record: to the recorder, the metrics and the log line."""
+        info = call.info
+        now = time.perf_counter()
+        latency = now - call.t0
+        dep = call.deployment
+        exc = call.error
+        spec = spec_for(exc) if exc is not None else None
+        outcome: Outcome
+        if exc is None:
+            outcome = "completed"
+        elif call.attempts == 0:
+            outcome = "rejected"
+        else:
+            outcome = "failed"
+        ttft = None
+        if call.tap is not None and call.tap.first_token_at is not None:
+            ttft = call.tap.first_token_at - call.t0
+        req: Any = call.request
+        route = call.plan.route if call.plan is not None else (
+            getattr(req, "model", "") if req is not None else "")
+        rec = CallRecord(
+            request_id=info.request_id,
+            tenant=call.tenant.id,
+            occurred_at=call.occurred_at,
+            outcome=outcome,
+            endpoint=call.endpoint,
+            route=route,
+            provider=dep.provider if dep is not None else "",
+            model=dep.model if dep is not None else "",
+            upstream_model=dep.upstream if dep is not None else "",
+            task=call.task,
+            sensitivity=call.sensitivity,
+            tier=call.tier,
+            latency_class=call.latency_class,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            estimated_cost_nanousd=call.estimated_cost_nanousd,
+            actual_cost_nanousd=call.cost_nanousd,
+            latency_s=latency,
+            ttft_s=ttft,
+            overhead_s=max(0.0, latency - info.upstream_s),
+            attempts=call.attempts,
+            fallbacks=tuple(call.fallbacks),
+            stream=call.stream,
+            client_cancelled=call.client_cancelled,
+            status=call.status,
+            error_type=spec.type if spec is not None else None,
+            error_code=spec.code if spec is not None else None,
+            error_message=exc.message if exc is not None else None,
+            reason=call.reason,
+        )
+        try:
+            self.gw.recorder.record(rec)
+        except Exception:  # a recorder must not raise; if one does, the call still ends
+            log.exception("recorder failed")
+        self.gw.metrics.observe_call(rec)
+        info.route = route
+        info.model = rec.model or route
+        info.provider = rec.provider
+        info.prompt_tokens = rec.prompt_tokens
+        info.completion_tokens = rec.completion_tokens
+        info.cost_usd = rec.actual_cost_nanousd / 1e9
+        info.reason = rec.reason
+        info.client_cancelled = rec.client_cancelled
+        if exc is not None:
+            info.error = f"{spec.code if spec else ''}: {exc.message}"
+        if info.status == 0:
+            info.status = call.status

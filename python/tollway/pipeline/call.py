@@ -1,0 +1,65 @@
+"""The state of one call as it moves through the pipeline."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tollway.config import TenantConfig
+from tollway.context import RequestInfo
+from tollway.errors import TollwayError
+from tollway.pipeline.plan import Deployment, RoutePlan
+from tollway.pipeline.stream import SseTap
+from tollway.pipeline.usage import Usage
+from tollway.providers.http import Reply
+
+CHAT = "chat.completions"
+EMBEDDINGS = "embeddings"
+
+
+class Call:
+    __slots__ = (
+        "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
+        "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
+        "include_usage", "info", "latency_class", "occurred_at", "plan", "prompt_tokens",
+        "reason", "reply", "request", "reservation", "response_started", "sensitivity",
+        "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
+        "user",  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
+    )
+
+    def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig) -> None:
+        self.endpoint = endpoint
+        self.info = info
+        self.tenant = tenant
+        self.t0 = info.t0
+        self.occurred_at = time.time()
+        self.tier = tenant.tier
+        self.task = ""
+        self.sensitivity = ""
+        self.latency_class = ""
+        self.body = b""
+        self.request: Any = None  # ChatRequest | EmbeddingsRequest once decoded
+        self.stream = False
+        self.include_usage = False  # the caller asked for the usage chunk
+        self.plan: RoutePlan | None = None
+        self.deployment: Deployment | None = None  # serving, or last tried
+        self.attempts = 0
+        self.fallbacks: list[str] = []
+        self.reply: Reply | None = None
+        self.usage: Usage | None = None  # the provider's, from a non-streamed reply
+        self.tap: SseTap | None = None
+        self.response_started = False
+        self.client_cancelled = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.estimated_cost_nanousd = 0
+        self.cost_nanousd = 0
+        self.status = 200
+        self.error: TollwayError | None = None
+        self.reason = ""
+        self.settled = False
+        # Extra response headers every reply of this call carries (e.g. x-ratelimit-*),
+        # as ASGI raw pairs.
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.user = ""  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
+        self.reservation: Any = None  # what a guard holds until the call ends (budget)

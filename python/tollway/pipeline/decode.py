@@ -1,0 +1,112 @@
+"""Step 2: decode the request body once, into structs holding what tollway needs.
+
+Only the fields the gateway reads are typed; every other field stays in the
+original bytes, which are what the provider receives. The body is re-encoded
+only when the gateway must change it (a different upstream model name, or a
+usage request added to a stream).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from tollway.errors import InvalidRequest
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str | list[Any] | None = None
+
+
+class ChatRequest(msgspec.Struct):
+    model: ModelName
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class EmbeddingsRequest(msgspec.Struct):
+    model: ModelName
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    user: str | None = None
+
+
+_chat = msgspec.json.Decoder(ChatRequest)
+_embeddings = msgspec.json.Decoder(EmbeddingsRequest)
+_any = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
+    msg = str(exc)
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return InvalidRequest(f"request body is not valid JSON: {msg}", code="invalid_json")
+    param = None
+    m = _AT.search(msg)
+    if m:
+        param = m.group(1) or None
+    m2 = _MISSING.search(msg)
+    if m2:
+        param = f"{param}.{m2.group(1)}" if param else m2.group(1)
+    return InvalidRequest(msg, param=param)
+
+
+def decode_chat(body: bytes) -> ChatRequest:
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        req = _chat.decode(body)
+    except msgspec.MsgspecError as exc:
+        raise _invalid(exc) from None
+    return req
+
+
+def decode_embeddings(body: bytes) -> EmbeddingsRequest:
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        req = _embeddings.decode(body)
+    except msgspec.MsgspecError as exc:
+        raise _invalid(exc) from None
+    if isinstance(req.input, list) and not req.input:
+        raise InvalidRequest("`input` must not be empty", param="input")
+    if isinstance(req.input, str) and not req.input:
+        raise InvalidRequest("`input` must not be empty", param="input")
+    return req
+
+
+def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
+    """The body with `model` replaced and/or a stream usage request added."""
+    data = _any.decode(body)
+    if model is not None:
+        data["model"] = model
+    if include_usage:
+        opts = data.get("stream_options")
+        data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                  "include_usage": True}
+    out: bytes = _encode(data)
+    return out

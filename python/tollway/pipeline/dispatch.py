@@ -1,0 +1,341 @@
+"""Step 5: send the call to the plan's candidates, in order, and relay the reply.
+
+Each candidate gets up to ``[retry] attempts`` tries while its errors are
+retryable (connect error, timeout, 429, 5xx), with a full-jitter backoff or
+the provider's ``Retry-After`` (up to a cap) in between, then the call fails
+over to the next candidate; a provider's 4xx about the request itself goes
+straight back to the caller, neither retried nor failed over. Every attempt's
+outcome is fed to the provider's breaker (a provider whose breaker refuses is
+skipped) and its latency to the tracker the policy orders by; when every
+candidate fails, the error lists each one's. Sleeping and timing use the
+gateway's clock (see :mod:`tollway.resilience`).
+
+A stream is retried or fails over only before its first byte: the response
+headers go to the client once the provider's first chunk has arrived, and
+from then on a failure ends the stream with an error event. While it relays,
+a watcher waits for the client to leave; when it does, the upstream request
+is dropped at once and what was streamed so far is still counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from tollway.asgi import Headers, Receive, Send
+from tollway.errors import (
+    TollwayError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejectedRequest,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    spec_for,
+)
+from tollway.pipeline.call import CHAT, Call
+from tollway.pipeline.decode import rewrite
+from tollway.pipeline.plan import Deployment
+from tollway.pipeline.stream import DONE, SseTap, error_event, usage_event
+from tollway.pipeline.usage import Usage, count_prompt, count_text, reply_usage
+from tollway.providers.http import Reply, StreamReply
+from tollway.providers.openai import OpenAIProvider
+from tollway.resilience import classify
+
+if TYPE_CHECKING:
+    from tollway.gateway import Gateway
+
+SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+
+
+_error_body = msgspec.json.Decoder(_ErrorBody)
+
+
+def upstream_error(provider: str, status: int, body: bytes, headers: object) -> TollwayError:
+    """A provider's non-2xx reply as the caller should see it."""
+    exc = _error_for(provider, status, body, headers)
+    if isinstance(exc, UpstreamError):
+        exc.upstream_status = status
+    return exc
+
+
+def _error_for(provider: str, status: int, body: bytes, headers: object) -> TollwayError:
+    detail = _ErrorDetail()
+    try:
+        parsed = _error_body.decode(body).error
+        if isinstance(parsed, _ErrorDetail):
+            detail = parsed
+        elif isinstance(parsed, str):
+            detail = _ErrorDetail(message=parsed)
+    except msgspec.MsgspecError:
+        pass
+    retry_after = None
+    get = getattr(headers, "get", None)
+    if get is not None:
+        retry_after = get("retry-after")  # both clients: lower-case names work
+    extra = {"Retry-After": str(retry_after)} if retry_after else None
+    if status == 429:
+        return UpstreamRateLimited(f"{provider}: provider is rate limiting the gateway",
+                                   headers=extra)
+    if status in (400, 413, 422):
+        # Passed back: the request itself is at fault, and only its sender can fix it.
+        message = (detail.message or f"{provider} rejected the request")[:2000]
+        code = str(detail.code) if detail.code is not None else None
+        return UpstreamRejectedRequest(message, param=detail.param, code=code,
+                                       status=413 if status == 413 else 400)
+    if status in (401, 403):
+        return UpstreamError(f"{provider}: provider refused the gateway's credentials "
+                             f"(HTTP {status})")
+    if status == 404:
+        return UpstreamError(f"{provider}: provider does not know this model or path (HTTP 404)")
+    if status in (408, 504):
+        return UpstreamTimeout(f"{provider}: provider timed out (HTTP {status})")
+    if status == 503:
+        return UpstreamUnavailable(f"{provider}: provider unavailable (HTTP 503)", headers=extra)
+    return UpstreamError(f"{provider}: provider failed (HTTP {status})")
+
+
+def all_failed(errors: list[tuple[Deployment, UpstreamError]]) -> UpstreamError:
+    """Every candidate failed: one error listing each, with the last one's status."""
+    if len(errors) == 1:
+        return errors[0][1]
+    last = errors[-1][1]
+    text = "; ".join(f"{d.model}: {e.message}" for d, e in errors)
+    spec = spec_for(last)
+    return type(last)(f"all {len(errors)} candidates failed: {text}", code=spec.code,
+                      headers=last.headers, status=spec.status)
+
+
+def cost_header(nano: int) -> bytes:
+    return f"{nano / 1e9:.9f}".encode()
+
+
+def served_headers(dep: Deployment) -> Headers:
+    return [(b"x-tollway-provider", dep.provider.encode()),
+            (b"x-tollway-model", dep.model.encode())]
+
+
+_PATHS = {CHAT: "chat", "embeddings": "embeddings"}
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Dispatcher:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    def _body_for(self, call: Call, dep: Deployment) -> bytes:
+        """The body as the provider must see it; the original bytes when unchanged."""
+        model = dep.upstream if dep.upstream != call.request.model else None
+        ask_usage = call.stream and not call.include_usage
+        if model is None and not ask_usage:
+            return call.body
+        return rewrite(call.body, model=model, include_usage=ask_usage)
+
+    async def dispatch(self, call: Call, receive: Receive, send: Send) -> None:
+        """Serve the call from the first candidate that answers; raise when none does."""
+        assert call.plan is not None
+        candidates = call.plan.candidates
+        if not candidates:
+            raise UpstreamUnavailable("no provider can serve this call right now")
+        gw = self.gw
+        clock, retry, breakers, latency = gw.clock, gw.retry, gw.breakers, gw.latency
+        metrics = gw.metrics
+        errors: list[tuple[Deployment, UpstreamError]] = []
+        for i, dep in enumerate(candidates):
+            provider = gw.providers[dep.provider]
+            breaker = breakers[dep.provider]
+            body = self._body_for(call, dep)
+            tries = 0
+            while True:
+                if not breaker.allow(clock.monotonic()):
+                    # Opened since the plan was made, or its one half-open probe is out.
+                    wait = max(1, math.ceil(breaker.retry_after(clock.monotonic())))
+                    errors.append((dep, UpstreamUnavailable(
+                        f"{dep.provider}: circuit breaker open", headers={
+                            "Retry-After": str(wait)})))
+                    break
+                tries += 1
+                call.deployment = dep
+                call.attempts += 1
+                t = clock.monotonic()
+                try:
+                    if call.stream:
+                        stream, chunks, first = await self._open(call, provider, body)
+                        latency.observe(dep, dep.provider, clock.monotonic() - t)
+                        await self._relay(call, stream, chunks, first, receive, send)
+                        # After the first byte nothing is retried; a cut stream still
+                        # counts against the provider.
+                        if call.error is not None and not call.client_cancelled:
+                            breaker.record_failure(clock.monotonic())
+                        else:
+                            breaker.record_success(clock.monotonic(), clock.monotonic() - t)
+                        return
+                    call.reply = await self._post(call, provider, body)
+                    try:
+                        call.usage = reply_usage(call.reply.body)
+                    except msgspec.MsgspecError:
+                        call.reply = None
+                        raise UpstreamError(f"{provider.name}: provider sent an unreadable "
+                                            "reply") from None
+                    elapsed = clock.monotonic() - t
+                    breaker.record_success(clock.monotonic(), elapsed)
+                    latency.observe(dep, dep.provider, elapsed)
+                    return
+                except UpstreamRejectedRequest:
+                    # The provider answered: healthy, whatever it thought of the request.
+                    breaker.record_success(clock.monotonic(), clock.monotonic() - t)
+                    metrics.upstream_errors.inc((dep.provider, "rejected"))
+                    raise
+                except UpstreamError as exc:
+                    now = clock.monotonic()
+                    breaker.record_failure(now)
+                    latency.observe_failure(
+                        dep, dep.provider, now - t if isinstance(exc, UpstreamTimeout) else None)
+                    metrics.upstream_errors.inc((dep.provider, spec_for(exc).code or "error"))
+                    delay = None
+                    if classify(exc, exc.upstream_status) == "retry":
+                        delay = retry.delay(tries, exc, clock.time())
+                    if delay is None:
+                        errors.append((dep, exc))
+                        break
+                    await clock.sleep(delay)
+            if i + 1 < len(candidates) and tries:
+                call.fallbacks.append(dep.provider)
+        raise all_failed(errors)
+
+    async def _post(self, call: Call, provider: OpenAIProvider, body: bytes) -> Reply:
+        info = call.info
+        t = time.perf_counter()
+        try:
+            reply = await provider.post(_PATHS[call.endpoint], body, info.request_id)
+        finally:
+            info.upstream_s += time.perf_counter() - t
+        if reply.status >= 300:
+            raise upstream_error(provider.name, reply.status, reply.body, reply.headers)
+        return reply
+
+    async def _open(self, call: Call, provider: OpenAIProvider, body: bytes
+                    ) -> tuple[StreamReply, AsyncIterator[bytes], bytes]:
+        """The stream, its chunk iterator and its first chunk: until that one has come,
+        nothing was sent to the client and a failure may still be retried."""
+        info = call.info
+        t = time.perf_counter()
+        try:
+            stream = await provider.post_stream(_PATHS[call.endpoint], body, info.request_id)
+            if stream.status >= 300:
+                try:
+                    data = await stream.read()
+                finally:
+                    stream.abort()
+                raise upstream_error(provider.name, stream.status, data, stream.headers)
+            chunks = aiter(stream.chunks())
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                stream.abort()
+                raise UpstreamError(f"{provider.name}: provider ended the stream before "
+                                    "sending anything") from None
+            except BaseException:
+                stream.abort()
+                raise
+        finally:
+            info.upstream_s += time.perf_counter() - t
+        return stream, chunks, first
+
+    async def _relay(self, call: Call, stream: StreamReply, chunks: AsyncIterator[bytes],
+                     first: bytes, receive: Receive, send: Send) -> None:
+        dep = call.deployment
+        assert dep is not None
+        tap = call.tap = SseTap(keep_usage=call.include_usage)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_HEADERS, *served_headers(dep), *call.headers]})
+        call.response_started = True
+        pump = asyncio.ensure_future(self._pump(call, stream, chunks, first, tap, send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if pump.done():
+                watch.cancel()
+                pump.result()
+            else:
+                # The client left (or we are being cancelled): stop reading and drop the
+                # upstream connection so the provider stops generating.
+                call.client_cancelled = watch.done() and not watch.cancelled()
+                pump.cancel()
+                watch.cancel()
+                stream.abort()
+                await asyncio.gather(pump, return_exceptions=True)
+
+    async def _pump(self, call: Call, stream: StreamReply, chunks: AsyncIterator[bytes],
+                    first: bytes, tap: SseTap, send: Send) -> None:
+        info = call.info
+        failure: UpstreamError | None = None
+        out = tap.feed(first)
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+        t = time.perf_counter()
+        try:
+            async for data in chunks:
+                now = time.perf_counter()
+                info.upstream_s += now - t
+                out = tap.feed(data)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                t = time.perf_counter()
+            info.upstream_s += time.perf_counter() - t
+        except UpstreamError as exc:
+            info.upstream_s += time.perf_counter() - t
+            failure = exc
+        tail: list[bytes] = []
+        if tap.done and not tap.error:
+            stream.release()
+            if call.include_usage and tap.usage is None:
+                tail.append(usage_event(dep_model(call), self._counted(call, tap), "tollway-usage"))
+            tail.append(DONE)
+        else:
+            stream.abort()
+            if tap.error:
+                failure = failure or UpstreamError("provider sent an error mid-stream")
+            else:
+                failure = failure or UpstreamError("provider ended the stream early")
+                spec = spec_for(failure)
+                tail.append(error_event(failure.message, spec.type, spec.code))
+            call.error = failure
+            call.status = spec_for(failure).status
+        await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+
+    def _counted(self, call: Call, tap: SseTap) -> Usage:
+        dep = call.deployment
+        assert dep is not None
+        prompt = count_prompt(call.body, dep.upstream)
+        completion = count_text(tap.text(), dep.upstream)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+
+def dep_model(call: Call) -> str:
+    return call.deployment.upstream if call.deployment is not None else ""

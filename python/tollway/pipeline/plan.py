@@ -1,0 +1,81 @@
+"""Step 3: which deployments may serve a call, in order.
+
+Today the plan resolves ``model`` (a concrete model id or a route alias such
+as ``auto``) to the configured candidates and checks the tenant may use it.
+Routing policy (task, sensitivity, tier, latency hints; breaker state) is
+issue 4 and plugs in here, returning the same :class:`RoutePlan`.
+"""
+
+from __future__ import annotations
+
+from tollway.config import Config, TenantConfig
+from tollway.errors import ModelNotFound, PermissionDenied
+
+
+class Deployment:
+    """One way to serve a model: a provider and that provider's name for it."""
+
+    __slots__ = ("input_usd_per_mtok", "kind", "local", "model", "output_usd_per_mtok",
+                 "provider", "upstream")
+
+    def __init__(self, model: str, provider: str, upstream: str, input_usd_per_mtok: float,
+                 output_usd_per_mtok: float, kind: str, local: bool) -> None:
+        self.model = model
+        self.provider = provider
+        self.upstream = upstream
+        self.input_usd_per_mtok = input_usd_per_mtok
+        self.output_usd_per_mtok = output_usd_per_mtok
+        self.kind = kind
+        self.local = local
+
+
+class RoutePlan:
+    __slots__ = ("candidates", "reason", "route")
+
+    def __init__(self, route: str, candidates: tuple[Deployment, ...], reason: str = "") -> None:
+        self.route = route
+        self.candidates = candidates
+        self.reason = reason
+
+
+class Catalog:
+    """Models and route aliases, resolved once at startup."""
+
+    def __init__(self, config: Config) -> None:
+        local = {p.name: p.local for p in config.providers}
+        self.models: dict[str, Deployment] = {
+            m.id: Deployment(m.id, m.provider, m.upstream, m.input_usd_per_mtok,
+                             m.output_usd_per_mtok, m.kind, local.get(m.provider, False))
+            for m in config.models
+        }
+        self.routes: dict[str, tuple[Deployment, ...]] = {
+            r.alias: tuple(self.models[c] for c in r.candidates) for r in config.routes
+        }
+        self._plans: dict[str, tuple[Deployment, ...]] = {
+            **{mid: (d,) for mid, d in self.models.items()}, **self.routes
+        }
+        self._allowed: dict[str, frozenset[str] | None] = {
+            t.id: frozenset(t.models) if t.models is not None else None for t in config.tenants
+        }
+
+    def allowed(self, tenant: TenantConfig, name: str) -> bool:
+        allow = self._allowed.get(tenant.id)
+        return allow is None or name in allow
+
+    def listing(self, tenant: TenantConfig) -> list[tuple[str, str]]:
+        """(id, owned_by) of every model and alias the tenant may use."""
+        out = [(d.model, d.provider) for d in self.models.values() if self.allowed(tenant, d.model)]
+        out += [(alias, "tollway") for alias in self.routes if self.allowed(tenant, alias)]
+        return out
+
+    def plan(self, tenant: TenantConfig, name: str) -> RoutePlan:
+        candidates = self._plans.get(name)
+        if candidates is None:
+            raise ModelNotFound(
+                f"The model `{name}` does not exist or you do not have access to it.",
+                param="model")
+        if not self.allowed(tenant, name):
+            raise PermissionDenied(f"tenant may not use model `{name}`", param="model",
+                                   code="model_not_allowed")
+        return RoutePlan(name, candidates)
+

@@ -1,0 +1,123 @@
+"""A provider that speaks OpenAI's wire format: OpenAI, OpenRouter, local servers.
+
+The three differ only in base URL, key and extra headers (OpenRouter's
+optional ``HTTP-Referer`` / ``X-Title`` attribution), so one class serves
+all of them. The key lives only inside the prepared header dict; nothing
+here prints it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from yarl import URL
+
+from tollway.config import ProviderConfig
+from tollway.errors import public_message
+from tollway.providers.http import AiohttpClient, HttpClient, Reply, StreamReply, Timeouts
+from tollway.providers.rawhttp import RawHttpClient
+
+
+class OpenAIProvider:
+    def __init__(
+        self, config: ProviderConfig, api_key: str | None, client: HttpClient | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.local = config.local
+        base = config.base_url.rstrip("/")
+        self.base_url = base
+        self._urls = {
+            "chat": URL(base + "/chat/completions"),
+            "embeddings": URL(base + "/embeddings"),
+            "models": URL(base + "/models"),
+        }
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers.update(config.headers)
+        if config.http_referer:
+            headers["HTTP-Referer"] = config.http_referer
+        if config.x_title:
+            headers["X-Title"] = config.x_title
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = headers
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"provider {config.name!r}: header {name!r} holds a line break")
+        self.has_key = bool(api_key)
+        self.client: HttpClient = client or make_client(config)
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(name={self.name!r}, base_url={self.base_url!r})"
+
+    def _headers_for(self, request_id: str) -> dict[str, str]:
+        headers = self._headers.copy()
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        return headers
+
+    async def post(self, endpoint: str, body: bytes, request_id: str) -> Reply:
+        return await self.client.request(
+            "POST", self._urls[endpoint], body, self._headers_for(request_id))
+
+    async def post_stream(self, endpoint: str, body: bytes, request_id: str) -> StreamReply:
+        return await self.client.stream(
+            "POST", self._urls[endpoint], body, self._headers_for(request_id))
+
+    async def test_connection(self) -> dict[str, Any]:
+        """GET {base_url}/models with timing; the result never holds a secret."""
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"provider": self.name, "url": self.base_url + "/models"}
+        try:
+            reply = await self.client.request("GET", self._urls["models"], None,
+                                              self._headers_for(""))
+        except Exception as exc:
+            out.update(ok=False, error=public_message(exc),
+                       latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+            return out
+        out.update(ok=200 <= reply.status < 300, status=reply.status,
+                   latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+        if out["ok"]:
+            try:
+                data = msgspec.json.decode(reply.body)
+                out["models"] = len(data.get("data", [])) if isinstance(data, dict) else None
+            except Exception:
+                out["models"] = None
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.config.kind,
+            "configured": self.has_key or self.config.api_key_env is None,
+            "local": self.local,
+            "base_url_host": urlsplit(self.base_url).netloc,
+        }
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def make_client(config: ProviderConfig) -> HttpClient:
+    timeouts = Timeouts(config.connect_timeout_s, config.first_byte_timeout_s,
+                        config.total_timeout_s)
+    if config.http_client == "raw":
+        return RawHttpClient(config.name, timeouts, config.max_connections, config.keepalive_s)
+    return AiohttpClient(config.name, timeouts, config.max_connections, config.keepalive_s)
+
+
+def build_providers(
+    configs: list[ProviderConfig], env: Mapping[str, str]
+) -> dict[str, OpenAIProvider]:
+    out: dict[str, OpenAIProvider] = {}
+    for cfg in configs:
+        key = env.get(cfg.api_key_env) if cfg.api_key_env else None
+        out[cfg.name] = OpenAIProvider(cfg, key or None)
+    return out

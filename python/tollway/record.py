@@ -1,0 +1,63 @@
+"""The seam between the request pipeline and everything that records calls.
+
+The pipeline builds exactly one :class:`CallRecord` per call (completed,
+failed or rejected) once the call is settled, and hands it to the app's
+:class:`Recorder`. ``record`` is synchronous and must never block or raise:
+the events layer turns records into JetStream events from a queue of its own,
+so nothing here sits on the response path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import msgspec
+
+Outcome = Literal["completed", "failed", "rejected"]
+
+
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything known about one call once it is settled. Money in nano-USD."""
+
+    request_id: str
+    tenant: str
+    occurred_at: float  # unix seconds when the call was received
+    outcome: Outcome
+    endpoint: str = "chat.completions"  # or "embeddings"
+    route: str = ""  # the alias asked for ("auto", a task route) or the model id
+    provider: str = ""  # provider that served (or last tried) the call
+    model: str = ""  # model id (tollway's name) that served or was last tried
+    upstream_model: str = ""
+    task: str = ""
+    sensitivity: str = ""
+    tier: str = ""
+    latency_class: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_cost_nanousd: int = 0
+    actual_cost_nanousd: int = 0
+    latency_s: float = 0.0  # whole call as the gateway saw it
+    ttft_s: float | None = None  # time to first token (streams)
+    overhead_s: float = 0.0  # time spent in the gateway itself
+    attempts: int = 0
+    fallbacks: tuple[str, ...] = ()  # providers failed over from, in order
+    stream: bool = False
+    client_cancelled: bool = False
+    status: int = 200  # HTTP status returned to the caller
+    error_type: str | None = None  # OpenAI envelope `type` when not completed
+    error_code: str | None = None  # OpenAI envelope `code` (e.g. rate_limit_exceeded)
+    error_message: str | None = None  # safe to publish: never holds a secret
+    reason: str = ""  # policy / guard decision, e.g. "sensitivity=confidential->local"
+
+
+class Recorder(Protocol):
+    """Where settled calls go. Implementations must not block or raise."""
+
+    def record(self, rec: CallRecord) -> None: ...
+
+
+class NullRecorder:
+    """Records nothing; used when events are off."""
+
+    def record(self, rec: CallRecord) -> None:
+        return None

@@ -1,0 +1,65 @@
+"""The OpenAI-compatible API under /api/ai/v1."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tollway.asgi import Receive, Scope, Send
+from tollway.context import SCOPE_KEY, RequestInfo
+from tollway.errors import PermissionDenied, error_body
+from tollway.gateway import Gateway
+
+PREFIX = "/api/ai/v1"
+
+
+class _Asgi:
+    """Wraps a handler so Starlette routes to it as a plain ASGI app (no Request object)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+class _Model(msgspec.Struct):
+    id: str
+    owned_by: str
+    object: str = "model"
+    created: int = 0
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+    object: str = "list"
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def routes(gateway: Gateway) -> list[Route]:
+    pipeline = gateway.pipeline
+    created = int(gateway.started_at)
+
+    async def models(request: Request) -> Response:
+        info: RequestInfo = request.scope[SCOPE_KEY]
+        principal = info.principal
+        if principal is None or principal.tenant is None:
+            status, body = error_body(PermissionDenied("this endpoint needs a tenant key"))
+            return Response(body, status, media_type="application/json")
+        listing = gateway.catalog.listing(principal.tenant)
+        data = [_Model(id=mid, owned_by=owner, created=created) for mid, owner in listing]
+        return Response(_encode(_ModelList(data=data)), media_type="application/json")
+
+    return [
+        Route(f"{PREFIX}/chat/completions", _Asgi(pipeline.chat), methods=["POST"]),
+        Route(f"{PREFIX}/embeddings", _Asgi(pipeline.embeddings), methods=["POST"]),
+        Route(f"{PREFIX}/models", models, methods=["GET"]),
+    ]

@@ -1,0 +1,36 @@
+"""Shared fixtures: a simulated upstream and a gateway on a real uvicorn server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from support import UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_config
+from tollway.app import create_app
+from tollway.testing.upstream import FakeUpstream
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        yield up
+
+
+@pytest.fixture
+def recorder() -> ListRecorder:
+    return ListRecorder()
+
+
+@pytest.fixture
+def gateway(upstream: FakeUpstream, recorder: ListRecorder) -> Iterator[Server]:
+    app = create_app(make_config(upstream.base_url), env=gateway_env(), recorder=recorder)
+    with Server(app) as server:
+        yield server
+
+
+@pytest.fixture
+def client(gateway: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=10) as c:
+        yield c

@@ -1,0 +1,119 @@
+"""Helpers for the gateway tests: keys, configs, a recorder, a real uvicorn server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from tollway.auth import hash_key
+from tollway.config import Config, parse_config
+from tollway.record import CallRecord
+
+ACME_KEY = "tw-test-acme-0123456789"
+GLOBEX_KEY = "tw-test-globex-9876543210"
+ADMIN_KEY = "tw-test-admin-key-5555"
+UPSTREAM_KEY = "sk-upstream-secret-do-not-log-4242"
+
+
+class ListRecorder:
+    """A Recorder that keeps records in memory (the events layer is another part)."""
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+        self._cond = threading.Condition()
+
+    def record(self, rec: CallRecord) -> None:
+        with self._cond:
+            self.records.append(rec)
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 5.0) -> list[CallRecord]:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.records) >= n, timeout)
+            return list(self.records)
+
+
+def gateway_env() -> dict[str, str]:
+    return {"TOLLWAY_ADMIN_KEY": ADMIN_KEY, "FAKE_API_KEY": UPSTREAM_KEY}
+
+
+def make_raw_config(base_url: str, **extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server": {"builtin_providers": False, "builtin_models": False},
+        "nats": {"enabled": False},
+        "providers": [
+            {"name": "fake", "base_url": base_url, "api_key_env": "FAKE_API_KEY",
+             "first_byte_timeout_s": 5.0, "total_timeout_s": 20.0},
+        ],
+        "models": [
+            {"id": "gpt-4o-mini", "provider": "fake", "input_usd_per_mtok": 0.15,
+             "output_usd_per_mtok": 0.60},
+            {"id": "fast", "provider": "fake", "upstream": "gpt-4o-mini",
+             "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0},
+            {"id": "text-embedding-3-small", "provider": "fake", "kind": "embedding",
+             "input_usd_per_mtok": 0.02},
+        ],
+        "routes": [{"alias": "auto", "candidates": ["gpt-4o-mini", "fast"]}],
+        "tenants": [
+            {"id": "acme", "tier": "standard", "key_sha256": [hash_key(ACME_KEY)]},
+            {"id": "globex", "tier": "low", "key_sha256": [hash_key(GLOBEX_KEY)],
+             "models": ["fast"]},
+        ],
+    }
+    if os.environ.get("TOLLWAY_TEST_HTTP_CLIENT"):  # run the suite on the other client
+        raw["providers"][0]["http_client"] = os.environ["TOLLWAY_TEST_HTTP_CLIENT"]
+    # One try per candidate: these tests pin failover itself; retries (backoff, Retry-After,
+    # breakers) are tested on a manual clock in test_failover.py.
+    raw.setdefault("retry", {"attempts": 1})
+    raw.update(extra)
+    return raw
+
+
+def make_config(base_url: str, **extra: Any) -> Config:
+    return parse_config(make_raw_config(base_url, **extra), source="<test>", env=gateway_env())
+
+
+class Server:
+    """uvicorn (uvloop + httptools) serving an app on an ephemeral port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on",
+                                access_log=False, log_config=None, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def auth(key: str = ACME_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat_body(
+    content: str = "hello there", model: str = "gpt-4o-mini", **kw: Any
+) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **kw}
