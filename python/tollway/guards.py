@@ -1,0 +1,377 @@
+"""Step 4, the guards: rate limits and the daily budget, in front of dispatch.
+
+Each guard is a :data:`tollway.pipeline.Guard`: it refuses a call by raising
+a :class:`~tollway.errors.TollwayError`, and otherwise lets it pass. They run
+after the policy built the plan, which carries the call's token-exact cost
+bound (the per-call cap was applied there, as a filter on the candidates).
+
+- :class:`RateLimitGuard`: one Rust check per call consumes a request from
+  every tier of the tenant (per minute, hour, day; the expensive-operations
+  tier when the plan says the call is expensive; tokens per minute when
+  enabled). Denied -> 429 ``rate_limit_exceeded`` with ``Retry-After``.
+  Either way the call gets the ``x-ratelimit-*`` headers.
+- :class:`BudgetGuard`: reserves the plan's largest candidate cost against the
+  tenant's day (spend + open reservations) before dispatch; :meth:`finish`
+  settles it to the actual cost after the call, or releases it when nothing
+  was billed. No room -> 429 ``insufficient_quota``. As long as no call costs
+  more than it reserved, concurrent calls cannot take the day's spend over
+  the budget.
+
+The budget lives behind :class:`BudgetBook`: the events layer's shared view
+(``tollway.events.budget.BudgetView``, reservations shared by every gateway
+on one NATS) when events are on, else :class:`LocalBudget`, this process's
+own book.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+from tollway.clock import Clock
+from tollway.config import Config, TenantConfig, TenantLimits
+from tollway.errors import NotReady, QuotaExceeded, RateLimited
+from tollway.pipeline.plan import RoutePlan
+from tollway.policy import PolicyPlan
+from tollway.ratelimit import REQUEST_TIERS, Limits, RateDecision, RateLimiter, format_reset
+
+if TYPE_CHECKING:
+    from tollway.pipeline import Finisher, Guard
+    from tollway.pipeline.call import Call
+
+__all__ = [
+    "BudgetBook",
+    "BudgetGuard",
+    "LocalBudget",
+    "LocalReservation",
+    "RateAndBudget",
+    "RateLimitGuard",
+    "build_guards",
+    "limits_of",
+    "rate_limit_headers",
+]
+
+log = logging.getLogger("tollway.guards")
+
+NANO = 1_000_000_000
+DAY_S = 86_400
+
+
+# ---- rate limits --------------------------------------------------------------------------------
+
+def limits_of(limits: TenantLimits) -> Limits:
+    return Limits(per_minute=limits.per_minute, per_hour=limits.per_hour,
+                  per_day=limits.per_day, expensive_per_hour=limits.expensive_per_hour,
+                  tokens_per_minute=limits.tokens_per_minute)
+
+
+def rate_limit_headers(decision: RateDecision, tokens: bool = True
+                       ) -> list[tuple[bytes, bytes]]:
+    """The ``x-ratelimit-*`` headers of a check, as ASGI header pairs.
+
+    ``requests`` reports the request tier with the fewest requests left (on a
+    tie the shorter period); ``tokens`` the tokens-per-minute tier when it is
+    enabled (``tokens=True``). The same as :func:`tollway.ratelimit.rate_limit_headers`
+    without ``retry-after`` (a refusal carries that itself), as ASGI pairs, and
+    reading only the tiers it needs: this runs on every call.
+    """
+    tier = decision.tier
+    best = tier("per_minute")
+    for name in _LONGER_TIERS:
+        status = tier(name)
+        if status is not None and (best is None or status.remaining < best.remaining):
+            best = status
+    out: list[tuple[bytes, bytes]] = []
+    if best is not None:
+        out += [(b"x-ratelimit-limit-requests", b"%d" % best.limit),
+                (b"x-ratelimit-remaining-requests", b"%d" % best.remaining),
+                (b"x-ratelimit-reset-requests", format_reset(best.reset).encode())]
+    if tokens:
+        status = tier("tokens_per_minute")
+        if status is not None:
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % status.limit),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % status.remaining),
+                    (b"x-ratelimit-reset-tokens", format_reset(status.reset).encode())]
+    return out
+
+
+_LONGER_TIERS = REQUEST_TIERS[1:]
+
+
+_TIER_TEXT = {
+    "per_minute": "requests per minute",
+    "per_hour": "requests per hour",
+    "per_day": "requests per day",
+    "expensive_per_hour": "expensive requests per hour",
+    "tokens_per_minute": "tokens per minute",
+}
+
+
+class RateLimitGuard:
+    """Per-tenant limits on every tier, one Rust call per request."""
+
+    __slots__ = ("clock", "limiter", "tpm")
+
+    def __init__(self, tenants: list[TenantConfig], clock: Clock,
+                 default: TenantLimits | None = None) -> None:
+        self.clock = clock
+        now = clock.monotonic()
+        default = default or TenantLimits()
+        self.limiter = RateLimiter(limits_of(default))
+        # Tenants with a tokens-per-minute tier (None: every tenant has one, by default).
+        self.tpm: frozenset[str] | None = None if default.tokens_per_minute else frozenset(
+            t.id for t in tenants if t.limits.tokens_per_minute)
+        for t in tenants:
+            self.limiter.set_limits(t.id, limits_of(t.limits), now=now)
+
+    async def __call__(self, call: Call, plan: RoutePlan) -> None:
+        self.check(call, plan)
+
+    def check(self, call: Call, plan: RoutePlan) -> None:
+        """Consume one request of the tenant's tiers, or raise :class:`RateLimited`."""
+        tenant = call.tenant.id
+        tpm = self.tpm
+        with_tokens = tpm is None or tenant in tpm
+        tokens = 0
+        expensive = False
+        if isinstance(plan, PolicyPlan):
+            if with_tokens:
+                tokens = plan.prompt_tokens + plan.max_output_tokens
+            expensive = plan.expensive
+        decision = self.limiter.check(tenant, 1, expensive=expensive, tokens=tokens,
+                                      now=self.clock.monotonic())
+        call.headers += rate_limit_headers(decision, with_tokens)
+        if decision.allowed:
+            return
+        denied = decision.denied_by
+        text = ", ".join(f"{decision.limits.as_dict()[n]} {_TIER_TEXT.get(n, n)}"
+                         for n in denied)
+        wait = decision.retry_after
+        call.reason = f"{call.reason}; refused: rate limit ({', '.join(denied)})"
+        extra: dict[str, str] = {}
+        if math.isfinite(wait):
+            extra["Retry-After"] = str(max(1, math.ceil(wait)))
+            text += f"; retry in {extra['Retry-After']} s"
+        raise RateLimited(f"rate limit reached for tenant {call.tenant.id!r}: {text}",
+                          headers=extra)
+
+
+# ---- budget -------------------------------------------------------------------------------------
+
+class Hold(Protocol):
+    """A reservation as the budget book returns it."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def amount_nanousd(self) -> int: ...
+
+
+class BudgetBook(Protocol):
+    """Today's spend per tenant and the holds on it (the events layer's BudgetView API)."""
+
+    def spent_today(self, tenant: str, now: float | None = None) -> int: ...
+
+    def reserved_today(self, tenant: str, now: float | None = None) -> int: ...
+
+    async def reserve(self, tenant: str, amount_nanousd: int, limit_nanousd: int, *,
+                      request_id: str = "", now: float | None = None) -> Any: ...
+
+    def settle(self, reservation: Any, actual_nanousd: int) -> None: ...
+
+    def release(self, reservation: Any) -> None: ...
+
+
+class LocalReservation:
+    __slots__ = ("amount_nanousd", "day", "open", "request_id", "tenant")
+
+    def __init__(self, tenant: str, day: int, amount: int, request_id: str) -> None:
+        self.tenant = tenant
+        self.day = day
+        self.amount_nanousd = amount
+        self.request_id = request_id
+        self.open = True
+
+
+class LocalBudget:
+    """One process's budget book: per tenant and UTC day, spend and held amounts.
+
+    Every operation is O(1) and synchronous (``reserve`` is a coroutine only to
+    share :class:`BudgetBook`'s signature); decisions are atomic because they
+    never await. Spend of calls made yesterday and settled today counts for
+    yesterday, the day it was reserved against.
+    """
+
+    __slots__ = ("_days", "clock")
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._days: dict[tuple[str, int], list[int]] = {}  # (tenant, day) -> [spent, held]
+
+    def _book(self, tenant: str, day: int) -> list[int]:
+        book = self._days.get((tenant, day))
+        if book is None:
+            book = self._days[(tenant, day)] = [0, 0]
+            if len(self._days) > 4096:  # drop days long gone, now and then
+                for key in [k for k in self._days if k[1] < day - 1]:
+                    del self._days[key]
+        return book
+
+    def _day(self, now: float | None) -> int:
+        return int((self.clock.time() if now is None else now) // DAY_S)
+
+    def spent_today(self, tenant: str, now: float | None = None) -> int:
+        book = self._days.get((tenant, self._day(now)))
+        return book[0] if book is not None else 0
+
+    def reserved_today(self, tenant: str, now: float | None = None) -> int:
+        book = self._days.get((tenant, self._day(now)))
+        return book[1] if book is not None else 0
+
+    def try_reserve(self, tenant: str, amount_nanousd: int, limit_nanousd: int, *,
+                    request_id: str = "", now: float | None = None) -> LocalReservation | None:
+        day = self._day(now)
+        book = self._book(tenant, day)
+        if book[0] + book[1] + amount_nanousd > limit_nanousd:
+            return None
+        book[1] += amount_nanousd
+        return LocalReservation(tenant, day, amount_nanousd, request_id)
+
+    async def reserve(self, tenant: str, amount_nanousd: int, limit_nanousd: int, *,
+                      request_id: str = "", now: float | None = None) -> LocalReservation | None:
+        return self.try_reserve(tenant, amount_nanousd, limit_nanousd, request_id=request_id,
+                                now=now)
+
+    def settle(self, reservation: LocalReservation, actual_nanousd: int) -> None:
+        if not reservation.open:
+            return
+        reservation.open = False
+        book = self._book(reservation.tenant, reservation.day)
+        book[1] -= reservation.amount_nanousd
+        book[0] += actual_nanousd
+
+    def release(self, reservation: LocalReservation) -> None:
+        self.settle(reservation, 0)
+
+
+class BudgetGuard:
+    """Reserve before dispatch; :meth:`finish` settles or releases after the call."""
+
+    __slots__ = ("book_of", "clock", "daily", "default_daily")
+
+    def __init__(self, config: Config, clock: Clock,
+                 book_of: Callable[[], BudgetBook]) -> None:
+        self.clock = clock
+        self.book_of = book_of  # resolved per call: the events view appears at startup
+        tiers = config.tiers
+        self.daily: dict[str, int] = {}
+        for t in config.tenants:
+            usd = t.daily_usd if t.daily_usd is not None else tiers[t.tier].daily_usd
+            self.daily[t.id] = round(usd * NANO)
+        self.default_daily = 0  # a tenant this config does not know gets nothing
+
+    async def __call__(self, call: Call, plan: RoutePlan) -> None:
+        book = self.book_of()
+        if type(book) is LocalBudget:
+            self.hold_local(call, plan, book)
+        else:
+            await self.hold(call, plan, book)
+
+    def hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget) -> None:
+        """:meth:`hold` for this process's own book, which decides without awaiting."""
+        amount = plan.max_cost_nanousd if isinstance(plan, PolicyPlan) else 0
+        tenant = call.tenant.id
+        limit = self.daily.get(tenant, self.default_daily)
+        hold = book.try_reserve(tenant, amount, limit, request_id=call.info.request_id,
+                                now=self.clock.time())
+        if hold is None:
+            self._refuse(call, book, limit, amount)
+        call.reservation = (book, hold)
+
+    async def hold(self, call: Call, plan: RoutePlan, book: BudgetBook) -> None:
+        amount = plan.max_cost_nanousd if isinstance(plan, PolicyPlan) else 0
+        tenant = call.tenant.id
+        limit = self.daily.get(tenant, self.default_daily)
+        try:
+            hold = await book.reserve(tenant, amount, limit, request_id=call.info.request_id,
+                                      now=self.clock.time())
+        except Exception as exc:  # the shared book cannot decide (NATS down, fail closed)
+            log.warning("budget: cannot reserve for %s: %s", tenant, exc)
+            call.reason = f"{call.reason}; refused: budget unavailable"
+            raise NotReady("the budget cannot be checked right now; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        if hold is None:
+            self._refuse(call, book, limit, amount)
+        call.reservation = (book, hold)
+
+    def _refuse(self, call: Call, book: BudgetBook, limit: int, amount: int) -> NoReturn:
+        tenant = call.tenant.id
+        call.reason = f"{call.reason}; refused: daily budget"
+        spent = book.spent_today(tenant, self.clock.time())
+        raise QuotaExceeded(
+            f"daily budget of {limit / NANO:g} USD reached for tenant {tenant!r} "
+            f"(spent {spent / NANO:.6f} USD, plus calls in flight; this call may cost "
+            f"up to {amount / NANO:.6f} USD)")
+
+    def finish(self, call: Call) -> None:
+        """After settle: replace the hold by the actual cost, or drop it if nothing was billed.
+
+        Never raises (it runs in the pipeline's ``finally``).
+        """
+        held = call.reservation
+        if held is None:
+            return
+        call.reservation = None
+        book, hold = held
+        try:
+            if call.cost_nanousd > 0:
+                book.settle(hold, call.cost_nanousd)
+            else:
+                book.release(hold)
+        except Exception:
+            log.exception("budget: settling a reservation failed")
+
+
+class RateAndBudget:
+    """Both guards as one :data:`Guard`: one coroutine per call instead of two, and no
+    await at all while the budget is this process's own book."""
+
+    __slots__ = ("budget", "rate")
+
+    def __init__(self, rate: RateLimitGuard, budget: BudgetGuard) -> None:
+        self.rate = rate
+        self.budget = budget
+
+    async def __call__(self, call: Call, plan: RoutePlan) -> None:
+        self.rate.check(call, plan)
+        budget = self.budget
+        book = budget.book_of()
+        if type(book) is LocalBudget:
+            budget.hold_local(call, plan, book)
+        else:
+            await budget.hold(call, plan, book)
+
+
+def build_guards(config: Config, clock: Clock, book_of: Callable[[], BudgetBook]
+                 ) -> tuple[list[Guard], list[Finisher], RateLimitGuard | None,
+                            BudgetGuard | None]:
+    """The guards ``[guards]`` turns on, in order, and what runs after each call."""
+    gc = config.guards
+    guards: list[Guard] = []
+    finishers: list[Finisher] = []
+    rate = budget = None
+    if gc.enabled and gc.rate_limits:
+        rate = RateLimitGuard(config.tenants, clock, gc.default_limits)
+    if gc.enabled and gc.budget:
+        budget = BudgetGuard(config, clock, book_of)
+        finishers.append(budget.finish)
+    if rate is not None and budget is not None:
+        guards.append(RateAndBudget(rate, budget))
+    elif rate is not None:
+        guards.append(rate)
+    elif budget is not None:
+        guards.append(budget)
+    return guards, finishers, rate, budget

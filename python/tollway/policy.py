@@ -1,0 +1,285 @@
+"""Step 3, routing policy: (tenant, request, hints) -> an ordered plan, or a refusal.
+
+``model`` names a model or a route alias (``auto``, or a route the config
+ties to the task hint). Its candidates then go through, in this order:
+
+1. **sensitivity**: ``confidential`` and ``restricted`` (configurable) keep
+   only providers marked ``local = true``; none -> 403 ``policy_forbids``,
+   and nothing is sent anywhere;
+2. **budget tier**: each candidate's maximum cost for *this* request
+   (token-exact prompt, plus the output bound: ``max_completion_tokens`` /
+   ``max_tokens`` or the default, times ``n``) against the tier's per-call
+   cap; none left -> 400 ``cost_limit_exceeded``;
+3. **breakers**: candidates whose provider's breaker is open are dropped;
+   none left -> 503 ``upstream_unavailable`` with ``Retry-After`` (when the
+   first breaker lets probes through), before anyone is called;
+4. **latency class**: ``interactive`` orders by the observed latency EWMA of
+   each deployment (unmeasured first, so they get measured), ``batch`` by
+   this call's estimated cost, ``standard`` keeps the configured order.
+   Interactive and standard put deployments whose observed p95 breaks the
+   task's latency objective (default: 3.5 s chat, 6 s drafting) last.
+
+The decision and why go into :attr:`RoutePlan.reason` (the call record and
+the access log line); a refusal's reason is set on the call before raising.
+The plan also carries the estimate the guards need (the largest candidate
+cost, to reserve; tokens, for the tokens-per-minute tier; whether the call is
+an expensive one), so the prompt is counted once per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from tollway.clock import Clock
+from tollway.config import Config, ConfigError
+from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
+from tollway.pipeline.call import CHAT, Call
+from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
+from tollway.pipeline.usage import count_input
+from tollway.resilience import Breakers, LatencyTracker
+from tollway.tokens import CostEstimator, count_chat_tokens, encoding_for_model
+
+__all__ = ["Policy", "PolicyPlan"]
+
+log = logging.getLogger("tollway.policy")
+
+NANO = 1_000_000_000
+
+
+class PolicyPlan(RoutePlan):
+    """A :class:`RoutePlan` with the estimate of the call it was built for."""
+
+    __slots__ = ("costs", "expensive", "max_cost_nanousd", "max_output_tokens",
+                 "prompt_tokens")
+
+    def __init__(self, route: str, candidates: tuple[Deployment, ...], reason: str,
+                 costs: tuple[int, ...], prompt_tokens: int, max_output_tokens: int,
+                 expensive: bool) -> None:
+        super().__init__(route, candidates, reason)
+        self.costs = costs  # nano-USD bound of each candidate, same order
+        self.max_cost_nanousd = max(costs, default=0)  # what the budget holds
+        self.prompt_tokens = prompt_tokens
+        self.max_output_tokens = max_output_tokens
+        self.expensive = expensive
+
+
+class _Prompt(msgspec.Struct):
+    # Every field of every message, as the token counter needs (ChatRequest keeps only two).
+    messages: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+_prompt = msgspec.json.Decoder(_Prompt)
+
+
+class Policy:
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        estimator: CostEstimator,
+        breakers: Breakers,
+        latency: LatencyTracker,
+        clock: Clock,
+        *,
+        local_only: Iterable[str] | None = None,
+        objectives_s: Mapping[str, float] | None = None,
+        task_routes: Mapping[str, str] | None = None,
+        default_latency: str | None = None,
+        expensive_models: Iterable[str] | None = None,
+        expensive_min_cost_usd: float | None = None,
+        estimate: bool | None = None,
+    ) -> None:
+        """Settings come from ``config.policy`` and ``config.guards``; keywords override."""
+        pc, gc = config.policy, config.guards
+        self.catalog = catalog
+        self.estimator = estimator
+        self.breakers = breakers
+        self.latency = latency
+        self.clock = clock
+        # Without guards nothing reads the estimate: skip counting the prompt.
+        self.estimate = gc.enabled if estimate is None else estimate
+        self.local_only = frozenset(pc.local_only if local_only is None else local_only)
+        self.objectives = dict(pc.latency_objectives_s if objectives_s is None
+                               else objectives_s)
+        self.task_routes = dict(pc.task_routes if task_routes is None else task_routes)
+        for task, name in self.task_routes.items():
+            if name not in catalog.routes and name not in catalog.models:
+                raise ConfigError(f"task route {task!r} names {name!r}, which is neither a "
+                                  "route alias nor a model", path=f"$.policy.task_routes.{task}")
+        self.default_latency = default_latency or pc.default_latency
+        self.expensive_models = frozenset(gc.expensive_models if expensive_models is None
+                                          else expensive_models)
+        self.expensive_min_nano = round(NANO * (gc.expensive_min_cost_usd
+                                                if expensive_min_cost_usd is None
+                                                else expensive_min_cost_usd))
+        self.caps = {name: round(t.max_call_usd * NANO) for name, t in config.tiers.items()}
+        self.default_max_output = estimator.default_max_output_tokens
+        self._encodings: dict[str, str] = {}
+
+    # ---- the decision --------------------------------------------------------------------
+    def plan(self, call: Call) -> PolicyPlan:
+        req = call.request
+        asked: str = req.model
+        base = self.catalog.plan(call.tenant, asked)  # unknown model / not allowed: raises
+        candidates = base.candidates
+        route = asked
+        notes: list[str] = []
+        task = call.task
+        if task and task in self.task_routes and asked == "auto":
+            route = self.task_routes[task]
+            candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
+            notes.append(f"task {task} -> route {route}")
+
+        # 1. sensitivity
+        sensitivity = call.sensitivity
+        if sensitivity in self.local_only:
+            local = tuple(d for d in candidates if d.local)
+            if not local:
+                call.reason = f"{route}: refused, {sensitivity} data and no local provider"
+                raise PolicyForbids(
+                    f"{sensitivity} requests may only go to a local provider, and `{asked}` "
+                    "has none", param="model")
+            if len(local) < len(candidates):
+                notes.append(f"{sensitivity}: local only ({len(local)}/{len(candidates)})")
+            candidates = local
+
+        # 2. cost against the tier's per-call cap
+        if self.estimate:
+            prompt_tokens, max_output, costs = self._estimate(call, req, candidates)
+            cap = self.caps.get(call.tier)
+        else:
+            prompt_tokens, max_output, costs = 0, 0, [0] * len(candidates)
+            cap = None
+        if cap is not None:
+            kept = [i for i, c in enumerate(costs) if c <= cap]
+            if not kept:
+                cheapest = min(costs)
+                call.reason = (f"{route}: refused, estimate {_usd(cheapest)} USD over the "
+                               f"{call.tier} cap {_usd(cap)} USD")
+                call.estimated_cost_nanousd = cheapest
+                raise CostLimitExceeded(
+                    f"this call could cost up to {_usd(cheapest)} USD ({prompt_tokens} prompt "
+                    f"tokens, up to {max_output} output tokens), over the {call.tier} tier's "
+                    f"per-call cap of {_usd(cap)} USD; lower max_tokens or shorten the prompt",
+                    param="max_tokens")
+            if len(kept) < len(candidates):
+                dropped = ",".join(candidates[i].model for i in range(len(candidates))
+                                   if i not in kept)
+                notes.append(f"over {call.tier} cap: {dropped}")
+                candidates = tuple(candidates[i] for i in kept)
+                costs = [costs[i] for i in kept]
+
+        # 3. breakers
+        now = self.clock.monotonic()
+        breakers = self.breakers
+        open_ = [i for i, d in enumerate(candidates) if breakers[d.provider].state(now) == "open"]
+        if open_:
+            if len(open_) == len(candidates):
+                wait = min(breakers[d.provider].retry_after(now) for d in candidates)
+                names = ",".join(sorted({d.provider for d in candidates}))
+                call.reason = f"{route}: refused, breakers open: {names}"
+                retry = str(max(1, math.ceil(wait)))
+                raise UpstreamUnavailable(
+                    f"every provider for `{asked}` is failing right now (circuit breakers "
+                    f"open: {names}); retry in {retry} s", headers={"Retry-After": retry})
+            notes.append("breaker open: " + ",".join(sorted({candidates[i].provider
+                                                              for i in open_})))
+            candidates = tuple(d for i, d in enumerate(candidates) if i not in open_)
+            costs = [c for i, c in enumerate(costs) if i not in open_]
+
+        # 4. order
+        latency_class = call.latency_class or self.default_latency
+        if len(candidates) > 1:
+            order = self._order(latency_class, task or _default_task(call), candidates, costs)
+            if order is not None:
+                candidates = tuple(candidates[i] for i in order)
+                costs = [costs[i] for i in order]
+                notes.append(f"{latency_class} order")
+        first = candidates[0]
+        expensive = (first.model in self.expensive_models
+                     or (self.expensive_min_nano > 0 and costs[0] >= self.expensive_min_nano))
+        notes.append(f"-> {first.provider}/{first.model}")
+        plan = PolicyPlan(route, candidates, f"{route}: " + "; ".join(notes), tuple(costs),
+                          prompt_tokens, max_output, expensive)
+        call.estimated_cost_nanousd = plan.max_cost_nanousd
+        return plan
+
+    # ---- estimate ------------------------------------------------------------------------
+    def _estimate(self, call: Call, req: Any,
+                  candidates: tuple[Deployment, ...]) -> tuple[int, int, list[int]]:
+        """(prompt tokens of the first candidate, output bound, cost bound per candidate)."""
+        max_output = 0
+        if isinstance(req, ChatRequest):
+            per_choice = req.max_completion_tokens or req.max_tokens or self.default_max_output
+            max_output = per_choice * max(1, req.n or 1)
+        by_encoding: dict[str, int] = {}
+        costs: list[int] = []
+        first_tokens = -1
+        estimate = self.estimator.estimate
+        for dep in candidates:
+            enc = self._encodings.get(dep.upstream)
+            if enc is None:
+                enc = self._encodings[dep.upstream] = encoding_for_model(dep.upstream)
+            tokens = by_encoding.get(enc)
+            if tokens is None:
+                tokens = by_encoding[enc] = self._count(call, req, dep.upstream)
+            if first_tokens < 0:
+                first_tokens = tokens
+            costs.append(estimate(dep.model, tokens, max_output).max_cost_nanousd)
+        return max(first_tokens, 0), max_output, costs
+
+    def _count(self, call: Call, req: Any, upstream: str) -> int:
+        try:
+            if isinstance(req, EmbeddingsRequest):
+                return count_input(req.input, upstream)
+            prompt = _prompt.decode(call.body)
+            return count_chat_tokens(prompt.messages, upstream, prompt.tools)
+        except Exception:
+            # The body decoded as a request, so this is a shape the counter does not know;
+            # overestimate (about 2 bytes a token) rather than let a call pass uncounted.
+            log.warning("prompt not countable; estimating from its size", exc_info=True)
+            return len(call.body) // 2 + 1
+
+    # ---- order ---------------------------------------------------------------------------
+    def _order(self, latency_class: str, task: str, candidates: tuple[Deployment, ...],
+               costs: list[int]) -> list[int] | None:
+        """New order as indexes, or None to keep the configured one."""
+        idx = range(len(candidates))
+        if latency_class == "batch":
+            order = sorted(idx, key=costs.__getitem__)
+        else:
+            objective = self.objectives.get(task)
+            lat = self.latency
+            slow = [False] * len(candidates)
+            if objective is not None:
+                for i, d in enumerate(candidates):
+                    p95 = lat.p95(d)
+                    slow[i] = p95 is not None and p95 > objective
+            if latency_class == "interactive":
+                # Unmeasured deployments sort first (-1): one call measures them.
+                ewmas = [lat.ewma(d) for d in candidates]
+                order = sorted(idx, key=lambda i: (slow[i], -1.0 if ewmas[i] is None
+                                                   else ewmas[i]))
+            elif any(slow):
+                order = sorted(idx, key=slow.__getitem__)
+            else:
+                return None
+        return None if order == list(idx) else order
+
+    def objective_for(self, task: str) -> float | None:
+        return self.objectives.get(task)
+
+
+def _default_task(call: Call) -> str:
+    return "chat" if call.endpoint == CHAT else "embed"
+
+
+def _usd(nano: int) -> str:
+    return f"{nano / NANO:.6f}".rstrip("0").rstrip(".") or "0"
