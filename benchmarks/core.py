@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import pure_python
-
 import tollway
 
 HERE = Path(__file__).resolve().parent

@@ -29,6 +29,7 @@ from typing import Any
 
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
+
 import tollway
 from tollway import _core
 
