@@ -8,15 +8,11 @@ same answers and the same transitions, each of them a legal edge.
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import itertools
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -26,24 +22,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import tollway
 import tollway.breaker
+from reference import load_reference
 from tollway import _core
 from tollway.breaker import BreakerTransition, CircuitBreaker
 
-
-def _load_reference() -> ModuleType:
-    name = "tollway_pure_python_reference"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pure_python.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+ref = load_reference()
 
 LEGAL = {
     ("closed", "open"), ("open", "half_open"), ("half_open", "closed"), ("half_open", "open"),

@@ -8,13 +8,9 @@ same float arithmetic, so their answers must agree exactly.
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import math
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -22,24 +18,11 @@ from hypothesis import strategies as st
 
 import tollway
 import tollway.ratelimit
+from reference import load_reference
 from tollway import Limits, RateDecision, RateLimiter
 from tollway.ratelimit import TIERS, format_reset, rate_limit_headers
 
-
-def _load_reference() -> ModuleType:
-    name = "tollway_pure_python_reference"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pure_python.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+ref = load_reference()
 
 ONLY_MINUTE = Limits(per_minute=60, per_hour=None, per_day=None, expensive_per_hour=None)
 
