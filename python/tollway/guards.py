@@ -20,7 +20,9 @@ bound (the per-call cap was applied there, as a filter on the candidates).
 The budget lives behind :class:`BudgetBook`: the events layer's shared view
 (``tollway.events.budget.BudgetView``, reservations shared by every gateway
 on one NATS) when events are on, else :class:`LocalBudget`, this process's
-own book.
+own book. With both guards on, :class:`RateAndBudget` runs them as one
+coroutine; the pipeline runs :meth:`BudgetGuard.finish` after settle, before
+the call is recorded.
 """
 
 from __future__ import annotations
@@ -159,16 +161,6 @@ class RateLimitGuard:
 
 
 # ---- budget -------------------------------------------------------------------------------------
-
-class Hold(Protocol):
-    """A reservation as the budget book returns it."""
-
-    @property
-    def tenant(self) -> str: ...
-
-    @property
-    def amount_nanousd(self) -> int: ...
-
 
 class BudgetBook(Protocol):
     """Today's spend per tenant and the holds on it (the events layer's BudgetView API)."""
