@@ -18,7 +18,7 @@ from tollway.config import Config, TenantConfig
 # Paths anyone may call; everything else needs a key (deny by default).
 PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/metrics"})
 # Paths that need the admin key.
-ADMIN_PREFIXES: Final = ("/api/ai/providers",)
+ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow")
 
 KEY_PREFIX: Final = "tw-"
 
