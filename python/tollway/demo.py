@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from tollway.auth import hash_key, new_key
@@ -22,7 +24,8 @@ _FALLBACK_PRICES = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00),
                     "text-embedding-3-small": (0.02, 0.0)}
 
 
-def demo_config(upstream_url: str, key: str, host: str, port: int) -> dict[str, Any]:
+def demo_config(upstream_url: str, key: str, host: str, port: int,
+                data_dir: str | None = None) -> dict[str, Any]:
     prices = {m.id: (m.input_usd_per_mtok, m.output_usd_per_mtok) for m in builtin_models()}
     models = []
     for mid in _DEMO_MODELS:
@@ -33,7 +36,10 @@ def demo_config(upstream_url: str, key: str, host: str, port: int) -> dict[str, 
     return {
         "server": {"host": host, "port": port, "builtin_providers": False,
                    "builtin_models": False},
-        "nats": {"enabled": False},  # events join the demo once the events layer is wired
+        # The embedded nats-server, on a scratch folder unless one is given:
+        # every demo call becomes an event and /api/ai/usage works.
+        "nats": ({"url": "embedded", "data_dir": data_dir} if data_dir
+                 else {"enabled": False}),
         "providers": [{"name": "simulated", "base_url": upstream_url, "local": True}],
         "models": models,
         "routes": [{"alias": "auto", "candidates": ["gpt-4o-mini", "gpt-4o"]}],
@@ -60,7 +66,8 @@ def run(host: str = "127.0.0.1", port: int = 8080, latency_ms: float = 0.0) -> i
     sock = bind(host, port)
     real_port = sock.getsockname()[1]
     env = {"TOLLWAY_ADMIN_KEY": admin_key}
-    config = parse_config(demo_config(upstream.base_url, key, host, real_port),
+    data_dir = tempfile.mkdtemp(prefix="tollway-demo-")
+    config = parse_config(demo_config(upstream.base_url, key, host, real_port, data_dir),
                           source="<demo>", env=env)
     app = create_app(config, env=env)
     shown = f"[{host}]" if ":" in host else host
@@ -78,6 +85,7 @@ def run(host: str = "127.0.0.1", port: int = 8080, latency_ms: float = 0.0) -> i
     finally:
         upstream.stop()
         sock.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return 0
 
 
