@@ -33,17 +33,15 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import msgspec
-
 from tollway.clock import Clock
 from tollway.config import Config, ConfigError
 from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
-from tollway.pipeline.usage import count_input
+from tollway.pipeline.usage import count_input, count_prompt
 from tollway.resilience import Breakers, LatencyTracker
-from tollway.tokens import CostEstimator, count_chat_tokens, encoding_for_model
+from tollway.tokens import CostEstimator, encoding_for_model
 
 __all__ = ["Policy", "PolicyPlan"]
 
@@ -67,15 +65,6 @@ class PolicyPlan(RoutePlan):
         self.prompt_tokens = prompt_tokens
         self.max_output_tokens = max_output_tokens
         self.expensive = expensive
-
-
-class _Prompt(msgspec.Struct):
-    # Every field of every message, as the token counter needs (ChatRequest keeps only two).
-    messages: list[dict[str, Any]] = []
-    tools: list[dict[str, Any]] | None = None
-
-
-_prompt = msgspec.json.Decoder(_Prompt)
 
 
 class Policy:
@@ -239,8 +228,7 @@ class Policy:
         try:
             if isinstance(req, EmbeddingsRequest):
                 return count_input(req.input, upstream)
-            prompt = _prompt.decode(call.body)
-            return count_chat_tokens(prompt.messages, upstream, prompt.tools)
+            return count_prompt(call.body, upstream)
         except Exception:
             # The body decoded as a request, so this is a shape the counter does not know;
             # overestimate (about 2 bytes a token) rather than let a call pass uncounted.
