@@ -318,6 +318,9 @@ class BudgetGuard:
             return
         call.reservation = None
         book, hold = held
+        # The call event names the shared budget's lease, so views move its cost from the
+        # lease to spend when it lands (a local reservation has no hold_id).
+        call.hold_id = getattr(hold, "hold_id", "")
         try:
             if call.cost_nanousd > 0:
                 book.settle(hold, call.cost_nanousd)

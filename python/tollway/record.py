@@ -48,6 +48,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     error_code: str | None = None  # OpenAI envelope `code` (e.g. rate_limit_exceeded)
     error_message: str | None = None  # safe to publish: never holds a secret
     reason: str = ""  # policy / guard decision, e.g. "sensitivity=confidential->local"
+    reservation_id: str = ""  # the shared budget's lease the call was granted from
 
 
 class Recorder(Protocol):

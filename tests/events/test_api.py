@@ -121,14 +121,18 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
             await nc.close()
 
     # Budget leases are compare-and-set publishes of their own, outside the publisher.
-    queued = [e for e in asyncio.run(stream_events("tollway.>"))
-              if type(e).__name__ != "BudgetReserved"]
+    everything = asyncio.run(stream_events("tollway.>"))
+    queued = [e for e in everything if type(e).__name__ != "BudgetReserved"]
+    # A call granted from a lease names it in its event; nothing else is published per call.
+    leases = {e.reservation_id for e in everything if type(e).__name__ == "BudgetReserved"}
+    assert leases and not [e for e in everything if type(e).__name__ == "BudgetSettled"]
     assert published == len(queued), "the published counter counts every queued event"
     events = asyncio.run(stream_events("tollway.call.>"))
     assert Counter(e.request_id for e in events) == dict.fromkeys(ids, 1), "one event per call"
     kinds = {"completed": CallCompleted, "failed": CallFailed, "rejected": CallRejected}
     for e in events:
         assert type(e) is kinds[ids[e.request_id]]
+        assert (e.reservation_id in leases) == (e.tenant == "acme"), e  # globex: refused
     streamed = [e for e in events if isinstance(e, CallCompleted) and e.stream]
     assert len(streamed) == 4 and all(e.completion_tokens > 0 for e in streamed)
 

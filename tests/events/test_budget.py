@@ -74,7 +74,8 @@ async def test_grants_come_from_a_lease_without_a_round_trip(gw1: EventsService)
     for i, g in enumerate(grants):
         assert g is not None
         b.settle(g, 500)
-        gw1.recorder.record(make_record(i, request_id=f"r{i}", actual_cost_nanousd=500))
+        gw1.recorder.record(make_record(i, request_id=f"r{i}", actual_cost_nanousd=500,
+                                        reservation_id=g.hold_id))
     assert await gw1.publisher.flush(5)
     assert gw1.runner is not None and await gw1.runner.catch_up(5)
     assert b.spent_today("acme") == 100 * 500
@@ -141,7 +142,8 @@ async def test_settled_calls_free_the_rest_of_their_hold(gw1: EventsService) -> 
     assert first is not None
     assert await b.reserve("acme", 600, LIMIT, request_id="call-2") is None
     b.settle(first, 100)
-    gw1.recorder.record(make_record(1, request_id="call-1", actual_cost_nanousd=100))
+    gw1.recorder.record(make_record(1, request_id="call-1", actual_cost_nanousd=100,
+                                    reservation_id=first.hold_id))
     assert await gw1.publisher.flush(5)
     assert gw1.runner is not None and await gw1.runner.catch_up(5)
     assert b.spent_today("acme") == 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -46,7 +47,8 @@ def fold_all(events: list[Event]) -> list[Any]:
 def test_fixture_is_a_realistic_mix() -> None:
     events = fixture_events()
     kinds = {type(e) for e in events}
-    assert {CallCompleted, CallFailed, CallRejected, BudgetReserved, BudgetSettled} <= kinds
+    assert {CallCompleted, CallFailed, CallRejected, BudgetReserved, BudgetReleased} <= kinds
+    assert any(isinstance(e, CallEvent) and e.reservation_id for e in events)
     assert len({e.tenant for e in events if isinstance(e, CallEvent)}) == 3
     assert len({day_of(e.occurred_at) for e in events}) >= 2
 
@@ -145,18 +147,59 @@ def test_a_hold_shrinks_on_settle_and_becomes_spend_with_its_call_event() -> Non
     assert "res2" not in s.holds
 
 
-def test_a_lease_moves_to_spend_call_by_call_and_is_given_back() -> None:
-    t = 1_767_225_600.0
-    day = day_of(t)
+T0 = 1_767_225_600.0
+
+
+def _lease_rig() -> tuple[budget.BudgetState, Callable[[Event], None], Callable[[], int]]:
+    """A budget view, an ``apply`` numbering events 1, 2, ... and acme's spend + holds."""
     s = budget.BudgetState()
     seq = iter(range(1, 100))
+    day = day_of(T0)
 
     def apply(e: Event) -> None:
         budget.apply(s, next(seq), e)
 
     def total() -> int:
-        return budget.spent(s, "acme", day) + budget.held(s, "acme", day, t)
+        return budget.spent(s, "acme", day) + budget.held(s, "acme", day, T0)
 
+    return s, apply, total
+
+
+def test_a_lease_moves_to_spend_as_the_call_events_naming_it_land() -> None:
+    t, day = T0, day_of(T0)
+    s, apply, total = _lease_rig()
+    apply(BudgetReserved(event_id="l", occurred_at=t, tenant="acme", reservation_id="L",
+                         day=day, amount_nanousd=1000, expires_at=t + 900))
+    apply(CallCompleted(event_id="c0", occurred_at=t, tenant="acme", request_id="c0",
+                        reservation_id="L", actual_cost_nanousd=100))
+    assert budget.spent(s, "acme", day) == 100 and total() == 1000
+    # Another tenant's call naming acme's lease is that tenant's spend, not acme's lease.
+    apply(CallCompleted(event_id="g", occurred_at=t, tenant="globex", request_id="g",
+                        reservation_id="L", actual_cost_nanousd=40))
+    assert total() == 1000 and budget.spent(s, "globex", day) == 40
+    # Given back while the call c1 (cost 250) is settled but its event has not landed:
+    # the lease keeps holding exactly that.
+    apply(BudgetReleased(event_id="r", occurred_at=t, tenant="acme", reservation_id="L",
+                         day=day, settled_nanousd=350))
+    assert total() == 100 + 250
+    apply(CallCompleted(event_id="c1", occurred_at=t, tenant="acme", request_id="c1",
+                        reservation_id="L", actual_cost_nanousd=250))
+    assert total() == 350 and budget.spent(s, "acme", day) == 350
+    assert s.holds == {}, "closed once everything it owed has landed"
+    # Released after all its calls landed: closed at once.
+    apply(BudgetReserved(event_id="l2", occurred_at=t, tenant="acme", reservation_id="L2",
+                         day=day, amount_nanousd=500, expires_at=t + 900))
+    apply(CallFailed(event_id="f", occurred_at=t, tenant="acme", request_id="f",
+                     reservation_id="L2"))
+    apply(BudgetReleased(event_id="r2", occurred_at=t, tenant="acme", reservation_id="L2",
+                         day=day, settled_nanousd=0))
+    assert s.holds == {} and total() == 350
+
+
+def test_a_lease_of_an_older_stream_settles_call_by_call() -> None:
+    """Streams written before call events named their lease: a budget.settled per call."""
+    t, day = T0, day_of(T0)
+    s, apply, total = _lease_rig()
     apply(BudgetReserved(event_id="l", occurred_at=t, tenant="acme", reservation_id="L",
                          day=day, amount_nanousd=1000, expires_at=t + 900))
     assert total() == 1000

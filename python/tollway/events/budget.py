@@ -14,11 +14,12 @@ path -- and safe across processes, so budget is handed out in two levels:
    race waits until its projection has folded the winner's lease and decides
    again.
 2. **Grants.** A call is granted from one of the gateway's own leases in
-   memory: no await, no I/O. ``settle`` returns the unused part to the lease
-   and publishes the call's actual cost (``budget.settled``, through the
-   publisher queue, off the response path); when the call event lands, every
-   view moves that amount from the lease to spend. A lease nobody uses for a
-   while, or too small for the next call, is given back (``budget.released``).
+   memory: no await, no I/O. ``settle`` returns the unused part to the lease;
+   the call event names the lease (``reservation_id``) and carries the actual
+   cost, and when it lands every view moves that amount from the lease to
+   spend. A lease nobody uses for a while, or too small for the next call, is
+   given back (``budget.released``, with the total its calls cost: the views
+   keep holding what has not landed as call events yet).
 
 What a lease decision counts, for the tenant's current UTC day: spend (call
 events folded) + open holds (leases and call holds folded and not closed) +
@@ -33,9 +34,10 @@ decided on this process's view only (counted by
 until the call events arrive from the outbox. With ``fail_open=False``,
 ``reserve`` raises :class:`BudgetUnavailable`.
 
-``settle`` (or ``release``) must come before the call's ``recorder.record``
--- the pipeline's settle step precedes its record step -- so that the
-stream holds a call's settlement before its call event.
+The pipeline records a call right after settling it, with no await in
+between, so a lease given back by the maintenance task is published after the
+events of its calls; the released total covers the case where it is not
+(events of a batch in flight when NATS failed, resent from the outbox later).
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from tollway.events.publisher import EventIds, Publisher
 from tollway.events.schema import (
     BudgetReleased,
     BudgetReserved,
-    BudgetSettled,
     Event,
     day_of,
     encode,
@@ -89,6 +90,11 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     amount_nanousd: int
     request_id: str = ""
     seq: int = 0  # stream sequence of the lease; 0 = a local lease (NATS was down)
+
+    @property
+    def hold_id(self) -> str:
+        """The lease in the stream the call's event names ("" for a local lease)."""
+        return self.lease_id if self.seq else ""
 
 
 class _Lease:
@@ -338,7 +344,11 @@ class BudgetView:
 
     # ---- settling ----------------------------------------------------------------------------
     def settle(self, reservation: Reservation, actual_nanousd: int) -> None:
-        """The call's actual cost: the rest returns to the lease. Never blocks."""
+        """The call's actual cost: the rest returns to the lease. Never blocks.
+
+        Nothing is published: the call event names the lease (``reservation_id``) and carries
+        the cost, which is all the views need.
+        """
         if not reservation.lease_id:
             return
         lease = self._by_id.get(reservation.lease_id)
@@ -346,12 +356,6 @@ class BudgetView:
             lease.free += reservation.amount_nanousd - actual_nanousd
             lease.outstanding -= 1
             lease.last_used = self.clock()
-        if reservation.seq:
-            self._submit(BudgetSettled(
-                event_id=self.new_id(), occurred_at=self.clock(), tenant=reservation.tenant,
-                request_id=reservation.request_id, instance=self.instance,
-                reservation_id=reservation.lease_id, day=reservation.day,
-                actual_nanousd=actual_nanousd))
 
     def release(self, reservation: Reservation) -> None:
         """The call never reached a provider: all of it returns to the lease."""
@@ -395,7 +399,8 @@ class BudgetView:
         self._retiring[lease.lease_id] = (lease, lease.free)
         self._submit(BudgetReleased(
             event_id=self.new_id(), occurred_at=self.clock(), tenant=lease.tenant,
-            instance=self.instance, reservation_id=lease.lease_id, day=lease.day))
+            instance=self.instance, reservation_id=lease.lease_id, day=lease.day,
+            settled_nanousd=lease.size - lease.free))  # nothing outstanding: all settled
 
     def _submit(self, event: Event) -> None:
         if self.publisher is not None:

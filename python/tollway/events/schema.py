@@ -84,6 +84,9 @@ class CallEvent(Event, frozen=True, kw_only=True):
     error_code: str | None = None
     error_message: str | None = None
     reason: str = ""
+    # The budget lease (a ``budget.reserved`` without request id) this call was granted
+    # from; its cost leaves the lease and becomes spend when this event lands.
+    reservation_id: str = ""
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -137,7 +140,11 @@ class BudgetReserved(Event, frozen=True, kw_only=True, tag="budget.reserved"):
 
 
 class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget.settled"):
-    """The call's actual cost is known; the hold shrinks to it until its call event lands."""
+    """The call's actual cost is known; the hold shrinks to it until its call event lands.
+
+    Gateways no longer publish it for calls granted from a lease (the call event names its
+    lease instead); projections still fold it, so older streams replay the same.
+    """
 
     subject_prefix: ClassVar[str] = BUDGET_SETTLED
     reservation_id: str
@@ -146,11 +153,16 @@ class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget.settled"):
 
 
 class BudgetReleased(Event, frozen=True, kw_only=True, tag="budget.released"):
-    """The hold is dropped without spend (the call never went out)."""
+    """The hold is given back: a call hold whose call never went out, or a lease.
+
+    A lease keeps holding what its calls cost (``settled_nanousd`` in all) until their
+    call events land.
+    """
 
     subject_prefix: ClassVar[str] = BUDGET_RELEASED
     reservation_id: str
     day: str
+    settled_nanousd: int = 0
 
 
 class ShadowCompared(Event, frozen=True, kw_only=True, tag="shadow.compared"):
@@ -333,6 +345,7 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         error_code=rec.error_code,
         error_message=rec.error_message,
         reason=rec.reason,
+        reservation_id=rec.reservation_id,
     )
 
 

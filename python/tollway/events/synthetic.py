@@ -2,7 +2,7 @@
 
 Three tenants on three tiers call four models on three providers over a few
 days; most calls complete, some fail over or fail, some are rejected, each
-dispatched call holds its estimate in the budget first and settles after,
+dispatched call is granted from a budget lease and names it in its event,
 and breakers open and close now and then.
 
 ``python -m tollway.events.synthetic --write`` regenerates
@@ -22,7 +22,6 @@ from tollway.events.schema import (
     BreakerChanged,
     BudgetReleased,
     BudgetReserved,
-    BudgetSettled,
     CallCompleted,
     CallFailed,
     CallRejected,
@@ -41,7 +40,12 @@ TASKS = ("chat", "draft", "summarize", "classify", "extract", "code")
 
 def events(calls: int, *, seed: int = 7, start: float = DAY0, days: float = 2.0,
            instance: str = "gw-1") -> Iterator[Event]:
-    """About 2.6 events per call: holds, settlements, call events, a few breaker changes."""
+    """About 1.1 events per call: call events, budget leases, a few breaker changes.
+
+    Budget as a gateway publishes it (``tollway.events.budget``): a tenant's calls are
+    granted from a lease of about eight calls' worth; each call event names its lease,
+    and a lease too small for the next call is given back with what its calls cost.
+    """
     rng = random.Random(seed)
     step = days * 86400 / max(calls, 1)
     n = 0
@@ -52,6 +56,7 @@ def events(calls: int, *, seed: int = 7, start: float = DAY0, days: float = 2.0,
         return f"{seed:04x}{n:028x}"
 
     breaker_open: set[str] = set()
+    leases: dict[str, list[Any]] = {}  # tenant -> [lease id, day, free, settled]
     for i in range(calls):
         t = start + i * step
         tenant, tier, limit = TENANTS[rng.randrange(3)]
@@ -76,23 +81,27 @@ def events(calls: int, *, seed: int = 7, start: float = DAY0, days: float = 2.0,
                                error_code=code, error_message=f"refused: {code}", reason=code,
                                **common)
             continue
-        res = f"res-{seed}-{i}"
         day = day_of(t)
-        yield BudgetReserved(event_id=eid(), occurred_at=t, tenant=tenant, request_id=rid,
-                             instance=instance, reservation_id=res, day=day,
-                             amount_nanousd=estimate, limit_nanousd=limit,
-                             expires_at=t + 900)
+        lease = leases.get(tenant)
+        if lease is not None and (lease[2] < estimate or lease[1] != day):
+            yield BudgetReleased(event_id=eid(), occurred_at=t, tenant=tenant,
+                                 instance=instance, reservation_id=lease[0], day=lease[1],
+                                 settled_nanousd=lease[3])
+            lease = None
+        if lease is None:
+            lease = leases[tenant] = [f"lease-{seed}-{i}", day, 8 * max(estimate, 1), 0]
+            yield BudgetReserved(event_id=lease[0], occurred_at=t, tenant=tenant,
+                                 instance=instance, reservation_id=lease[0], day=day,
+                                 amount_nanousd=lease[2], limit_nanousd=limit,
+                                 expires_at=t + 300)
         latency = round(rng.lognormvariate(-0.5, 0.6), 4)
         stream = rng.random() < 0.4
         if roll < 0.15:
-            if rng.random() < 0.5:  # never dispatched after all
-                yield BudgetReleased(event_id=eid(), occurred_at=t + 0.001, tenant=tenant,
-                                     request_id=rid, instance=instance, reservation_id=res,
-                                     day=day)
             yield CallFailed(event_id=eid(), attempts=3, latency_s=latency, status=502,
                              fallbacks=("openrouter",) if provider != "openrouter" else (),
                              error_type="upstream_error", error_code="bad_gateway",
-                             error_message="every candidate failed", stream=stream, **common)
+                             error_message="every candidate failed", stream=stream,
+                             reservation_id=lease[0], **common)
             if provider not in breaker_open and rng.random() < 0.3:
                 breaker_open.add(provider)
                 yield BreakerChanged(event_id=eid(), occurred_at=t + 0.002, instance=instance,
@@ -105,22 +114,21 @@ def events(calls: int, *, seed: int = 7, start: float = DAY0, days: float = 2.0,
                                  provider=provider, previous="half_open", state="closed",
                                  reason="probe succeeded")
         fallbacks = ("local",) if provider != "local" and rng.random() < 0.05 else ()
-        yield BudgetSettled(event_id=eid(), occurred_at=t + latency, tenant=tenant,
-                            request_id=rid, instance=instance, reservation_id=res, day=day,
-                            actual_nanousd=cost)
+        lease[2] -= cost
+        lease[3] += cost
         yield CallCompleted(event_id=eid(), prompt_tokens=prompt, completion_tokens=completion,
                             actual_cost_nanousd=cost, latency_s=latency,
                             ttft_s=round(latency / 4, 4) if stream else None,
                             overhead_s=0.0004, attempts=1 + len(fallbacks),
-                            fallbacks=fallbacks, stream=stream,
-                            client_cancelled=stream and rng.random() < 0.02, **common)
+                            fallbacks=fallbacks, stream=stream, reservation_id=lease[0],
+                            **common)
 
 
 def default_fixture() -> Path:
     return Path(__file__).resolve().parents[3] / "events" / "fixtures" / "calls.jsonl"
 
 
-FIXTURE_CALLS = 240
+FIXTURE_CALLS = 600
 
 
 def fixture_bytes() -> bytes:

@@ -285,6 +285,7 @@ class Pipeline:
             error_code=spec.code if spec is not None else None,
             error_message=exc.message if exc is not None else None,
             reason=call.reason,
+            reservation_id=call.hold_id,
         )
         try:
             self.gw.recorder.record(rec)

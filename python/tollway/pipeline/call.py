@@ -21,7 +21,7 @@ class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
         "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
-        "include_usage", "info", "latency_class", "occurred_at", "plan", "prompt_tokens",
+        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan", "prompt_tokens",
         "reason", "reply", "request", "reservation", "response_started", "sensitivity",
         "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
@@ -63,3 +63,4 @@ class Call:
         self.headers: list[tuple[bytes, bytes]] = []
         self.user = ""  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
         self.reservation: Any = None  # what a guard holds until the call ends (budget)
+        self.hold_id = ""  # the shared budget's lease it was granted from (for the record)

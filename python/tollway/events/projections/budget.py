@@ -8,11 +8,14 @@ kinds:
   the actual cost on ``budget.settled`` and closes when the call event of the
   same tenant and request id lands (its cost is spend from then on).
 - a **lease** (no ``request_id``): a slice of the budget one gateway grants
-  calls from locally. Each ``budget.settled`` names a call of the lease
-  (``request_id``) and its actual cost; when that call's event lands, the
-  lease shrinks by the same amount, so the call is counted exactly once --
-  in the lease until its event lands, as spend after. ``budget.released``
-  gives back what is left, except what settled calls still owe.
+  calls from locally. A call event that names the lease (``reservation_id``)
+  moves its cost from the lease to spend, so the call is counted exactly
+  once -- in the lease until its event lands, as spend after.
+  ``budget.released`` gives back what is left, except what the lease's calls
+  cost (``settled_nanousd``) and their events have not brought yet.
+  (Streams written before call events named their lease carry a
+  ``budget.settled`` per call instead, linking it to the lease by request
+  id; both forms fold to the same view.)
 
 Any hold also closes when it expires. Expiry needs a clock, so the fold only
 forgets holds that expired before the event being applied (the event time is
@@ -50,6 +53,7 @@ class Hold(msgspec.Struct, array_like=True):
     seq: int
     pending: int = 0  # lease: settled calls whose call events have not landed yet
     released: bool = False  # lease: given back; lives on only for ``pending``
+    used: int = 0  # lease: cost of the call events that named it so far
 
 
 class BudgetState(msgspec.Struct):
@@ -87,6 +91,9 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
                 days = view.spend[event.tenant] = {}
             day = day_of(event.occurred_at)
             days[day] = days.get(day, 0) + cost
+        if event.reservation_id:
+            _spend_from_lease(view, event.reservation_id, event.tenant, cost)
+            return _maybe_prune(view, event)
         rid = event.request_id
         if rid:
             ids = view.by_request.get(rid)
@@ -127,11 +134,29 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
     elif isinstance(event, BudgetReleased):
         hold = view.holds.get(event.reservation_id)
         if hold is not None:
-            if hold.request_id or hold.pending <= 0:
+            owed = hold.pending + max(0, event.settled_nanousd - hold.used)
+            if hold.request_id or owed <= 0:
                 _close(view, event.reservation_id)
             else:
-                hold.amount = hold.pending
+                hold.amount = hold.pending = owed
                 hold.released = True
+    return _maybe_prune(view, event)
+
+
+def _spend_from_lease(view: BudgetState, lease_id: str, tenant: str, cost: int) -> None:
+    lease = view.holds.get(lease_id)
+    if lease is None or lease.tenant != tenant or lease.request_id:
+        return  # lapsed, or not a lease of this tenant: the cost is spend and nothing else
+    lease.amount -= cost
+    if lease.released:
+        lease.pending -= cost
+        if lease.pending <= 0:
+            _close(view, lease_id)
+    else:
+        lease.used += cost
+
+
+def _maybe_prune(view: BudgetState, event: Event) -> BudgetState:
     if event.occurred_at - view.pruned_at >= _PRUNE_EVERY_S:
         _prune(view, event.occurred_at)
     return view
