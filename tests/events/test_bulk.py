@@ -268,6 +268,7 @@ async def test_a_token_from_the_url_and_a_callable_token_falls_back(tmp_path: Pa
             await runner.start()
             assert await runner.catch_up(10)
             assert runner.bulk_applied == 0 and runner.applied == len(lines)
+            assert runner.tail == "nats-py"
             assert [p.view for p in runner.projections] == want
             await runner.stop()
 
@@ -306,8 +307,8 @@ async def test_the_runner_catches_up_in_bulk_then_follows_live(nc: NatsClient) -
     async with asyncio.timeout(5):
         while not first.caught_up:  # then it subscribes after the last sequence
             await asyncio.sleep(0.01)
-    assert first.bulk_applied == 400
-    await publish_lines(nc, lines[400:500])  # live, through nats-py
+    assert first.bulk_applied == 400 and first.tail == "reader"
+    await publish_lines(nc, lines[400:500])  # live, through a reader in follow mode
     assert await first.wait_for(500, 10)
     assert first.bulk_applied == 400 and first.applied == 500
     await first.stop()  # checkpoints at 500
@@ -319,6 +320,43 @@ async def test_the_runner_catches_up_in_bulk_then_follows_live(nc: NatsClient) -
     assert [p.view for p in second.projections] == [
         p.view for p in pure_fold(list(enumerate(lines, 1)))]
     await second.stop()
+
+
+async def test_the_live_tail_restarts_where_it_stopped_then_falls_back_to_nats_py(
+        nc: NatsClient) -> None:
+    lines = fixture_lines()
+    runner = ProjectionRunner(nc, default_projections(), idle_heartbeat_s=0.5)
+    await runner.start()
+
+    cut: list[BulkReader] = []
+
+    async def cut_the_readers_connection() -> None:
+        async with asyncio.timeout(5):  # a reader following, not one already cut
+            while (runner._reader is None or not runner._reader.consumer
+                   or runner._reader in cut):
+                await asyncio.sleep(0.01)
+        cut.append(runner._reader)
+        transport = runner._reader._conn.transport
+        assert transport is not None
+        transport.abort()  # as if the server had dropped it
+
+    await publish_lines(nc, lines[:100])
+    assert await runner.wait_for(100, 10) and runner.tail == "reader"
+    await cut_the_readers_connection()
+    await publish_lines(nc, lines[100:200])
+    assert await runner.wait_for(200, 10), "a new reader goes on from sequence 101"
+    assert runner.tail == "reader"
+    for _ in range(3):  # three failures in a row with NATS up ...
+        await cut_the_readers_connection()
+    async with asyncio.timeout(5):
+        while runner.tail != "nats-py":  # ... and nats-py follows for a while instead
+            await asyncio.sleep(0.01)
+    await publish_lines(nc, lines[200:])
+    assert await runner.wait_for(len(lines), 10)
+    assert runner.applied == len(lines), "nothing folded twice across the restarts"
+    assert [p.view for p in runner.projections] == [
+        p.view for p in pure_fold(list(enumerate(lines, 1)))]
+    await runner.stop()
 
 
 async def test_feed_batch_is_feed_message_by_message(nc: NatsClient) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from tollway.events.broker import EmbeddedNats, connect, ensure_kv, ensure_stream, stream_config
@@ -106,7 +107,9 @@ async def test_two_runners_share_checkpoints_and_keep_the_furthest(nc: NatsClien
     await a.stop()
 
 
-async def test_runner_follows_the_stream_across_a_nats_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bulk", [True, False], ids=["reader", "nats-py"])
+async def test_runner_follows_the_stream_across_a_nats_restart(tmp_path: Path,
+                                                               bulk: bool) -> None:
     srv = EmbeddedNats(tmp_path / "nats")
     srv.start()
     back = asyncio.Event()
@@ -124,7 +127,8 @@ async def test_runner_follows_the_stream_across_a_nats_restart(tmp_path: Path) -
         await ensure_stream(js, stream_config())
         await ensure_kv(js)
         lines = fixture_lines()
-        runner = ProjectionRunner(client, default_projections(), idle_heartbeat_s=0.5)
+        runner = ProjectionRunner(client, default_projections(), idle_heartbeat_s=0.5,
+                                  bulk=bulk)
         runners.append(runner)
         await runner.start()
         await publish_lines(client, lines[:200])
@@ -135,6 +139,7 @@ async def test_runner_follows_the_stream_across_a_nats_restart(tmp_path: Path) -
         await publish_lines(client, lines[200:])
         assert await runner.wait_for(len(lines), 10)
         assert [p.view for p in runner.projections] == [p.view for p in pure_fold(lines)]
+        assert runner.tail == ("reader" if bulk else "nats-py")
         await runner.stop()
         await client.close()
     finally:

@@ -1,7 +1,10 @@
 """Feeds the stream into the projections, checkpoints them, and resumes after a restart.
 
 One ordered push consumer (ephemeral, in-memory, no acks) delivers every
-message of the stream from the lowest sequence any projection still needs.
+message of the stream from the lowest sequence any projection still needs,
+read by a :class:`~tollway.events.bulk.BulkReader` in follow mode on a
+connection of its own (what arrives together is folded together); where that
+reader cannot be used (TLS, nkeys, JWT) or keeps failing, by nats-py.
 Each message is decoded once and applied to every projection; a projection
 skips sequences it already has, which is what makes resuming from a
 checkpoint and redelivery after a reconnect harmless. Views are saved to the
@@ -32,7 +35,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamState
 from nats.js.kv import KeyValue
 
-from tollway.events.bulk import BulkReader
+from tollway.events.bulk import BulkReader, BulkUnavailable
 from tollway.events.metrics import EventMetrics
 from tollway.events.projections import Projection, checkpoint
 from tollway.events.schema import SCHEMA_VERSION, STREAM, SUBJECTS, AnyEvent, Event, decode
@@ -91,13 +94,16 @@ class ProjectionRunner:
         self.bulk_min_backlog = bulk_min_backlog
         self.bulk_applied = 0  # messages applied through it (tests, benchmarks)
         self._bulk_retry_at = 0.0
+        self._tail_failures = 0  # live-tail failures in a row while NATS was up
         self.last_seq = 0  # last sequence delivered to the projections
         self.applied = 0  # messages applied since start (tests, benchmarks)
         self.decode_errors = 0
         self._target = 0  # stream's last sequence when we started
         self._stream_id = ""  # its creation time: which incarnation our sequences refer to
         self._pending = 0  # the server's count of messages after the last delivered
-        self._sub: Any = None
+        self._sub: Any = None  # the nats-py subscription, when the tail is not on a reader
+        self._tail: asyncio.Task[None] | None = None  # the tail on a BulkReader
+        self._reader: BulkReader | None = None
         self._sub_lock = asyncio.Lock()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._saved_seq: dict[str, int] = {}
@@ -180,7 +186,7 @@ class ProjectionRunner:
                 async with asyncio.timeout(max(0.05, min(1.0, next_save - time.monotonic()))):
                     await self._resubscribe.wait()
             try:
-                if self._resubscribe.is_set() or self._sub is None:
+                if self._resubscribe.is_set() or not self._following:
                     self._resubscribe.clear()
                     await self._subscribe()
                 if time.monotonic() >= next_save:
@@ -200,6 +206,10 @@ class ProjectionRunner:
             if self._wants_bulk(state.last_seq):
                 await self._catch_up_bulk(state.last_seq)
             start = min(p.view.last_seq for p in self.projections) + 1
+            if self.bulk and time.monotonic() >= self._bulk_retry_at:
+                self._tail = asyncio.create_task(self._follow(start),
+                                                 name="tollway-projections-tail")
+                return
             self._sub = await self.js.subscribe(
                 SUBJECTS,
                 stream=self.stream,
@@ -258,7 +268,47 @@ class ProjectionRunner:
                 self._wake_waiters()
         return self.applied - applied
 
+    async def _follow(self, start: int) -> None:
+        """Fold the stream from ``start`` on, live, through a bulk reader in follow mode."""
+        try:
+            async with await BulkReader.connect(self.nc) as reader:
+                self._reader = reader
+                async with contextlib.aclosing(reader.read(
+                        self.stream, start_seq=start, follow=True,
+                        idle_heartbeat_s=self.idle_heartbeat_s)) as batches:
+                    async for seqs, payloads in batches:
+                        self._pending = max(0, reader.pending)
+                        self.feed_batch(seqs, payloads)
+                        self._tail_failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Lost with its connection (NATS restarting) or stopped on a gap: start again
+            # from the last sequence folded. Whatever keeps failing goes through nats-py.
+            if isinstance(exc, BulkUnavailable) or not self.nc.is_connected:
+                retry = BULK_RETRY_S if isinstance(exc, BulkUnavailable) else 0.0
+            else:
+                self._tail_failures += 1
+                retry = BULK_RETRY_S if self._tail_failures >= 3 else 0.0
+            if retry:
+                self._bulk_retry_at = time.monotonic() + retry
+                self._tail_failures = 0
+            log.warning("projection runner: live tail stopped at sequence %d (%s); %s",
+                        self.last_seq, exc, "nats-py follows" if retry else "restarting")
+            self._resubscribe.set()
+        finally:
+            self._reader = None
+
+    @property
+    def _following(self) -> bool:
+        return self._sub is not None or (self._tail is not None and not self._tail.done())
+
     async def _unsubscribe(self) -> None:
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tail
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -388,8 +438,19 @@ class ProjectionRunner:
         return await self.wait_for(last, timeout)
 
     @property
+    def tail(self) -> str:
+        """What follows the stream live: "reader" (a BulkReader), "nats-py", or ""."""
+        if self._sub is not None:
+            return "nats-py"
+        return "reader" if self._following else ""
+
+    @property
     def subscribed(self) -> bool:
-        return self._sub is not None
+        """Following the stream live (a reader's consumer exists, or a nats-py one)."""
+        if self._sub is not None:
+            return True
+        reader = self._reader
+        return self._following and reader is not None and bool(reader.consumer)
 
     @property
     def caught_up(self) -> bool:
