@@ -22,6 +22,12 @@ def count_chat_tokens(
     model: str,
     tools: _Sequence[_Mapping[str, _Any]] | None = None,
 ) -> int: ...
+def scan_js_deliveries(
+    buf: bytes, pos: int, end: int, sid: bytes, delivered: int
+) -> tuple[list[int], list[bytes], int, int, int]:
+    """JetStream deliveries on subscription ``sid`` cut from ``buf`` between ``pos`` and
+    ``end``: (stream sequences, payloads, position after them, last consumer sequence,
+    pending after it or -1). Stops at any other frame; ValueError on a consumer gap."""
 
 class UnknownModelError(KeyError):
     """The model has no price in the estimator's table."""

@@ -8,6 +8,7 @@
 pub mod breaker;
 pub mod cost;
 pub mod limiter;
+pub mod natsframe;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]

@@ -1043,6 +1043,47 @@ mod limiter_breaker {
 }
 // ==== END limiter + breaker bindings ====
 
+/// The JetStream delivery scanner (`natsframe`) for the raw NATS readers.
+mod nats_frames {
+    use pyo3::exceptions::PyValueError;
+    use pyo3::prelude::*;
+    use pyo3::types::{PyBytes, PyList};
+
+    use crate::natsframe::scan_deliveries;
+
+    /// (stream sequences, payloads, position after them, last consumer sequence,
+    /// pending after the last one or -1): see `natsframe::scan_deliveries`.
+    #[pyfunction]
+    #[allow(clippy::type_complexity)]
+    fn scan_js_deliveries<'py>(
+        py: Python<'py>,
+        buf: &Bound<'py, PyBytes>,
+        pos: usize,
+        end: usize,
+        sid: &[u8],
+        delivered: u64,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, u64, i64)> {
+        let data = buf.as_bytes();
+        let mut found = Vec::new();
+        let scan = scan_deliveries(data, pos.min(data.len()), end, sid, delivered, &mut found)
+            .map_err(|g| {
+                PyValueError::new_err(format!(
+                    "deliveries missing: consumer sequence {} where {} was next",
+                    g.got, g.expected
+                ))
+            })?;
+        let seqs = PyList::new(py, found.iter().map(|&(s, _, _)| s))?;
+        let payloads = PyList::new(py, found.iter().map(|&(_, a, b)| PyBytes::new(py, &data[a..b])))?;
+        let pending = scan.pending.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
+        Ok((seqs, payloads, scan.pos, scan.delivered, pending))
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(scan_js_deliveries, m)?)?;
+        Ok(())
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1052,5 +1093,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // ==== BEGIN limiter + breaker registration ====
     limiter_breaker::register(m)?;
     // ==== END limiter + breaker registration ====
+    nats_frames::register(m)?;
     Ok(())
 }

@@ -297,16 +297,18 @@ def subject_token(name: str) -> str:
 
 
 # ---- days ------------------------------------------------------------------------------------
-_day_cache: dict[int, str] = {}
+# Day number (unix seconds // 86400) -> "YYYY-MM-DD", filled by day_of; folds look days up
+# here in their loops and call day_of only on a miss.
+DAY_OF_NUMBER: dict[int, str] = {}
 
 
 def day_of(ts: float) -> str:
     """The UTC day of a unix timestamp, YYYY-MM-DD (cached: folds call it per event)."""
     n = int(ts // 86400)
-    day = _day_cache.get(n)
+    day = DAY_OF_NUMBER.get(n)
     if day is None:
         day = time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
-        _day_cache[n] = day
+        DAY_OF_NUMBER[n] = day
     return day
 
 

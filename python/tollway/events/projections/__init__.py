@@ -8,7 +8,7 @@ A :class:`Projection` pairs one with its current view; the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -33,6 +33,9 @@ class Projection(Generic[V]):
     new: Callable[[], V]
     dump: Callable[[V], bytes]
     load: Callable[[bytes], V]
+    # ``fold`` over many events with ascending sequences at once, same result (replays and
+    # the live tail fold batches); None: ``fold`` event by event.
+    fold_batch: Callable[[V, Sequence[int], Sequence[Event]], V] | None = None
 
     def apply(self, seq: int, event: Event) -> None:
         self.view = self.fold(self.view, seq, event)
@@ -51,12 +54,12 @@ class Projection(Generic[V]):
 
 def usage_projection() -> Projection[usage.UsageView]:
     return Projection("usage", 1, usage.UsageView(), usage.apply, usage.UsageView,
-                      usage.dump, usage.load)
+                      usage.dump, usage.load, usage.apply_batch)
 
 
 def budget_projection() -> Projection[budget.BudgetState]:
     return Projection("budget", 1, budget.BudgetState(), budget.apply, budget.BudgetState,
-                      budget.dump, budget.load)
+                      budget.dump, budget.load, budget.apply_batch)
 
 
 def health_projection() -> Projection[health.HealthView]:

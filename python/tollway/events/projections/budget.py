@@ -28,13 +28,20 @@ across processes (see tollway.events.budget).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import msgspec
 
 from tollway.events.schema import (
+    DAY_OF_NUMBER,
     BudgetReleased,
     BudgetReserved,
     BudgetSettled,
+    CallCompleted,
     CallEvent,
+    CallFailed,
+    CallRejected,
     Event,
     day_of,
     subject_token,
@@ -141,6 +148,36 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
                 hold.amount = hold.pending = owed
                 hold.released = True
     return _maybe_prune(view, event)
+
+
+_CALL_TYPES = frozenset((CallCompleted, CallFailed, CallRejected))
+
+
+def apply_batch(view: BudgetState, seqs: Sequence[int], events: Sequence[Event]) -> BudgetState:
+    """:func:`apply` over events with ascending sequences: the common event (a call granted
+    from a lease) in one loop, everything else through :func:`apply`."""
+    spend = view.spend
+    days = DAY_OF_NUMBER
+    for seq, e in zip(seqs, events, strict=True):
+        if (type(e) not in _CALL_TYPES or seq <= view.last_seq
+                or e.occurred_at - view.pruned_at >= _PRUNE_EVERY_S):
+            view = apply(view, seq, e)
+            continue
+        call = cast(CallEvent, e)
+        if not call.reservation_id:
+            view = apply(view, seq, e)
+            continue
+        view.last_seq = seq
+        cost = call.actual_cost_nanousd
+        if cost:
+            t = call.occurred_at
+            day = days.get(int(t // 86400)) or day_of(t)
+            by_day = spend.get(call.tenant)
+            if by_day is None:
+                by_day = spend[call.tenant] = {}
+            by_day[day] = by_day.get(day, 0) + cost
+        _spend_from_lease(view, call.reservation_id, call.tenant, cost)
+    return view
 
 
 def _spend_from_lease(view: BudgetState, lease_id: str, tenant: str, cost: int) -> None:

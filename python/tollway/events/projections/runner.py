@@ -396,6 +396,8 @@ class ProjectionRunner:
                         view = fold(view, seq, event)
                     elif view.last_seq < seq:
                         view.last_seq = seq
+            elif p.fold_batch is not None:
+                view = p.fold_batch(view, seqs, cast("list[Event]", events))
             else:
                 for seq, event in zip(seqs, cast("list[Event]", events), strict=True):
                     view = fold(view, seq, event)
