@@ -1,19 +1,38 @@
-"""The publisher on a real nats-server: one event per record, outbox, NATS outages."""
+"""The publisher on a real nats-server: one event per record, outbox, NATS outages.
+
+The contract tests run on both ways of publishing: the publisher's own raw
+connection (``wire``) and the nats-py client (``nats-py``, the fallback).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import subprocess
+import warnings
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
+import pytest
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
-from tollway.events.broker import EmbeddedNats, connect, ensure_stream, stream_config
+from tollway.events.broker import (
+    EmbeddedNats,
+    connect,
+    ensure_stream,
+    nats_server_binary,
+    stream_config,
+)
 from tollway.events.metrics import EventMetrics
 from tollway.events.outbox import Outbox
 from tollway.events.publisher import Publisher
-from tollway.events.schema import CallCompleted, CallFailed, CallRejected
+from tollway.events.schema import CallCompleted, CallFailed, CallRejected, event_from_record
 
 from .helpers import make_record, read_stream
 
@@ -21,6 +40,15 @@ from .helpers import make_record, read_stream
 def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
     v = reg.get_sample_value(name, labels or None)
     return 0.0 if v is None else v
+
+
+@pytest.fixture(params=[True, False], ids=["wire", "nats-py"])
+def raw(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def _via(raw: bool) -> str:
+    return "wire" if raw else "nats-py"
 
 
 async def _publisher(tmp_path: Path, nc: NatsClient | None, **kw: object) -> Publisher:
@@ -37,8 +65,9 @@ async def _stop(pub: Publisher) -> None:
     pub.outbox.close()
 
 
-async def test_every_record_becomes_exactly_one_event(tmp_path: Path, nc: NatsClient) -> None:
-    pub = await _publisher(tmp_path, nc)
+async def test_every_record_becomes_exactly_one_event(tmp_path: Path, nc: NatsClient,
+                                                      raw: bool) -> None:
+    pub = await _publisher(tmp_path, nc, raw=raw)
     outcomes = ["completed", "failed", "rejected"]
     for i in range(300):
         pub.submit(make_record(i, tenant=f"t{i % 3}", outcome=outcomes[i % 3]))  # type: ignore[arg-type]
@@ -57,13 +86,15 @@ async def test_every_record_becomes_exactly_one_event(tmp_path: Path, nc: NatsCl
     assert len(rejected) == 100
     reg = pub.metrics.registry
     assert _value(reg, "tollway_events_published_total") == 300
+    assert _value(reg, "tollway_events_duplicates_total") == 0
+    assert pub.via == _via(raw)
     await _stop(pub)
     assert pub.outbox.pending == 0
 
 
-async def test_queue_overflow_goes_to_the_outbox_then_to_nats(tmp_path: Path,
-                                                               nc: NatsClient) -> None:
-    pub = await _publisher(tmp_path, nc, queue_size=10)
+async def test_queue_overflow_goes_to_the_outbox_then_to_nats(tmp_path: Path, nc: NatsClient,
+                                                               raw: bool) -> None:
+    pub = await _publisher(tmp_path, nc, queue_size=10, raw=raw)
     for i in range(100):  # no await: the task cannot drain, the queue overflows
         pub.submit(make_record(i))
     assert pub.outbox.pending >= 90
@@ -78,13 +109,13 @@ async def test_queue_overflow_goes_to_the_outbox_then_to_nats(tmp_path: Path,
     await _stop(pub)
 
 
-async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path) -> None:
+async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path, raw: bool) -> None:
     srv = EmbeddedNats(tmp_path / "nats")
     srv.start()
     try:
         client = await connect(srv.url)
         await ensure_stream(client.jetstream(), stream_config())
-        pub = await _publisher(tmp_path, client, publish_timeout_s=0.5)
+        pub = await _publisher(tmp_path, client, publish_timeout_s=0.5, raw=raw)
 
         async def produce(start: int, n: int) -> None:
             for i in range(start, start + n):
@@ -108,14 +139,15 @@ async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path) -> Non
         assert set(counts) == {f"req-acme-{i}" for i in range(600)}
         assert max(counts.values()) == 1, "no event stored twice"
         assert pub.outbox.pending == 0
+        assert pub.via == _via(raw)
         await _stop(pub)
         await client.close()
     finally:
         srv.stop()
 
 
-async def test_outbox_survives_a_restart_of_the_gateway(tmp_path: Path,
-                                                        nats_server: EmbeddedNats) -> None:
+async def test_outbox_survives_a_restart_of_the_gateway(tmp_path: Path, nats_server: EmbeddedNats,
+                                                        raw: bool) -> None:
     # First process: NATS unreachable (never connected), events land in the outbox.
     pub = await _publisher(tmp_path, None)
     for i in range(50):
@@ -125,7 +157,7 @@ async def test_outbox_survives_a_restart_of_the_gateway(tmp_path: Path,
     # Second process: same data folder, NATS up: the outbox is sent first.
     client = await connect(nats_server.url)
     await ensure_stream(client.jetstream(), stream_config())
-    pub2 = await _publisher(tmp_path, client)
+    pub2 = await _publisher(tmp_path, client, raw=raw)
     pub2.submit(make_record(50))
     assert await pub2.flush(10)
     msgs = await read_stream(client)
@@ -134,25 +166,27 @@ async def test_outbox_survives_a_restart_of_the_gateway(tmp_path: Path,
     await client.close()
 
 
-async def test_no_stream_is_recreated_and_nothing_is_lost(tmp_path: Path,
-                                                           nc: NatsClient) -> None:
+async def test_no_stream_is_recreated_and_nothing_is_lost(tmp_path: Path, nc: NatsClient,
+                                                           raw: bool) -> None:
     js = nc.jetstream()
 
     async def recreate() -> None:
         await ensure_stream(js, stream_config())
 
-    pub = await _publisher(tmp_path, nc, on_no_stream=recreate, publish_timeout_s=0.5)
+    pub = await _publisher(tmp_path, nc, on_no_stream=recreate, publish_timeout_s=0.5, raw=raw)
     await js.delete_stream("TOLLWAY")
     for i in range(20):
         pub.submit(make_record(i))
     assert await pub.flush(10)
     msgs = await read_stream(nc)
     assert len(msgs) == 20
+    assert pub.via == _via(raw)
     await _stop(pub)
 
 
-async def test_records_after_shutdown_land_in_the_outbox(tmp_path: Path, nc: NatsClient) -> None:
-    pub = await _publisher(tmp_path, nc)
+async def test_records_after_shutdown_land_in_the_outbox(tmp_path: Path, nc: NatsClient,
+                                                         raw: bool) -> None:
+    pub = await _publisher(tmp_path, nc, raw=raw)
     pub.submit(make_record(0))
     await pub.stop()
     pub.submit(make_record(1))  # a call that settled while the app was shutting down
@@ -163,3 +197,291 @@ async def test_records_after_shutdown_land_in_the_outbox(tmp_path: Path, nc: Nat
     pub.submit(make_record(2))  # too late even for the outbox: counted, never silent
     assert _value(reg, "tollway_events_dropped_total", reason="outbox_unwritable") == 1
     assert len(await read_stream(nc)) == 1
+
+
+# ---- acks: duplicates and refusals ----------------------------------------------------------
+async def test_a_resent_event_is_acked_as_a_duplicate_and_stored_once(tmp_path: Path,
+                                                                     nc: NatsClient,
+                                                                     raw: bool) -> None:
+    pub = await _publisher(tmp_path, nc, raw=raw)
+    event = event_from_record(make_record(0), "dup-0123456789", "test")
+    pub.submit(event)
+    pub.submit(make_record(1))
+    pub.submit(event)  # a resend, as from the outbox after a lost ack
+    assert await pub.flush(10)
+    msgs = await read_stream(nc)
+    assert [e.request_id for _, _, e in msgs if e] == ["req-acme-0", "req-acme-1"]
+    reg = pub.metrics.registry
+    assert _value(reg, "tollway_events_published_total") == 3
+    assert _value(reg, "tollway_events_duplicates_total") == 1
+    assert pub.outbox.pending == 0
+    await _stop(pub)
+
+
+async def test_an_event_the_stream_refuses_is_dropped_and_counted(tmp_path: Path, nc: NatsClient,
+                                                                  raw: bool) -> None:
+    js = nc.jetstream()
+    await js.update_stream(dataclasses.replace(stream_config(), max_msg_size=4096))
+    pub = await _publisher(tmp_path, nc, raw=raw)
+    pub.submit(make_record(0))
+    pub.submit(make_record(1, outcome="failed", error_message="x" * 8000))  # a 400 from the stream
+    pub.submit(make_record(2))
+    assert await pub.flush(10)
+    msgs = await read_stream(nc)
+    assert [e.request_id for _, _, e in msgs if e] == ["req-acme-0", "req-acme-2"]
+    reg = pub.metrics.registry
+    assert _value(reg, "tollway_events_dropped_total", reason="rejected_by_stream") == 1
+    assert _value(reg, "tollway_events_published_total") == 2
+    assert pub.outbox.pending == 0, "a refusal is not retried forever"
+    await _stop(pub)
+
+
+async def test_an_event_larger_than_the_server_takes_is_dropped_not_sent(tmp_path: Path,
+                                                                         raw: bool) -> None:
+    srv = EmbeddedNats(tmp_path / "nats", max_payload=16 * 1024)
+    srv.start()
+    try:
+        client = await connect(srv.url)
+        await ensure_stream(client.jetstream(), stream_config())
+        pub = await _publisher(tmp_path, client, raw=raw)
+        for i in range(3):
+            pub.submit(make_record(i, outcome="failed",
+                                   error_message="x" * (40_000 if i == 1 else 10)))
+        assert await pub.flush(10)
+        # The server closes a connection that sends it more than max_payload: the publisher
+        # never sends it, so the batch around it goes through on the first try.
+        reg = pub.metrics.registry
+        assert _value(reg, "tollway_events_dropped_total", reason="rejected_by_stream") == 1
+        assert _value(reg, "tollway_events_spilled_total", reason="publish_failed") == 0
+        msgs = await read_stream(client)
+        assert [e.request_id for _, _, e in msgs if e] == ["req-acme-0", "req-acme-2"]
+        await _stop(pub)
+        await client.close()
+    finally:
+        srv.stop()
+
+
+# ---- the raw connection: cut mid-batch, closed on stop, fallbacks ---------------------------
+class _CuttingProxy:
+    """A TCP proxy to the NATS server that cuts, once, the connection carrying the
+    ``cut_at``-th HPUB frame, right after forwarding it: the server stores those events,
+    their acks never come back, and the client sees a reset. With ``stall``, the connection
+    stays open instead, and nothing the server says on it reaches the client any more."""
+
+    def __init__(self, url: str, cut_at: int, *, stall: bool = False) -> None:
+        host, _, port = url.rpartition("//")[2].rpartition(":")
+        self.target = (host, int(port))
+        self.cut_at: int | None = cut_at
+        self.stall = stall
+        self.hpubs = 0
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for cw, sw in list(self._conns):
+            cw.transport.abort()
+            sw.transport.abort()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            sr, sw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.transport.abort()
+            return
+        conn = (cw, sw)
+        self._conns.add(conn)
+        state = "open"  # or "cut", "stalled"
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       upstream: bool) -> None:
+            nonlocal state
+            with contextlib.suppress(OSError):
+                while data := await src.read(1 << 16):
+                    if state == "cut":
+                        return
+                    if state == "stalled" and not upstream:
+                        continue  # nothing the server says after the cut reaches the client
+                    if upstream and self.cut_at is not None:
+                        self.hpubs += data.count(b"HPUB ")
+                        if self.hpubs >= self.cut_at:
+                            self.cut_at = None
+                            self.cuts += 1
+                            state = "stalled" if self.stall else "cut"
+                            dst.write(data)
+                            await dst.drain()
+                            if state == "cut":
+                                return
+                            continue
+                    dst.write(data)
+                    await dst.drain()
+
+        pumps = [asyncio.create_task(pump(cr, sw, True)), asyncio.create_task(pump(sr, cw, False))]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cw.transport.abort()  # the client sees a reset
+            sw.close()  # the server reads what was forwarded, then the end
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self._conns.discard(conn)
+
+
+async def test_a_connection_cut_mid_batch_loses_nothing_and_stores_nothing_twice(
+        tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient, raw: bool) -> None:
+    proxy = _CuttingProxy(nats_server.url, cut_at=150)
+    client = await connect(await proxy.start())  # the gateway's connection goes through it
+    try:
+        pub = await _publisher(tmp_path, client, raw=raw, publish_timeout_s=1.0)
+        for i in range(400):
+            pub.submit(make_record(i))
+            if i % 20 == 19:
+                await asyncio.sleep(0.002)
+        assert await pub.flush(20)
+        assert proxy.cuts == 1
+        counts = Counter(e.request_id for _, _, e in await read_stream(nc) if e)
+        assert set(counts) == {f"req-acme-{i}" for i in range(400)}, "nothing lost"
+        assert max(counts.values()) == 1, "nothing stored twice"
+        reg = pub.metrics.registry
+        # The batch in flight went to the outbox; what the server had stored came back as
+        # duplicates when resent; every event was acknowledged exactly once.
+        assert _value(reg, "tollway_events_spilled_total", reason="publish_failed") >= 1
+        assert _value(reg, "tollway_events_duplicates_total") >= 1
+        assert _value(reg, "tollway_events_published_total") == 400
+        assert pub.via == _via(raw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await _stop(pub)
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], \
+            "the raw connection is closed on stop"
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_acks_that_stop_coming_time_out_and_the_batch_is_resent_once(
+        tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient) -> None:
+    # The raw connection only: nats-py keeps a stalled connection until its pings fail.
+    proxy = _CuttingProxy(nats_server.url, cut_at=150, stall=True)
+    client = await connect(await proxy.start())
+    try:
+        pub = await _publisher(tmp_path, client, publish_timeout_s=0.5)
+        for i in range(400):
+            pub.submit(make_record(i))
+            if i % 20 == 19:
+                await asyncio.sleep(0.002)
+        assert await pub.flush(20)
+        assert proxy.cuts == 1
+        counts = Counter(e.request_id for _, _, e in await read_stream(nc) if e)
+        assert set(counts) == {f"req-acme-{i}" for i in range(400)}, "nothing lost"
+        assert max(counts.values()) == 1, "nothing stored twice"
+        reg = pub.metrics.registry
+        assert _value(reg, "tollway_events_spilled_total", reason="publish_failed") >= 1
+        assert _value(reg, "tollway_events_duplicates_total") >= 1
+        assert _value(reg, "tollway_events_published_total") == 400
+        assert pub.via == "wire", "a new raw connection after the silent one was given up"
+        await _stop(pub)
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+def test_the_raw_connection_works_on_uvloop(tmp_path: Path, nats_server: EmbeddedNats) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:  # the gateway serves on uvloop, whose transports differ
+        client = await connect(nats_server.url)
+        await ensure_stream(client.jetstream(), stream_config())
+        pub = await _publisher(tmp_path, client)
+        for i in range(100):
+            pub.submit(make_record(i))
+        assert await pub.flush(10)
+        assert pub.via == "wire"
+        assert len(await read_stream(client)) == 100
+        await _stop(pub)
+        await client.close()
+
+    uvloop.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def _server_with(tmp_path: Path, conf: str) -> AsyncIterator[str]:
+    """A JetStream nats-server with extra configuration; its host:port."""
+    run = tmp_path / "custom-run"
+    run.mkdir()
+    path = tmp_path / "custom.conf"
+    path.write_text(f'listen: "127.0.0.1:-1"\nports_file_dir: {json.dumps(str(run))}\n'
+                    f'jetstream {{ store_dir: {json.dumps(str(tmp_path / "custom-js"))} }}\n'
+                    + conf)
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            ports = list(run.glob("*.ports"))
+            if ports and ports[0].read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        url = json.loads(ports[0].read_text())["nats"][0]
+        yield url.rpartition("//")[2]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_raw_connection_uses_the_clients_credentials_or_falls_back(
+        tmp_path: Path) -> None:
+    async with _server_with(tmp_path, 'authorization { token: "s3cret-token" }\n') as hostport:
+        static = await nats.connect(f"nats://s3cret-token@{hostport}")
+        # A token from a callback cannot be copied: the publisher stays on nats-py.
+        dynamic = await nats.connect(f"nats://{hostport}", token=lambda: "s3cret-token")
+        try:
+            await ensure_stream(static.jetstream(), stream_config())
+            for n, (client, via) in enumerate(((static, "wire"), (dynamic, "nats-py"))):
+                pub = await _publisher(tmp_path / via, client)
+                for i in range(n * 10, n * 10 + 10):
+                    pub.submit(make_record(i))
+                assert await pub.flush(10)
+                assert pub.via == via
+                assert _value(pub.metrics.registry, "tollway_events_published_total") == 10
+                await _stop(pub)
+            msgs = await read_stream(static)
+            assert [e.request_id for _, _, e in msgs if e] == [f"req-acme-{i}"
+                                                               for i in range(20)]
+        finally:
+            await static.close()
+            await dynamic.close()
+
+
+async def test_events_go_through_nats_py_while_the_raw_connection_is_refused(
+        tmp_path: Path) -> None:
+    async with _server_with(tmp_path, "max_connections: 1\n") as hostport:
+        client = await connect(f"nats://{hostport}")  # takes the only connection
+        try:
+            await ensure_stream(client.jetstream(), stream_config())
+            pub = await _publisher(tmp_path, client)
+            for i in range(30):
+                pub.submit(make_record(i))
+            assert await pub.flush(10)
+            assert pub.via == "nats-py"
+            reg = pub.metrics.registry
+            assert _value(reg, "tollway_events_published_total") == 30
+            assert _value(reg, "tollway_events_spilled_total", reason="nats_down") == 0
+            msgs = await read_stream(client)
+            assert len(msgs) == 30
+            await _stop(pub)
+        finally:
+            await client.close()

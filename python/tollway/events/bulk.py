@@ -140,6 +140,31 @@ class _Conn(asyncio.Protocol):
             self.waiter = None
 
 
+def cut_message(data: bytes, pos: int, eol: int, op: bytes, args: bytes
+                ) -> tuple[int, tuple[bytes, bytes, bytes, bytes, bytes]] | None:
+    """A ``MSG``/``HMSG`` frame whose control line ends at ``eol``: (position after it,
+    (subject, sid, reply, header, payload)), or None while it is incomplete."""
+    parts = args.split()
+    try:
+        if op == b"HMSG":
+            if len(parts) not in (4, 5):
+                raise ValueError
+            reply = parts[2] if len(parts) == 5 else b""
+            hlen, tlen = int(parts[-2]), int(parts[-1])
+        else:
+            if len(parts) not in (3, 4):
+                raise ValueError
+            reply = parts[2] if len(parts) == 4 else b""
+            hlen, tlen = 0, int(parts[-1])
+    except ValueError:
+        raise BulkError(f"protocol error: {data[pos:eol][:120]!r}") from None
+    start = eol + 2
+    end = start + tlen
+    if end + 2 > len(data):
+        return None
+    return end + 2, (parts[0], parts[1], reply, data[start:start + hlen], data[start + hlen:end])
+
+
 _json = msgspec.json.Decoder()
 
 
@@ -447,27 +472,12 @@ class BulkReader:
         op, _, args = data[pos:eol].partition(b" ")
         op = op.upper()
         if op == b"HMSG" or op == b"MSG":
-            parts = args.split()
-            try:
-                if op == b"HMSG":
-                    reply = parts[2] if len(parts) == 5 else b""
-                    hlen, tlen = int(parts[-2]), int(parts[-1])
-                    if len(parts) not in (4, 5):
-                        raise ValueError
-                else:
-                    reply = parts[2] if len(parts) == 4 else b""
-                    hlen, tlen = 0, int(parts[-1])
-                    if len(parts) not in (3, 4):
-                        raise ValueError
-            except (ValueError, IndexError):
-                raise BulkError(f"protocol error: {data[pos:eol][:120]!r}") from None
-            start = eol + 2
-            end = start + tlen
-            if end + 2 > len(data):
+            msg = cut_message(data, pos, eol, op, args)
+            if msg is None:
                 return -1
-            self._message(parts[0], parts[1], reply, data[start:start + hlen],
-                          data[start + hlen:end])
-            return end + 2
+            end, (subject, sid, reply, hdr, body) = msg
+            self._message(subject, sid, reply, hdr, body)
+            return end
         if op == b"PING":
             self._write(b"PONG\r\n")
         elif op == b"PONG":
@@ -543,4 +553,5 @@ async def read_stream(
         await reader.close()
 
 
-__all__ = ["Batch", "BulkError", "BulkReader", "BulkUnavailable", "Endpoint", "read_stream"]
+__all__ = ["Batch", "BulkError", "BulkReader", "BulkUnavailable", "Endpoint", "cut_message",
+           "read_stream"]

@@ -8,6 +8,19 @@ published -- NATS unreachable, acks not back in time, the queue full -- goes
 to the :class:`~tollway.events.outbox.Outbox` in order, and the outbox is sent
 first when NATS is back, so events keep their order except that a batch in
 flight when NATS fails may land after events recorded during the outage.
+
+The publishes go out on a raw NATS connection of the publisher's own
+(:class:`~tollway.events.wire.PublishWire`: a batch is one write, its acks are
+parsed in bulk from the received bytes), opened with the credentials of the
+nats-py client it is attached to. When that cannot be done (TLS, nkeys, JWTs:
+``BulkUnavailable``), or with ``raw=False``, they go through the nats-py
+client instead; when the raw connection cannot be opened for a while although
+nats-py is connected, through nats-py meanwhile. A raw connection lost with a
+batch in flight, or silent past ``publish_timeout_s``, is NATS failing: the
+unacked entries and the queue go to the outbox, and a new connection is opened
+on the next cycle. An event larger than the server's ``max_payload`` is never
+sent (the server would close the connection over it): it is dropped and
+counted as rejected, on either path.
 """
 
 from __future__ import annotations
@@ -26,27 +39,36 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from tollway.events.bulk import BulkError, BulkUnavailable, Endpoint
 from tollway.events.metrics import EventMetrics
 from tollway.events.outbox import Outbox, OutboxEntry
 from tollway.events.schema import Event, encode, event_from_record
+from tollway.events.wire import (
+    DUP,
+    FATAL,
+    HEADER_OVERHEAD,
+    NO_ACK,
+    OK,
+    RETRY,
+    PublishWire,
+    classify,
+)
 from tollway.record import CallRecord
 
 log = logging.getLogger("tollway.events")
 
 Item = CallRecord | Event
 
-_OK, _DUP, _RETRY, _FATAL = 0, 1, 2, 3
-
 
 class EventIds:
     """Unique, cheap event ids: a random 80-bit prefix per process plus a counter."""
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(10).hex()
+        self._format = os.urandom(10).hex() + "%012x"  # faster than an f-string per id
         self._n = itertools.count()
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._n):012x}"
+        return self._format % next(self._n)
 
 
 class _RateLimitedLog:
@@ -79,6 +101,7 @@ class Publisher:
         publish_timeout_s: float = 2.0,
         linger_s: float = 0.002,
         on_no_stream: Callable[[], Awaitable[None]] | None = None,
+        raw: bool = True,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics or EventMetrics()
@@ -88,15 +111,23 @@ class Publisher:
         self.publish_timeout_s = publish_timeout_s
         self.linger_s = linger_s
         self.on_no_stream = on_no_stream
+        self.raw = raw
+        self.via = ""  # how the last batch went out: "wire" (raw connection) or "nats-py"
         self.new_id = EventIds()
         self._q: collections.deque[Item] = collections.deque()
         self._nc: NatsClient | None = None
+        self._wire: PublishWire | None = None
+        self._no_wire = "" if raw else "raw=False"  # why this connection is not spoken raw
+        self._wire_retry_at = 0.0
+        self._wire_backoff = 0.0
+        self._outstanding = 0  # entries of the batch in flight
+        # The nats-py path: entry i of the batch in flight has reply token _base + i.
         self._prefix = ""
         self._sub: Any = None
-        self._tokens = itertools.count(1)
-        self._inflight: dict[int, int] = {}  # reply token -> index in the batch in flight
+        self._next_token = 1
+        self._base = 0
         self._results: list[int] = []
-        self._outstanding = 0
+        self._awaiting = 0
         self._acked = asyncio.Event()
         self._wake = asyncio.Event()
         self._idle = False
@@ -128,7 +159,11 @@ class Publisher:
                 q.append(item)
                 if self._idle:
                     self._idle = False
-                    self._wake.set()
+                    if self.linger_s:  # let a few more events join the batch
+                        assert self._loop is not None
+                        self._loop.call_later(self.linger_s, self._wake.set)
+                    else:
+                        self._wake.set()
             else:
                 self._overflow(item)
         except Exception as exc:  # the pipeline must never see an events failure
@@ -156,10 +191,15 @@ class Publisher:
         self._task = asyncio.create_task(self._run(), name="tollway-events-publisher")
 
     async def attach(self, nc: NatsClient) -> None:
-        """Use this connection (also after a late first connect)."""
+        """Use this connection (also after a late first connect).
+
+        The raw connection is opened by the task, with the credentials of ``nc``."""
+        if nc is not self._nc:
+            await self._close_wire()
+            await self._unsubscribe()
+            self._no_wire = "" if self.raw else "raw=False"
+            self._wire_retry_at = self._wire_backoff = 0.0
         self._nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self.kick()
 
     def kick(self) -> None:
@@ -203,10 +243,8 @@ class Publisher:
                     await task
         self._stopped = True
         self._spill_queue("shutdown")
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self._unsubscribe()
+        await self._close_wire()
         self.outbox.flush(force_sync=True)
         if self.outbox.pending:
             log.warning("events: %d events left in the outbox at shutdown; they are sent "
@@ -239,8 +277,7 @@ class Publisher:
                             continue
                     await self._wake.wait()
                     self._wake.clear()
-                    if self.linger_s and not self._stopping:
-                        await asyncio.sleep(self.linger_s)  # let a few more events join the batch
+                    continue  # a late lingering wake-up may find nothing to do
                 ok = await self._cycle()
                 backoff = 0.0 if ok else min(max(backoff * 2, 0.1), 2.0)
             except asyncio.CancelledError:
@@ -252,7 +289,7 @@ class Publisher:
 
     async def _cycle(self) -> bool:
         """One round: outbox first, then the queue. False when NATS is failing."""
-        if not self.connected:
+        if not self.connected or not await self._open_path():
             self._spill_queue("nats_down")
             self.outbox.flush()
             return False
@@ -264,48 +301,60 @@ class Publisher:
             if not entries:
                 break
             results = await self._publish(entries)
-            if any(r == _RETRY for r in results):
+            if max(results) >= RETRY:
                 self._spill_queue("nats_failing")  # keep order behind the outbox
                 self.outbox.flush()
                 return False
             self._count(entries, results)
             self.outbox.commit(end, len(entries))
-        while self._q:
-            batch = [self._entry(self._q.popleft())
-                     for _ in range(min(len(self._q), self.batch_size))]
+        q = self._q
+        while q:
+            batch = self._take(min(len(q), self.batch_size))
+            if not batch:
+                continue
             try:
+                # Waiting for the acks yields to the loop once per batch: a long drain does
+                # not starve the requests being served.
                 results = await self._publish(batch)
             except asyncio.CancelledError:
                 self._spill(batch, "shutdown")  # popped from the queue: not lost on cancel
                 raise
-            failed = [e for e, r in zip(batch, results, strict=True) if r == _RETRY]
             self._count(batch, results)
-            if failed:
-                self._spill(failed, "publish_failed")
+            if max(results) >= RETRY:
+                self._spill([e for e, r in zip(batch, results, strict=True) if r >= RETRY],
+                            "publish_failed")
                 self._spill_queue("nats_failing")
                 self.outbox.flush()
                 return False
-            await asyncio.sleep(0)  # a long drain must not starve the requests being served
         return True
 
     def _count(self, entries: list[OutboxEntry], results: list[int]) -> None:
-        ok = dup = fatal = 0
-        for r in results:
-            if r == _OK:
-                ok += 1
-            elif r == _DUP:
-                dup += 1
-            elif r == _FATAL:
-                fatal += 1
+        ok, dup, fatal = results.count(OK), results.count(DUP), results.count(FATAL)
         if ok or dup:
             self.metrics.published.inc(ok + dup)
         if dup:
             self.metrics.duplicates.inc(dup)
         if fatal:
             self.metrics.dropped.labels("rejected_by_stream").inc(fatal)
-            ids = [e.event_id for e, r in zip(entries, results, strict=True) if r == _FATAL]
+            ids = [e.event_id for e, r in zip(entries, results, strict=True) if r == FATAL]
             self._log(logging.ERROR, "fatal", "events: JetStream refused %d events (first %s); "
                       "dropped", fatal, ids[0])
+
+    def _take(self, n: int) -> list[OutboxEntry]:
+        """The next ``n`` queued items as outbox entries (an item that cannot be made into
+        an event is counted and dropped, not retried forever)."""
+        popleft, entry = self._q.popleft, self._entry
+        batch: list[OutboxEntry] = []
+        append = batch.append
+        for _ in range(n):
+            item = popleft()
+            try:
+                append(entry(item))
+            except Exception as exc:
+                self.metrics.dropped.labels("internal").inc()
+                self._log(logging.ERROR, "entry", "events: could not encode an event (%r); "
+                          "dropped", exc)
+        return batch
 
     def _entry(self, item: Item) -> OutboxEntry:
         if isinstance(item, CallRecord):
@@ -316,9 +365,8 @@ class Publisher:
 
     def _spill_queue(self, reason: str) -> None:
         if self._q:
-            items = list(self._q)
-            self._q.clear()
-            self._spill([self._entry(i) for i in items], reason)
+            n = len(self._q)
+            self._spill(self._take(n), reason)
 
     def _spill(self, entries: list[OutboxEntry], reason: str) -> None:
         done = 0
@@ -334,25 +382,111 @@ class Publisher:
         if done:
             self.metrics.spilled.labels(reason).inc(done)
 
+    # ---- the connections -------------------------------------------------------------------
+    async def _open_path(self) -> bool:
+        """Make sure a batch can go out: (re)open the raw connection when it is due, else
+        subscribe nats-py to the acks. False when neither works."""
+        nc = self._nc
+        assert nc is not None
+        wire = self._wire
+        if wire is not None and not wire.closed:
+            return True
+        if wire is not None:
+            await self._close_wire()
+        if not self._no_wire and time.monotonic() >= self._wire_retry_at:
+            try:
+                self._wire = await PublishWire.open(
+                    Endpoint.of_client(nc), name=f"tollway publisher {self.instance}".strip(),
+                    timeout=self.publish_timeout_s)
+                self._wire_backoff = 0.0
+                return True
+            except BulkUnavailable as exc:
+                self._no_wire = str(exc)
+                log.info("events: publishing through the nats-py client (%s)", exc)
+            except BulkError as exc:
+                self._wire_backoff = min(max(self._wire_backoff * 2, 0.5), 30.0)
+                self._wire_retry_at = time.monotonic() + self._wire_backoff
+                self._log(logging.WARNING, "wire", "events: cannot open the publishing "
+                          "connection (%s); publishing through the nats-py client meanwhile",
+                          exc)
+        if self._sub is None:
+            try:
+                self._prefix = nc.new_inbox() + "."
+                self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+            except Exception as exc:  # closed / draining / reconnecting
+                self._log(logging.WARNING, "subscribe", "events: cannot subscribe to acks "
+                          "(%s)", exc)
+                return False
+        return True
+
+    async def _close_wire(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.close()
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     # ---- publishing --------------------------------------------------------------------------
     async def _publish(self, entries: list[OutboxEntry]) -> list[int]:
-        """Publish a batch pipelined; one result per entry (acked, duplicate, retry, fatal)."""
+        """Publish a batch pipelined; one result per entry (OK, DUP, FATAL; RETRY or NO_ACK:
+        send it again)."""
+        self._outstanding = len(entries)
+        try:
+            wire = self._wire
+            if wire is None:
+                self.via = "nats-py"
+                return await self._publish_nats_py(entries)
+            self.via = "wire"
+            results = await wire.publish(entries, self.publish_timeout_s)
+        finally:
+            self._outstanding = 0
+        if wire.no_responders:
+            wire.no_responders = 0
+            self._no_stream_seen()
+        for text in wire.errors:
+            self._log(logging.WARNING, "server", "events: NATS server error: %s", text)
+        wire.errors.clear()
+        missing = results.count(NO_ACK)
+        if missing:
+            if wire.closed:
+                self._log(logging.WARNING, "lost", "events: publishing connection lost with "
+                          "%d of %d acks outstanding; they go to the outbox", missing,
+                          len(entries))
+            else:
+                self._log(logging.WARNING, "timeout", "events: %d of %d acks not back after "
+                          "%.1fs; the batch goes to the outbox", missing, len(entries),
+                          self.publish_timeout_s)
+                await self._close_wire()  # a half-open connection would time out forever
+        return results
+
+    def _no_stream_seen(self) -> None:
+        self._no_stream = True
+        self._log(logging.ERROR, "nostream", "events: no JetStream stream listens on the "
+                  "event subjects")
+
+    async def _publish_nats_py(self, entries: list[OutboxEntry]) -> list[int]:
         nc = self._nc
         assert nc is not None
         n = len(entries)
-        self._results = results = [_RETRY] * n
-        inflight = self._inflight
-        inflight.clear()
-        self._outstanding = n
+        self._results = results = [NO_ACK] * n
+        self._base = base = self._next_token
+        self._next_token += n
+        self._awaiting = n
         self._acked.clear()
         prefix = self._prefix
+        limit = nc.max_payload or (1 << 20)
         fast = hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")
         try:
             for i, e in enumerate(entries):
-                tok = next(self._tokens)
-                inflight[tok] = i
-                reply = f"{prefix}{tok}"
-                if fast:
+                reply = f"{prefix}{base + i}"
+                if HEADER_OVERHEAD + len(e.event_id) + len(e.payload) > limit:
+                    results[i] = FATAL  # the server would close the connection over it
+                    self._awaiting -= 1
+                elif fast:
                     # nats-py's publish() costs ~4x this per message (validation, header
                     # dict walk, a flush request each); these are our own subjects and ids.
                     hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % e.event_id.encode()
@@ -364,44 +498,34 @@ class Publisher:
                 else:
                     await nc.publish(e.subject, e.payload, reply=reply,
                                      headers={"Nats-Msg-Id": e.event_id})
-            if fast:
-                await nc._flush_pending()
-            async with asyncio.timeout(self.publish_timeout_s):
-                await self._acked.wait()
+            if self._awaiting > 0:
+                if fast:
+                    await nc._flush_pending()
+                async with asyncio.timeout(self.publish_timeout_s):
+                    await self._acked.wait()
         except TimeoutError:
             self._log(logging.WARNING, "timeout", "events: %d of %d acks not back after %.1fs; "
-                      "the batch goes to the outbox", self._outstanding, n,
+                      "the batch goes to the outbox", self._awaiting, n,
                       self.publish_timeout_s)
         except Exception as exc:  # connection closed / draining / buffer full
             self._log(logging.WARNING, "publish", "events: publish failed (%s)", exc)
         finally:
-            inflight.clear()
-            self._outstanding = 0
+            self._results = []  # late acks find nothing to settle
+            self._awaiting = 0
         return results
 
     async def _on_ack(self, msg: Msg) -> None:
         try:
-            tok = int(msg.subject[len(self._prefix):])
+            i = int(msg.subject[len(self._prefix):]) - self._base
         except ValueError:
             return
-        i = self._inflight.pop(tok, None)
-        if i is None:
+        results = self._results
+        if not 0 <= i < len(results) or results[i] != NO_ACK:
             return  # a late ack for a batch already given up on (resent; deduplicated)
         data = msg.data
-        if not data:
-            status = (msg.headers or {}).get("Status", "")
-            if status == "503":  # no responders: no stream listens on the subject
-                self._no_stream = True
-                self._log(logging.ERROR, "nostream", "events: no JetStream stream for %s",
-                          msg.subject)
-            self._results[i] = _RETRY
-        elif b'"error"' in data:
-            # 5xx-ish (stream offline, leader election) is worth retrying; 4xx is about the
-            # message itself and would fail forever.
-            self._results[i] = _RETRY if b'"code":503' in data or b'"code":500' in data \
-                else _FATAL
-        else:
-            self._results[i] = _DUP if b'"duplicate":true' in data else _OK
-        self._outstanding -= 1
-        if self._outstanding <= 0:
+        if not data and (msg.headers or {}).get("Status", "") == "503":
+            self._no_stream_seen()  # no responders: no stream listens on the subject
+        results[i] = classify(data)
+        self._awaiting -= 1
+        if self._awaiting <= 0:
             self._acked.set()
