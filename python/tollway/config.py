@@ -142,6 +142,9 @@ class EventsConfig(_Base):
     queue_size: Annotated[int, Meta(ge=1)] = 10_000  # in memory; beyond it, the outbox
     batch_size: Annotated[int, Meta(ge=1, le=4096)] = 256
     publish_timeout_s: Positive = 2.0  # acks not back by then: the batch goes to the outbox
+    # Under load a batch goes out at most this often (events wait up to this long): fewer,
+    # larger batches cost the gateway and nats-server less per event.
+    publish_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.01
     outbox_fsync: Literal["always", "interval", "never"] = "interval"
     outbox_fsync_interval_s: Positive = 1.0
     checkpoint_interval_s: Positive = 10.0

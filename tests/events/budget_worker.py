@@ -33,7 +33,7 @@ async def main(url: str, data_dir: str, tenant: str, count: int, amount: int,
         return await svc.budget.reserve(tenant, amount, limit, request_id=f"w-{i}")
 
     results = await asyncio.gather(*(one(i) for i in range(count)))
-    granted = [r.reservation_id for r in results if r is not None]
+    granted = [r.request_id for r in results if r is not None]
     print(json.dumps({"granted": granted}), flush=True)
     await svc.stop()
 

@@ -80,10 +80,9 @@ class _NotPublished(Exception):
     """The lease could not be published (NATS failed under us)."""
 
 
-class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+class Reservation(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One call's grant, carved from a lease. Hand it back to ``settle`` or ``release``."""
 
-    reservation_id: str
     lease_id: str  # the hold in the stream it is carved from; "" when nothing was held
     tenant: str
     day: str
@@ -239,8 +238,8 @@ class BudgetView:
         t = self.clock() if now is None else now
         day = day_of(t)
         if amount_nanousd <= 0:
-            return Reservation(reservation_id=self.new_id(), lease_id="", tenant=tenant,
-                               day=day, amount_nanousd=0, request_id=request_id)
+            return Reservation(lease_id="", tenant=tenant, day=day, amount_nanousd=0,
+                               request_id=request_id)
         res = self._grant(tenant, day, amount_nanousd, request_id, t)
         if res is not None:
             return res
@@ -275,6 +274,15 @@ class BudgetView:
                         self.max_attempts)
             raise BudgetUnavailable(f"budget for {tenant!r} too contended to decide")
 
+    def try_grant(self, tenant: str, amount_nanousd: int, *, request_id: str = "",
+                  now: float | None = None) -> Reservation | None:
+        """:meth:`reserve`'s answer when one of this gateway's leases has room (no await);
+        None when it takes :meth:`reserve` to decide (a new lease, or a refusal)."""
+        if amount_nanousd <= 0:
+            return None
+        t = self.clock() if now is None else now
+        return self._grant(tenant, day_of(t), amount_nanousd, request_id, t)
+
     def _grant(self, tenant: str, day: str, amount: int, request_id: str,
                now: float) -> Reservation | None:
         for lease in self._leases.get(tenant, ()):
@@ -282,9 +290,9 @@ class BudgetView:
                 lease.free -= amount
                 lease.outstanding += 1
                 lease.last_used = now
-                return Reservation(reservation_id=self.new_id(), lease_id=lease.lease_id,
-                                   tenant=tenant, day=day, amount_nanousd=amount,
-                                   request_id=request_id, seq=lease.seq)
+                return Reservation(lease_id=lease.lease_id, tenant=tenant, day=day,
+                                   amount_nanousd=amount, request_id=request_id,
+                                   seq=lease.seq)
         return None
 
     def _lease_size(self, amount: int, limit: int, remaining: int) -> int:

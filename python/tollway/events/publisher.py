@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 from tollway.events.bulk import BulkError, BulkUnavailable, Endpoint
 from tollway.events.metrics import EventMetrics
 from tollway.events.outbox import Outbox, OutboxEntry
-from tollway.events.schema import Event, encode, event_from_record
+from tollway.events.schema import Event, encode, encode_record
 from tollway.events.wire import (
     DUP,
     FATAL,
@@ -99,7 +99,7 @@ class Publisher:
         queue_size: int = 10_000,
         batch_size: int = 256,
         publish_timeout_s: float = 2.0,
-        linger_s: float = 0.002,
+        linger_s: float = 0.01,
         on_no_stream: Callable[[], Awaitable[None]] | None = None,
         raw: bool = True,
     ) -> None:
@@ -121,6 +121,7 @@ class Publisher:
         self._wire_retry_at = 0.0
         self._wire_backoff = 0.0
         self._outstanding = 0  # entries of the batch in flight
+        self._last_send = 0.0  # time.monotonic() when the last batch from the queue went out
         # The nats-py path: entry i of the batch in flight has reply token _base + i.
         self._prefix = ""
         self._sub: Any = None
@@ -309,6 +310,14 @@ class Publisher:
             self.outbox.commit(end, len(entries))
         q = self._q
         while q:
+            if len(q) < self.batch_size and self.linger_s and not self._stopping:
+                # Under load, batches go out at most every linger_s: a batch per ack round
+                # trip was one or two events, each batch a write and a wake-up here and in
+                # the server (which then spent twice the CPU per event).
+                wait = self._last_send + self.linger_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self._last_send = time.monotonic()
             batch = self._take(min(len(q), self.batch_size))
             if not batch:
                 continue
@@ -358,10 +367,10 @@ class Publisher:
 
     def _entry(self, item: Item) -> OutboxEntry:
         if isinstance(item, CallRecord):
-            event: Event = event_from_record(item, self.new_id(), self.instance)
-        else:
-            event = item
-        return OutboxEntry(event.subject(), event.event_id, encode(event))
+            event_id = self.new_id()
+            subject, payload = encode_record(item, event_id, self.instance)
+            return OutboxEntry(subject, event_id, payload)
+        return OutboxEntry(item.subject(), item.event_id, encode(item))
 
     def _spill_queue(self, reason: str) -> None:
         if self._q:

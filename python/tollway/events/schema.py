@@ -351,6 +351,27 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
     )
 
 
+_record_json = msgspec.json.Encoder()
+_TAGS = {outcome: str(cls.__struct_config__.tag).encode()
+         for outcome, cls in CALL_EVENT_TYPES.items()}
+
+
+def encode_record(rec: CallRecord, event_id: str, instance: str = "") -> tuple[str, bytes]:
+    """(subject, JSON) of :func:`event_from_record`'s event, without building it.
+
+    The publisher's per-call path: a call record has every field of its call event under
+    the same name, so the event is the record's JSON with the envelope in front (a
+    struct of 36 fields built and encoded again cost more than all the rest of publishing).
+    ``events/schema`` and the tests hold it to ``encode(event_from_record(...))``.
+    """
+    cls = CALL_EVENT_TYPES[rec.outcome]
+    enc = _record_json.encode
+    head = b'{"type":"%s","event_id":%s,"schema_version":%d,"instance":%s,' % (
+        _TAGS[rec.outcome], enc(event_id), SCHEMA_VERSION, enc(instance))
+    body = _record_json.encode(rec)
+    return f"{cls.subject_prefix}.{subject_token(rec.tenant)}", head + body[1:]
+
+
 # ---- JSON Schema files -----------------------------------------------------------------------
 def schema_documents() -> dict[str, bytes]:
     """File name -> content of every ``events/schema/*.json`` file."""

@@ -69,7 +69,8 @@ class EventsService:
         self.publisher = Publisher(
             self.outbox, metrics=self.metrics, instance=self.instance,
             queue_size=cfg.queue_size, batch_size=cfg.batch_size,
-            publish_timeout_s=cfg.publish_timeout_s, on_no_stream=self._ensure_stream)
+            publish_timeout_s=cfg.publish_timeout_s, linger_s=cfg.publish_linger_s,
+            on_no_stream=self._ensure_stream)
         self.recorder = EventRecorder(self.publisher)
         self.projections: list[Projection[Any]] = default_projections()
         self._by_name = {p.name: p for p in self.projections}
