@@ -100,7 +100,7 @@ class ProjectionRunner:
         self.decode_errors = 0
         self._target = 0  # stream's last sequence when we started
         self._stream_id = ""  # its creation time: which incarnation our sequences refer to
-        self._pending = 0  # the server's count of messages after the last delivered
+        self._pending = 0  # nats-py tail: the server's count of messages after the last one
         self._sub: Any = None  # the nats-py subscription, when the tail is not on a reader
         self._tail: asyncio.Task[None] | None = None  # the tail on a BulkReader
         self._reader: BulkReader | None = None
@@ -277,7 +277,6 @@ class ProjectionRunner:
                         self.stream, start_seq=start, follow=True,
                         idle_heartbeat_s=self.idle_heartbeat_s)) as batches:
                     async for seqs, payloads in batches:
-                        self._pending = max(0, reader.pending)
                         self.feed_batch(seqs, payloads)
                         self._tail_failures = 0
         except asyncio.CancelledError:
@@ -457,4 +456,8 @@ class ProjectionRunner:
     @property
     def caught_up(self) -> bool:
         """The views have reached where the stream was at start, and nothing is pending."""
-        return self.subscribed and self.last_seq >= self._target and self._pending == 0
+        if self._sub is not None:
+            pending = self._pending
+        else:  # the reader's count, from its consumer's creation on
+            pending = self._reader.pending if self._reader is not None else -1
+        return self.subscribed and self.last_seq >= self._target and pending == 0
