@@ -11,11 +11,11 @@ checkpoint and redelivery after a reconnect harmless. Views are saved to the
 KV bucket every ``checkpoint_interval_s`` (when they moved) and at stop.
 
 A backlog of ``bulk_min_backlog`` messages or more (a first start, a long
-downtime, ``tollway replay``) is folded first through the bulk reader
-(:mod:`tollway.events.bulk`, several times faster than nats-py's per-message
-delivery), in batches, projection by projection; the nats-py consumer then
-follows the stream from where it stopped. If the bulk reader cannot be used
-or fails part way, nats-py folds the rest.
+downtime, ``tollway replay``) is folded first by a bulk read up to the
+stream's end (:mod:`tollway.events.bulk`, several times faster than nats-py's
+per-message delivery), in batches, projection by projection; the live tail
+then follows from where it stopped. If the bulk reader cannot be used or
+fails part way, nats-py folds the rest.
 """
 
 from __future__ import annotations
