@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -194,19 +195,26 @@ def test_failing_candidate_only_shows_in_the_report() -> None:
         assert codes == [200] * 5
         events = r.sink.wait(5, timeout=10)
         errors = sorted(e.candidate_error or "" for e in events)
-        assert errors == sorted(["upstream_error", "upstream_error", "upstream_timeout",
-                                 "upstream_connect_failed", ""])
+        # The reset is upstream_connect_failed on a new connection; on a reused keep-alive
+        # one the client sends the request again once on a new connection (as for an idle
+        # connection the server closed; providers/rawhttp.py), and that one is answered.
+        # Which of the two it meets depends on the pool at that moment.
+        failing = ["upstream_error", "upstream_error", "upstream_timeout"]
+        assert errors in (sorted([*failing, "upstream_connect_failed", ""]),
+                          sorted([*failing, "", ""])), errors
+        assert r.candidate.pending_faults == 0, "every fault was met, the reset included"
         failed = [e for e in events if e.candidate_error]
         assert all(e.agreement is None and e.candidate_cost_nanousd == 0 for e in failed)
         assert {e.candidate_status for e in failed} == {500, 0}
+        assert [e.candidate_status for e in events].count(500) == 2
         # The candidate's provider breaker and the live error metrics are untouched.
         assert r.gateway.breakers.state("cand") == "closed"
         assert r.gateway.metrics.upstream_errors.values == {}
         (row,) = r.report()["data"]
-    assert row["samples"] == 5 and row["errors"] == 4 and row["error_rate"] == 0.8
-    assert row["errors_by_code"] == {"upstream_connect_failed": 1, "upstream_error": 2,
-                                     "upstream_timeout": 1}
-    assert row["agreement_mean"] == 1.0 and row["scored"] == 1
+    n = len(failed)  # 4, or 3 when the reset was sent again and answered
+    assert row["samples"] == 5 and row["errors"] == n and row["error_rate"] == n / 5
+    assert row["errors_by_code"] == dict(Counter(e.candidate_error for e in failed))
+    assert row["agreement_mean"] == 1.0 and row["scored"] == 5 - n
 
 
 def test_report_figures_match_the_events() -> None:

@@ -335,6 +335,12 @@ class FakeUpstream:
         with self._faults_lock:
             self._faults.append([fault, fault.times])
 
+    @property
+    def pending_faults(self) -> int:
+        """Faults added and not used up yet."""
+        with self._faults_lock:
+            return len(self._faults)
+
     def clear(self) -> None:
         """Drop recorded requests and pending faults."""
         with self._faults_lock:
