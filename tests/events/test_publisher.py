@@ -16,6 +16,7 @@ import warnings
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -340,12 +341,17 @@ class _CuttingProxy:
             self._conns.discard(conn)
 
 
-async def test_a_connection_cut_mid_batch_loses_nothing_and_stores_nothing_twice(
-        tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient, raw: bool) -> None:
-    proxy = _CuttingProxy(nats_server.url, cut_at=150)
+@contextlib.asynccontextmanager
+async def _through_a_failing_proxy(tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient,
+                                   *, stall: bool, **kw: Any) -> AsyncIterator[Publisher]:
+    """400 records published through a proxy that fails the connection once mid-way: the
+    stream holds each exactly once; the batch in flight went to the outbox, and what the
+    server had stored came back as duplicates when resent. Yields the publisher to be
+    stopped while its connection and the proxy are still up."""
+    proxy = _CuttingProxy(nats_server.url, cut_at=150, stall=stall)
     client = await connect(await proxy.start())  # the gateway's connection goes through it
     try:
-        pub = await _publisher(tmp_path, client, raw=raw, publish_timeout_s=1.0)
+        pub = await _publisher(tmp_path, client, **kw)
         for i in range(400):
             pub.submit(make_record(i))
             if i % 20 == 19:
@@ -356,11 +362,19 @@ async def test_a_connection_cut_mid_batch_loses_nothing_and_stores_nothing_twice
         assert set(counts) == {f"req-acme-{i}" for i in range(400)}, "nothing lost"
         assert max(counts.values()) == 1, "nothing stored twice"
         reg = pub.metrics.registry
-        # The batch in flight went to the outbox; what the server had stored came back as
-        # duplicates when resent; every event was acknowledged exactly once.
         assert _value(reg, "tollway_events_spilled_total", reason="publish_failed") >= 1
         assert _value(reg, "tollway_events_duplicates_total") >= 1
         assert _value(reg, "tollway_events_published_total") == 400
+        yield pub
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_a_connection_cut_mid_batch_loses_nothing_and_stores_nothing_twice(
+        tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient, raw: bool) -> None:
+    async with _through_a_failing_proxy(tmp_path, nats_server, nc, stall=False, raw=raw,
+                                        publish_timeout_s=1.0) as pub:
         assert pub.via == _via(raw)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -368,36 +382,15 @@ async def test_a_connection_cut_mid_batch_loses_nothing_and_stores_nothing_twice
             gc.collect()
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)], \
             "the raw connection is closed on stop"
-    finally:
-        await client.close()
-        await proxy.close()
 
 
 async def test_acks_that_stop_coming_time_out_and_the_batch_is_resent_once(
         tmp_path: Path, nats_server: EmbeddedNats, nc: NatsClient) -> None:
     # The raw connection only: nats-py keeps a stalled connection until its pings fail.
-    proxy = _CuttingProxy(nats_server.url, cut_at=150, stall=True)
-    client = await connect(await proxy.start())
-    try:
-        pub = await _publisher(tmp_path, client, publish_timeout_s=0.5)
-        for i in range(400):
-            pub.submit(make_record(i))
-            if i % 20 == 19:
-                await asyncio.sleep(0.002)
-        assert await pub.flush(20)
-        assert proxy.cuts == 1
-        counts = Counter(e.request_id for _, _, e in await read_stream(nc) if e)
-        assert set(counts) == {f"req-acme-{i}" for i in range(400)}, "nothing lost"
-        assert max(counts.values()) == 1, "nothing stored twice"
-        reg = pub.metrics.registry
-        assert _value(reg, "tollway_events_spilled_total", reason="publish_failed") >= 1
-        assert _value(reg, "tollway_events_duplicates_total") >= 1
-        assert _value(reg, "tollway_events_published_total") == 400
+    async with _through_a_failing_proxy(tmp_path, nats_server, nc, stall=True,
+                                        publish_timeout_s=0.5) as pub:
         assert pub.via == "wire", "a new raw connection after the silent one was given up"
         await _stop(pub)
-    finally:
-        await client.close()
-        await proxy.close()
 
 
 def test_the_raw_connection_works_on_uvloop(tmp_path: Path, nats_server: EmbeddedNats) -> None:
