@@ -15,6 +15,7 @@ from these structs; ``--check`` fails when the files have drifted.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -373,12 +374,26 @@ def encode_record(rec: CallRecord, event_id: str, instance: str = "") -> tuple[s
 
 
 # ---- JSON Schema files -----------------------------------------------------------------------
+def _cleaned(node: object) -> object:
+    """The schema with every ``description`` dedented by :func:`inspect.cleandoc`.
+
+    msgspec renders a docstring as written up to 0.19 and dedented from 0.20 on;
+    the files are a contract, so they must not depend on which one is installed.
+    """
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+                else _cleaned(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_cleaned(v) for v in node]
+    return node
+
+
 def schema_documents() -> dict[str, bytes]:
     """File name -> content of every ``events/schema/*.json`` file."""
     docs: dict[str, object] = {}
     for cls in EVENT_TYPES:
-        docs[f"{cls.__struct_config__.tag}.json"] = msgspec.json.schema(cls)
-    docs["events.json"] = msgspec.json.schema(AnyEvent)
+        docs[f"{cls.__struct_config__.tag}.json"] = _cleaned(msgspec.json.schema(cls))
+    docs["events.json"] = _cleaned(msgspec.json.schema(AnyEvent))
     return {
         name: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
         for name, doc in docs.items()
