@@ -1,6 +1,7 @@
 """Shadow mode and A/B evaluation of candidate models.
 
-- :mod:`.config`: the ``[[shadow]]`` tables (per route: candidates, caps, A/B weights)
+- ``[[shadow]]`` tables (per route: candidates, caps, A/B weights): their shape and checks
+  are :class:`tollway.config.ShadowRouteConfig` and :func:`tollway.config.check_shadow`
 - :mod:`.runner`: shadow calls in the background after the caller has its answer
 - :mod:`.ab`: the live A/B split, sticky per tenant or user
 - :mod:`.sampling`, :mod:`.spend`: the sampled fraction, the A/B arm, the daily spend cap

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tollway.config import ShadowRouteConfig
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.plan import Deployment, RoutePlan
 from tollway.policy import PolicyPlan
-from tollway.shadow.config import ShadowRouteConfig
 from tollway.shadow.sampling import ab_arm, ab_point, sticky_key
 
 if TYPE_CHECKING:

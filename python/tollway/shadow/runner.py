@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from tollway.config import ShadowRouteConfig
 from tollway.errors import UpstreamError, UpstreamTimeout, public_message, spec_for
 from tollway.metrics import Counter, Gauge
 from tollway.pipeline.call import CHAT, Call
@@ -45,7 +46,6 @@ from tollway.pipeline.dispatch import upstream_error
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.usage import count_prompt, count_text, reply_text, reply_usage
 from tollway.shadow.agreement import score
-from tollway.shadow.config import ShadowRouteConfig
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import Sampler
 from tollway.shadow.sink import ShadowSink

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tollway.config import ShadowRouteConfig
 from tollway.errors import InvalidRequest, PermissionDenied, error_body
 from tollway.events.schema import day_of, event_from_record
 from tollway.record import CallRecord, Recorder
 from tollway.shadow.ab import ABSplit
-from tollway.shadow.config import ShadowRouteConfig
 from tollway.shadow.projection import ShadowView, spend_by
 from tollway.shadow.report import query, query_ab
 from tollway.shadow.runner import ShadowRunner
