@@ -52,7 +52,7 @@ def events_routes(gateway: Gateway) -> list[BaseRoute]:
 @asynccontextmanager
 async def shadow_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     """Shadow calls and the A/B split on the pipeline (inside events: they publish events)."""
-    from tollway.shadow.service import shadow_lifespan as run_shadow
+    from tollway.shadow.wiring import shadow_lifespan as run_shadow
 
     async with run_shadow(gateway):
         yield
@@ -60,7 +60,7 @@ async def shadow_lifespan(gateway: Gateway) -> AsyncIterator[None]:
 
 def shadow_routes(gateway: Gateway) -> list[BaseRoute]:
     """GET /api/ai/shadow (admin)."""
-    from tollway.shadow.service import routes as shadow_report
+    from tollway.shadow.wiring import routes as shadow_report
 
     return shadow_report(gateway)
 # ==== END shadow wiring ====

@@ -8,7 +8,8 @@
 - :mod:`.agreement`: how far two answers agree, in [0, 1]
 - :mod:`.event`, :mod:`.sink`: the ``ShadowCompared`` event and where it goes
 - :mod:`.projection`, :mod:`.report`: the fold over those events and the report
-- :mod:`.service`, :mod:`.cli`: inside the app (``GET /api/ai/shadow``), ``tollway shadow report``
+- :mod:`.service`, :mod:`.wiring`, :mod:`.cli`: inside the app (``GET /api/ai/shadow``),
+  ``tollway shadow report``
 
 Submodules are imported on use: the events layer imports :mod:`.projection`
 without pulling in the pipeline.
