@@ -126,11 +126,6 @@ class TenantConfig(_Base):
     models: list[Name] | None = None  # model ids / aliases allowed; None = all
 
 
-# ==== BEGIN extra config sections ====
-# Other parts add their own sections here (e.g. [events], [guards], [shadow]),
-# each a struct with defaults, and a field for it on Config below.
-
-
 class EventsConfig(_Base):
     """[events]: the JetStream event log, its outbox, the projections and budget holds."""
 
@@ -236,7 +231,6 @@ class ShadowRouteConfig(_Base):
     weights: list[Annotated[float, Meta(ge=0.0, le=1.0)]] = field(default_factory=list)
     sticky: Literal["tenant", "user"] = "tenant"
     salt: str = ""  # change it to reshuffle who lands in which arm
-# ==== END extra config sections ====
 
 
 class Config(_Base):
@@ -247,14 +241,12 @@ class Config(_Base):
     routes: list[RouteConfig] = field(default_factory=list)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
     tenants: list[TenantConfig] = field(default_factory=list)
-    # ==== BEGIN extra config fields ====
     events: EventsConfig = field(default_factory=EventsConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     shadow: list[ShadowRouteConfig] = field(default_factory=list)
-    # ==== END extra config fields ====
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)

@@ -1,8 +1,8 @@
 """The events layer inside the app: lifespan, recorder, readiness, and the two views' routes.
 
-``tollway.app`` calls :func:`events_lifespan` and :func:`routes` from its
-"events" marker regions; everything else lives here. The lifespan attaches the
-service as ``gateway.events`` and adds its recorder to the pipeline's.
+One of the app's optional layers (``tollway.app.LAYERS``): :func:`events_lifespan`
+attaches the service as ``gateway.events`` and adds its recorder to the
+pipeline's; :func:`routes` serves the usage and budget views.
 """
 
 from __future__ import annotations

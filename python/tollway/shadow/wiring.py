@@ -1,7 +1,7 @@
 """Shadow mode inside the app: its lifespan on the pipeline, and the report route.
 
-``tollway.app`` runs it inside the events layer's lifespan (events are up
-first and stop last):
+One of the app's optional layers (``tollway.app.LAYERS``), run inside the
+events layer's lifespan (events are up first and stop last):
 :func:`shadow_lifespan` attaches a :class:`~tollway.shadow.service.ShadowService`
 as ``gateway.shadow``, the runner as a finisher and the A/B split as a plan
 hook; :func:`routes` serves ``GET /api/ai/shadow``.
