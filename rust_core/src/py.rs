@@ -3,7 +3,6 @@
 
 use pyo3::prelude::*;
 
-// ==== BEGIN tokenizer + cost bindings ====
 /// Token counter and cost estimator bindings. Strings are read from the
 /// Python objects under the GIL; counting a large text releases it.
 mod tokens_cost {
@@ -526,9 +525,7 @@ mod tokens_cost {
         Ok(())
     }
 }
-// ==== END tokenizer + cost bindings ====
 
-// ==== BEGIN limiter + breaker bindings ====
 /// Rate limiter and circuit breaker bindings. Kept in one private module so
 /// their names can't collide with the other bindings in this file.
 mod limiter_breaker {
@@ -1041,7 +1038,6 @@ mod limiter_breaker {
         Ok(())
     }
 }
-// ==== END limiter + breaker bindings ====
 
 /// The JetStream delivery scanner (`natsframe`) for the raw NATS readers.
 mod nats_frames {
@@ -1087,12 +1083,8 @@ mod nats_frames {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    // ==== BEGIN tokenizer + cost registration ====
     tokens_cost::register(m)?;
-    // ==== END tokenizer + cost registration ====
-    // ==== BEGIN limiter + breaker registration ====
     limiter_breaker::register(m)?;
-    // ==== END limiter + breaker registration ====
     nats_frames::register(m)?;
     Ok(())
 }

@@ -47,7 +47,7 @@ from tollway.providers.openai import OpenAIProvider
 from tollway.resilience import classify
 
 if TYPE_CHECKING:
-    from tollway.gateway import Gateway
+    from tollway.parts import GatewayParts
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -143,8 +143,8 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 class Dispatcher:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(self, parts: GatewayParts) -> None:
+        self.gw = parts
 
     def _body_for(self, call: Call, dep: Deployment) -> bytes:
         """The body as the provider must see it; the original bytes when unchanged."""
