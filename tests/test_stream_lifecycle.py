@@ -28,7 +28,7 @@ from tollway.pipeline.stream import MAX_EVENT_BYTES, SseTap
 from tollway.testing.upstream import FakeUpstream, Fault
 
 MAX_CONNECTIONS = 16
-SILENCE_S = 0.4  # the provider's first-byte / longest-gap timeout
+SILENCE_S = 0.75  # the provider's first-byte / longest-gap timeout (the stall way waits it out)
 BUG = "tap-bug"  # a word that makes the tap raise (a bug in the gateway, injected)
 
 Message = dict[str, Any]

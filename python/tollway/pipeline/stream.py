@@ -46,7 +46,7 @@ class _Chunk(msgspec.Struct):
 
 _chunk = msgspec.json.Decoder(_Chunk)
 DONE = b"data: [DONE]\n\n"
-MAX_EVENT_BYTES = 4 << 20  # one event held until its end comes; room for a whole reply in one
+MAX_EVENT_BYTES = 1 << 20  # one event held until its end comes: ~250k tokens of text
 
 
 class SseTap:
