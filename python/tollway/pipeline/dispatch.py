@@ -393,10 +393,11 @@ class Dispatcher:
                 data = None  # broken off after [DONE]: the client has it all
             finally:
                 info.upstream_s += time.perf_counter() - t
+        name = call.deployment.provider if call.deployment is not None else ""
         if tap.error:
-            raise UpstreamError("provider sent an error mid-stream")
+            raise UpstreamError(f"{name}: provider sent an error mid-stream")
         if not tap.done:
-            raise UpstreamError("provider ended the stream early")
+            raise UpstreamError(f"{name}: provider ended the stream early")
         if call.include_usage and tap.usage is None:
             return usage_event(dep_model(call), self._counted(call, tap),
                                "tollway-usage") + DONE
