@@ -115,7 +115,7 @@ WAYS = [
     Way("refused", 60, 503, Fault(status=503, times=None), provider_fault=True,
         last=b"upstream_unavailable"),
     Way("reset", 60, 502, Fault(kind="reset", times=None), provider_fault=True,
-        last=b"upstream_connect_failed"),
+        last=b"upstream_error"),
     Way("cut", 100, 502, Fault(kind="cut_stream", after_chunks=2, times=None),
         provider_fault=True, last=b"upstream_error"),
     Way("stall", MAX_CONNECTIONS, 504, stall=True, provider_fault=True,
@@ -135,11 +135,12 @@ WAYS = [
 assert sum(w.count for w in WAYS) == 1000
 
 
-class Gateway:
-    def __init__(self, app: Any, state: dict[str, Any], recorder: ListRecorder) -> None:
+class InProcess:
+    """The app with its lifespan entered, called without a server."""
+
+    def __init__(self, app: Any, state: dict[str, Any]) -> None:
         self.app = app
         self.state = state
-        self.recorder = recorder
 
     async def call(self, rid: str, prompt: str, at_start: Hook | None = None,
                    at_first: Hook | None = None) -> Caller:
@@ -197,7 +198,7 @@ async def test_a_thousand_streams_ending_every_way_leave_the_pool_whole(
     app = create_app(parse_config(raw, source="<test>", env=gateway_env()),
                      env=gateway_env(), recorder=recorder, clock=clock)
     async with app.router.lifespan_context(app) as state:
-        gw = Gateway(app, state, recorder)
+        gw = InProcess(app, state)
         callers: dict[str, tuple[Way, Caller]] = {}
         for way in WAYS:
             upstream.clear()
