@@ -44,6 +44,7 @@ class Caller:
         self.at_first = at_first
         self.messages: list[Message] = []
         self.gone = asyncio.Event()
+        self.stuck = False  # every later send blocks: a client that stopped reading
         self.task: asyncio.Task[None] | None = None
 
     async def receive(self) -> Message:
@@ -55,6 +56,8 @@ class Caller:
 
     async def send(self, message: Message) -> None:
         self.messages.append(message)
+        if self.stuck:
+            await asyncio.Event().wait()
         if message["type"] == "http.response.start":
             if self.at_start is not None:
                 await self.at_start(self)
@@ -253,3 +256,29 @@ async def test_a_thousand_streams_ending_every_way_leave_the_pool_whole(
         for c in last:
             assert c.messages[0]["status"] == 200
             assert c.ends()[0]["body"].endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.timeout(30)  # the hang detector
+async def test_a_cancelled_stream_does_not_wait_for_a_client_that_stopped_reading(
+    upstream: FakeUpstream,
+) -> None:
+    async def cancel_and_stop_reading(c: Caller) -> None:
+        c.stuck = True
+        await cancel(c)
+
+    recorder = ListRecorder()
+    clock = ManualClock()
+    raw = raw_config({"fake": upstream.base_url}, retry={"attempts": 1})
+    app = create_app(parse_config(raw, source="<test>", env=gateway_env()),
+                     env=gateway_env(), recorder=recorder, clock=clock)
+    async with app.router.lifespan_context(app) as state:
+        upstream.chunk_delay_s = 0.05  # still streaming when the call is cancelled
+        c = await InProcess(app, state).call("stuck", "one two three four five six",
+                                             at_first=cancel_and_stop_reading)
+    # The relay tried to end the stream, gave up on the stuck send, and let the call go.
+    assert c.task is not None and c.task.cancelled()
+    assert b"stream_stopped" in c.messages[-1]["body"] and not c.messages[-1]["more_body"]
+    (rec,) = recorder.records
+    assert rec.client_cancelled and rec.outcome == "completed"
+    snap = app.state.gateway.breakers["fake"].snapshot(clock.monotonic())
+    assert (snap.calls, snap.failures) == (1, 0)
