@@ -23,7 +23,7 @@ from policy_rig import CHAT, raw_config
 from support import ACME_KEY, UPSTREAM_KEY, ListRecorder, gateway_env
 from tollway.app import create_app
 from tollway.clock import ManualClock
-from tollway.config import parse_config
+from tollway.config import ConfigError, parse_config
 from tollway.pipeline.stream import MAX_EVENT_BYTES, SseTap
 from tollway.testing.upstream import FakeUpstream, Fault
 
@@ -187,15 +187,33 @@ def tap_bug(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SseTap, "feed", buggy)
 
 
-@pytest.mark.timeout(60)  # the hang detector: a lost slot blocks the last check for good
-@pytest.mark.parametrize("http_client", ["raw", "aiohttp"])
-async def test_a_thousand_streams_ending_every_way_leave_the_pool_whole(
-    http_client: str, upstream: FakeUpstream, tap_bug: None
-) -> None:
-    raw = raw_config({"fake": upstream.base_url}, retry={"attempts": 1},
+def config_for(base_url: str, http_client: str) -> dict[str, Any]:
+    raw = raw_config({"fake": base_url}, retry={"attempts": 1},
                      breaker={"failure_threshold": 100_000})
     raw["providers"][0].update(http_client=http_client, max_connections=MAX_CONNECTIONS,
                                first_byte_timeout_s=SILENCE_S)
+    return raw
+
+
+def shipped_clients() -> list[str]:
+    """The HTTP clients a provider may choose: those the config accepts."""
+    names = []
+    for name in ("raw", "aiohttp", "pyreqwest"):
+        try:
+            parse_config(config_for("http://127.0.0.1:1/v1", name), source="<probe>",
+                         env=gateway_env())
+        except ConfigError:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.timeout(60)  # the hang detector: a lost slot blocks the last check for good
+@pytest.mark.parametrize("http_client", shipped_clients())
+async def test_a_thousand_streams_ending_every_way_leave_the_pool_whole(
+    http_client: str, upstream: FakeUpstream, tap_bug: None
+) -> None:
+    raw = config_for(upstream.base_url, http_client)
     clock = ManualClock()  # frozen: every breaker result stays in its window
     recorder = ListRecorder()
     app = create_app(parse_config(raw, source="<test>", env=gateway_env()),
