@@ -10,7 +10,7 @@ first when NATS is back, so events keep their order except that a batch in
 flight when NATS fails may land after events recorded during the outage.
 
 The publishes go out on a raw NATS connection of the publisher's own
-(:class:`~tollway.events.wire.PublishWire`: a batch is one write, its acks are
+(:class:`~tollway.events.nats.wire.PublishWire`: a batch is one write, its acks are
 parsed in bulk from the received bytes), opened with the credentials of the
 nats-py client it is attached to. When that cannot be done (TLS, nkeys, JWTs:
 ``BulkUnavailable``), or with ``raw=False``, they go through the nats-py
@@ -39,11 +39,9 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from tollway.events.bulk import BulkError, BulkUnavailable, Endpoint
 from tollway.events.metrics import EventMetrics
-from tollway.events.outbox import Outbox, OutboxEntry
-from tollway.events.schema import Event, encode, encode_record
-from tollway.events.wire import (
+from tollway.events.nats.bulk import BulkError, BulkUnavailable, Endpoint
+from tollway.events.nats.wire import (
     DUP,
     FATAL,
     HEADER_OVERHEAD,
@@ -53,6 +51,8 @@ from tollway.events.wire import (
     PublishWire,
     classify,
 )
+from tollway.events.outbox import Outbox, OutboxEntry
+from tollway.events.schema import Event, encode, encode_record
 from tollway.record import CallRecord
 
 log = logging.getLogger("tollway.events")
