@@ -223,6 +223,8 @@ async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path, raw: b
         counts = Counter(e.request_id for _, _, e in msgs if e)
         assert set(counts) == {f"req-acme-{i}" for i in range(600)}
         assert max(counts.values()) == 1, "no event stored twice"
+        assert [e.request_id for _, _, e in msgs if e] == [f"req-acme-{i}" for i in range(600)], \
+            "the batch in flight at the crash went to the outbox ahead of later events"
         assert pub.outbox.pending == 0
         assert pub.via == _via(raw)
         await _stop(pub)
