@@ -6,7 +6,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from tollway.events.outbox import Outbox, OutboxEntry
+from tollway.events.outbox import MAX_LINE, Outbox, OutboxEntry
 
 
 def _fill(ob: Outbox, start: int, n: int) -> None:
@@ -136,3 +136,20 @@ def test_the_cap_refuses_what_does_not_fit_and_keeps_the_order(tmp_path: Path) -
     assert kept > 10, "... is kept whole"
     assert big.append_many(entries[:1]).refused == 1
     big.close()
+
+
+def test_malformed_and_oversized_lines_are_skipped_once(tmp_path: Path) -> None:
+    with open(tmp_path / "events-0.log", "wb") as f:
+        f.write(b"tollway.call.completed.t\tid0\t{}\n" + b"no tabs here\n")
+        f.write(b"x" * (MAX_LINE + 10) + b"\n")  # read and skipped in pieces
+    ob = Outbox(tmp_path, chunk_bytes=64 << 10)
+    ob.open()
+    assert ob.pending == 3
+    batch, end = ob.read_batch(1)
+    assert [e.event_id for e in batch] == ["id0"]
+    ob.commit(end, 1)
+    assert ob.read_batch(10)[0] == [] and ob.pending == 0, "nothing but bad lines left"
+    assert ob.path is not None and ob.path.stat().st_size == 0, "passed for good: truncated"
+    _fill(ob, 1, 1)
+    assert [e.event_id for e in ob.read_batch(10)[0]] == ["id1"] and ob.pending == 1
+    ob.close()

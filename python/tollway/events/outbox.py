@@ -352,18 +352,23 @@ class Outbox:
                       self._pending)
             with self._counts:
                 self._pending = 0
+        if not out and end > self._read_offset:
+            self._commit(end, 0)  # only skipped lines: not to be read (and counted) again
         return out, end
 
     def commit(self, offset: int, count: int) -> None:
         """Mark everything before ``offset`` (``count`` entries) as sent."""
         with self.lock:
-            assert self._w is not None
-            self._read_offset = offset
-            with self._counts:
-                self._pending = max(0, self._pending - count)
-            if self._pending == 0 and self._read_offset >= self._size:
-                self._w.flush()
-                os.ftruncate(self._w.fileno(), 0)
-                self._size = self._read_offset = 0
-            with contextlib.suppress(OSError):
-                os.pwrite(self._offset_fd, b"%-*d" % (_OFFSET_WIDTH, self._read_offset), 0)
+            self._commit(offset, count)
+
+    def _commit(self, offset: int, count: int) -> None:
+        assert self._w is not None
+        self._read_offset = offset
+        with self._counts:
+            self._pending = max(0, self._pending - count)
+        if self._pending == 0 and self._read_offset >= self._size:
+            self._w.flush()
+            os.ftruncate(self._w.fileno(), 0)
+            self._size = self._read_offset = 0
+        with contextlib.suppress(OSError):
+            os.pwrite(self._offset_fd, b"%-*d" % (_OFFSET_WIDTH, self._read_offset), 0)
