@@ -10,11 +10,12 @@ first when NATS is back, so events keep their order.
 
 A full queue is handed over whole (``O(1)``: the deque itself) to a backlog
 that the task writes to the outbox; every outbox read, write and fsync runs in
-a thread the task awaits, one at a time, so neither the response path nor the
-loop waits for the disk. The backlog is bounded (``max_backlog`` events): past
-it, while the disk does not keep up, new events are dropped and counted
-(``reason="outbox_behind"``). Writes past the outbox's byte cap are dropped
-and counted (``reason="outbox_full"``) with a log line naming how many.
+a writer thread of the publisher's own, one at a time, awaited by the task, so
+neither the response path nor the loop waits for the disk. The backlog is
+bounded (``max_backlog`` events): past it, while the disk does not keep up,
+new events are dropped and counted (``reason="outbox_behind"``). Writes past
+the outbox's byte cap are dropped and counted (``reason="outbox_full"``) with
+a log line naming how many.
 
 The publishes go out on a raw NATS connection of the publisher's own
 (:class:`~tollway.events.nats.wire.PublishWire`: a batch is one write, its acks are
@@ -35,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from nats.aio.client import Client as NatsClient
@@ -133,6 +136,9 @@ class Publisher:
             collections.deque())
         self._backlog_n = 0
         self._io: asyncio.Future[Any] | None = None  # the outbox operation in its thread
+        # One thread of its own: outbox operations run one at a time, in order, and a hung
+        # disk holds this thread only, not the loop's default executor other work shares.
+        self._writer: ThreadPoolExecutor | None = None
         self._full_dropped = 0  # events refused at the outbox cap since it filled
         self._nc: NatsClient | None = None
         self._wire: PublishWire | None = None
@@ -223,6 +229,7 @@ class Publisher:
     async def start(self, nc: NatsClient | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tollway-outbox")
         if nc is not None:
             await self.attach(nc)
         self._task = asyncio.create_task(self._run(), name="tollway-events-publisher")
@@ -293,6 +300,8 @@ class Publisher:
         await self._unsubscribe()
         await self._close_wire()
         await self._in_thread(self.outbox.flush, force_sync=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)  # idle now; records after stop() are written here
         if self.outbox.pending:
             log.warning("events: %d events left in the outbox at shutdown; they are sent "
                         "at the next start", self.outbox.pending)
@@ -424,9 +433,11 @@ class Publisher:
 
     # ---- the outbox, in a thread -------------------------------------------------------------
     async def _in_thread(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """Run an outbox operation in a thread. Cancelling the task does not abandon it:
-        stop() waits for it (a write half done when stop() writes would reorder lines)."""
-        fut: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
+        """Run an outbox operation in the writer thread. Cancelling the task does not
+        abandon it: stop() waits for it (a write half done when stop() writes would reorder
+        lines)."""
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._writer, functools.partial(fn, *args, **kw))
         self._io = fut
         return await asyncio.shield(fut)
 
