@@ -142,6 +142,9 @@ class EventsConfig(_Base):
     publish_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.01
     outbox_fsync: Literal["always", "interval", "never"] = "interval"
     outbox_fsync_interval_s: Positive = 1.0
+    # Unsent bytes the outbox may hold (NATS down); events past it are dropped, counted in
+    # tollway_events_dropped_total{reason="outbox_full"} and logged. Calls are still served.
+    outbox_max_bytes: Annotated[int, Meta(ge=4096)] = 1 << 30
     checkpoint_interval_s: Positive = 10.0
     reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
     budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)

@@ -21,7 +21,7 @@ from tollway.events.broker import (
     nats_server_binary,
     stream_config,
 )
-from tollway.events.bulk import Batch, BulkError, BulkReader, BulkUnavailable, Endpoint
+from tollway.events.nats.bulk import Batch, BulkError, BulkReader, BulkUnavailable, Endpoint
 from tollway.events.projections import default_projections
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.replay import replay
