@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CLIENTS = ("aiohttp", "httpx", "raw")
+CLIENTS = ("aiohttp", "httpx", "raw", "pyreqwest", "own")
 MODES = ("plain", "stream")
 BASELINE = "aiohttp"
 
@@ -187,7 +187,52 @@ async def _raw(base: str, concurrency: int, stream: bool) -> tuple[Requester, An
     return one, close
 
 
-FACTORIES = {"aiohttp": _aiohttp, "httpx": _httpx, "raw": _raw}
+async def _pyreqwest(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
+    from pyreqwest.client import ClientBuilder
+
+    client = (ClientBuilder().max_connections(concurrency).default_headers(HEADERS)
+              .gzip(False).http1_only().build())
+    url = f"{base}/chat/completions"
+
+    async def plain(body: bytes) -> int:
+        resp = await client.post(url).body_bytes(body).build().send()
+        return len(await resp.bytes())
+
+    async def streamed(body: bytes) -> int:
+        n = 0
+        async with client.post(url).body_bytes(body).build_streamed() as resp:
+            while (chunk := await resp.body_reader.read_chunk()) is not None:
+                n += len(chunk)
+        return n
+
+    return (streamed if stream else plain), client.close
+
+
+async def _own(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
+    from yarl import URL
+
+    from tollway.providers.http import Timeouts, make_client
+
+    client = make_client("raw", "bench", Timeouts(5, 30, 60), concurrency)
+    await client.start()
+    url = URL(f"{base}/chat/completions")
+
+    async def plain(body: bytes) -> int:
+        return len((await client.request("POST", url, body, HEADERS)).body)
+
+    async def streamed(body: bytes) -> int:
+        n = 0
+        reply = await client.stream("POST", url, body, HEADERS)
+        async for chunk in reply.chunks():
+            n += len(chunk)
+        reply.release()
+        return n
+
+    return (streamed if stream else plain), client.aclose
+
+
+FACTORIES = {"aiohttp": _aiohttp, "httpx": _httpx, "raw": _raw, "pyreqwest": _pyreqwest,
+             "own": _own}
 
 
 # ---------------------------------------------------------------- one run (child process)

@@ -16,8 +16,9 @@ import pytest
 from yarl import URL
 
 from tollway.errors import UpstreamConnectFailed, UpstreamError, UpstreamTimeout
-from tollway.providers.http import AiohttpClient, HttpClient, Timeouts
-from tollway.providers.rawhttp import RawHttpClient
+from tollway.providers.http import HttpClient, Timeouts
+from tollway.providers.http.aiohttp_client import AiohttpClient
+from tollway.providers.http.raw import RawHttpClient
 from tollway.testing.upstream import FakeUpstream, Fault
 
 BODY = json.dumps({"model": "gpt-4o-mini",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,10 +81,13 @@ class ProviderConfig(_Base):
     first_byte_timeout_s: Positive = 120.0
     total_timeout_s: Positive = 600.0
     max_connections: Annotated[int, Meta(ge=1)] = 1000
-    # "raw": tollway's own HTTP/1.1 client (asyncio + httptools), about half the gateway's
-    # CPU per proxied call of "aiohttp" (see README); both pass one contract test suite.
+    # Only clients that pass the protocol suite (tests/providers/test_protocol.py), as in
+    # tollway.providers.http.CLIENTS; "raw" is tollway's own (see README for why).
     http_client: Literal["raw", "aiohttp"] = "raw"
-    keepalive_s: Positive = 15.0  # idle connections older than this are not reused
+    # Idle connections older than this are not reused: below uvicorn's 5 s (and most
+    # servers' idle timeouts), so a request is not written into a closing connection.
+    keepalive_s: Positive = 4.0
+    ca_file: str | None = None  # PEM bundle trusted instead of the system's CAs (https)
 
 
 class ModelConfig(_Base):
@@ -341,6 +345,13 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
         if not p.base_url.startswith(("http://", "https://")):
             raise ConfigError("base_url must start with http:// or https://", source=source,
                               path=f"$.providers[{i}].base_url")
+        if p.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=p.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"ca_file {p.ca_file!r} is not a readable PEM CA bundle "
+                                  f"({exc.strerror or exc.__class__.__name__})", source=source,
+                                  path=f"$.providers[{i}].ca_file") from None
     providers = {p.name for p in cfg.providers}
     seen = set()
     for i, m in enumerate(file_cfg.models):

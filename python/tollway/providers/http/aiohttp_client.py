@@ -1,80 +1,25 @@
-"""The HTTP client behind the providers, kept small so it can be swapped.
+"""The ``aiohttp`` implementation of :class:`~tollway.providers.http.HttpClient`.
 
-:class:`HttpClient` is everything a provider needs: a full request, a
-streamed request, and close. :class:`AiohttpClient` implements it with one
-pooled ``aiohttp.ClientSession`` per provider (keep-alive, a large connection
-limit, no cookie jar). Transport failures come out as tollway's own upstream
-errors, so callers never see a library's exception type; their messages name
-the provider and never a header.
+One pooled ``aiohttp.ClientSession`` per provider (keep-alive, a large
+connection limit, no cookie jar, no redirects). Proxies come from
+:class:`~tollway.providers.http.proxy.Proxies` (not aiohttp's ``trust_env``,
+which does not bypass loopback), so both clients pick the same route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from types import TracebackType
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from tollway.errors import UpstreamConnectFailed, UpstreamError, UpstreamTimeout
-
-
-class Timeouts:
-    __slots__ = ("connect", "first_byte", "total")
-
-    def __init__(self, connect: float, first_byte: float, total: float) -> None:
-        self.connect = connect
-        self.first_byte = first_byte  # until headers; also the longest gap between chunks
-        self.total = total
-
-
-class Reply:
-    """A complete response."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-
-class StreamReply(Protocol):
-    status: int
-    headers: Mapping[str, str]
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive."""
-        ...
-
-    async def read(self) -> bytes:
-        """The whole (remaining) body, e.g. an error reply."""
-        ...
-
-    def abort(self) -> None:
-        """Drop the connection now: the upstream sees the request cancelled."""
-        ...
-
-    def release(self) -> None:
-        """Done after reading everything: the connection may be reused."""
-        ...
-
-
-class HttpClient(Protocol):
-    async def request(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
-    ) -> Reply: ...
-
-    async def stream(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
-    ) -> StreamReply: ...
-
-    async def start(self) -> None:
-        """Open pools inside the running loop (lifespan startup)."""
-        ...
-
-    async def aclose(self) -> None: ...
+from tollway.providers.http import Reply, Timeouts
+from tollway.providers.http.proxy import Proxies
 
 
 class _AiohttpStream:
@@ -103,16 +48,30 @@ class _AiohttpStream:
         self._resp.close()
 
     def release(self) -> None:
-        self._resp.release()
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()  # a half-read body: the connection cannot be reused
+
+    async def __aenter__(self) -> _AiohttpStream:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.release()
 
 
 class AiohttpClient:
     """One pooled session for one provider."""
 
-    def __init__(self, name: str, timeouts: Timeouts, max_connections: int,
-                 keepalive_s: float = 15.0) -> None:
+    def __init__(self, name: str, timeouts: Timeouts, max_connections: int, *,
+                 keepalive_s: float = 4.0, ssl_context: ssl.SSLContext | None = None,
+                 proxies: Proxies | None = None) -> None:
         self.name = name
         self._keepalive_s = keepalive_s
+        self._ssl: ssl.SSLContext | bool = ssl_context or True
+        self._proxies = proxies or Proxies(None, None)
+        self._routes: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.first_byte
         )
@@ -123,7 +82,7 @@ class AiohttpClient:
         # Created lazily inside the running loop (lifespan), never at import.
         connector = aiohttp.TCPConnector(
             limit=self._max_connections, limit_per_host=0, keepalive_timeout=self._keepalive_s,
-            ttl_dns_cache=300,
+            ttl_dns_cache=300, ssl=self._ssl,
         )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
@@ -131,12 +90,34 @@ class AiohttpClient:
         )
         return self._session
 
+    def _route(self, url: URL) -> dict[str, Any]:
+        """The per-request proxy arguments for this URL's origin."""
+        key = (url.scheme, url.raw_host or "", url.port or 0)
+        route = self._routes.get(key)
+        if route is None:
+            proxy = self._proxies.for_url(*key)
+            route = {"allow_redirects": False}
+            if proxy is not None:
+                route["proxy"] = proxy.url()
+                if proxy.authorization:
+                    route["proxy_headers"] = {"Proxy-Authorization": proxy.authorization}
+            self._routes[key] = route
+        return route
+
     def translate(self, exc: BaseException) -> UpstreamError:
         name = self.name
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return UpstreamConnectFailed(f"{name}: connect timed out")
         if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
             return UpstreamTimeout(f"{name}: upstream timed out")
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return UpstreamConnectFailed(f"{name}: cannot connect to the proxy")
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            return UpstreamConnectFailed(f"{name}: the proxy refused the tunnel "
+                                         f"(HTTP {exc.status})")
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+            return UpstreamConnectFailed(f"{name}: TLS handshake with the upstream failed "
+                                         "(certificate not trusted?)")
         if isinstance(exc, aiohttp.ClientConnectorError):
             return UpstreamConnectFailed(f"{name}: cannot connect to upstream")
         if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -152,7 +133,8 @@ class AiohttpClient:
     ) -> Reply:
         session = self._session or self._open()
         try:
-            async with session.request(method, url, data=body, headers=headers) as resp:
+            async with session.request(method, url, data=body, headers=headers,
+                                       **self._route(url)) as resp:
                 data = await resp.read()
                 return Reply(resp.status, resp.headers, data)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -160,10 +142,11 @@ class AiohttpClient:
 
     async def stream(
         self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
-    ) -> StreamReply:
+    ) -> _AiohttpStream:
         session = self._session or self._open()
         try:
-            resp = await session.request(method, url, data=body, headers=headers)
+            resp = await session.request(method, url, data=body, headers=headers,
+                                       **self._route(url))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self.translate(exc) from None
         return _AiohttpStream(self, resp)
