@@ -131,25 +131,34 @@ class AiohttpClient:
     async def request(
         self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
     ) -> Reply:
-        session = self._session or self._open()
+        resp = await self._send(method, url, body, headers)
         try:
-            async with session.request(method, url, data=body, headers=headers,
-                                       **self._route(url)) as resp:
-                data = await resp.read()
-                return Reply(resp.status, resp.headers, data)
+            data = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self.translate(exc) from None
+        finally:
+            resp.release()
+        return Reply(resp.status, resp.headers, data)
 
     async def stream(
         self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
     ) -> _AiohttpStream:
+        return _AiohttpStream(self, await self._send(method, url, body, headers))
+
+    async def _send(self, method: str, url: URL, body: bytes | None,
+                    headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         session = self._session or self._open()
         try:
             resp = await session.request(method, url, data=body, headers=headers,
-                                       **self._route(url))
+                                         **self._route(url))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self.translate(exc) from None
-        return _AiohttpStream(self, resp)
+        if resp.status < 200:
+            # aiohttp hands a 101 over as the reply (1xx interim ones it skips); nothing
+            # here asked for an upgrade, so the connection is dropped.
+            resp.close()
+            raise UpstreamError(f"{self.name}: unexpected protocol upgrade")
+        return resp
 
     async def start(self) -> None:
         if self._session is None:
