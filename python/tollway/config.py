@@ -81,9 +81,8 @@ class ProviderConfig(_Base):
     first_byte_timeout_s: Positive = 120.0
     total_timeout_s: Positive = 600.0
     max_connections: Annotated[int, Meta(ge=1)] = 1000
-    # Only clients that pass the protocol suite (tests/providers/test_protocol.py), as in
-    # tollway.providers.http.CLIENTS; "raw" is tollway's own (see README for why).
-    http_client: Literal["raw", "aiohttp"] = "raw"
+    # One of tollway.providers.http.CLIENTS: only clients that pass the protocol suite.
+    http_client: str = "raw"
     # Idle connections older than this are not reused: below uvicorn's 5 s (and most
     # servers' idle timeouts), so a request is not written into a closing connection.
     keepalive_s: Positive = 4.0
@@ -334,6 +333,17 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError(msg, source=source, path=path) from None
 
 
+def _check_http_client(name: str, source: str, path: str) -> None:
+    from tollway.providers.http import CLIENTS  # imported here: providers import config
+
+    if name not in CLIENTS:
+        why = (" (aiohttp was removed: it failed the protocol suite, see the README)"
+               if name == "aiohttp" else "")
+        raise ConfigError(f"http_client {name!r} is not available; choose one of "
+                          f"{', '.join(map(repr, CLIENTS))}: only clients that pass the "
+                          f"protocol suite can be chosen{why}", source=source, path=path)
+
+
 def _check(cfg: Config, file_cfg: Config, source: str) -> None:
     """Cross-references; paths point into the file where the fault is."""
     seen: set[str] = set()
@@ -345,6 +355,7 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
         if not p.base_url.startswith(("http://", "https://")):
             raise ConfigError("base_url must start with http:// or https://", source=source,
                               path=f"$.providers[{i}].base_url")
+        _check_http_client(p.http_client, source, f"$.providers[{i}].http_client")
         if p.ca_file is not None:
             try:
                 ssl.create_default_context(cafile=p.ca_file)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -83,8 +84,9 @@ def chunked(body: bytes, *, size: int = 7, trailer: bytes = b"") -> bytes:
 class ScriptedUpstream:
     """The server; a context manager that runs it on a loop in a thread."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, ssl_context: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self._ssl = ssl_context
         self.requests: list[Request] = []
         self.connections = 0
         self._loop = asyncio.new_event_loop()
@@ -94,12 +96,13 @@ class ScriptedUpstream:
         self.port = 0
 
     def url(self, path: str = "/v1/chat/completions", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://{host}:{self.port}{path}"
 
     def __enter__(self) -> ScriptedUpstream:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop).result(5)
+            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._ssl), self._loop).result(5)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -135,7 +138,8 @@ class ScriptedUpstream:
                 self.requests.append(req)
                 if not await self._play(self.script(req), writer):
                     return
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+                ssl.SSLError):
             writer.transport.abort()
         finally:
             self._writers.discard(writer)
