@@ -163,6 +163,17 @@ async def test_connection_close_is_honoured(rig: Rig, script: list[object]) -> N
     assert conns[0] != conns[1]
 
 
+async def test_the_servers_keep_alive_timeout_is_honoured(rig: Rig,
+                                                          script: list[object]) -> None:
+    # timeout=1: the connection is dropped a margin before the server would close it.
+    script.append([lambda req: ok(own_body(req), extra=b"Keep-Alive: timeout=1, max=9\r\n")])
+    await rig.own()
+    await rig.own()
+    await rig.own()
+    conns = [r.connection for r in rig.up.requests]
+    assert conns[0] != conns[1] == conns[2]
+
+
 async def test_http_1_0_replies(rig: Rig, script: list[object]) -> None:
     script += [
         [lambda req: b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s"
