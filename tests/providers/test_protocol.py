@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
@@ -284,7 +285,7 @@ async def test_every_reply_split_at_every_byte(rig: Rig, script: list[object]) -
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=6))
 def test_replies_split_anywhere_many_times(cuts: list[int]) -> None:
-    """Several replies back to back, each cut at several points, on both clients."""
+    """Several replies back to back, each cut at several points, every client, both loops."""
     def play(req: Request) -> list[Step]:
         raw = _sequence(req)
         points = sorted({c % len(raw) for c in cuts} - {0})
@@ -303,7 +304,9 @@ def test_replies_split_anywhere_many_times(cuts: list[int]) -> None:
 
     with ScriptedUpstream(play) as up:
         for kind in CLIENTS:
-            asyncio.run(run(kind, up))
+            for loop_factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+                with asyncio.Runner(loop_factory=loop_factory) as runner:
+                    runner.run(run(kind, up))
 
 
 # ---------------------------------------------------------------- many at once
@@ -368,6 +371,23 @@ async def test_a_100_mb_stream_with_bounded_memory(rig: Rig, script: list[object
             peak = max(peak, _rss() - base)
         assert got == total
     assert peak < 48 << 20, f"the stream grew memory by {peak >> 20} MiB"
+
+
+async def test_a_slow_reader_is_not_an_upstream_timeout(rig: Rig, script: list[object]) -> None:
+    """Paused for a slow reader, the upstream is not silent: no first-byte timeout."""
+    client = make_client(rig.kind, "up", Timeouts(2.0, 0.2, 10.0), 5, env={})
+    body = b"w" * (4 << 20)
+    script.append([ok(body)])
+    try:
+        got = b""
+        async with await client.stream("POST", URL(rig.up.url()), b"{}", HEADERS) as stream:
+            async for chunk in stream.chunks():
+                if not got:
+                    await asyncio.sleep(0.6)  # three silences' worth, with reading paused
+                got += chunk
+        assert got == body
+    finally:
+        await client.aclose()
 
 
 async def test_an_abandoned_stream_frees_its_connection(rig: Rig, script: list[object]) -> None:

@@ -22,7 +22,7 @@ from tollway.config import ConfigError, parse_config
 from tollway.errors import UpstreamConnectFailed
 from tollway.providers.http import CLIENTS, Timeouts, make_client
 from tollway.providers.http.proxy import Proxies
-from tollway.testing.scripted import Request, ScriptedUpstream, ok
+from tollway.testing.scripted import CLOSE, Request, ScriptedUpstream, ok
 
 SECRET = "pw-secret-31337"
 HOST = "upstream.test"  # resolvable only by the proxy
@@ -206,6 +206,25 @@ async def test_a_refused_tunnel_names_the_status_never_the_credentials(
     finally:
         await client.aclose()
     assert SECRET not in str(err.value) and "user" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_body_without_length_over_tls_ends_on_the_close(
+        kind: str, ca: trustme.CA, ca_file: str) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    body = b'{"until":"close"}'
+    with ScriptedUpstream(lambda req: [b"HTTP/1.1 200 OK\r\n\r\n" + body, CLOSE],
+                          ssl_context=server_ctx) as up:
+        client = make_client(kind, "p", Timeouts(2, 2, 5), 10, ca_file=ca_file, env={})
+        try:
+            for _ in range(2):
+                reply = await client.request("POST", URL(up.url(host="localhost")), b"{}",
+                                             HEADERS)
+                assert (reply.status, reply.body) == (200, body)
+        finally:
+            await client.aclose()
+    assert up.connections == 2
 
 
 def test_no_proxy_rules() -> None:

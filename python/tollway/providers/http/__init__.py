@@ -105,7 +105,9 @@ def make_client(kind: str, name: str, timeouts: Timeouts, max_connections: int, 
     from tollway.providers.http.tls import tls_context
 
     proxies = Proxies.from_env(env)
-    ssl_context = tls_context(ca_file)
+    # Without a bundle the client makes the default context on its first https
+    # connection: loading the system's CAs costs tens of milliseconds.
+    ssl_context = tls_context(ca_file) if ca_file is not None else None
     if kind == "raw":
         from tollway.providers.http.raw import RawHttpClient
 

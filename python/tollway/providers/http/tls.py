@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     """Certificate and host name checks always on; ``ca_file`` replaces the system's CAs.
 
     A private CA (a company proxy that re-signs, a self-hosted vLLM behind its own

@@ -14,6 +14,7 @@ from tollway.providers.http import Reply, Timeouts
 from tollway.providers.http.proxy import Proxies, Proxy
 from tollway.providers.http.raw.connection import BODY, DONE, IDLE, WAITING, Connection
 from tollway.providers.http.raw.tunnel import open_tunnel
+from tollway.providers.http.tls import tls_context
 
 _Origin = tuple[str, int, bool]
 # Idle connections are dropped this long before the server's own idle timeout would
@@ -139,7 +140,7 @@ class RawHttpClient:
     async def _connect(self, origin: _Origin, proxy: Proxy | None) -> Connection:
         host, port, tls = origin
         if tls and self._ssl is None:
-            self._ssl = ssl.create_default_context()
+            self._ssl = tls_context()
         tls_ctx = self._ssl if tls else None
 
         def factory() -> Connection:
