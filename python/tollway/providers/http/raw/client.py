@@ -108,8 +108,10 @@ class RawHttpClient:
 
     def __init__(self, name: str, timeouts: Timeouts, max_connections: int, *,
                  keepalive_s: float = 4.0, ssl_context: ssl.SSLContext | None = None,
-                 proxies: Proxies | None = None) -> None:
+                 proxies: Proxies | None = None, max_reply_bytes: int = 256 << 20) -> None:
         self.name = name
+        # A whole-body reply past this is an upstream error, not a memory problem.
+        self.max_reply_bytes = max_reply_bytes
         self.timeouts = timeouts
         self.keepalive_s = keepalive_s
         self._idle: dict[_Origin, list[Connection]] = {}

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 IDLE, WAITING, BODY, DONE, BROKEN = range(5)
 
 PAUSE_AT = 1 << 20  # a stream's buffered bytes before reading from the socket pauses
-MAX_REPLY = 256 << 20  # a whole-body reply larger than this is refused, not buffered on
 
 
 class Connection(asyncio.Protocol):
@@ -161,9 +160,9 @@ class Connection(asyncio.Protocol):
                 if not self.paused and self.transport is not None:
                     self.paused = True
                     self.transport.pause_reading()
-            elif self.buffered > MAX_REPLY:
+            elif self.buffered > self.client.max_reply_bytes:
                 self.fail(UpstreamError(f"{self.client.name}: upstream reply larger than "
-                                        f"{MAX_REPLY >> 20} MiB"))
+                                        f"{self.client.max_reply_bytes >> 20} MiB"))
                 return
         if self.streaming:
             self.wake()
