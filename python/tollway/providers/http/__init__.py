@@ -1,9 +1,10 @@
 """The HTTP client behind the providers: one protocol, implementations chosen by name.
 
 :class:`HttpClient` is everything a provider needs: a whole request, a
-streamed request, and close. Two implementations pass one protocol test suite
-(``tests/providers/test_protocol.py``) before it may be chosen. Today that is
-``raw``, tollway's own HTTP/1.1 client (:mod:`.raw`; its README says what of
+streamed request, and close (the types live in :mod:`.protocol`, a leaf the
+clients import; this package re-exports them). An implementation must pass the
+protocol test suite (``tests/providers/test_protocol.py``) before it may be
+chosen. Today that is ``raw``, tollway's own HTTP/1.1 client (:mod:`.raw`; its README says what of
 HTTP/1.1 it implements and what not). The project's README says why a
 maintained client is not the default: aiohttp failed the suite, pyreqwest costs
 1.7-1.9x the CPU per call. A client takes proxies from ``HTTPS_PROXY`` /
@@ -15,83 +16,14 @@ and never a header, a key or a proxy's credentials.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
-from typing import Protocol
+from collections.abc import Mapping
 
-from yarl import URL
+from tollway.providers.http.protocol import HttpClient, Reply, StreamReply, Timeouts
 
 # The clients a provider may name in `http_client`: each passes the protocol suite,
 # which runs over this tuple; config validation refuses any other name.
 CLIENTS = ("raw",)
 DEFAULT_CLIENT = "raw"
-
-
-class Timeouts:
-    __slots__ = ("connect", "first_byte", "total")
-
-    def __init__(self, connect: float, first_byte: float, total: float) -> None:
-        self.connect = connect
-        self.first_byte = first_byte  # until headers; also the longest gap between chunks
-        self.total = total
-
-
-class Reply:
-    """A complete response."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-
-class StreamReply(Protocol):
-    """A response whose body is read as it arrives.
-
-    ``async with`` releases it on every path: reused when read whole, else aborted.
-    """
-
-    status: int
-    headers: Mapping[str, str]
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive."""
-        ...
-
-    async def read(self) -> bytes:
-        """The whole (remaining) body, e.g. an error reply."""
-        ...
-
-    def abort(self) -> None:
-        """Drop the connection now: the upstream sees the request cancelled."""
-        ...
-
-    def release(self) -> None:
-        """Done: the connection is reused if the body was read whole, else dropped."""
-        ...
-
-    async def __aenter__(self) -> StreamReply: ...
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None: ...
-
-
-class HttpClient(Protocol):
-    async def request(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
-    ) -> Reply: ...
-
-    async def stream(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str]
-    ) -> StreamReply: ...
-
-    async def start(self) -> None:
-        """Open pools inside the running loop (lifespan startup)."""
-        ...
-
-    async def aclose(self) -> None: ...
 
 
 def make_client(kind: str, name: str, timeouts: Timeouts, max_connections: int, *,

@@ -10,7 +10,7 @@ from types import TracebackType
 from yarl import URL
 
 from tollway.errors import UpstreamConnectFailed, UpstreamTimeout
-from tollway.providers.http import Reply, Timeouts
+from tollway.providers.http.protocol import Reply, Timeouts
 from tollway.providers.http.proxy import Proxies, Proxy
 from tollway.providers.http.raw.connection import BODY, DONE, IDLE, WAITING, Connection
 from tollway.providers.http.raw.tunnel import open_tunnel

@@ -18,24 +18,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from tollway.errors import UpstreamConnectFailed, UpstreamError
-
-if TYPE_CHECKING:
-    from tollway.providers.http.raw.client import RawHttpClient
 
 IDLE, WAITING, BODY, DONE, BROKEN = range(5)
 
 PAUSE_AT = 1 << 20  # a stream's buffered bytes before reading from the socket pauses
 
 
+class Owner(Protocol):
+    """What a connection needs of its pool (the client)."""
+
+    name: str  # the provider's, for error messages
+    max_reply_bytes: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+
 class Connection(asyncio.Protocol):
     """One connection; carries one request at a time."""
 
-    def __init__(self, client: RawHttpClient, origin: tuple[str, int, bool]) -> None:
+    def __init__(self, client: Owner, origin: tuple[str, int, bool]) -> None:
         self.client = client
         self.origin = origin
         self.transport: asyncio.Transport | None = None
