@@ -20,6 +20,7 @@ from yarl import URL
 from support import gateway_env, make_raw_config
 from tollway.config import ConfigError, parse_config
 from tollway.errors import UpstreamConnectFailed
+from tollway.providers import build_providers
 from tollway.providers.http import CLIENTS, Timeouts, make_client
 from tollway.providers.http.proxy import Proxies
 from tollway.testing.scripted import CLOSE, Request, ScriptedUpstream, ok
@@ -252,6 +253,15 @@ def test_a_bad_proxy_variable_never_shows_its_password() -> None:
     assert SECRET not in str(err.value)
     assert SECRET not in repr(Proxies.from_env({"HTTPS_PROXY": f"http://u:{SECRET}@p:1"}).for_url(
         "https", "api.openai.com", 443))
+
+
+def test_an_unusable_proxy_variable_is_a_config_error_at_startup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", f"https://user:{SECRET}@proxy.corp:3128")
+    config = parse_config(make_raw_config("https://api.example.com/v1"), env=gateway_env())
+    with pytest.raises(ConfigError, match="HTTP\\(S\\)_PROXY") as err:
+        build_providers(config.providers, gateway_env())
+    assert SECRET not in str(err.value) and "'fake'" in str(err.value)
 
 
 def test_config_checks_ca_file_and_http_client(ca_file: str, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 from yarl import URL
 
-from tollway.config import ProviderConfig
+from tollway.config import ConfigError, ProviderConfig
 from tollway.errors import public_message
 from tollway.providers.http import HttpClient, Reply, StreamReply, Timeouts, make_client
 
@@ -107,8 +107,11 @@ class OpenAIProvider:
 def client_for(config: ProviderConfig) -> HttpClient:
     timeouts = Timeouts(config.connect_timeout_s, config.first_byte_timeout_s,
                         config.total_timeout_s)
-    return make_client(config.http_client, config.name, timeouts, config.max_connections,
-                       keepalive_s=config.keepalive_s, ca_file=config.ca_file)
+    try:
+        return make_client(config.http_client, config.name, timeouts, config.max_connections,
+                           keepalive_s=config.keepalive_s, ca_file=config.ca_file)
+    except ValueError as exc:  # an unusable HTTPS_PROXY; the message never holds its password
+        raise ConfigError(f"provider {config.name!r}: {exc}", source="<environment>") from None
 
 
 def build_providers(
