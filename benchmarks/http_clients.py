@@ -10,19 +10,23 @@ client spends is one the gateway cannot spend on other requests). It prints the
 medians and their ratio to aiohttp's, and writes every run to
 ``benchmarks/results/http-clients-<UTC timestamp>.json``.
 
-Candidates: aiohttp, httpx, and ``raw``, a minimal keep-alive client on
-httptools written here, as a floor: what any client costs beyond it is the
-library's own overhead.
+Candidates: ``own``, tollway's own client (``tollway.providers.http.raw``, the
+default, as the gateway calls it), and two maintained clients used the leanest
+way each allows: ``aiohttp`` (a session, no decompression) and ``pyreqwest``
+(Rust's reqwest and hyper under a tokio runtime, HTTP/1.1; ``pip install
+'tollway[bench]'``). ``process_time`` counts every thread of the worker, so
+reqwest's runtime threads are included. The own client stays the default only
+while it is at least 1.3x cheaper in CPU per request than the best of the others
+(see the README, "Why the gateway has its own HTTP client").
 
     python benchmarks/http_clients.py                 # 5 rounds, ~1-2 minutes
-    python benchmarks/http_clients.py --rounds 3 --requests 2000 --quick
+    python benchmarks/http_clients.py --rounds 3 --requests 1500 --stream-requests 600
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import platform
@@ -30,15 +34,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CLIENTS = ("aiohttp", "httpx", "raw")
+CLIENTS = ("own", "aiohttp", "pyreqwest")
 MODES = ("plain", "stream")
-BASELINE = "aiohttp"
+BASELINE = "own"
 
 CHAT = json.dumps(
     {
@@ -84,110 +88,51 @@ async def _aiohttp(base: str, concurrency: int, stream: bool) -> tuple[Requester
     return (streamed if stream else plain), session.close
 
 
-async def _httpx(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
-    import httpx
+async def _pyreqwest(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
+    from pyreqwest.client import ClientBuilder
 
-    client = httpx.AsyncClient(
-        base_url=base,
-        headers=HEADERS,
-        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=30.0,
-    )
+    client = (ClientBuilder().max_connections(concurrency).default_headers(HEADERS)
+              .gzip(False).http1_only().build())
+    url = f"{base}/chat/completions"
 
     async def plain(body: bytes) -> int:
-        r = await client.post("/chat/completions", content=body)
-        return len(r.content)
+        resp = await client.post(url).body_bytes(body).build().send()
+        return len(await resp.bytes())
 
     async def streamed(body: bytes) -> int:
         n = 0
-        async with client.stream("POST", "/chat/completions", content=body) as r:
-            async for chunk in r.aiter_raw():
+        async with client.post(url).body_bytes(body).build_streamed() as resp:
+            while (chunk := await resp.body_reader.read_chunk()) is not None:
                 n += len(chunk)
+        return n
+
+    return (streamed if stream else plain), client.close
+
+
+async def _own(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
+    from yarl import URL
+
+    from tollway.providers.http import Timeouts, make_client
+
+    client = make_client("raw", "bench", Timeouts(5, 30, 60), concurrency)
+    await client.start()
+    url = URL(f"{base}/chat/completions")
+
+    async def plain(body: bytes) -> int:
+        return len((await client.request("POST", url, body, HEADERS)).body)
+
+    async def streamed(body: bytes) -> int:
+        n = 0
+        reply = await client.stream("POST", url, body, HEADERS)
+        async for chunk in reply.chunks():
+            n += len(chunk)
+        reply.release()
         return n
 
     return (streamed if stream else plain), client.aclose
 
 
-class _RawConn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection parsed by httptools: the floor any client pays."""
-
-    def __init__(self) -> None:
-        import httptools
-
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.keep_alive = True
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.keep_alive = False
-        self._wake()
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def request(self, head: bytes, body: bytes) -> AsyncIterator[bytes]:
-        assert self.transport is not None
-        self.complete = False
-        self.transport.write(head + body)
-        loop = asyncio.get_running_loop()
-        while True:
-            while self.chunks:
-                yield self.chunks.popleft()
-            if self.complete or not self.keep_alive:
-                return
-            self.waiter = loop.create_future()
-            await self.waiter
-
-
-async def _raw(base: str, concurrency: int, stream: bool) -> tuple[Requester, Any]:
-    host, port = base.split("//")[1].split("/")[0].split(":")
-    idle: list[_RawConn] = []
-    loop = asyncio.get_running_loop()
-    extra = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
-
-    async def one(body: bytes) -> int:
-        conn = idle.pop() if idle else None
-        if conn is None:
-            _, conn = await loop.create_connection(_RawConn, host, int(port))
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n{extra}"
-            f"content-length: {len(body)}\r\n\r\n"
-        ).encode()
-        n = 0
-        async for chunk in conn.request(head, body):
-            n += len(chunk)
-        if conn.keep_alive:
-            idle.append(conn)
-        return n
-
-    async def close() -> None:
-        for conn in idle:
-            if conn.transport is not None:
-                conn.transport.close()
-
-    return one, close
-
-
-FACTORIES = {"aiohttp": _aiohttp, "httpx": _httpx, "raw": _raw}
+FACTORIES = {"own": _own, "aiohttp": _aiohttp, "pyreqwest": _pyreqwest}
 
 
 # ---------------------------------------------------------------- one run (child process)
@@ -274,7 +219,7 @@ def start_upstream(reply_words: int) -> tuple[subprocess.Popen[str], str]:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("aiohttp", "httpx", "httptools", "uvloop"):
+    for name in ("aiohttp", "pyreqwest", "httptools", "uvloop"):
         try:
             out[name] = __import__(name).__version__
         except (ImportError, AttributeError):
@@ -362,25 +307,20 @@ def main() -> None:
         base_row = summary[mode].get(BASELINE)
         for row in summary[mode].values():
             if base_row:
-                row["rps_vs_aiohttp"] = row["rps"] / base_row["rps"]
-                row["cpu_vs_aiohttp"] = row["cpu_us_per_request"] / base_row["cpu_us_per_request"]
+                row["cpu_vs_own"] = row["cpu_us_per_request"] / base_row["cpu_us_per_request"]
 
     print(
         f"\nHTTP clients against the simulated upstream, concurrency {args.concurrency}, "
         f"median of {args.rounds} interleaved rounds ({os.cpu_count()} CPUs)\n"
     )
-    print(
-        "| mode | client | req/s | CPU us/req | p50 ms | p99 ms | req/s vs aiohttp "
-        "| CPU vs aiohttp |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| mode | client | req/s | CPU us/req | p50 ms | p99 ms | CPU vs own |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for mode, rows in summary.items():
         for client, row in rows.items():
             print(
                 f"| {mode} | {client} | {row['rps']:.0f} | {row['cpu_us_per_request']:.0f} "
                 f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
-                f"| {row.get('rps_vs_aiohttp', float('nan')):.2f}x "
-                f"| {row.get('cpu_vs_aiohttp', float('nan')):.2f}x |"
+                f"| {row.get('cpu_vs_own', float('nan')):.2f}x |"
             )
 
     if not args.no_write:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,10 +81,12 @@ class ProviderConfig(_Base):
     first_byte_timeout_s: Positive = 120.0
     total_timeout_s: Positive = 600.0
     max_connections: Annotated[int, Meta(ge=1)] = 1000
-    # "raw": tollway's own HTTP/1.1 client (asyncio + httptools), about half the gateway's
-    # CPU per proxied call of "aiohttp" (see README); both pass one contract test suite.
-    http_client: Literal["raw", "aiohttp"] = "raw"
-    keepalive_s: Positive = 15.0  # idle connections older than this are not reused
+    # One of tollway.providers.http.CLIENTS: only clients that pass the protocol suite.
+    http_client: str = "raw"
+    # Idle connections older than this are not reused: below uvicorn's 5 s (and most
+    # servers' idle timeouts), so a request is not written into a closing connection.
+    keepalive_s: Positive = 4.0
+    ca_file: str | None = None  # PEM bundle trusted instead of the system's CAs (https)
 
 
 class ModelConfig(_Base):
@@ -345,6 +348,17 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError(msg, source=source, path=path) from None
 
 
+def _check_http_client(name: str, source: str, path: str) -> None:
+    from tollway.providers.http import CLIENTS  # imported here: providers import config
+
+    if name not in CLIENTS:
+        why = (" (aiohttp was removed: it failed the protocol suite, see the README)"
+               if name == "aiohttp" else "")
+        raise ConfigError(f"http_client {name!r} is not available; choose one of "
+                          f"{', '.join(map(repr, CLIENTS))}: only clients that pass the "
+                          f"protocol suite can be chosen{why}", source=source, path=path)
+
+
 def _check(cfg: Config, file_cfg: Config, source: str) -> None:
     """Cross-references; paths point into the file where the fault is."""
     seen: set[str] = set()
@@ -356,6 +370,14 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
         if not p.base_url.startswith(("http://", "https://")):
             raise ConfigError("base_url must start with http:// or https://", source=source,
                               path=f"$.providers[{i}].base_url")
+        _check_http_client(p.http_client, source, f"$.providers[{i}].http_client")
+        if p.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=p.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"ca_file {p.ca_file!r} is not a readable PEM CA bundle "
+                                  f"({exc.strerror or exc.__class__.__name__})", source=source,
+                                  path=f"$.providers[{i}].ca_file") from None
     providers = {p.name for p in cfg.providers}
     seen = set()
     for i, m in enumerate(file_cfg.models):

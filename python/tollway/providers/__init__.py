@@ -1,12 +1,11 @@
 """Upstream providers. All speak OpenAI's wire format; see :mod:`.openai`."""
 
-from tollway.providers.http import AiohttpClient, HttpClient, Reply, StreamReply, Timeouts
+from tollway.providers.http import HttpClient, Reply, StreamReply, Timeouts, make_client
 from tollway.providers.openai import OpenAIProvider, build_providers
 
 Provider = OpenAIProvider
 
 __all__ = [
-    "AiohttpClient",
     "HttpClient",
     "OpenAIProvider",
     "Provider",
@@ -14,4 +13,5 @@ __all__ = [
     "StreamReply",
     "Timeouts",
     "build_providers",
+    "make_client",
 ]

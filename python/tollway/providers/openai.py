@@ -16,10 +16,9 @@ from urllib.parse import urlsplit
 import msgspec
 from yarl import URL
 
-from tollway.config import ProviderConfig
+from tollway.config import ConfigError, ProviderConfig
 from tollway.errors import public_message
-from tollway.providers.http import AiohttpClient, HttpClient, Reply, StreamReply, Timeouts
-from tollway.providers.rawhttp import RawHttpClient
+from tollway.providers.http import HttpClient, Reply, StreamReply, Timeouts, make_client
 
 
 class OpenAIProvider:
@@ -49,7 +48,7 @@ class OpenAIProvider:
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise ValueError(f"provider {config.name!r}: header {name!r} holds a line break")
         self.has_key = bool(api_key)
-        self.client: HttpClient = client or make_client(config)
+        self.client: HttpClient = client or client_for(config)
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(name={self.name!r}, base_url={self.base_url!r})"
@@ -105,12 +104,14 @@ class OpenAIProvider:
         await self.client.aclose()
 
 
-def make_client(config: ProviderConfig) -> HttpClient:
+def client_for(config: ProviderConfig) -> HttpClient:
     timeouts = Timeouts(config.connect_timeout_s, config.first_byte_timeout_s,
                         config.total_timeout_s)
-    if config.http_client == "raw":
-        return RawHttpClient(config.name, timeouts, config.max_connections, config.keepalive_s)
-    return AiohttpClient(config.name, timeouts, config.max_connections, config.keepalive_s)
+    try:
+        return make_client(config.http_client, config.name, timeouts, config.max_connections,
+                           keepalive_s=config.keepalive_s, ca_file=config.ca_file)
+    except ValueError as exc:  # an unusable HTTPS_PROXY; the message never holds its password
+        raise ConfigError(f"provider {config.name!r}: {exc}", source="<environment>") from None
 
 
 def build_providers(

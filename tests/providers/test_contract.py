@@ -1,23 +1,19 @@
-"""One contract for both HTTP clients behind the providers (aiohttp and tollway's raw one)."""
+"""The providers' HTTP clients against the simulated OpenAI upstream: timeouts, faults, reuse.
+
+The byte-level protocol cases are in test_protocol.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
 import socket
-import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from yarl import URL
 
 from tollway.errors import UpstreamConnectFailed, UpstreamError, UpstreamTimeout
-from tollway.providers.http import AiohttpClient, HttpClient, Timeouts
-from tollway.providers.rawhttp import RawHttpClient
+from tollway.providers.http import CLIENTS, HttpClient, Timeouts, make_client
 from tollway.testing.upstream import FakeUpstream, Fault
 
 BODY = json.dumps({"model": "gpt-4o-mini",
@@ -33,14 +29,13 @@ def up() -> Iterator[FakeUpstream]:
         yield upstream
 
 
-@pytest.fixture(params=["aiohttp", "raw"])
+@pytest.fixture(params=CLIENTS)
 async def client(request: pytest.FixtureRequest, up: FakeUpstream) -> AsyncIterator[HttpClient]:
     up.clear()
     up.chunk_delay_s = 0.0
     up.reply_words = None
     timeouts = Timeouts(connect=2.0, first_byte=0.5, total=3.0)
-    impl: HttpClient = (AiohttpClient("up", timeouts, 100) if request.param == "aiohttp"
-                        else RawHttpClient("up", timeouts, 100))
+    impl = make_client(request.param, "up", timeouts, 100, env={})
     await impl.start()
     yield impl
     await impl.aclose()
@@ -139,53 +134,3 @@ async def test_abort_drops_the_connection(client: HttpClient, up: FakeUpstream) 
     up.chunk_delay_s = 0.0
     assert (await client.request("POST", url(up), BODY, HEADERS)).status == 200
     assert up.connections_opened == opened + 1
-
-
-async def test_raw_client_over_tls_reuses_the_connection(tmp_path: Path) -> None:
-    """https base URLs (OpenAI, OpenRouter): TLS with SNI and certificate checks, keep-alive."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    connections = 0
-    reply = b'{"ok":true}'
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
-    trusting = ssl.create_default_context(cafile=str(cert))
-    client = RawHttpClient("tls", Timeouts(2, 2, 5), 10, ssl_context=trusting)
-    try:
-        for _ in range(3):
-            got = await client.request("POST", URL(f"https://localhost:{port}/v1/chat"), BODY,
-                                       HEADERS)
-            assert got.status == 200 and got.body == reply
-        assert connections == 1
-        untrusted = RawHttpClient("tls", Timeouts(2, 2, 5), 10)  # the system's CAs only
-        with pytest.raises(UpstreamConnectFailed):
-            await untrusted.request("POST", URL(f"https://localhost:{port}/v1/chat"), BODY,
-                                    HEADERS)
-        await untrusted.aclose()
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()
