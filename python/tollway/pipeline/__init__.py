@@ -111,7 +111,7 @@ class Pipeline:
         principal = info.principal
         if principal is None or principal.tenant is None:
             return None
-        return Call(endpoint, info, principal.tenant)
+        return Call(endpoint, info, principal.tenant, self.gw.clock.time())
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
         content_length = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from tollway.config import TenantConfig
@@ -27,12 +26,16 @@ class Call:
         "user",  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
     )
 
-    def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig) -> None:
+    def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig,
+                 occurred_at: float) -> None:
         self.endpoint = endpoint
         self.info = info
         self.tenant = tenant
         self.t0 = info.t0
-        self.occurred_at = time.time()
+        # The call's one instant, unix seconds on the gateway's clock, read once as it
+        # arrives: its budget day (reservation and settle) and its event's day, so a call
+        # that runs past midnight is not reserved on one day and spent on the next.
+        self.occurred_at = occurred_at
         self.tier = tenant.tier
         self.task = ""
         self.sensitivity = ""
