@@ -28,10 +28,11 @@ from tollway.errors import (
     spec_for,
 )
 from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
-from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest, decode_chat, decode_embeddings
+from tollway.pipeline.decode import ChatRequest, decode_chat, decode_embeddings
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
 from tollway.pipeline.plan import RoutePlan
-from tollway.pipeline.usage import count_input, count_prompt, count_text, reply_text
+from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
+from tollway.pipeline.usage import count_text, reply_text
 from tollway.record import CallRecord, Outcome
 
 if TYPE_CHECKING:
@@ -84,10 +85,12 @@ class Pipeline:
         try:
             try:
                 await self.decode(call, scope, receive)  # 2
+                await self.count_ahead(call)  # a large prompt, off the loop, for 3's estimate
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
                 await self.dispatcher.dispatch(call, receive, send)  # 5 (a stream is relayed here)
+                await self.count_ahead(call)  # ... and for 6 when the provider did not count
                 self.settle(call)  # 6
                 if not call.response_started:
                     await self.respond(call, send)
@@ -167,6 +170,17 @@ class Pipeline:
         call.reason = plan.reason
         return plan
 
+    async def count_ahead(self, call: Call) -> None:
+        """Count a large prompt in a thread before the policy's estimate (no deployment yet)
+        or the settle (the serving one, when the provider sent no usage) needs it."""
+        if len(call.body) < THREAD_MIN_BYTES:
+            return
+        dep = call.deployment
+        if dep is None:
+            await count_in_thread(call, self.gw.policy.upstreams(call))
+        elif (call.tap.usage if call.tap is not None else call.usage) is None:
+            await count_in_thread(call, (dep.upstream,))
+
     def settle(self, call: Call) -> None:
         """Tokens and actual cost: the provider's usage, or counted tokens."""
         if call.settled:
@@ -192,7 +206,7 @@ class Pipeline:
                 call.prompt_tokens, call.completion_tokens = (
                     usage.prompt_tokens, usage.completion_tokens)
             else:  # no usage chunk (provider sent none, or the client left before it)
-                call.prompt_tokens = count_prompt(call.body, dep.upstream)
+                call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
                 call.completion_tokens = count_text(call.tap.text(), dep.upstream)
             return
         reply = call.reply
@@ -202,11 +216,10 @@ class Pipeline:
         if usage is not None:
             call.prompt_tokens, call.completion_tokens = (
                 usage.prompt_tokens, usage.completion_tokens)
-        elif isinstance(req, ChatRequest):
-            call.prompt_tokens = count_prompt(call.body, dep.upstream)
-            call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
-        elif isinstance(req, EmbeddingsRequest):
-            call.prompt_tokens = count_input(req.input, dep.upstream)
+        else:
+            call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
+            if isinstance(req, ChatRequest):
+                call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
 
     def finish(self, call: Call) -> None:
         for finisher in self.finishers:

@@ -20,8 +20,9 @@ class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
         "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
-        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan", "prompt_tokens",
-        "reason", "reply", "request", "reservation", "response_started", "sensitivity",
+        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan",
+        "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
+        "response_started", "sensitivity",
         "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
     )
@@ -54,6 +55,8 @@ class Call:
         self.response_started = False
         self.client_cancelled = False
         self.prompt_tokens = 0
+        # Prompt tokens by encoding, counted once (tollway.pipeline.prompt); -1: uncountable.
+        self.prompt_counts: dict[str, int] = {}
         self.completion_tokens = 0
         self.estimated_cost_nanousd = 0
         self.cost_nanousd = 0

@@ -1,0 +1,89 @@
+"""A call's prompt tokens: counted once per encoding, and in a thread when the prompt is large.
+
+The policy counts the prompt to bound the call's cost; settle needs the count
+again when the provider sends no usage. Both read :func:`prompt_tokens`,
+which keeps the count on the call (:attr:`Call.prompt_counts`), so a prompt
+is tokenized once per encoding whatever asks.
+
+Tokenizing costs about 40 ns a byte (a 4 MB prompt: half a second of CPU); on
+the event loop every other call waits that long. :func:`count_in_thread`
+counts a prompt of :data:`THREAD_MIN_BYTES` or more in a worker thread before
+anyone asks, and the Rust counter lets go of the GIL while it counts, so the
+loop keeps serving. Below the threshold the hand-off (about 70 us there and
+back) costs more than counting on the loop; above 8 KiB of text the counter
+releases the GIL, which a thread needs to be of any use.
+``benchmarks/big_prompts.py`` measures both and the effect on other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from tollway.pipeline.decode import EmbeddingsRequest
+from tollway.pipeline.usage import count_input, count_prompt, encoding_of
+from tollway.tokens import CoreError
+
+if TYPE_CHECKING:
+    from tollway.pipeline.call import Call
+
+__all__ = ["THREAD_MIN_BYTES", "count_in_thread", "prompt_tokens"]
+
+log = logging.getLogger("tollway.pipeline")
+
+# Request bodies this large are counted off the loop. The environment variable exists for
+# the benchmark's baseline (a huge value counts everything on the loop).
+THREAD_MIN_BYTES = int(os.environ.get("TOLLWAY_COUNT_THREAD_MIN_BYTES", 32 * 1024))
+
+_UNCOUNTABLE = -1
+
+
+def prompt_tokens(call: Call, upstream: str) -> int | None:
+    """Prompt tokens of the call for the upstream model's encoding, counted on first use.
+
+    None when the counter cannot read the prompt (a shape it does not know; logged). A
+    panic in the counter raises :class:`CoreError`: a bug, which fails the call.
+    """
+    encoding = encoding_of(upstream)
+    counts = call.prompt_counts
+    tokens = counts.get(encoding)
+    if tokens is None:
+        tokens = counts[encoding] = _count(call, upstream)
+    return None if tokens == _UNCOUNTABLE else tokens
+
+
+async def count_in_thread(call: Call, upstreams: Iterable[str]) -> None:
+    """Count a large prompt for each encoding of ``upstreams`` in a worker thread, so
+    :func:`prompt_tokens` finds the counts; a small prompt is left to be counted on use."""
+    if len(call.body) < THREAD_MIN_BYTES:
+        return
+    todo: dict[str, str] = {}
+    for upstream in upstreams:
+        encoding = encoding_of(upstream)
+        if encoding not in call.prompt_counts:
+            todo.setdefault(encoding, upstream)
+    if todo:
+        # The call's own coroutine waits here, so nothing else touches its counts meanwhile.
+        await asyncio.to_thread(_count_all, call, todo)
+
+
+def _count_all(call: Call, todo: dict[str, str]) -> None:
+    for encoding, upstream in todo.items():
+        call.prompt_counts[encoding] = _count(call, upstream)
+
+
+def _count(call: Call, upstream: str) -> int:
+    req = call.request
+    try:
+        if isinstance(req, EmbeddingsRequest):
+            return count_input(req.input, upstream)
+        return count_prompt(call.body, upstream)
+    except CoreError:
+        raise
+    except Exception:
+        # The body decoded as a request, so this is a shape the counter does not know.
+        log.warning("prompt not countable", exc_info=True)
+        return _UNCOUNTABLE
