@@ -104,7 +104,10 @@ class Pipeline:
                 log.exception("pipeline error", extra={"endpoint": endpoint})
                 await self.fail(call, InternalError("internal error"), send)
         finally:
-            self.settle(call)  # 6 again: a no-op unless the call ended early
+            try:
+                self.settle(call)  # 6 again: a no-op unless the call ended early
+            except Exception:  # e.g. a panic in the core while counting: still one record
+                log.exception("settle failed")
             self.finish(call)
             self.record(call)  # 7
 
@@ -189,10 +192,7 @@ class Pipeline:
         dep = call.deployment
         if dep is None:
             return
-        try:
-            self._settle_tokens(call)
-        except Exception:  # counting must never lose the record
-            log.exception("settle failed")
+        self._settle_tokens(call)
         call.cost_nanousd = self.gw.estimator.cost(
             dep.model, call.prompt_tokens, call.completion_tokens)
 
@@ -258,8 +258,8 @@ class Pipeline:
         outcome: Outcome
         if exc is None:
             outcome = "completed"
-        elif call.attempts == 0:
-            outcome = "rejected"
+        elif call.attempts == 0 and not isinstance(exc, InternalError):
+            outcome = "rejected"  # a refusal; a bug before dispatch is a failure, not one
         else:
             outcome = "failed"
         ttft = None
