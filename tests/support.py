@@ -6,10 +6,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
+from tollway import _core
 from tollway.auth import hash_key
 from tollway.config import Config, parse_config
 from tollway.record import CallRecord
@@ -117,3 +119,16 @@ def chat_body(
     content: str = "hello there", model: str = "gpt-4o-mini", **kw: Any
 ) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **kw}
+
+
+def panics_once(real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except that its first call panics inside the Rust core (a real panic)."""
+    calls = [0]
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            _core._panic(f"injected into {real.__name__}")
+        return real(*args, **kwargs)
+
+    return once

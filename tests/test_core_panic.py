@@ -11,6 +11,7 @@ import pytest
 import tollway.pipeline.prompt
 import tollway.pipeline.usage
 from policy_rig import Rig, rig
+from support import panics_once
 from tollway import _core
 from tollway.testing.upstream import Fault
 from tollway.tokens import CoreError
@@ -21,19 +22,6 @@ def test_a_panic_raises_core_error_an_ordinary_exception() -> None:
         _core._panic("boom")
     assert isinstance(info.value, Exception)  # pyo3's PanicException is not one
     assert _core.count_tokens("hello world") == 2  # the core keeps working after it
-
-
-def panics_once(real: Callable[..., Any]) -> Callable[..., Any]:
-    """``real``, except that its first call panics inside the Rust core."""
-    calls = [0]
-
-    def once(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 1:
-            _core._panic(f"injected into {real.__name__}")
-        return real(*args, **kwargs)
-
-    return once
 
 
 class PanickingLimiter:
