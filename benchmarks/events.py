@@ -15,7 +15,7 @@ Five measurements, each against a baseline taken in the same run:
    bytes -> decode -> fold events/s, against decoding alone.
 4. Replay end to end (``tollway.events.replay``): the same events read back
    from the embedded server's stream and folded, events/s, through the bulk
-   reader (tollway.events.bulk) against nats-py's ordered push consumer (the
+   reader (tollway.events.nats.bulk) against nats-py's ordered push consumer (the
    projection runner's live path, what replay used before), interleaved.
 5. Budget: ``reserve`` + ``settle`` per call from leases, against the naive
    shared reservation (one compare-and-set publish per call).

@@ -211,10 +211,53 @@ def test_listeners_see_every_transition_once_and_in_order_under_threads() -> Non
         list(pool.map(worker, range(4)))
     breaker.state(now=tick())  # delivers anything still queued
     assert len(seen) > 10
-    assert breaker.snapshot(now=tick()).opens == sum(t.to_state == "open" for t in seen)
+    snap = breaker.snapshot(now=tick())
+    assert snap.dropped_transitions == 0
+    assert snap.opens == sum(t.to_state == "open" for t in seen)
     for prev, nxt in itertools.pairwise(seen):
         assert prev.to_state == nxt.from_state
         assert (nxt.from_state, nxt.to_state) in LEGAL
+
+
+def test_a_stalled_listener_holds_callers_back_instead_of_losing_transitions() -> None:
+    # The deliverer stalls inside a listener (it lets go of the GIL, as one that
+    # publishes would) while another thread causes far more transitions than the
+    # core's queue holds (1024). They must wait for it, not push the oldest out.
+    breaker = CircuitBreaker("p", failure_threshold=1, recovery_s=0.001, max_recovery_s=0.001,
+                             healthy_reset_s=0.0)
+    seen: list[BreakerTransition] = []
+    go = threading.Event()
+
+    def listener(t: BreakerTransition) -> None:
+        seen.append(t)
+        go.wait(10)
+
+    breaker.on_change(listener)
+    first = threading.Thread(target=breaker.record_failure, kwargs={"now": 0.0})
+    first.start()  # delivers closed -> open, then stalls in the listener
+    while not seen:
+        time.sleep(0.001)
+
+    def flap() -> None:  # each round: open -> half_open -> closed -> open
+        for i in range(1, 1000):
+            now = i * 0.01
+            if breaker.allow(now=now):
+                breaker.record_success(now=now)
+            breaker.record_failure(now=now + 0.001)
+
+    other = threading.Thread(target=flap)
+    other.start()
+    other.join(0.5)  # old behaviour: done at once, having overflowed the queue
+    go.set()
+    other.join()
+    first.join()
+    breaker.state(now=100.0)
+    snap = breaker.snapshot(now=100.0)
+    assert snap.dropped_transitions == 0
+    assert len(seen) > 1024
+    assert snap.opens == sum(t.to_state == "open" for t in seen)
+    for prev, nxt in itertools.pairwise(seen):
+        assert prev.to_state == nxt.from_state
 
 
 # --- the state machine against the reference model ---------------------------

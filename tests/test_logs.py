@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -34,22 +35,32 @@ def log_lines() -> Iterator[io.StringIO]:
         log.setLevel(old_level)
 
 
-def access(buf: io.StringIO) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
-    return [x for x in lines if x["logger"] == "tollway.access"]
+def access(buf: io.StringIO, want: int = 0) -> list[dict[str, object]]:
+    """The access lines; waits (up to 5 s) until there are ``want``: a request's line
+    is written after its last bytes went out, so the client may already have them."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+        out = [x for x in lines if x["logger"] == "tollway.access"]
+        if len(out) >= want or time.monotonic() > deadline:
+            return out
+        time.sleep(0.01)
 
 
 def test_one_line_per_request_with_fields(
     client: httpx.Client, upstream: FakeUpstream, log_lines: io.StringIO
 ) -> None:
     ok = client.post(CHAT, json=chat_body(), headers={**auth(), "X-Request-ID": "req-1"})
-    client.post(CHAT, json=chat_body(stream=True), headers=auth())
-    client.post(CHAT, json=chat_body(model="nope"), headers=auth())
+    client.post(CHAT, json=chat_body(stream=True), headers={**auth(), "X-Request-ID": "req-2"})
+    client.post(CHAT, json=chat_body(model="nope"), headers={**auth(), "X-Request-ID": "req-3"})
     upstream.add_fault(Fault(status=500, times=2))
-    client.post(CHAT, json=chat_body(model="auto"), headers=auth())
-    client.get("/api/ai/health")
-    lines = access(log_lines)
-    assert len(lines) == 5
+    client.post(CHAT, json=chat_body(model="auto"), headers={**auth(), "X-Request-ID": "req-4"})
+    client.get("/api/ai/health", headers={"X-Request-ID": "req-5"})
+    got = access(log_lines, 5)
+    assert len(got) == 5
+    # In request order: lines may be written in another (see access()).
+    by_id = {x["request_id"]: x for x in got}
+    lines = [by_id[f"req-{i}"] for i in range(1, 6)]
     first = lines[0]
     assert first["request_id"] == "req-1" == ok.headers["x-request-id"]
     assert first["tenant"] == "acme" and first["status"] == 200
@@ -76,8 +87,8 @@ def test_no_secret_is_ever_logged(
     client.post("/api/ai/providers/fake/test", headers=auth(ADMIN_KEY))
     upstream.add_fault(Fault(status=401))
     client.post(CHAT, json=chat_body(), headers=auth())
+    assert len(access(log_lines, 5)) == 5
     text = log_lines.getvalue()
-    assert len(access(log_lines)) == 5
     for secret in (ACME_KEY, ADMIN_KEY, UPSTREAM_KEY, "tw-wrong-key-guess", "Bearer"):
         assert secret not in text
 

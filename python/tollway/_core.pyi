@@ -2,7 +2,6 @@
 
 __version__: str
 
-# ==== BEGIN tokenizer + cost stubs ====
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
@@ -78,8 +77,6 @@ class CostEstimator:
     ) -> Estimate: ...
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int = 0) -> int: ...
 
-# ==== END tokenizer + cost stubs ====
-# ==== BEGIN limiter + breaker stubs ====
 import typing as _typing  # noqa: E402  (below the other parts' stubs)
 
 @_typing.final
@@ -230,4 +227,3 @@ class CircuitBreaker:
     def pending_transitions(self) -> int: ...
     def config(self) -> dict[str, int | float | None]: ...
 
-# ==== END limiter + breaker stubs ====

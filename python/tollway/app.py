@@ -2,14 +2,16 @@
 
 ``create_app(config)`` builds one :class:`Gateway` (validating everything it
 can before the first request), composes the pure ASGI middleware in one
-list, and hands the gateway's start and stop to the app's lifespan. Nothing
-lives in module globals, so several apps can run in one process.
+list and the optional layers in another (:data:`LAYERS`), and hands the
+gateway's start and stop to the app's lifespan. Nothing lives in module
+globals, so several apps can run in one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,48 +24,30 @@ from starlette.routing import BaseRoute, Route
 from tollway.clock import Clock
 from tollway.config import Config, default_config
 from tollway.errors import envelope
+from tollway.events import wiring as events
 from tollway.gateway import Gateway
 from tollway.middleware import AuthMiddleware, RequestContextMiddleware
 from tollway.record import Recorder
 from tollway.routes import admin, health, openai
+from tollway.shadow import wiring as shadow
 
 
-# ==== BEGIN events wiring ====
-@asynccontextmanager
-async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
-    """Start NATS, the publisher and the projections, set ``gateway.recorder``; stop after."""
-    from tollway.events.wiring import events_lifespan as run_events
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """An optional part of the app: a lifespan that attaches it to the gateway (and does
+    nothing when the config leaves it off), and its routes."""
 
-    async with run_events(gateway):
-        yield
-# ==== END events wiring ====
-
-
-# ==== BEGIN events routes ====
-def events_routes(gateway: Gateway) -> list[BaseRoute]:
-    """GET /api/ai/usage and GET /api/ai/budget."""
-    from tollway.events.wiring import routes as usage_and_budget
-
-    return usage_and_budget(gateway)
-# ==== END events routes ====
+    name: str
+    lifespan: Callable[[Gateway], AbstractAsyncContextManager[None]]
+    routes: Callable[[Gateway], list[BaseRoute]]
 
 
-# ==== BEGIN shadow wiring ====
-@asynccontextmanager
-async def shadow_lifespan(gateway: Gateway) -> AsyncIterator[None]:
-    """Shadow calls and the A/B split on the pipeline (inside events: they publish events)."""
-    from tollway.shadow.service import shadow_lifespan as run_shadow
-
-    async with run_shadow(gateway):
-        yield
-
-
-def shadow_routes(gateway: Gateway) -> list[BaseRoute]:
-    """GET /api/ai/shadow (admin)."""
-    from tollway.shadow.service import routes as shadow_report
-
-    return shadow_report(gateway)
-# ==== END shadow wiring ====
+# Started in this order inside the gateway's lifespan, stopped in reverse: shadow mode
+# publishes through the events layer, so events are up first and stop last.
+LAYERS: tuple[Layer, ...] = (
+    Layer("events", events.events_lifespan, events.routes),  # NATS, usage, budget
+    Layer("shadow", shadow.shadow_lifespan, shadow.routes),  # shadow calls, A/B split
+)
 
 
 _HTTP_ERRORS = {
@@ -96,7 +80,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await gateway.start()
         try:
-            async with events_lifespan(gateway), shadow_lifespan(gateway):
+            async with AsyncExitStack() as layers:
+                for layer in LAYERS:
+                    await layers.enter_async_context(layer.lifespan(gateway))
                 yield {"gateway": gateway}
         finally:
             await gateway.stop()
@@ -105,8 +91,7 @@ def create_app(
         *openai.routes(gateway),  # first: the router tries routes in order
         *health.routes(gateway),
         *admin.routes(gateway),
-        *events_routes(gateway),
-        *shadow_routes(gateway),
+        *(route for layer in LAYERS for route in layer.routes(gateway)),
     ]
     known = frozenset(r.path for r in routes if isinstance(r, Route) and "{" not in r.path)
     middleware = [

@@ -72,6 +72,10 @@ class BreakerTransition(NamedTuple):
 
 Listener = Callable[[BreakerTransition], None]
 
+# The core queues at most 1024 transitions (MAX_QUEUED_TRANSITIONS in breaker.rs);
+# from this many on, a caller waits for the deliverer rather than risk the drop.
+_WAIT_AT = 512
+
 
 class CircuitBreaker:
     """One provider's (or deployment's) breaker. Thread-safe.
@@ -79,7 +83,7 @@ class CircuitBreaker:
     ``now`` is optional everywhere and defaults to :func:`time.monotonic`.
     """
 
-    __slots__ = ("_core", "_delivering", "_listeners", "_listeners_lock", "name")
+    __slots__ = ("_core", "_deliverer", "_delivering", "_listeners", "_listeners_lock", "name")
 
     def __init__(self, name: str, **options: Unpack[BreakerOptions]) -> None:
         self.name = name
@@ -87,6 +91,7 @@ class CircuitBreaker:
         self._listeners: tuple[Listener, ...] = ()
         self._listeners_lock = threading.Lock()
         self._delivering = threading.Lock()
+        self._deliverer = 0  # the thread id holding _delivering, 0 when none
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self.state()!r})"
@@ -166,13 +171,25 @@ class CircuitBreaker:
         # after letting go, so what they queued is delivered by it. A
         # listener calling back into this breaker lands here too and
         # returns at once; its transition follows the current batch.
-        while self._core.pending_transitions:
-            if not self._delivering.acquire(blocking=False):
+        #
+        # Not waiting is only safe while the queue has room: the core keeps
+        # at most MAX_QUEUED transitions and drops the oldest past that. A
+        # deliverer descheduled in the middle of a batch (the GIL moves on
+        # every few ms) lets the other threads fill it, which lost 100 of
+        # 670 opens under four threads. So past half of it, callers wait
+        # for the deliverer instead of returning: back-pressure, not loss.
+        me = threading.get_ident()
+        while pending := self._core.pending_transitions:
+            if self._deliverer == me:
+                return  # a listener calling back: the loop below delivers it next
+            if not self._delivering.acquire(blocking=pending >= _WAIT_AT):
                 return
+            self._deliverer = me
             try:
                 for raw in self._core.drain_transitions():
                     self._deliver(self._transition(raw))
             finally:
+                self._deliverer = 0
                 self._delivering.release()
 
     def _deliver(self, transition: BreakerTransition) -> None:

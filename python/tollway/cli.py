@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tollway.config import Config, ConfigError, default_config, load_config, missing_secrets
+from tollway.events import cli as events_cli
+from tollway.shadow import cli as shadow_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -87,24 +88,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# ==== BEGIN events commands ====
-def add_events_commands(sub: Any) -> None:
-    """`tollway events tail`, `tollway usage`, `tollway replay`."""
-    from tollway.events.cli import add_commands
-
-    add_commands(sub, find_config=_find_config)
-# ==== END events commands ====
-
-
-# ==== BEGIN shadow commands ====
-def add_shadow_commands(sub: Any) -> None:
-    """`tollway shadow report`."""
-    from tollway.shadow.cli import add_commands
-
-    add_commands(sub, find_config=_find_config)
-# ==== END shadow commands ====
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollway", description="An OpenAI-compatible AI gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_check_config)
 
-    add_events_commands(sub)
-    add_shadow_commands(sub)  # ==== shadow ====
+    events_cli.add_commands(sub, find_config=_find_config)  # events tail, usage, replay
+    shadow_cli.add_commands(sub, find_config=_find_config)  # shadow report
     return parser
 
 

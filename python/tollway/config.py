@@ -126,11 +126,6 @@ class TenantConfig(_Base):
     models: list[Name] | None = None  # model ids / aliases allowed; None = all
 
 
-# ==== BEGIN extra config sections ====
-# Other parts add their own sections here (e.g. [events], [guards], [shadow]),
-# each a struct with defaults, and a field for it on Config below.
-
-
 class EventsConfig(_Base):
     """[events]: the JetStream event log, its outbox, the projections and budget holds."""
 
@@ -147,6 +142,9 @@ class EventsConfig(_Base):
     publish_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.01
     outbox_fsync: Literal["always", "interval", "never"] = "interval"
     outbox_fsync_interval_s: Positive = 1.0
+    # Unsent bytes the outbox may hold (NATS down); events past it are dropped, counted in
+    # tollway_events_dropped_total{reason="outbox_full"} and logged. Calls are still served.
+    outbox_max_bytes: Annotated[int, Meta(ge=4096)] = 1 << 30
     checkpoint_interval_s: Positive = 10.0
     reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
     budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)
@@ -200,7 +198,27 @@ class PolicyConfig(_Base):
 
 
 class ShadowRouteConfig(_Base):
-    """[[shadow]]: one route's shadow candidates and caps, or its A/B split (tollway.shadow)."""
+    """[[shadow]]: one route's shadow candidates and caps, or its A/B split (tollway.shadow).
+
+    One table per route alias (or concrete model id) as the caller names it in
+    ``model``::
+
+        [[shadow]]
+        route = "auto"                  # calls asking for this alias (or model id)
+        candidates = ["llama-3.1-8b"]   # model ids, each compared on the same sampled calls
+        fraction = 0.10                 # share of the route's completed calls that are shadowed
+        daily_usd = 1.00                # shadow spend cap per UTC day, all candidates together
+        max_in_flight = 4               # shadow calls of this route running at once
+        # timeout_s = 120, agreement_threshold = 0.8, seed = <int> (reproducible sampling)
+
+        [[shadow]]
+        route = "chat"
+        mode = "ab"                     # live A/B split instead of shadowing
+        candidates = ["gpt-4o-mini"]
+        weights = [0.2]                 # share of callers each candidate serves; the rest: primary
+        sticky = "user"                 # same arm per X-Tollway-User / `user` field (else tenant)
+        # salt = "exp-2"                # a new salt reshuffles who lands in which arm
+    """
 
     route: Name  # a route alias or model id, as callers name it in `model`
     candidates: Annotated[list[Name], Meta(min_length=1, max_length=8)]  # model ids
@@ -216,7 +234,6 @@ class ShadowRouteConfig(_Base):
     weights: list[Annotated[float, Meta(ge=0.0, le=1.0)]] = field(default_factory=list)
     sticky: Literal["tenant", "user"] = "tenant"
     salt: str = ""  # change it to reshuffle who lands in which arm
-# ==== END extra config sections ====
 
 
 class Config(_Base):
@@ -227,14 +244,12 @@ class Config(_Base):
     routes: list[RouteConfig] = field(default_factory=list)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
     tenants: list[TenantConfig] = field(default_factory=list)
-    # ==== BEGIN extra config fields ====
     events: EventsConfig = field(default_factory=EventsConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     shadow: list[ShadowRouteConfig] = field(default_factory=list)
-    # ==== END extra config fields ====
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -369,13 +384,9 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
                     "(or its provider is not enabled)",
                     source=source, path=f"$.routes[{i}].candidates[{j}]")
     aliases |= {r.alias for r in cfg.routes}
-    # ==== BEGIN shadow checks ====
-    from tollway.shadow.config import check_shadow
-
     for path, message in check_shadow(file_cfg.shadow,
                                       {m.id: m.kind == "chat" for m in cfg.models}, aliases):
         raise ConfigError(message, source=source, path=path)
-    # ==== END shadow checks ====
     ids: set[str] = set()
     hashes: dict[str, str] = {}
     for i, t in enumerate(file_cfg.tenants):
@@ -397,6 +408,38 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
             if name not in models and name not in aliases:
                 raise ConfigError(f"unknown model or route {name!r}", source=source,
                                   path=f"$.tenants[{i}].models[{j}]")
+
+
+def check_shadow(entries: list[ShadowRouteConfig], models: dict[str, bool],
+                 routes: set[str]) -> list[tuple[str, str]]:
+    """Problems as (msgspec path, message); ``models`` maps model id -> is a chat model."""
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        at = f"$.shadow[{i}]"
+        if e.route in seen:
+            problems.append((f"{at}.route", f"route {e.route!r} has two [[shadow]] tables"))
+        seen.add(e.route)
+        if e.route not in routes and e.route not in models:
+            problems.append((f"{at}.route", f"{e.route!r} is neither a route alias nor a model"))
+        if len(set(e.candidates)) != len(e.candidates):
+            problems.append((f"{at}.candidates", "a candidate is named twice"))
+        for j, c in enumerate(e.candidates):
+            if c not in models:
+                problems.append((f"{at}.candidates[{j}]", f"model {c!r} is not configured "
+                                 "(or its provider is not enabled)"))
+            elif not models[c]:
+                problems.append((f"{at}.candidates[{j}]",
+                                 f"model {c!r} is not a chat model (only chat calls are shadowed)"))
+        if e.mode == "ab":
+            if len(e.weights) != len(e.candidates):
+                problems.append((f"{at}.weights", "mode = \"ab\" needs one weight per candidate"))
+            elif sum(e.weights) > 1.0 + 1e-9:
+                problems.append((f"{at}.weights", "the weights add up to more than 1"))
+        elif e.weights:
+            problems.append((f"{at}.weights", "weights are for mode = \"ab\"; shadow mode "
+                             "samples with `fraction`"))
+    return problems
 
 
 def parse_config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import cast
+from typing import TYPE_CHECKING
 
 from tollway.auth import KeyIndex
 from tollway.breaker import BreakerOptions, BreakerTransition
@@ -13,13 +13,18 @@ from tollway.clock import Clock, SystemClock
 from tollway.config import Config, ConfigError, missing_secrets
 from tollway.guards import BudgetBook, LocalBudget, build_guards
 from tollway.metrics import Metrics
+from tollway.parts import GatewayParts
 from tollway.pipeline import Pipeline
 from tollway.pipeline.plan import Catalog
 from tollway.policy import Policy
 from tollway.providers import OpenAIProvider, build_providers
-from tollway.record import NullRecorder, Recorder
+from tollway.record import Recorder
 from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
 from tollway.tokens import CostEstimator
+
+if TYPE_CHECKING:
+    from tollway.events.service import EventsService
+    from tollway.shadow.service import ShadowService
 
 
 class Gateway:
@@ -39,7 +44,6 @@ class Gateway:
         self.keys = KeyIndex(config, env)
         self.catalog = Catalog(config)
         self.metrics = Metrics()
-        self.recorder: Recorder = recorder or NullRecorder()
         self.providers: dict[str, OpenAIProvider] = build_providers(config.providers, env)
         # Prices by tollway model id (the config's, which override the built-in table).
         self.estimator = CostEstimator({
@@ -63,12 +67,23 @@ class Gateway:
                                  rc.max_retry_after_s)
         self.policy = Policy(config, self.catalog, self.estimator, self.breakers, self.latency,
                              self.clock)
+        # The optional layers, attached by their lifespans while the app runs (None when
+        # off): the events service ([nats] enabled) and shadow mode.
+        self.events: EventsService | None = None
+        self.shadow: ShadowService | None = None
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)
-        self.pipeline = Pipeline(self)
+        # What the pipeline, the dispatcher and shadow mode use: they never see the gateway.
+        self.parts = GatewayParts(
+            config=config, clock=self.clock, catalog=self.catalog, metrics=self.metrics,
+            providers=self.providers, estimator=self.estimator, breakers=self.breakers,
+            latency=self.latency, retry=self.retry, policy=self.policy)
+        self.pipeline = Pipeline(self.parts)
         self.pipeline.guards[:] = guards
         self.pipeline.finishers[:] = finishers
+        if recorder is not None:
+            self.pipeline.recorders.append(recorder)
         self.ready = False
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []
@@ -77,15 +92,13 @@ class Gateway:
     def budget_book(self) -> BudgetBook:
         """Where budget holds go: the events layer's shared view when it runs (every
         gateway on the NATS sees every other's spend), else this process's own book."""
-        svc = getattr(self, "events", None)  # set by the events lifespan
-        return self.local_budget if svc is None else cast(BudgetBook, svc.budget)
+        return self.local_budget if self.events is None else self.events.budget
 
     def _breaker_changed(self, t: BreakerTransition, failures: int) -> None:
         # The events layer, when running, publishes breaker changes (breaker.changed).
-        svc = getattr(self, "events", None)
-        publish = getattr(getattr(svc, "recorder", None), "breaker_changed", None)
-        if publish is not None:
-            publish(t.breaker, t.from_state, t.to_state, failures=failures, reason=t.reason)
+        if self.events is not None:
+            self.events.recorder.breaker_changed(t.breaker, t.from_state, t.to_state,
+                                                 failures=failures, reason=t.reason)
 
     async def not_ready_reasons(self) -> list[str]:
         if not self.ready:

@@ -1,6 +1,6 @@
 """Step 4, the guards: rate limits and the daily budget, in front of dispatch.
 
-Each guard is a :data:`tollway.pipeline.Guard`: it refuses a call by raising
+Each guard is a :data:`tollway.pipeline.hooks.Guard`: it refuses a call by raising
 a :class:`~tollway.errors.TollwayError`, and otherwise lets it pass. They run
 after the policy built the plan, which carries the call's token-exact cost
 bound (the per-call cap was applied there, as a filter on the candidates).
@@ -40,8 +40,8 @@ from tollway.policy import PolicyPlan
 from tollway.ratelimit import REQUEST_TIERS, Limits, RateDecision, RateLimiter, format_reset
 
 if TYPE_CHECKING:
-    from tollway.pipeline import Finisher, Guard
     from tollway.pipeline.call import Call
+    from tollway.pipeline.hooks import Finisher, Guard
 
 __all__ = [
     "BudgetBook",

@@ -44,7 +44,6 @@ fn test_panic(message: &str) -> PyResult<()> {
     caught(|| panic!("{message}"))
 }
 
-// ==== BEGIN tokenizer + cost bindings ====
 /// Token counter and cost estimator bindings. Strings are read from the
 /// Python objects under the GIL; counting a large text releases it.
 mod tokens_cost {
@@ -566,9 +565,7 @@ mod tokens_cost {
         Ok(())
     }
 }
-// ==== END tokenizer + cost bindings ====
 
-// ==== BEGIN limiter + breaker bindings ====
 /// Rate limiter and circuit breaker bindings. Kept in one private module so
 /// their names can't collide with the other bindings in this file.
 mod limiter_breaker {
@@ -1088,7 +1085,6 @@ mod limiter_breaker {
         Ok(())
     }
 }
-// ==== END limiter + breaker bindings ====
 
 /// The JetStream delivery scanner (`natsframe`) for the raw NATS readers.
 mod nats_frames {
@@ -1138,12 +1134,8 @@ mod nats_frames {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    // ==== BEGIN tokenizer + cost registration ====
     tokens_cost::register(m)?;
-    // ==== END tokenizer + cost registration ====
-    // ==== BEGIN limiter + breaker registration ====
     limiter_breaker::register(m)?;
-    // ==== END limiter + breaker registration ====
     nats_frames::register(m)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add_function(wrap_pyfunction!(test_panic, m)?)?;

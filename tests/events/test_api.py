@@ -4,6 +4,7 @@ event per call in the stream -> GET /api/ai/usage and /api/ai/budget from the vi
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -149,3 +150,34 @@ def test_events_disabled_means_no_views(gateway: Server) -> None:
         r = c.get("/api/ai/usage", headers=auth(ACME_KEY))
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "not_ready"
+
+
+def _metric(c: httpx.Client, name: str) -> float:
+    for line in c.get("/api/ai/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_full_outbox_drops_counts_and_logs_while_calls_are_served(
+        upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a port nothing listens on: NATS is down from the start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_config(upstream.base_url,
+                      nats={"url": f"nats://127.0.0.1:{port}", "data_dir": str(tmp_path)},
+                      events={"outbox_max_bytes": 4096})
+    with Server(create_app(cfg, env=gateway_env())) as server, \
+            httpx.Client(base_url=server.url, timeout=20) as c:
+        for i in range(20):
+            r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY),
+                       json=chat_body(f"hello {i}"))
+            assert r.status_code == 200, r.text
+        dropped = 'tollway_events_dropped_total{reason="outbox_full"}'
+        assert _eventually(lambda: _metric(c, dropped) > 0), "events past the cap are counted"
+        assert 0 < _metric(c, "tollway_events_outbox_bytes") <= 4096
+        assert _metric(c, "tollway_events_outbox_max_bytes") == 4096
+        kept = _metric(c, "tollway_events_outbox_depth")
+        r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY), json=chat_body())
+        assert r.status_code == 200, "still served with the outbox full"
+    assert kept > 0 and "reached its cap of 4096" in caplog.text

@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-import tollway.events.bulk
+import tollway.events.nats.bulk
 from support import panics_once
 from tollway.events.broker import (
     EmbeddedNats,
@@ -23,7 +23,7 @@ from tollway.events.broker import (
     nats_server_binary,
     stream_config,
 )
-from tollway.events.bulk import Batch, BulkError, BulkReader, BulkUnavailable, Endpoint
+from tollway.events.nats.bulk import Batch, BulkError, BulkReader, BulkUnavailable, Endpoint
 from tollway.events.projections import default_projections
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.replay import replay
@@ -390,8 +390,8 @@ async def test_a_panic_in_the_frame_scanner_leaves_the_views_to_nats_py(
         nc: NatsClient, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = fixture_lines()[:400]
     await publish_lines(nc, lines)
-    monkeypatch.setattr(tollway.events.bulk, "scan_js_deliveries",
-                        panics_once(tollway.events.bulk.scan_js_deliveries))
+    monkeypatch.setattr(tollway.events.nats.bulk, "scan_js_deliveries",
+                        panics_once(tollway.events.nats.bulk.scan_js_deliveries))
     runner = ProjectionRunner(nc, default_projections(), bulk_min_backlog=100)
     await runner.start()
     assert await runner.catch_up(10)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
-from tollway.events.outbox import Outbox
+from tollway.events.outbox import MAX_LINE, Outbox, OutboxEntry
 
 
 def _fill(ob: Outbox, start: int, n: int) -> None:
@@ -74,3 +76,80 @@ def test_two_processes_never_share_a_file_and_orphans_are_adopted(tmp_path: Path
     assert c.pending == 5
     assert [e.event_id for e in c.read_batch(10)[0]] == ["id10", "id0", "id1", "id2", "id3"]
     c.close()
+
+
+def _big_file(path: Path, mib: int, *, start: int = 0) -> int:
+    """An outbox file of about ``mib`` MiB of lines, written a piece at a time; its lines."""
+    lines = [b"tollway.call.completed.t\tid%d\t{\"pad\":\"%s\"}\n" % (i, b"x" * 200)
+             for i in range(start, start + 4096)]
+    piece = b"".join(lines)
+    n = 0
+    with open(path, "ab") as f:
+        while f.tell() < mib << 20:
+            f.write(piece)
+            n += len(lines)
+    return n
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_outbox_is_read_in_pieces_at_start(tmp_path: Path) -> None:
+    n = _big_file(tmp_path / "events-0.log", 24)
+    with open(tmp_path / "events-0.log", "ab") as f:
+        f.write(b"tollway.call.completed.x\tidz\t{\"torn")  # a crash mid-write, at the end
+    orphan = _big_file(tmp_path / "events-1.log", 24)  # a dead process's file, to adopt
+    ob = Outbox(tmp_path, chunk_bytes=256 << 10)
+    peak = _peak(ob.open)
+    assert ob.pending == n + orphan
+    assert peak < 4 << 20, f"open() held {peak} bytes for 48 MiB of outbox"
+    peak = _peak(lambda: ob.read_batch(256))
+    assert peak < 1 << 20, f"a batch of 256 held {peak} bytes"
+    batch, _ = ob.read_batch(3)
+    assert [e.event_id for e in batch] == ["id0", "id1", "id2"]
+    ob.close()
+
+
+def test_the_cap_refuses_what_does_not_fit_and_keeps_the_order(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path, max_bytes=4096)
+    ob.open()
+    entries = [OutboxEntry("tollway.call.completed.t", f"id{i}", b"x" * 100)
+               for i in range(100)]
+    res = ob.append_many(entries)
+    assert res.written + res.refused == 100 and res.refused > 0 and res.lost == 0
+    assert ob.unsent_bytes <= 4096
+    batch, end = ob.read_batch(1000)
+    assert [e.event_id for e in batch] == [f"id{i}" for i in range(res.written)]
+    ob.commit(end, len(batch))  # sent: room again
+    assert ob.append_many(entries[:10]).written == 10
+    ob.close()
+    big = Outbox(tmp_path, max_bytes=4096)  # a file over the cap from an earlier run ...
+    _big_file(tmp_path / "events-0.log", 1)
+    big.open()
+    kept = big.pending
+    assert kept > 10, "... is kept whole"
+    assert big.append_many(entries[:1]).refused == 1
+    big.close()
+
+
+def test_malformed_and_oversized_lines_are_skipped_once(tmp_path: Path) -> None:
+    with open(tmp_path / "events-0.log", "wb") as f:
+        f.write(b"tollway.call.completed.t\tid0\t{}\n" + b"no tabs here\n")
+        f.write(b"x" * (MAX_LINE + 10) + b"\n")  # read and skipped in pieces
+    ob = Outbox(tmp_path, chunk_bytes=64 << 10)
+    ob.open()
+    assert ob.pending == 3
+    batch, end = ob.read_batch(1)
+    assert [e.event_id for e in batch] == ["id0"]
+    ob.commit(end, 1)
+    assert ob.read_batch(10)[0] == [] and ob.pending == 0, "nothing but bad lines left"
+    assert ob.path is not None and ob.path.stat().st_size == 0, "passed for good: truncated"
+    _fill(ob, 1, 1)
+    assert [e.event_id for e in ob.read_batch(10)[0]] == ["id1"] and ob.pending == 1
+    ob.close()

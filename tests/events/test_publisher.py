@@ -95,19 +95,103 @@ async def test_every_record_becomes_exactly_one_event(tmp_path: Path, nc: NatsCl
 
 async def test_queue_overflow_goes_to_the_outbox_then_to_nats(tmp_path: Path, nc: NatsClient,
                                                                raw: bool) -> None:
-    pub = await _publisher(tmp_path, nc, queue_size=10, raw=raw)
+    pub = await _publisher(tmp_path, nc, queue_size=25, raw=raw)
     for i in range(100):  # no await: the task cannot drain, the queue overflows
         pub.submit(make_record(i))
-    assert pub.outbox.pending >= 90
     reg = pub.metrics.registry
-    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") >= 90
+    # The full queues were handed over, not written: the response path touched no file.
+    assert pub.outbox.path is not None and pub.outbox.path.stat().st_size == 0
+    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 0
+    assert _value(reg, "tollway_events_outbox_depth") == 75, "counted from the hand-over on"
+    assert _value(reg, "tollway_events_queue_depth") == 25
     assert await pub.flush(10)
+    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 75
     msgs = await read_stream(nc)
     ids = [e.request_id for _, _, e in msgs if e]
-    assert sorted(ids) == sorted(f"req-acme-{i}" for i in range(100))
     assert ids == [f"req-acme-{i}" for i in range(100)], "order kept through the outbox"
     assert _value(reg, "tollway_events_dropped_total", reason="outbox_unwritable") == 0
+    assert _value(reg, "tollway_events_outbox_depth") == 0
     await _stop(pub)
+
+
+@pytest.mark.timeout(30)  # a write on the loop would wait for the lock held here for ever
+async def test_the_response_path_never_waits_for_the_disk(tmp_path: Path) -> None:
+    pub = await _publisher(tmp_path, None, queue_size=10, max_backlog=100)  # NATS down
+    path = pub.outbox.path
+    assert path is not None
+    reg = pub.metrics.registry
+    with pub.outbox.lock:  # the disk "hangs": every outbox operation waits here
+        for i in range(25):
+            pub.submit(make_record(i))
+        for _ in range(400):  # the task takes the queue and its writer thread blocks
+            if not pub.queued:
+                break
+            await asyncio.sleep(0.005)
+        assert not pub.queued
+        for i in range(25, 60):  # calls keep settling: each submit returns at once
+            pub.submit(make_record(i))
+        assert path.stat().st_size == 0, "nothing written while the disk hangs"
+        assert _value(reg, "tollway_events_spilled_total", reason="nats_down") == 0
+        assert (_value(reg, "tollway_events_outbox_depth")
+                + _value(reg, "tollway_events_queue_depth")) == 60, "no event out of sight"
+    for _ in range(400):  # the disk is back: the task writes what it holds, in order
+        if pub.outbox.pending == 60:
+            break
+        await asyncio.sleep(0.01)
+    await _stop(pub)
+    again = Outbox(tmp_path / "outbox")
+    again.open()
+    assert again.pending == 60
+    entries, _ = again.read_batch(100)
+    assert [json.loads(e.payload)["request_id"] for e in entries] == [
+        f"req-acme-{i}" for i in range(60)]
+    again.close()
+
+
+async def test_a_backlog_the_disk_cannot_take_is_bounded_and_counted(tmp_path: Path) -> None:
+    pub = await _publisher(tmp_path, None, queue_size=10, max_backlog=20)
+    with pub.outbox.lock:
+        for i in range(50):  # no await: 10 queued, 20 handed over, the rest refused
+            pub.submit(make_record(i))
+    reg = pub.metrics.registry
+    assert _value(reg, "tollway_events_dropped_total", reason="outbox_behind") == 20
+    await _stop(pub)
+    assert pub.outbox.pending == 30
+
+
+async def test_the_outbox_cap_drops_the_newest_counts_and_logs_them(
+        tmp_path: Path, nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture) -> None:
+    outbox = Outbox(tmp_path / "outbox", max_bytes=8192)
+    outbox.open()
+    reg = CollectorRegistry()
+    pub = Publisher(outbox, metrics=EventMetrics(reg), instance="test")
+    await pub.start(None)  # NATS unreachable
+    for i in range(100):
+        pub.submit(make_record(i))
+        if i % 10 == 9:
+            await asyncio.sleep(0)
+    for _ in range(400):
+        if outbox.depth == outbox.pending and not pub.queued:
+            break
+        await asyncio.sleep(0.01)
+    kept = outbox.pending
+    dropped = _value(reg, "tollway_events_dropped_total", reason="outbox_full")
+    assert 0 < kept < 100 and kept + dropped == 100, "every event kept or counted"
+    assert outbox.unsent_bytes <= 8192
+    assert _value(reg, "tollway_events_outbox_bytes") == outbox.unsent_bytes
+    assert _value(reg, "tollway_events_outbox_max_bytes") == 8192
+    assert "reached its cap of 8192" in caplog.text
+    # NATS back: what was kept goes out, in order, and the outbox takes events again.
+    client = await connect(nats_server.url)
+    await ensure_stream(client.jetstream(), stream_config())
+    await pub.attach(client)
+    assert await pub.flush(10)
+    pub.submit(make_record(100))
+    assert await pub.flush(10)
+    ids = [e.request_id for _, _, e in await read_stream(client) if e]
+    assert ids == [f"req-acme-{i}" for i in range(kept)] + ["req-acme-100"]
+    await _stop(pub)
+    await client.close()
 
 
 async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path, raw: bool) -> None:
@@ -139,6 +223,8 @@ async def test_nats_down_then_back_stores_each_event_once(tmp_path: Path, raw: b
         counts = Counter(e.request_id for _, _, e in msgs if e)
         assert set(counts) == {f"req-acme-{i}" for i in range(600)}
         assert max(counts.values()) == 1, "no event stored twice"
+        assert [e.request_id for _, _, e in msgs if e] == [f"req-acme-{i}" for i in range(600)], \
+            "the batch in flight at the crash went to the outbox ahead of later events"
         assert pub.outbox.pending == 0
         assert pub.via == _via(raw)
         await _stop(pub)

@@ -37,7 +37,18 @@ class EventMetrics:
         )
         self.outbox_depth = Gauge(
             "tollway_events_outbox_depth",
-            "Events in the local outbox waiting for NATS.",
+            "Events in the local outbox (or handed to its writer) waiting for NATS.",
+            registry=reg,
+        )
+        self.outbox_bytes = Gauge(
+            "tollway_events_outbox_bytes",
+            "Bytes of unsent events in the local outbox (bounded by outbox_max_bytes).",
+            registry=reg,
+        )
+        self.outbox_max_bytes = Gauge(
+            "tollway_events_outbox_max_bytes",
+            "The outbox's cap: events that would take it past this are dropped and counted "
+            "(tollway_events_dropped_total{reason=\"outbox_full\"}).",
             registry=reg,
         )
         self.queue_depth = Gauge(

@@ -6,11 +6,19 @@ writes a batch of publishes to the connection at once (pipelined, each with
 ``Nats-Msg-Id = event_id``) and then waits for their acks. What cannot be
 published -- NATS unreachable, acks not back in time, the queue full -- goes
 to the :class:`~tollway.events.outbox.Outbox` in order, and the outbox is sent
-first when NATS is back, so events keep their order except that a batch in
-flight when NATS fails may land after events recorded during the outage.
+first when NATS is back, so events keep their order.
+
+A full queue is handed over whole (``O(1)``: the deque itself) to a backlog
+that the task writes to the outbox; every outbox read, write and fsync runs in
+a writer thread of the publisher's own, one at a time, awaited by the task, so
+neither the response path nor the loop waits for the disk. The backlog is
+bounded (``max_backlog`` events): past it, while the disk does not keep up,
+new events are dropped and counted (``reason="outbox_behind"``). Writes past
+the outbox's byte cap are dropped and counted (``reason="outbox_full"``) with
+a log line naming how many.
 
 The publishes go out on a raw NATS connection of the publisher's own
-(:class:`~tollway.events.wire.PublishWire`: a batch is one write, its acks are
+(:class:`~tollway.events.nats.wire.PublishWire`: a batch is one write, its acks are
 parsed in bulk from the received bytes), opened with the credentials of the
 nats-py client it is attached to. When that cannot be done (TLS, nkeys, JWTs:
 ``BulkUnavailable``), or with ``raw=False``, they go through the nats-py
@@ -28,22 +36,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from tollway.events.bulk import BulkError, BulkUnavailable, Endpoint
 from tollway.events.metrics import EventMetrics
-from tollway.events.outbox import Outbox, OutboxEntry
-from tollway.events.schema import Event, encode, encode_record
-from tollway.events.wire import (
+from tollway.events.nats.bulk import BulkError, BulkUnavailable, Endpoint
+from tollway.events.nats.wire import (
     DUP,
     FATAL,
     HEADER_OVERHEAD,
@@ -53,11 +61,14 @@ from tollway.events.wire import (
     PublishWire,
     classify,
 )
+from tollway.events.outbox import Appended, Outbox, OutboxEntry
+from tollway.events.schema import Event, encode, encode_record
 from tollway.record import CallRecord
 
 log = logging.getLogger("tollway.events")
 
 Item = CallRecord | Event
+T = TypeVar("T")
 
 
 class EventIds:
@@ -76,14 +87,16 @@ class _RateLimitedLog:
         self.every_s = every_s
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = collections.Counter()
+        self._lock = threading.Lock()  # the writer thread logs too
 
     def __call__(self, level: int, key: str, msg: str, *args: Any) -> None:
         now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.every_s:
-            self._suppressed[key] += 1
-            return
-        n = self._suppressed.pop(key, 0)
-        self._last[key] = now
+        with self._lock:
+            if now - self._last.get(key, -1e9) < self.every_s:
+                self._suppressed[key] += 1
+                return
+            n = self._suppressed.pop(key, 0)
+            self._last[key] = now
         log.log(level, msg + (f" ({n} similar suppressed)" if n else ""), *args)
 
 
@@ -97,6 +110,7 @@ class Publisher:
         metrics: EventMetrics | None = None,
         instance: str = "",
         queue_size: int = 10_000,
+        max_backlog: int | None = None,
         batch_size: int = 256,
         publish_timeout_s: float = 2.0,
         linger_s: float = 0.01,
@@ -107,6 +121,8 @@ class Publisher:
         self.metrics = metrics or EventMetrics()
         self.instance = instance
         self.queue_size = queue_size
+        # Full queues handed to the outbox writer, not written yet: up to this many events.
+        self.max_backlog = 4 * queue_size if max_backlog is None else max_backlog
         self.batch_size = batch_size
         self.publish_timeout_s = publish_timeout_s
         self.linger_s = linger_s
@@ -115,6 +131,15 @@ class Publisher:
         self.via = ""  # how the last batch went out: "wire" (raw connection) or "nats-py"
         self.new_id = EventIds()
         self._q: collections.deque[Item] = collections.deque()
+        # (events, spill reason) for the outbox, in order, before anything queued after them.
+        self._backlog: collections.deque[tuple[Sequence[Item | OutboxEntry], str]] = (
+            collections.deque())
+        self._backlog_n = 0
+        self._io: asyncio.Future[Any] | None = None  # the outbox operation in its thread
+        # One thread of its own: outbox operations run one at a time, in order, and a hung
+        # disk holds this thread only, not the loop's default executor other work shares.
+        self._writer: ThreadPoolExecutor | None = None
+        self._full_dropped = 0  # events refused at the outbox cap since it filled
         self._nc: NatsClient | None = None
         self._wire: PublishWire | None = None
         self._no_wire = "" if raw else "raw=False"  # why this connection is not spoken raw
@@ -141,7 +166,9 @@ class Publisher:
         self._log = _RateLimitedLog()
         self._drained = asyncio.Event()
         self.metrics.queue_depth.set_function(lambda: len(self._q))
-        self.metrics.outbox_depth.set_function(lambda: self.outbox.pending)
+        self.metrics.outbox_depth.set_function(lambda: self.outbox.depth)
+        self.metrics.outbox_bytes.set_function(lambda: self.outbox.unsent_bytes)
+        self.metrics.outbox_max_bytes.set(self.outbox.max_bytes)
 
     # ---- the response path -------------------------------------------------------------------
     def submit(self, item: Item) -> None:
@@ -151,8 +178,10 @@ class Publisher:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self.submit, item)
                 return
-            if self._stopped:  # a call settling after shutdown began: straight to the outbox
-                self._spill([self._entry(item)], "shutdown")
+            if self._stopped:
+                # A call settling after stop(): no task is left to hand it to, and the
+                # server no longer serves, so it is written here.
+                self._write([item], "shutdown", 0)
                 self.outbox.flush()
                 return
             q = self._q
@@ -174,19 +203,33 @@ class Publisher:
 
     def _overflow(self, item: Item) -> None:
         # The queue keeps its order: everything queued goes to the outbox before this one.
-        n = len(self._q) + 1
-        self._spill_queue("queue_full")
-        self._spill([self._entry(item)], "queue_full")
+        n = len(self._q)
+        if self._backlog_n + n > self.max_backlog:
+            self.metrics.dropped.labels("outbox_behind").inc()
+            self._log(logging.ERROR, "behind", "events: the outbox writer is %d events "
+                      "behind (disk slow?) and the queue is full; dropped an event",
+                      self._backlog_n)
+            return
+        self._hand_over("queue_full")
+        self._q.append(item)
         self._log(logging.WARNING, "overflow",
-                  "events queue full (%d): %d events moved to the outbox", self.queue_size, n)
-        if self._idle:
-            self._idle = False
-            self._wake.set()
+                  "events queue full (%d): %d events handed to the outbox", self.queue_size, n)
+        self.kick()
+
+    def _hand_over(self, reason: str) -> None:
+        """Queue -> backlog, whole (O(1)); the task writes it to the outbox."""
+        q = self._q
+        if q:
+            self._q = collections.deque()
+            self._backlog.append((q, reason))
+            self._backlog_n += len(q)
+            self.outbox.reserve(len(q))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, nc: NatsClient | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tollway-outbox")
         if nc is not None:
             await self.attach(nc)
         self._task = asyncio.create_task(self._run(), name="tollway-events-publisher")
@@ -220,14 +263,18 @@ class Publisher:
         """Wait until the queue (and the outbox) are empty; False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._q and not self._outstanding and (not outbox or not self.outbox.pending):
+            if self._idle_now(outbox):
                 return True
             self._drained.clear()
             self.kick()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(0.05, max(0.0, deadline - time.monotonic()))):
                     await self._drained.wait()
-        return not self._q and (not outbox or not self.outbox.pending)
+        return self._idle_now(outbox)
+
+    def _idle_now(self, outbox: bool = True) -> bool:
+        return (not self._q and not self._outstanding and not self._backlog
+                and (not outbox or not self.outbox.pending))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Publish what is queued (up to ``timeout``) and outbox the rest (the caller closes it)."""
@@ -242,11 +289,19 @@ class Publisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        io = self._io
+        if io is not None:  # a write the cancelled task left running: let it land first
+            with contextlib.suppress(Exception):
+                await io
+        while self._q or self._backlog:  # records may still come in while this writes
+            self._hand_over("shutdown")
+            await self._write_backlog()
         self._stopped = True
-        self._spill_queue("shutdown")
         await self._unsubscribe()
         await self._close_wire()
-        self.outbox.flush(force_sync=True)
+        await self._in_thread(self.outbox.flush, force_sync=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)  # idle now; records after stop() are written here
         if self.outbox.pending:
             log.warning("events: %d events left in the outbox at shutdown; they are sent "
                         "at the next start", self.outbox.pending)
@@ -257,7 +312,7 @@ class Publisher:
         while True:
             try:
                 if self._stopping:
-                    if self.connected and (self._q or self.outbox.pending):
+                    if self.connected and not self._idle_now():
                         await self._cycle()  # one last round; stop() bounds how long
                     return
                 if backoff:
@@ -265,11 +320,12 @@ class Publisher:
                         async with asyncio.timeout(backoff):
                             await self._wake.wait()
                     self._wake.clear()
-                elif not self._q and not (self.outbox.pending and self.connected):
+                elif not self._q and not self._backlog and not (
+                        self.outbox.pending and self.connected):
                     self._drained.set()
                     self._idle = True
                     if self.outbox.needs_sync:
-                        self.outbox.flush()
+                        await self._in_thread(self.outbox.flush)
                         if self.outbox.needs_sync:  # the fsync interval has not passed yet
                             with contextlib.suppress(TimeoutError):
                                 async with asyncio.timeout(self.outbox.fsync_interval_s):
@@ -289,36 +345,41 @@ class Publisher:
                 backoff = 1.0
 
     async def _cycle(self) -> bool:
-        """One round: outbox first, then the queue. False when NATS is failing."""
+        """One round: backlog into the outbox, outbox, then the queue. False when NATS is
+        failing."""
         if not self.connected or not await self._open_path():
-            self._spill_queue("nats_down")
-            self.outbox.flush()
+            await self._to_outbox("nats_down")
             return False
         if self._no_stream and self.on_no_stream is not None:
             await self.on_no_stream()
             self._no_stream = False
-        while self.outbox.pending:
-            entries, end = self.outbox.read_batch(self.batch_size)
-            if not entries:
-                break
-            results = await self._publish(entries)
-            if max(results) >= RETRY:
-                self._spill_queue("nats_failing")  # keep order behind the outbox
-                self.outbox.flush()
-                return False
-            self._count(entries, results)
-            self.outbox.commit(end, len(entries))
-        q = self._q
-        while q:
-            if len(q) < self.batch_size and self.linger_s and not self._stopping:
+        while True:
+            # Whatever was handed over while a batch was out goes before the queue.
+            if self._backlog:
+                await self._write_backlog()
+                continue
+            if self.outbox.pending:
+                entries, end = await self._in_thread(self.outbox.read_batch, self.batch_size)
+                if entries:
+                    results = await self._publish(entries)
+                    if max(results) >= RETRY:
+                        await self._to_outbox("nats_failing")  # keep order behind the outbox
+                        return False
+                    self._count(entries, results)
+                    await self._in_thread(self.outbox.commit, end, len(entries))
+                    continue
+            if not self._q:
+                return True
+            if len(self._q) < self.batch_size and self.linger_s and not self._stopping:
                 # Under load, batches go out at most every linger_s: a batch per ack round
                 # trip was one or two events, each batch a write and a wake-up here and in
                 # the server (which then spent twice the CPU per event).
                 wait = self._last_send + self.linger_s - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    continue  # the queue may have been handed over meanwhile
             self._last_send = time.monotonic()
-            batch = self._take(min(len(q), self.batch_size))
+            batch = self._take(min(len(self._q), self.batch_size))
             if not batch:
                 continue
             try:
@@ -326,16 +387,14 @@ class Publisher:
                 # not starve the requests being served.
                 results = await self._publish(batch)
             except asyncio.CancelledError:
-                self._spill(batch, "shutdown")  # popped from the queue: not lost on cancel
+                self._put_back(batch, "shutdown")  # popped from the queue: not lost on cancel
                 raise
             self._count(batch, results)
             if max(results) >= RETRY:
-                self._spill([e for e, r in zip(batch, results, strict=True) if r >= RETRY],
-                            "publish_failed")
-                self._spill_queue("nats_failing")
-                self.outbox.flush()
+                self._put_back([e for e, r in zip(batch, results, strict=True) if r >= RETRY],
+                               "publish_failed")
+                await self._to_outbox("nats_failing")
                 return False
-        return True
 
     def _count(self, entries: list[OutboxEntry], results: list[int]) -> None:
         ok, dup, fatal = results.count(OK), results.count(DUP), results.count(FATAL)
@@ -372,24 +431,72 @@ class Publisher:
             return OutboxEntry(subject, event_id, payload)
         return OutboxEntry(item.subject(), item.event_id, encode(item))
 
-    def _spill_queue(self, reason: str) -> None:
-        if self._q:
-            n = len(self._q)
-            self._spill(self._take(n), reason)
+    # ---- the outbox, in a thread -------------------------------------------------------------
+    async def _in_thread(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run an outbox operation in the writer thread. Cancelling the task does not
+        abandon it: stop() waits for it (a write half done when stop() writes would reorder
+        lines)."""
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._writer, functools.partial(fn, *args, **kw))
+        self._io = fut
+        return await asyncio.shield(fut)
 
-    def _spill(self, entries: list[OutboxEntry], reason: str) -> None:
-        done = 0
-        try:
-            for e in entries:
-                self.outbox.append(e.subject, e.event_id, e.payload)
-                done += 1
-        except (OSError, AssertionError) as exc:
-            lost = len(entries) - done
-            self.metrics.dropped.labels("outbox_unwritable").inc(lost)
+    def _put_back(self, entries: list[OutboxEntry], reason: str) -> None:
+        """Entries of a batch that did not go out: first in line for the outbox."""
+        if entries:
+            self._backlog.appendleft((entries, reason))
+            self._backlog_n += len(entries)
+            self.outbox.reserve(len(entries))
+
+    async def _to_outbox(self, reason: str) -> None:
+        """Everything not yet in the outbox goes there, in order (NATS is failing)."""
+        self._hand_over(reason)
+        await self._write_backlog()
+        await self._in_thread(self.outbox.flush)
+
+    async def _write_backlog(self) -> None:
+        while self._backlog:
+            items, reason = self._backlog.popleft()  # before the await: never written twice
+            self._backlog_n -= len(items)
+            await self._in_thread(self._write, items, reason, len(items))
+
+    def _write(self, items: Sequence[Item | OutboxEntry], reason: str, reserved: int) -> None:
+        """Encode and append to the outbox (in the writer thread), and account for it."""
+        entries: list[OutboxEntry] = []
+        for item in items:
+            if isinstance(item, OutboxEntry):
+                entries.append(item)
+                continue
+            try:
+                entries.append(self._entry(item))
+            except Exception as exc:
+                self.metrics.dropped.labels("internal").inc()
+                self._log(logging.ERROR, "entry", "events: could not encode an event (%r); "
+                          "dropped", exc)
+        self._account(self.outbox.append_many(entries, reserved=reserved), reason)
+
+    def _account(self, res: Appended, reason: str) -> None:
+        if res.written:
+            self.metrics.spilled.labels(reason).inc(res.written)
+        if res.lost:
+            self.metrics.dropped.labels("outbox_unwritable").inc(res.lost)
             self._log(logging.ERROR, "outbox", "events: outbox not writable (%s); %d events "
-                      "dropped", exc, lost)
-        if done:
-            self.metrics.spilled.labels(reason).inc(done)
+                      "dropped", res.error, res.lost)
+        if res.refused:
+            self.metrics.dropped.labels("outbox_full").inc(res.refused)
+            if not self._full_dropped:
+                log.error("events: the outbox reached its cap of %d unsent bytes; %d events "
+                          "dropped, and events keep being dropped until it drains (calls are "
+                          "still served)", self.outbox.max_bytes, res.refused)
+            else:
+                self._log(logging.ERROR, "full", "events: the outbox is full (%d bytes): %d "
+                          "more events dropped, %d since it filled", self.outbox.max_bytes,
+                          res.refused, self._full_dropped + res.refused)
+            self._full_dropped += res.refused
+        elif res.written and self._full_dropped:
+            log.warning("events: the outbox takes events again; %d were dropped while it was "
+                        "full", self._full_dropped)
+            self._full_dropped = 0
 
     # ---- the connections -------------------------------------------------------------------
     async def _open_path(self) -> bool:

@@ -4,7 +4,7 @@ The views are folds, so a rebuild is a fold from sequence 1 (or any later
 point, over a checkpoint) to the end of the stream; the result replaces the
 checkpoints, and gateways that start afterwards resume from it.
 
-The stream is read through the bulk reader (:mod:`tollway.events.bulk`); if
+The stream is read through the bulk reader (:mod:`tollway.events.nats.bulk`); if
 that cannot be used, or fails part way, the projection runner's nats-py
 consumer folds the rest (``bulk=False``: nats-py only, the benchmark's
 baseline).

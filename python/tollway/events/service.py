@@ -69,7 +69,8 @@ class EventsService:
         self.kv: KeyValue | None = None
         cfg = self.config
         self.outbox = Outbox(self.data_dir / "outbox", fsync=cfg.outbox_fsync,
-                             fsync_interval_s=cfg.outbox_fsync_interval_s)
+                             fsync_interval_s=cfg.outbox_fsync_interval_s,
+                             max_bytes=cfg.outbox_max_bytes)
         self.publisher = Publisher(
             self.outbox, metrics=self.metrics, instance=self.instance,
             queue_size=cfg.queue_size, batch_size=cfg.batch_size,
@@ -97,7 +98,7 @@ class EventsService:
         if url == "embedded":
             self.embedded = EmbeddedNats(self.data_dir)
             await self.embedded.astart()
-        self.outbox.open()
+        await asyncio.to_thread(self.outbox.open)  # may scan a large file
         await self.publisher.start(None)
         self._maintainer = asyncio.create_task(self._maintain(), name="tollway-budget-leases")
         try:
@@ -110,7 +111,16 @@ class EventsService:
 
     async def _connect(self) -> None:
         servers = self.embedded.url if self.embedded is not None else parse_servers(self.url)
-        nc = await connect(servers, name=f"tollway {self.instance}", on_state=self._on_state)
+        # nats-py, told to reconnect for ever, also retries a first connect for ever: without
+        # a bound, a gateway started while NATS is down would never start serving.
+        within = 2.0 * (1 if isinstance(servers, str) else len(servers)) + 1.0
+        try:
+            async with asyncio.timeout(within):
+                nc = await connect(servers, name=f"tollway {self.instance}",
+                                   on_state=self._on_state)
+        except TimeoutError:
+            raise NatsUnavailable(f"no NATS server at {servers} answered within "
+                                  f"{within:.0f}s") from None
         try:
             await self._ensure_stream(nc)
             self.kv = await ensure_kv(nc.jetstream(), self.config.kv_bucket,
@@ -182,7 +192,7 @@ class EventsService:
             with contextlib.suppress(Exception):
                 await self.nc.close()
             self.nc = None
-        self.outbox.close()
+        await asyncio.to_thread(self.outbox.close)  # fsyncs
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

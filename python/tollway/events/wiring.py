@@ -1,7 +1,8 @@
 """The events layer inside the app: lifespan, recorder, readiness, and the two views' routes.
 
-``tollway.app`` calls :func:`events_lifespan` and :func:`routes` from its
-"events" marker regions; everything else lives here.
+One of the app's optional layers (``tollway.app.LAYERS``): :func:`events_lifespan`
+attaches the service as ``gateway.events`` and adds its recorder to the
+pipeline's; :func:`routes` serves the usage and budget views.
 """
 
 from __future__ import annotations
@@ -18,37 +19,22 @@ from starlette.routing import BaseRoute, Route
 from tollway.errors import InvalidRequest, NotReady, PermissionDenied, error_body
 from tollway.events.schema import day_of
 from tollway.events.service import EventsService
-from tollway.record import CallRecord, NullRecorder, Recorder
 
 if TYPE_CHECKING:
     from tollway.gateway import Gateway
 
 NANO = 1_000_000_000
-ATTR = "events"  # gateway.events: the EventsService, or None when NATS is disabled
-
-
-class TeeRecorder:
-    """Hands each record to several recorders (a test's recorder and the events one)."""
-
-    __slots__ = ("recorders",)
-
-    def __init__(self, *recorders: Recorder) -> None:
-        self.recorders = recorders
-
-    def record(self, rec: CallRecord) -> None:
-        for r in self.recorders:
-            r.record(rec)
 
 
 def service_of(gateway: Gateway) -> EventsService | None:
-    svc: EventsService | None = getattr(gateway, ATTR, None)
-    return svc
+    """The events service while the app runs, or None when NATS is disabled."""
+    return gateway.events
 
 
 @asynccontextmanager
 async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     config = gateway.config
-    setattr(gateway, ATTR, None)
+    gateway.events = None
     if not config.nats.enabled:
         yield
         return
@@ -59,20 +45,19 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     except BaseException:
         await svc.stop()  # e.g. the embedded server started, then something else failed
         raise
-    previous = gateway.recorder
-    gateway.recorder = (svc.recorder if isinstance(previous, NullRecorder)
-                        else TeeRecorder(previous, svc.recorder))
-    setattr(gateway, ATTR, svc)
+    recorders = gateway.pipeline.recorders
+    recorders.append(svc.recorder)
+    gateway.events = svc
     gateway.ready_checks.append(svc.not_ready)
     try:
         yield
     finally:
         # Calls still settling after shutdown began keep recording into the queue that
-        # stop() drains; only then is the recorder put back.
+        # stop() drains; only then is the recorder taken out.
         await svc.stop()
         gateway.ready_checks.remove(svc.not_ready)
-        gateway.recorder = previous
-        setattr(gateway, ATTR, None)
+        recorders.remove(svc.recorder)
+        gateway.events = None
 
 
 def _error(exc: Exception) -> Response:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tollway.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_error
@@ -30,21 +29,16 @@ from tollway.errors import (
 from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
 from tollway.pipeline.decode import ChatRequest, decode_chat, decode_embeddings
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
+from tollway.pipeline.hooks import Finisher, Guard, PlanHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
 from tollway.pipeline.usage import count_text, reply_text
-from tollway.record import CallRecord, Outcome
+from tollway.record import CallRecord, Outcome, Recorder
 
 if TYPE_CHECKING:
-    from tollway.gateway import Gateway
+    from tollway.parts import GatewayParts
 
 log = logging.getLogger("tollway.pipeline")
-
-# A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
-Guard = Callable[[Call, RoutePlan], Awaitable[None]]
-# Runs once per call after settle and before record (e.g. a budget hold replaced by the
-# actual cost); must not raise, and cannot be skipped by a disconnect.
-Finisher = Callable[[Call], None]
 
 TASKS = frozenset({"chat", "draft", "summarize", "classify", "extract", "code", "embed"})
 SENSITIVITIES = frozenset({"public", "internal", "confidential", "restricted"})
@@ -57,16 +51,16 @@ _HINTS = {
 
 
 class Pipeline:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
-        self.max_body = gateway.config.server.max_body_bytes
+    def __init__(self, parts: GatewayParts) -> None:
+        self.gw = parts
+        self.max_body = parts.config.server.max_body_bytes
+        # Where the other parts plug in: the gateway sets the guards (and the budget's
+        # finisher); the events and shadow lifespans add theirs while the app runs.
         self.guards: list[Guard] = []
         self.finishers: list[Finisher] = []
-        # ==== BEGIN shadow plan hooks ====
-        # Run after the policy, may replace the plan (the A/B split puts a candidate first).
-        self.plan_hooks: list[Callable[[Call, RoutePlan], RoutePlan]] = []
-        # ==== END shadow plan hooks ====
-        self.dispatcher = Dispatcher(gateway)
+        self.plan_hooks: list[PlanHook] = []
+        self.recorders: list[Recorder] = []  # each gets every call's record, in this order
+        self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(CHAT, scope, receive, send)
@@ -138,11 +132,9 @@ class Pipeline:
         call.info.stream = call.stream
 
     def _hint(self, call: Call, name: bytes, raw: bytes) -> None:
-        # ==== BEGIN shadow user hint ====
         if name == b"x-tollway-user":  # a caller-given user id: case kept, not validated
             call.user = raw.decode("latin-1").strip()[:256]
             return
-        # ==== END shadow user hint ====
         value = raw.decode("latin-1").strip().lower()
         hint = _HINTS.get(name)
         if hint is not None:
@@ -165,10 +157,8 @@ class Pipeline:
 
     def plan(self, call: Call) -> RoutePlan:
         plan: RoutePlan = self.gw.policy.plan(call)  # tollway.policy: may refuse (403, ...)
-        # ==== BEGIN shadow plan hooks ====
         for hook in self.plan_hooks:
             plan = hook(call, plan)
-        # ==== END shadow plan hooks ====
         call.plan = plan
         call.reason = plan.reason
         return plan
@@ -300,10 +290,11 @@ class Pipeline:
             reason=call.reason,
             reservation_id=call.hold_id,
         )
-        try:
-            self.gw.recorder.record(rec)
-        except Exception:  # a recorder must not raise; if one does, the call still ends
-            log.exception("recorder failed")
+        for recorder in self.recorders:
+            try:
+                recorder.record(rec)
+            except Exception:  # a recorder must not raise; if one does, the call still ends
+                log.exception("recorder failed")
         self.gw.metrics.observe_call(rec)
         info.route = route
         info.model = rec.model or route

@@ -24,7 +24,7 @@ class Call:
         "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
         "response_started", "sensitivity",
         "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
-        "user",  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
+        "user",  # shadow: X-Tollway-User (sticky A/B arms)
     )
 
     def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig,
@@ -67,6 +67,6 @@ class Call:
         # Extra response headers every reply of this call carries (e.g. x-ratelimit-*),
         # as ASGI raw pairs.
         self.headers: list[tuple[bytes, bytes]] = []
-        self.user = ""  # ==== shadow: X-Tollway-User (sticky A/B arms) ====
+        self.user = ""  # shadow: X-Tollway-User (sticky A/B arms)
         self.reservation: Any = None  # what a guard holds until the call ends (budget)
         self.hold_id = ""  # the shared budget's lease it was granted from (for the record)

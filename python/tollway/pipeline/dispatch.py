@@ -14,21 +14,28 @@ A stream is retried or fails over only before its first byte: the response
 headers go to the client once the provider's first chunk has arrived, and
 from then on a failure ends the stream with an error event. While it relays,
 a watcher waits for the client to leave; when it does, the upstream request
-is dropped at once and what was streamed so far is still counted.
+is dropped at once and what was streamed so far is still counted. However a
+relay ends (the provider breaks the stream, the client leaves or its send
+fails, the task is cancelled, a bug), the upstream reply is let go by the
+one ``async with`` that holds it (:mod:`.upstream`), the client still there
+gets its last message, and the breaker a result: a failure only when the
+provider was at fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from tollway.asgi import Headers, Receive, Send
+from tollway.asgi import Headers, Message, Receive, Send
 from tollway.errors import (
+    InternalError,
     TollwayError,
     UpstreamError,
     UpstreamRateLimited,
@@ -42,13 +49,16 @@ from tollway.pipeline.decode import rewrite
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.prompt import prompt_tokens
 from tollway.pipeline.stream import DONE, SseTap, error_event, usage_event
+from tollway.pipeline.upstream import HeldStream, holding
 from tollway.pipeline.usage import Usage, count_text, reply_usage
 from tollway.providers.http import Reply, StreamReply
 from tollway.providers.openai import OpenAIProvider
 from tollway.resilience import classify
 
 if TYPE_CHECKING:
-    from tollway.gateway import Gateway
+    from tollway.parts import GatewayParts
+
+log = logging.getLogger("tollway.pipeline")
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -138,14 +148,49 @@ def served_headers(dep: Deployment) -> Headers:
 _PATHS = {CHAT: "chat", "embeddings": "embeddings"}
 
 
+_LAST_WORD_S = 1.0  # a cancelled relay waits this long, at most, to end the client's stream
+
+
+class _ClientLeft(Exception):
+    """The client cannot take more of the stream: it left, or sending to it failed."""
+
+
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
+async def _forward(send: Send, message: Message) -> None:
+    try:
+        await send(message)
+    except OSError as exc:  # what ASGI servers raise for a client that is gone
+        raise _ClientLeft from exc
+
+
+async def _end(send: Send, body: bytes) -> None:
+    """The stream's last message; a client that is gone needs none."""
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except OSError:
+        pass  # the client is gone: nobody to tell
+    except Exception:  # the relay's outcome stands; a broken send is logged, not raised
+        log.exception("ending a stream failed")
+
+
+def _broken(call: Call, exc: TollwayError, tap: SseTap) -> bytes:
+    """Record why the stream failed; the error event that ends it, unless the provider's
+    own error event went out already."""
+    call.error = exc
+    spec = spec_for(exc)
+    call.status = spec.status
+    if tap.error:
+        return b""
+    return error_event(exc.message, spec.type, spec.code)
+
+
 class Dispatcher:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(self, parts: GatewayParts) -> None:
+        self.gw = parts
 
     def _body_for(self, call: Call, dep: Deployment) -> bytes:
         """The body as the provider must see it; the original bytes when unchanged."""
@@ -184,15 +229,23 @@ class Dispatcher:
                 t = clock.monotonic()
                 try:
                     if call.stream:
-                        stream, chunks, first = await self._open(call, provider, body)
-                        latency.observe(dep, dep.provider, clock.monotonic() - t)
-                        await self._relay(call, stream, chunks, first, receive, send)
-                        # After the first byte nothing is retried; a cut stream still
-                        # counts against the provider.
-                        if call.error is not None and not call.client_cancelled:
-                            breaker.record_failure(clock.monotonic())
-                        else:
-                            breaker.record_success(clock.monotonic(), clock.monotonic() - t)
+                        async with holding(self._post_stream(call, provider, body)) as up:
+                            first = await self._first(call, provider, up)
+                            latency.observe(dep, dep.provider, clock.monotonic() - t)
+                            fault: UpstreamError | None = None
+                            try:
+                                fault = await self._relay(call, up, first, receive, send)
+                            finally:
+                                # After the first byte nothing is retried. A stream the
+                                # provider broke counts against it; one the client left,
+                                # or a cancelled task, does not.
+                                now = clock.monotonic()
+                                if fault is not None:
+                                    breaker.record_failure(now)
+                                    metrics.upstream_errors.inc(
+                                        (dep.provider, spec_for(fault).code or "error"))
+                                else:
+                                    breaker.record_success(now, now - t)
                         return
                     call.reply = await self._post(call, provider, body)
                     try:
@@ -238,96 +291,118 @@ class Dispatcher:
             raise upstream_error(provider.name, reply.status, reply.body, reply.headers)
         return reply
 
-    async def _open(self, call: Call, provider: OpenAIProvider, body: bytes
-                    ) -> tuple[StreamReply, AsyncIterator[bytes], bytes]:
-        """The stream, its chunk iterator and its first chunk: until that one has come,
-        nothing was sent to the client and a failure may still be retried."""
+    async def _post_stream(self, call: Call, provider: OpenAIProvider, body: bytes
+                           ) -> StreamReply:
         info = call.info
         t = time.perf_counter()
         try:
-            stream = await provider.post_stream(_PATHS[call.endpoint], body, info.request_id)
-            if stream.status >= 300:
-                try:
-                    data = await stream.read()
-                finally:
-                    stream.abort()
-                raise upstream_error(provider.name, stream.status, data, stream.headers)
-            chunks = aiter(stream.chunks())
-            try:
-                first = await anext(chunks)
-            except StopAsyncIteration:
-                stream.abort()
-                raise UpstreamError(f"{provider.name}: provider ended the stream before "
-                                    "sending anything") from None
-            except BaseException:
-                stream.abort()
-                raise
+            return await provider.post_stream(_PATHS[call.endpoint], body, info.request_id)
         finally:
             info.upstream_s += time.perf_counter() - t
-        return stream, chunks, first
 
-    async def _relay(self, call: Call, stream: StreamReply, chunks: AsyncIterator[bytes],
-                     first: bytes, receive: Receive, send: Send) -> None:
+    async def _first(self, call: Call, provider: OpenAIProvider, up: HeldStream) -> bytes:
+        """The stream's first chunk: until it has come, nothing was sent to the client and
+        a failure may still be retried."""
+        info = call.info
+        t = time.perf_counter()
+        try:
+            reply = up.reply
+            if reply.status >= 300:
+                data = await up.read()
+                raise upstream_error(provider.name, reply.status, data, reply.headers)
+            first = await up.next()
+        finally:
+            info.upstream_s += time.perf_counter() - t
+        if first is None:
+            raise UpstreamError(f"{provider.name}: provider ended the stream before "
+                                "sending anything")
+        return first
+
+    async def _relay(self, call: Call, up: HeldStream, first: bytes, receive: Receive,
+                     send: Send) -> UpstreamError | None:
+        """Relay the stream and end it on every path: the provider's fault, if it was one.
+
+        The client gets a last message unless it is gone: ``[DONE]`` after a whole
+        stream, else an error event (the provider's own, when it sent one)."""
         dep = call.deployment
         assert dep is not None
         tap = call.tap = SseTap(keep_usage=call.include_usage)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*SSE_HEADERS, *served_headers(dep), *call.headers]})
+        # Before the send: whatever happens next, the pipeline must not answer again.
         call.response_started = True
-        pump = asyncio.ensure_future(self._pump(call, stream, chunks, first, tap, send))
+        try:
+            await _forward(send, {"type": "http.response.start", "status": 200,
+                                  "headers": [*SSE_HEADERS, *served_headers(dep),
+                                              *call.headers]})
+            tail = await self._raced(call, up, first, tap, receive, send)
+        except _ClientLeft:
+            call.client_cancelled = True
+            return None
+        except asyncio.CancelledError:
+            # The server stops the call (shutdown; some servers on a disconnect): for the
+            # record the client went away; a client still there learns it was cut.
+            call.client_cancelled = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LAST_WORD_S):
+                    await _end(send, error_event("the gateway stopped this stream",
+                                                 "api_error", "stream_stopped"))
+            raise
+        except UpstreamError as exc:
+            await _end(send, _broken(call, exc, tap))
+            return exc
+        except Exception:
+            log.exception("stream relay failed", extra={"provider": dep.provider})
+            await _end(send, _broken(call, InternalError("internal error"), tap))
+            return None
+        await _end(send, tail)
+        return None
+
+    async def _raced(self, call: Call, up: HeldStream, first: bytes, tap: SseTap,
+                     receive: Receive, send: Send) -> bytes:
+        """The pump's result; :class:`_ClientLeft` when the client leaves first."""
+        pump = asyncio.ensure_future(self._pump(call, up, first, tap, send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if pump.done():
-                watch.cancel()
-                pump.result()
-            else:
-                # The client left (or we are being cancelled): stop reading and drop the
-                # upstream connection so the provider stops generating.
-                call.client_cancelled = watch.done() and not watch.cancelled()
-                pump.cancel()
-                watch.cancel()
-                stream.abort()
-                await asyncio.gather(pump, return_exceptions=True)
+            # Also when we are cancelled: neither task may outlive the relay.
+            watch.cancel()
+            pump.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+        if pump.cancelled():
+            raise _ClientLeft
+        return pump.result()
 
-    async def _pump(self, call: Call, stream: StreamReply, chunks: AsyncIterator[bytes],
-                    first: bytes, tap: SseTap, send: Send) -> None:
+    async def _pump(self, call: Call, up: HeldStream, first: bytes, tap: SseTap,
+                    send: Send) -> bytes:
+        """Forward the provider's events; the stream's last bytes once it ended whole.
+
+        Raises UpstreamError when the provider broke the stream, _ClientLeft when the
+        client cannot take more."""
         info = call.info
-        failure: UpstreamError | None = None
-        out = tap.feed(first)
-        if out:
-            await send({"type": "http.response.body", "body": out, "more_body": True})
-        t = time.perf_counter()
-        try:
-            async for data in chunks:
-                now = time.perf_counter()
-                info.upstream_s += now - t
-                out = tap.feed(data)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                t = time.perf_counter()
-            info.upstream_s += time.perf_counter() - t
-        except UpstreamError as exc:
-            info.upstream_s += time.perf_counter() - t
-            failure = exc
-        tail: list[bytes] = []
-        if tap.done and not tap.error:
-            stream.release()
-            if call.include_usage and tap.usage is None:
-                tail.append(usage_event(dep_model(call), self._counted(call, tap), "tollway-usage"))
-            tail.append(DONE)
-        else:
-            stream.abort()
-            if tap.error:
-                failure = failure or UpstreamError("provider sent an error mid-stream")
-            else:
-                failure = failure or UpstreamError("provider ended the stream early")
-                spec = spec_for(failure)
-                tail.append(error_event(failure.message, spec.type, spec.code))
-            call.error = failure
-            call.status = spec_for(failure).status
-        await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+        data: bytes | None = first
+        while data is not None:
+            out = tap.feed(data)
+            if out:
+                await _forward(send, {"type": "http.response.body", "body": out,
+                                      "more_body": True})
+            t = time.perf_counter()
+            try:
+                data = await up.next()
+            except UpstreamError:
+                if not tap.done:
+                    raise
+                data = None  # broken off after [DONE]: the client has it all
+            finally:
+                info.upstream_s += time.perf_counter() - t
+        name = call.deployment.provider if call.deployment is not None else ""
+        if tap.error:
+            raise UpstreamError(f"{name}: provider sent an error mid-stream")
+        if not tap.done:
+            raise UpstreamError(f"{name}: provider ended the stream early")
+        if call.include_usage and tap.usage is None:
+            return usage_event(dep_model(call), self._counted(call, tap),
+                               "tollway-usage") + DONE
+        return DONE
 
     def _counted(self, call: Call, tap: SseTap) -> Usage:
         dep = call.deployment

@@ -14,6 +14,7 @@ import time
 
 import msgspec
 
+from tollway.errors import UpstreamError
 from tollway.pipeline.usage import Usage
 
 
@@ -45,6 +46,7 @@ class _Chunk(msgspec.Struct):
 
 _chunk = msgspec.json.Decoder(_Chunk)
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1 << 20  # one event held until its end comes: ~250k tokens of text
 
 
 class SseTap:
@@ -69,8 +71,10 @@ class SseTap:
         end = buf.rfind(b"\n\n")
         if end < 0:
             self._buf = buf
+            self._check_held()
             return b""
         self._buf = buf[end + 2:]
+        self._check_held()
         complete = buf[: end + 2]
         out: list[bytes] = []
         for event in complete.split(b"\n\n"):
@@ -80,6 +84,13 @@ class SseTap:
                 out.append(event)
                 out.append(b"\n\n")
         return b"".join(out)
+
+    def _check_held(self) -> None:
+        # Not an event stream (an HTML page with a 200, say): refuse it rather than
+        # hold and re-copy it whole for every chunk that arrives.
+        if len(self._buf) > MAX_EVENT_BYTES:
+            raise UpstreamError("provider sent something other than an event stream "
+                                f"(no event end in {MAX_EVENT_BYTES} bytes)")
 
     def _inspect(self, event: bytes) -> bool:
         """Read one event; False to drop it."""

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tollway import __version__
+from tollway._version import __version__
 from tollway.gateway import Gateway
 from tollway.metrics import CONTENT_TYPE
 

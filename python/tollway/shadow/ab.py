@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tollway.config import ShadowRouteConfig
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.plan import Deployment, RoutePlan
 from tollway.policy import PolicyPlan
-from tollway.shadow.config import ShadowRouteConfig
 from tollway.shadow.sampling import ab_arm, ab_point, sticky_key
 
 if TYPE_CHECKING:
-    from tollway.gateway import Gateway
+    from tollway.parts import GatewayParts
 
 __all__ = ["ABSplit"]
 
@@ -44,15 +44,15 @@ class _Split:
 
 
 class ABSplit:
-    def __init__(self, gateway: Gateway, entries: list[ShadowRouteConfig]) -> None:
-        self.gw = gateway
+    def __init__(self, parts: GatewayParts, entries: list[ShadowRouteConfig]) -> None:
+        self.gw = parts
         self.splits = {
-            e.route: _Split(e, tuple(gateway.catalog.models[c] for c in e.candidates))
+            e.route: _Split(e, tuple(parts.catalog.models[c] for c in e.candidates))
             for e in entries if e.mode == "ab"
         }
-        self.local_only = gateway.policy.local_only
+        self.local_only = parts.policy.local_only
         self.caps = {name: round(t.max_call_usd * NANO)
-                     for name, t in gateway.config.tiers.items()}
+                     for name, t in parts.config.tiers.items()}
 
     def arm(self, call: Call) -> tuple[str, Deployment | None] | None:
         """(route, candidate or None for the primary arm); None when no split applies."""

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from tollway.config import ShadowRouteConfig
 from tollway.errors import UpstreamError, UpstreamTimeout, public_message, spec_for
 from tollway.metrics import Counter, Gauge
 from tollway.pipeline.call import CHAT, Call
@@ -45,14 +46,13 @@ from tollway.pipeline.dispatch import upstream_error
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.usage import count_prompt, count_text, reply_text, reply_usage
 from tollway.shadow.agreement import score
-from tollway.shadow.config import ShadowRouteConfig
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import Sampler
 from tollway.shadow.sink import ShadowSink
 from tollway.shadow.spend import NANO, Hold, ShadowSpend
 
 if TYPE_CHECKING:
-    from tollway.gateway import Gateway
+    from tollway.parts import GatewayParts
     from tollway.providers import OpenAIProvider
 
 __all__ = ["ShadowRunner", "candidate_body"]
@@ -145,15 +145,15 @@ class _Primary:
 
 
 class ShadowRunner:
-    def __init__(self, gateway: Gateway, entries: list[ShadowRouteConfig], sink: ShadowSink,
+    def __init__(self, parts: GatewayParts, entries: list[ShadowRouteConfig], sink: ShadowSink,
                  *, others: Callable[[str, str], int] | None = None) -> None:
         """``others(route, day)``: shadow spend of other gateway processes (nano-USD)."""
-        self.gw = gateway
+        self.gw = parts
         self.sink = sink
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
-        catalog = gateway.catalog
-        now = gateway.clock.time
+        catalog = parts.catalog
+        now = parts.clock.time
         self.routes: dict[str, _Route] = {}
         for e in entries:
             if e.mode != "shadow":
@@ -162,8 +162,8 @@ class ShadowRunner:
                                 functools.partial(others, e.route) if others else None)
             self.routes[e.route] = _Route(
                 e, tuple(catalog.models[c] for c in e.candidates), spend)
-        self.local_only = gateway.policy.local_only
-        self.default_max_output = gateway.estimator.default_max_output_tokens
+        self.local_only = parts.policy.local_only
+        self.default_max_output = parts.estimator.default_max_output_tokens
         self.sampled = Counter("tollway_shadow_sampled", "Live calls picked for shadowing.",
                                ["route"])
         self.skipped = Counter(

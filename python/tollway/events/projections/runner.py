@@ -2,7 +2,7 @@
 
 One ordered push consumer (ephemeral, in-memory, no acks) delivers every
 message of the stream from the lowest sequence any projection still needs,
-read by a :class:`~tollway.events.bulk.BulkReader` in follow mode on a
+read by a :class:`~tollway.events.nats.bulk.BulkReader` in follow mode on a
 connection of its own (what arrives together is folded together); where that
 reader cannot be used (TLS, nkeys, JWT) or keeps failing, by nats-py.
 Each message is decoded once and applied to every projection; a projection
@@ -12,7 +12,7 @@ KV bucket every ``checkpoint_interval_s`` (when they moved) and at stop.
 
 A backlog of ``bulk_min_backlog`` messages or more (a first start, a long
 downtime, ``tollway replay``) is folded first by a bulk read up to the
-stream's end (:mod:`tollway.events.bulk`, several times faster than nats-py's
+stream's end (:mod:`tollway.events.nats.bulk`, several times faster than nats-py's
 per-message delivery), in batches, projection by projection; the live tail
 then follows from where it stopped. If the bulk reader cannot be used or
 fails part way, nats-py folds the rest.
@@ -35,8 +35,8 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamState
 from nats.js.kv import KeyValue
 
-from tollway.events.bulk import BulkReader, BulkUnavailable
 from tollway.events.metrics import EventMetrics
+from tollway.events.nats.bulk import BulkReader, BulkUnavailable
 from tollway.events.projections import Projection, checkpoint
 from tollway.events.schema import SCHEMA_VERSION, STREAM, SUBJECTS, AnyEvent, Event, decode
 

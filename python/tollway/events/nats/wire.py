@@ -11,7 +11,7 @@ match per ``MSG`` frame, with no task in between. Anything else the server
 sends (PING, INFO, ``-ERR``, no-responders status replies) goes through a
 generic frame parser.
 
-Scope as :mod:`tollway.events.bulk`: plain TCP, anonymous or the static
+Scope as :mod:`tollway.events.nats.bulk`: plain TCP, anonymous or the static
 user/password or token of the nats-py connection (:meth:`Endpoint.of_client`);
 otherwise :class:`BulkUnavailable` tells the publisher to stay on nats-py.
 """
@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import msgspec
 
-from tollway.events.bulk import BulkError, BulkUnavailable, Endpoint, cut_message
+from tollway.events.nats.bulk import BulkError, BulkUnavailable, Endpoint, cut_message
 from tollway.events.outbox import OutboxEntry
 
 # One result per published entry. RETRY and NO_ACK (and anything above) mean "send it again".
