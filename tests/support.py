@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -9,8 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import uvicorn
 
+import tollway.pipeline.usage
 from tollway import _core
 from tollway.auth import hash_key
 from tollway.config import Config, parse_config
@@ -132,3 +135,21 @@ def panics_once(real: Callable[..., Any]) -> Callable[..., Any]:
         return real(*args, **kwargs)
 
     return once
+
+
+def spy_counts(mp: pytest.MonkeyPatch) -> list[bool]:
+    """Every prompt counted from now on (whoever asks), as True when on an event loop's
+    thread, False when in a worker thread."""
+    on_loop: list[bool] = []
+    real = tollway.pipeline.usage.count_chat_tokens
+
+    def count_chat_tokens(*args: Any, **kwargs: Any) -> int:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(*args, **kwargs)
+
+    mp.setattr(tollway.pipeline.usage, "count_chat_tokens", count_chat_tokens)
+    return on_loop

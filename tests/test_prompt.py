@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
-import tollway.pipeline.prompt
 from policy_rig import CHAT, rig
-from support import auth, chat_body
+from support import auth, chat_body, spy_counts
 from tollway.pipeline.prompt import THREAD_MIN_BYTES
 from tollway.testing.upstream import Fault
 from tollway.tokens import count_chat_tokens
@@ -18,23 +16,6 @@ NO_USAGE = {  # a provider that sends no usage: settle needs the prompt's count 
     "id": "x", "object": "chat.completion", "model": "gpt-4o-mini",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
                  "finish_reason": "stop"}]}
-
-
-def spy_counts(mp: pytest.MonkeyPatch) -> list[bool]:
-    """Every count of a prompt from now on, as True when it ran on an event loop's thread."""
-    on_loop: list[bool] = []
-    real = tollway.pipeline.prompt.count_prompt
-
-    def count_prompt(body: bytes, model: str) -> int:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return real(body, model)
-
-    mp.setattr(tollway.pipeline.prompt, "count_prompt", count_prompt)
-    return on_loop
 
 
 def words(n_bytes: int) -> str:

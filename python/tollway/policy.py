@@ -39,7 +39,7 @@ from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.decode import ChatRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
-from tollway.pipeline.prompt import prompt_tokens
+from tollway.pipeline.prompt import prompt_bound
 from tollway.resilience import Breakers, LatencyTracker
 from tollway.tokens import CostEstimator
 
@@ -224,11 +224,7 @@ class Policy:
         first_tokens = -1
         estimate = self.estimator.estimate
         for dep in candidates:
-            tokens = prompt_tokens(call, dep.upstream)  # once per encoding, kept on the call
-            if tokens is None:
-                # A prompt the counter cannot read: overestimate (about 2 bytes a token)
-                # rather than let a call pass uncounted.
-                tokens = len(call.body) // 2 + 1
+            tokens = prompt_bound(call, dep.upstream)  # counted once per encoding
             if first_tokens < 0:
                 first_tokens = tokens
             costs.append(estimate(dep.model, tokens, max_output).max_cost_nanousd)

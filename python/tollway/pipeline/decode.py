@@ -100,14 +100,18 @@ def decode_embeddings(body: bytes) -> EmbeddingsRequest:
     return req
 
 
-def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
-    """The body with `model` replaced and/or a stream usage request added.
+def rewrite(body: bytes, *, model: str | None, include_usage: bool,
+            drop: tuple[str, ...] = ()) -> bytes:
+    """The body with `model` replaced and/or a stream usage request added, and without
+    the top-level members ``drop`` names.
 
     Only the top level is decoded; every other member (the messages) is copied as raw
     JSON, not built into Python objects and encoded again: on the event loop, a 4 MB
     prompt costs about 12 ms this way against 50 ms.
     """
     data = _top_level.decode(body)
+    for name in drop:
+        data.pop(name, None)
     if model is not None:
         data["model"] = msgspec.Raw(_encode(model))
     if include_usage:

@@ -1,9 +1,10 @@
 """A call's prompt tokens: counted once per encoding, and in a thread when the prompt is large.
 
 The policy counts the prompt to bound the call's cost; settle needs the count
-again when the provider sends no usage. Both read :func:`prompt_tokens`,
-which keeps the count on the call (:attr:`Call.prompt_counts`), so a prompt
-is tokenized once per encoding whatever asks.
+again when the provider sends no usage, and so does a shadow call of it. All
+read :func:`prompt_tokens`, which keeps the count on the call
+(:attr:`Call.prompt_counts`, handed on to the shadow's copy), so a prompt is
+tokenized once per encoding whatever asks.
 
 Tokenizing prose costs about 40 ns a byte (a 4 MB prompt: 150-250 ms of
 CPU); on the event loop every other call waits that long.
@@ -24,16 +25,13 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from tollway.pipeline.decode import EmbeddingsRequest
 from tollway.pipeline.usage import count_input, count_prompt, encoding_of
 from tollway.tokens import CoreError
 
-if TYPE_CHECKING:
-    from tollway.pipeline.call import Call
-
-__all__ = ["THREAD_MIN_BYTES", "count_in_thread", "prompt_tokens"]
+__all__ = ["THREAD_MIN_BYTES", "Prompted", "count_in_thread", "prompt_bound", "prompt_tokens"]
 
 log = logging.getLogger("tollway.pipeline")
 
@@ -44,7 +42,15 @@ THREAD_MIN_BYTES = int(os.environ.get("TOLLWAY_COUNT_THREAD_MIN_BYTES", 32 * 102
 _UNCOUNTABLE = -1
 
 
-def prompt_tokens(call: Call, upstream: str) -> int | None:
+class Prompted(Protocol):
+    """A call (or the shadow's copy of one): its body, decoded request and counts so far."""
+
+    body: bytes
+    request: Any
+    prompt_counts: dict[str, int]  # encoding -> tokens, or -1 when uncountable
+
+
+def prompt_tokens(call: Prompted, upstream: str) -> int | None:
     """Prompt tokens of the call for the upstream model's encoding, counted on first use.
 
     None when the counter cannot read the prompt (a shape it does not know; logged). A
@@ -58,7 +64,14 @@ def prompt_tokens(call: Call, upstream: str) -> int | None:
     return None if tokens == _UNCOUNTABLE else tokens
 
 
-async def count_in_thread(call: Call, upstreams: Iterable[str]) -> None:
+def prompt_bound(call: Prompted, upstream: str) -> int:
+    """:func:`prompt_tokens` for a cost bound: a prompt the counter cannot read is
+    overestimated from its size (about 2 bytes a token) rather than passed as free."""
+    tokens = prompt_tokens(call, upstream)
+    return len(call.body) // 2 + 1 if tokens is None else tokens
+
+
+async def count_in_thread(call: Prompted, upstreams: Iterable[str]) -> None:
     """Count a large prompt for each encoding of ``upstreams`` in a worker thread, so
     :func:`prompt_tokens` finds the counts; a small prompt is left to be counted on use."""
     if len(call.body) < THREAD_MIN_BYTES:
@@ -73,12 +86,12 @@ async def count_in_thread(call: Call, upstreams: Iterable[str]) -> None:
         await asyncio.to_thread(_count_all, call, todo)
 
 
-def _count_all(call: Call, todo: dict[str, str]) -> None:
+def _count_all(call: Prompted, todo: dict[str, str]) -> None:
     for encoding, upstream in todo.items():
         call.prompt_counts[encoding] = _count(call, upstream)
 
 
-def _count(call: Call, upstream: str) -> int:
+def _count(call: Prompted, upstream: str) -> int:
     req = call.request
     try:
         if isinstance(req, EmbeddingsRequest):
