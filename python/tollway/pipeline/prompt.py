@@ -82,7 +82,8 @@ async def count_in_thread(call: Prompted, upstreams: Iterable[str]) -> None:
         if encoding not in call.prompt_counts:
             todo.setdefault(encoding, upstream)
     if todo:
-        # The call's own coroutine waits here, so nothing else touches its counts meanwhile.
+        # The thread sets whole items of the dict; two tasks asking at once (shadow calls
+        # of one prompt) may both count an encoding, and store the same number.
         await asyncio.to_thread(_count_all, call, todo)
 
 

@@ -62,7 +62,6 @@ __all__ = ["ShadowRunner", "candidate_body"]
 log = logging.getLogger("tollway.shadow")
 
 
-
 class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
