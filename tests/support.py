@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import uvicorn
 
+import tollway.pipeline.usage
+from tollway import _core
 from tollway.auth import hash_key
 from tollway.config import Config, parse_config
 from tollway.record import CallRecord
@@ -117,3 +122,34 @@ def chat_body(
     content: str = "hello there", model: str = "gpt-4o-mini", **kw: Any
 ) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **kw}
+
+
+def panics_once(real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except that its first call panics inside the Rust core (a real panic)."""
+    calls = [0]
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            _core._panic(f"injected into {real.__name__}")
+        return real(*args, **kwargs)
+
+    return once
+
+
+def spy_counts(mp: pytest.MonkeyPatch) -> list[bool]:
+    """Every prompt counted from now on (whoever asks), as True when on an event loop's
+    thread, False when in a worker thread."""
+    on_loop: list[bool] = []
+    real = tollway.pipeline.usage.count_chat_tokens
+
+    def count_chat_tokens(*args: Any, **kwargs: Any) -> int:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(*args, **kwargs)
+
+    mp.setattr(tollway.pipeline.usage, "count_chat_tokens", count_chat_tokens)
+    return on_loop

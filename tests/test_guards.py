@@ -63,13 +63,14 @@ class Rig:
                              **policy_kw)
         self.rate = RateLimitGuard(config.tenants, self.clock)
         self.book = LocalBudget(self.clock)
-        self.budget = BudgetGuard(config, self.clock, lambda: self.book)
+        self.budget = BudgetGuard(config, lambda: self.book)
         self.n = 0
         self._plans: dict[str, PolicyPlan] = {}  # simulations reuse one plan per request
 
     def call(self, model: str = "cheap", **body: Any) -> tuple[Call, PolicyPlan]:
         self.n += 1
-        call = Call(CHAT, RequestInfo(f"req-{self.n}", 0.0), self.config.tenants[0])
+        call = Call(CHAT, RequestInfo(f"req-{self.n}", 0.0), self.config.tenants[0],
+                    self.clock.time())
         call.body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
                                 **body}).encode()
         call.request = decode_chat(call.body)
@@ -83,7 +84,7 @@ class Rig:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self.call(model, **body)[1]
-        call = Call(CHAT, RequestInfo("req", 0.0), self.config.tenants[0])
+        call = Call(CHAT, RequestInfo("req", 0.0), self.config.tenants[0], self.clock.time())
         try:
             await self.rate(call, plan)
         except RateLimited as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ import httpx
 
 from policy_rig import CHAT, completions, rig
 from support import auth, chat_body
+from tollway.clock import ManualClock
 from tollway.context import RequestInfo
+from tollway.events.schema import day_of, event_from_record
 from tollway.pipeline.call import CHAT as CHAT_ENDPOINT
 from tollway.pipeline.call import Call
 from tollway.pipeline.decode import decode_chat
@@ -144,7 +147,8 @@ async def test_50_concurrent_calls_against_the_shared_events_budget(tmp_path: Pa
         svc = r.gateway.events
         assert svc is not None and r.gateway.budget_book() is svc.budget
         # The hold of one call, from the gateway's own policy, before any budget is leased.
-        call = Call(CHAT_ENDPOINT, RequestInfo("probe", 0.0), r.gateway.config.tenants[0])
+        call = Call(CHAT_ENDPOINT, RequestInfo("probe", 0.0), r.gateway.config.tenants[0],
+                    r.gateway.clock.time())
         call.body = json.dumps(chat_body(content, model="auto", **body)).encode()
         call.request = decode_chat(call.body)
         budget = 10 * r.gateway.policy.plan(call).max_cost_nanousd
@@ -166,3 +170,58 @@ async def test_50_concurrent_calls_against_the_shared_events_budget(tmp_path: Pa
         while svc.budget.spent_today("acme") < spent and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # the call events fold into the view
         assert svc.budget.spent_today("acme") == spent
+
+
+def call_across_midnight(r: Any) -> tuple[float, Any]:
+    """One call that begins at 2026-01-01T23:59:59.9Z and is answered after midnight:
+    (the instant it began, its record)."""
+    clock = r.clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(86_400 - 0.1)
+    began = clock.time()
+    r.ups["primary"].latency_s = 0.5  # holds the reply while the clock passes midnight
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(r.chat, max_tokens=10)
+        r.ups["primary"].wait_for_requests(1)  # reserved: the call is upstream now
+        clock.advance(0.2)
+        resp = pending.result()
+    assert resp.status_code == 200
+    assert day_of(began) == "2026-01-01" and day_of(clock.time()) == "2026-01-02"
+    rec = r.recorder.wait(1)[0]
+    assert rec.actual_cost_nanousd > 0
+    assert rec.occurred_at == began
+    assert day_of(event_from_record(rec, "e-1").occurred_at) == "2026-01-01"
+    return began, rec
+
+
+def test_a_call_that_runs_past_midnight_is_reserved_settled_and_recorded_on_its_first_day(
+        ) -> None:
+    with rig(("primary",)) as r:
+        began, rec = call_across_midnight(r)
+        book = r.gateway.local_budget
+        assert book.spent_today("acme", began) == rec.actual_cost_nanousd
+        assert book.reserved_today("acme", began) == 0  # settled on the day it was reserved
+        assert book.spent_today("acme", r.clock.time()) == 0
+        assert book.reserved_today("acme", r.clock.time()) == 0
+
+
+async def test_past_midnight_with_the_shared_events_budget(tmp_path: Path) -> None:
+    nats = {"enabled": True, "url": "embedded", "data_dir": str(tmp_path / "data")}
+    with rig(("primary",), nats=nats) as r:
+        svc = r.gateway.events
+        assert svc is not None and r.gateway.budget_book() is svc.budget
+        began, rec = await asyncio.to_thread(call_across_midnight, r)
+        assert rec.reservation_id  # granted from a lease on the stream
+        deadline = time.monotonic() + 10
+        while (svc.budget.spent_today("acme", began) < rec.actual_cost_nanousd
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)  # the call event folds into the view
+        assert svc.budget.spent_today("acme", began) == rec.actual_cost_nanousd
+        assert svc.budget.state.holds[rec.reservation_id].day == "2026-01-01"
+        # The lease is of yesterday now: given back (on the gateway's clock) and folded,
+        # which leaves the call's spend on the day it began.
+        while rec.reservation_id in svc.budget.state.holds and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert rec.reservation_id not in svc.budget.state.holds
+        assert svc.budget.spent_today("acme", began) == rec.actual_cost_nanousd
+        assert svc.budget.spent_today("acme", r.clock.time()) == 0

@@ -69,7 +69,7 @@ class World:
     def call(self, model: str = "auto", content: str = "hello", *, task: str = "",
              sensitivity: str = "", latency: str = "", tier: str = "",
              **body_kw: Any) -> Call:
-        call = Call(CHAT, RequestInfo("req-1", 0.0), self.config.tenants[0])
+        call = Call(CHAT, RequestInfo("req-1", 0.0), self.config.tenants[0], self.clock.time())
         body = {"model": model, "messages": [{"role": "user", "content": content}], **body_kw}
         call.body = json.dumps(body).encode()
         call.request = decode_chat(call.body)
@@ -242,7 +242,7 @@ def test_expensive_by_model_list_or_cost_threshold() -> None:
 
 def test_embeddings_estimate_counts_the_input() -> None:
     w = World()
-    call = Call(EMBEDDINGS, RequestInfo("r", 0.0), w.config.tenants[0])
+    call = Call(EMBEDDINGS, RequestInfo("r", 0.0), w.config.tenants[0], w.clock.time())
     call.body = json.dumps({"model": "embed", "input": ["one two", "three"]}).encode()
     call.request = decode_embeddings(call.body)
     plan = w.plan(call)

@@ -20,6 +20,7 @@ from tollway._version import __version__ as __version__
 from tollway.breaker import BreakerTransition as BreakerTransition
 from tollway.breaker import CircuitBreaker as CircuitBreaker
 from tollway.ratelimit import rate_limit_headers as rate_limit_headers
+from tollway.tokens import CoreError as CoreError
 from tollway.tokens import CostEstimator as CostEstimator
 from tollway.tokens import Estimate as Estimate
 from tollway.tokens import UnknownModelError as UnknownModelError

@@ -28,6 +28,12 @@ def scan_js_deliveries(
     ``end``: (stream sequences, payloads, position after them, last consumer sequence,
     pending after it or -1). Stops at any other frame; ValueError on a consumer gap."""
 
+class CoreError(RuntimeError):
+    """A bug in the Rust core (a panic), caught where Python called in."""
+
+def _panic(message: str) -> None:
+    """Test-only: panics inside the core's boundary, so it raises CoreError."""
+
 class UnknownModelError(KeyError):
     """The model has no price in the estimator's table."""
 

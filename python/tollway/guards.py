@@ -250,13 +250,15 @@ class LocalBudget:
 
 
 class BudgetGuard:
-    """Reserve before dispatch; :meth:`finish` settles or releases after the call."""
+    """Reserve before dispatch; :meth:`finish` settles or releases after the call.
 
-    __slots__ = ("book_of", "clock", "daily", "default_daily")
+    The day reserved against is the call's own (:attr:`Call.occurred_at`, read once from
+    the gateway's clock), the day its event carries.
+    """
 
-    def __init__(self, config: Config, clock: Clock,
-                 book_of: Callable[[], BudgetBook]) -> None:
-        self.clock = clock
+    __slots__ = ("book_of", "daily", "default_daily")
+
+    def __init__(self, config: Config, book_of: Callable[[], BudgetBook]) -> None:
         self.book_of = book_of  # resolved per call: the events view appears at startup
         tiers = config.tiers
         self.daily: dict[str, int] = {}
@@ -278,7 +280,7 @@ class BudgetGuard:
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
         hold = book.try_reserve(tenant, amount, limit, request_id=call.info.request_id,
-                                now=self.clock.time())
+                                now=call.occurred_at)
         if hold is None:
             self._refuse(call, book, limit, amount)
         call.reservation = (book, hold)
@@ -287,7 +289,7 @@ class BudgetGuard:
         amount = plan.max_cost_nanousd if isinstance(plan, PolicyPlan) else 0
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
-        now = self.clock.time()
+        now = call.occurred_at  # the call's day, which its event will carry too
         # Most calls fit in a lease this gateway holds: answered without a coroutine.
         grant = getattr(book, "try_grant", None)
         hold = grant(tenant, amount, request_id=call.info.request_id, now=now) if grant else None
@@ -309,7 +311,7 @@ class BudgetGuard:
     def _refuse(self, call: Call, book: BudgetBook, limit: int, amount: int) -> NoReturn:
         tenant = call.tenant.id
         call.reason = f"{call.reason}; refused: daily budget"
-        spent = book.spent_today(tenant, self.clock.time())
+        spent = book.spent_today(tenant, call.occurred_at)
         raise QuotaExceeded(
             f"daily budget of {limit / NANO:g} USD reached for tenant {tenant!r} "
             f"(spent {spent / NANO:.6f} USD, plus calls in flight; this call may cost "
@@ -368,7 +370,7 @@ def build_guards(config: Config, clock: Clock, book_of: Callable[[], BudgetBook]
     if gc.enabled and gc.rate_limits:
         rate = RateLimitGuard(config.tenants, clock, gc.default_limits)
     if gc.enabled and gc.budget:
-        budget = BudgetGuard(config, clock, book_of)
+        budget = BudgetGuard(config, book_of)
         finishers.append(budget.finish)
     if rate is not None and budget is not None:
         guards.append(RateAndBudget(rate, budget))

@@ -37,11 +37,11 @@ from tollway.clock import Clock
 from tollway.config import Config, ConfigError
 from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.call import CHAT, Call
-from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.pipeline.decode import ChatRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
-from tollway.pipeline.usage import count_input, count_prompt
+from tollway.pipeline.prompt import prompt_bound
 from tollway.resilience import Breakers, LatencyTracker
-from tollway.tokens import CostEstimator, encoding_for_model
+from tollway.tokens import CostEstimator
 
 __all__ = ["Policy", "PolicyPlan"]
 
@@ -110,34 +110,13 @@ class Policy:
                                                 else expensive_min_cost_usd))
         self.caps = {name: round(t.max_call_usd * NANO) for name, t in config.tiers.items()}
         self.default_max_output = estimator.default_max_output_tokens
-        self._encodings: dict[str, str] = {}
 
     # ---- the decision --------------------------------------------------------------------
     def plan(self, call: Call) -> PolicyPlan:
         req = call.request
         asked: str = req.model
-        base = self.catalog.plan(call.tenant, asked)  # unknown model / not allowed: raises
-        candidates = base.candidates
-        route = asked
-        notes: list[str] = []
+        route, candidates, notes = self.eligible(call)
         task = call.task
-        if task and task in self.task_routes and asked == "auto":
-            route = self.task_routes[task]
-            candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
-            notes.append(f"task {task} -> route {route}")
-
-        # 1. sensitivity
-        sensitivity = call.sensitivity
-        if sensitivity in self.local_only:
-            local = tuple(d for d in candidates if d.local)
-            if not local:
-                call.reason = f"{route}: refused, {sensitivity} data and no local provider"
-                raise PolicyForbids(
-                    f"{sensitivity} requests may only go to a local provider, and `{asked}` "
-                    "has none", param="model")
-            if len(local) < len(candidates):
-                notes.append(f"{sensitivity}: local only ({len(local)}/{len(candidates)})")
-            candidates = local
 
         # 2. cost against the tier's per-call cap
         if self.estimate:
@@ -200,6 +179,39 @@ class Policy:
         call.estimated_cost_nanousd = plan.max_cost_nanousd
         return plan
 
+    def eligible(self, call: Call) -> tuple[str, tuple[Deployment, ...], list[str]]:
+        """(route, candidates, notes) after the task route and step 1, sensitivity: where the
+        call may go before cost, breakers and order. Raises the refusals of step 1."""
+        asked: str = call.request.model
+        base = self.catalog.plan(call.tenant, asked)  # unknown model / not allowed: raises
+        candidates = base.candidates
+        route = asked
+        notes: list[str] = []
+        task = call.task
+        if task and task in self.task_routes and asked == "auto":
+            route = self.task_routes[task]
+            candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
+            notes.append(f"task {task} -> route {route}")
+
+        # 1. sensitivity
+        sensitivity = call.sensitivity
+        if sensitivity in self.local_only:
+            local = tuple(d for d in candidates if d.local)
+            if not local:
+                call.reason = f"{route}: refused, {sensitivity} data and no local provider"
+                raise PolicyForbids(
+                    f"{sensitivity} requests may only go to a local provider, and `{asked}` "
+                    "has none", param="model")
+            if len(local) < len(candidates):
+                notes.append(f"{sensitivity}: local only ({len(local)}/{len(candidates)})")
+            candidates = local
+        return route, candidates, notes
+
+    def upstreams(self, call: Call) -> list[str]:
+        """The upstream model names the estimate will count the prompt for (none when
+        nothing reads the estimate)."""
+        return [d.upstream for d in self.eligible(call)[1]] if self.estimate else []
+
     # ---- estimate ------------------------------------------------------------------------
     def _estimate(self, call: Call, req: Any,
                   candidates: tuple[Deployment, ...]) -> tuple[int, int, list[int]]:
@@ -208,32 +220,15 @@ class Policy:
         if isinstance(req, ChatRequest):
             per_choice = req.max_completion_tokens or req.max_tokens or self.default_max_output
             max_output = per_choice * max(1, req.n or 1)
-        by_encoding: dict[str, int] = {}
         costs: list[int] = []
         first_tokens = -1
         estimate = self.estimator.estimate
         for dep in candidates:
-            enc = self._encodings.get(dep.upstream)
-            if enc is None:
-                enc = self._encodings[dep.upstream] = encoding_for_model(dep.upstream)
-            tokens = by_encoding.get(enc)
-            if tokens is None:
-                tokens = by_encoding[enc] = self._count(call, req, dep.upstream)
+            tokens = prompt_bound(call, dep.upstream)  # counted once per encoding
             if first_tokens < 0:
                 first_tokens = tokens
             costs.append(estimate(dep.model, tokens, max_output).max_cost_nanousd)
         return max(first_tokens, 0), max_output, costs
-
-    def _count(self, call: Call, req: Any, upstream: str) -> int:
-        try:
-            if isinstance(req, EmbeddingsRequest):
-                return count_input(req.input, upstream)
-            return count_prompt(call.body, upstream)
-        except Exception:
-            # The body decoded as a request, so this is a shape the counter does not know;
-            # overestimate (about 2 bytes a token) rather than let a call pass uncounted.
-            log.warning("prompt not countable; estimating from its size", exc_info=True)
-            return len(call.body) // 2 + 1
 
     # ---- order ---------------------------------------------------------------------------
     def _order(self, latency_class: str, task: str, candidates: tuple[Deployment, ...],

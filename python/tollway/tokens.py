@@ -11,7 +11,9 @@ count a fixed 85 tokens (``detail: "low"``) or 765; tool calls and tool
 definitions follow OpenAI's cookbook formulas.
 
 An estimator raises :class:`UnknownModelError` (a ``KeyError``) for a model
-with no price, and :meth:`CostEstimator.price` returns ``None`` for it.
+with no price, and :meth:`CostEstimator.price` returns ``None`` for it. A
+panic in the Rust core raises :class:`CoreError` (a ``RuntimeError``), which
+the pipeline turns into its internal error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from tollway._core import (
+    CoreError,
     CostEstimator,
     Estimate,
     UnknownModelError,
@@ -36,6 +39,7 @@ from tollway._core import (
 __all__ = [
     "DEFAULT_MAX_OUTPUT_TOKENS",
     "ENCODINGS",
+    "CoreError",
     "CostEstimator",
     "Estimate",
     "ModelPrice",

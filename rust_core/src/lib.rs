@@ -5,6 +5,8 @@
 //! tests are deterministic. The pyo3 bindings live in `py.rs` alone, behind
 //! the `python` feature.
 
+#![forbid(unsafe_code)]
+
 pub mod breaker;
 pub mod cost;
 pub mod limiter;

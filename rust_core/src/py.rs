@@ -1,7 +1,48 @@
 //! Every pyo3 binding of the crate, and nothing else: the logic lives in the
 //! plain-Rust modules so `cargo test` needs no interpreter.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+
+pyo3::create_exception!(
+    tollway._core,
+    CoreError,
+    PyRuntimeError,
+    "A bug in the Rust core (a panic), caught where Python called in."
+);
+
+/// Runs `f`, a call into the plain-Rust core, turning a panic into `CoreError`.
+///
+/// Left to pyo3, a panic is raised as its `PanicException`, a `BaseException`
+/// that passes every `except Exception`: the request would end with no error
+/// envelope and no record. Going on after a panic is sound here: the limiter and
+/// breaker take their locks through `PoisonError::into_inner`, so at worst one
+/// key's buckets or one breaker keep a half-made update, and the tokenizer and
+/// the price table are only read; one call failing beats a gateway that stops.
+fn caught<T>(f: impl FnOnce() -> T) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        CoreError::new_err(format!("tollway core panicked: {}", panic_text(payload.as_ref())))
+    })
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    match payload.downcast_ref::<&str>() {
+        Some(text) => text,
+        None => payload
+            .downcast_ref::<String>()
+            .map_or("(no message)", String::as_str),
+    }
+}
+
+/// Test-only: a real panic inside the boundary, so tests can put one in the path of
+/// a call and check that it ends as tollway's internal error.
+#[pyfunction(name = "_panic")]
+fn test_panic(message: &str) -> PyResult<()> {
+    caught(|| panic!("{message}"))
+}
 
 /// Token counter and cost estimator bindings. Strings are read from the
 /// Python objects under the GIL; counting a large text releases it.
@@ -15,6 +56,8 @@ mod tokens_cost {
     use crate::cost::{parse_usd_per_mtok, CostEstimator, Price, UnknownModel};
     use crate::tokenizer::chat::ChatPrompt;
     use crate::tokenizer::{encoding_for_model, Encoding};
+
+    use super::caught;
 
     /// Below this much text, releasing and re-taking the GIL costs more than
     /// other threads gain from it.
@@ -48,11 +91,11 @@ mod tokens_cost {
         text_bytes: usize,
         enc: Encoding,
         f: impl FnOnce() -> T + Send,
-    ) -> T {
+    ) -> PyResult<T> {
         if text_bytes >= DETACH_MIN_BYTES || !enc.is_loaded() {
-            py.detach(f)
+            py.detach(|| caught(f))
         } else {
-            f()
+            caught(f)
         }
     }
 
@@ -75,7 +118,7 @@ mod tokens_cost {
     fn count_tokens(py: Python<'_>, text: &Bound<'_, PyString>, encoding: &str) -> PyResult<usize> {
         let enc = self::encoding(encoding)?;
         let text = text_of(text)?;
-        Ok(maybe_detached(py, text.len(), enc, || enc.count(&text)))
+        maybe_detached(py, text.len(), enc, || enc.count(&text))
     }
 
     #[pyfunction]
@@ -87,9 +130,7 @@ mod tokens_cost {
     ) -> PyResult<Vec<u32>> {
         let enc = self::encoding(encoding)?;
         let text = text_of(text)?;
-        Ok(maybe_detached(py, text.len(), enc, || {
-            enc.encode_ordinary(&text)
-        }))
+        maybe_detached(py, text.len(), enc, || enc.encode_ordinary(&text))
     }
 
     #[pyfunction]
@@ -286,7 +327,7 @@ mod tokens_cost {
         Ok(prompt)
     }
 
-    fn count_prompt(py: Python<'_>, prompt: &ChatPrompt<'static>, enc: Encoding) -> u64 {
+    fn count_prompt(py: Python<'_>, prompt: &ChatPrompt<'static>, enc: Encoding) -> PyResult<u64> {
         maybe_detached(py, prompt.text_bytes(), enc, || prompt.count(enc))
     }
 
@@ -299,7 +340,7 @@ mod tokens_cost {
         tools: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let prompt = chat_prompt(messages, &[tools.cloned()])?;
-        Ok(count_prompt(py, &prompt, encoding_for_model(model)))
+        count_prompt(py, &prompt, encoding_for_model(model))
     }
 
     #[pyclass(frozen, eq, hash, get_all, name = "Estimate", module = "tollway._core")]
@@ -386,10 +427,7 @@ mod tokens_cost {
                 let price = price_of(&entry, &model)?;
                 table.push((model, price));
             }
-            Ok(PyCostEstimator(CostEstimator::new(
-                table,
-                default_max_output_tokens,
-            )))
+            caught(|| PyCostEstimator(CostEstimator::new(table, default_max_output_tokens)))
         }
 
         #[getter]
@@ -407,23 +445,26 @@ mod tokens_cost {
                 input_picousd_per_token: usd_per_mtok(input_usd_per_mtok)?,
                 output_picousd_per_token: usd_per_mtok(output_usd_per_mtok)?,
             };
-            self.0.set_price(model, price);
-            Ok(())
+            caught(|| self.0.set_price(model, price))
         }
 
         /// (input, output) pico-USD per token, or None.
-        fn price(&self, model: &str) -> Option<(u64, u64)> {
-            self.0
-                .price(model)
-                .map(|p| (p.input_picousd_per_token, p.output_picousd_per_token))
+        fn price(&self, model: &str) -> PyResult<Option<(u64, u64)>> {
+            caught(|| {
+                self.0
+                    .price(model)
+                    .map(|p| (p.input_picousd_per_token, p.output_picousd_per_token))
+            })
         }
 
-        fn prices(&self) -> Vec<(String, u64, u64)> {
-            self.0
-                .prices()
-                .into_iter()
-                .map(|(m, p)| (m, p.input_picousd_per_token, p.output_picousd_per_token))
-                .collect()
+        fn prices(&self) -> PyResult<Vec<(String, u64, u64)>> {
+            caught(|| {
+                self.0
+                    .prices()
+                    .into_iter()
+                    .map(|(m, p)| (m, p.input_picousd_per_token, p.output_picousd_per_token))
+                    .collect()
+            })
         }
 
         fn estimate(
@@ -432,8 +473,7 @@ mod tokens_cost {
             prompt_tokens: u64,
             max_output_tokens: u64,
         ) -> PyResult<PyEstimate> {
-            self.0
-                .estimate(model, prompt_tokens, max_output_tokens)
+            caught(|| self.0.estimate(model, prompt_tokens, max_output_tokens))?
                 .map(Into::into)
                 .map_err(unknown_model)
         }
@@ -447,7 +487,7 @@ mod tokens_cost {
             model: &str,
             request: &Bound<'_, PyAny>,
         ) -> PyResult<PyEstimate> {
-            if self.0.price(model).is_none() {
+            if caught(|| self.0.price(model))?.is_none() {
                 return Err(unknown_model(UnknownModel(model.to_owned())));
             }
             let messages = request
@@ -458,12 +498,13 @@ mod tokens_cost {
                 request.get_item("functions").ok(),
             ];
             let prompt = chat_prompt(&messages, &tools)?;
-            let max_output = self.0.max_output_tokens(
+            let (completion, max, n) = (
                 optional_u64(request, "max_completion_tokens")?,
                 optional_u64(request, "max_tokens")?,
                 optional_u64(request, "n")?,
             );
-            let prompt_tokens = count_prompt(py, &prompt, encoding_for_model(model));
+            let max_output = caught(|| self.0.max_output_tokens(completion, max, n))?;
+            let prompt_tokens = count_prompt(py, &prompt, encoding_for_model(model))?;
             self.estimate(model, prompt_tokens, max_output)
         }
 
@@ -475,7 +516,7 @@ mod tokens_cost {
             model: &str,
             input: &Bound<'_, PyAny>,
         ) -> PyResult<PyEstimate> {
-            if self.0.price(model).is_none() {
+            if caught(|| self.0.price(model))?.is_none() {
                 return Err(unknown_model(UnknownModel(model.to_owned())));
             }
             let enc = encoding_for_model(model);
@@ -500,15 +541,14 @@ mod tokens_cost {
             }
             let bytes = texts.iter().map(String::len).sum();
             let counted: usize =
-                maybe_detached(py, bytes, enc, || texts.iter().map(|t| enc.count(t)).sum());
+                maybe_detached(py, bytes, enc, || texts.iter().map(|t| enc.count(t)).sum())?;
             self.estimate(model, counted as u64 + given_tokens, 0)
         }
 
         /// The actual cost in nano-USD of a call's usage.
         #[pyo3(signature = (model, prompt_tokens, completion_tokens = 0))]
         fn cost(&self, model: &str, prompt_tokens: u64, completion_tokens: u64) -> PyResult<u64> {
-            self.0
-                .cost(model, prompt_tokens, completion_tokens)
+            caught(|| self.0.cost(model, prompt_tokens, completion_tokens))?
                 .map_err(unknown_model)
         }
     }
@@ -538,6 +578,8 @@ mod limiter_breaker {
 
     use crate::breaker::{BreakerConfig, CircuitBreaker, Snapshot, Transition};
     use crate::limiter::{Cost, Decision, Limits, RateLimiter, Tier, TierStatus};
+
+    use super::caught;
 
     /// `time.monotonic()` at module import, and the `Instant` taken right
     /// after: both read CLOCK_MONOTONIC, so `now=None` in Rust gives the same
@@ -702,29 +744,29 @@ mod limiter_breaker {
 
         #[getter]
         fn denied_by<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-            let names: Vec<_> = self.0.denied_by().map(Tier::name).collect();
+            let names: Vec<_> = caught(|| self.0.denied_by().map(Tier::name).collect())?;
             PyTuple::new(py, names)
         }
 
         #[getter]
         fn tiers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
             let d = PyDict::new(py);
-            for status in self.0.tiers() {
+            for status in caught(|| self.0.tiers())? {
                 d.set_item(status.tier.name(), PyTierStatus::from(status))?;
             }
             Ok(d)
         }
 
         #[getter]
-        fn limits(&self) -> PyLimits {
-            PyLimits(self.0.limits())
+        fn limits(&self) -> PyResult<PyLimits> {
+            caught(|| PyLimits(self.0.limits()))
         }
 
         /// One tier by name; None when that tier is disabled.
         fn tier(&self, name: &str) -> PyResult<Option<PyTierStatus>> {
             let tier = Tier::from_name(name)
                 .ok_or_else(|| PyKeyError::new_err(format!("no rate-limit tier {name:?}")))?;
-            Ok(self.0.tier(tier).map(PyTierStatus::from))
+            caught(|| self.0.tier(tier).map(PyTierStatus::from))
         }
 
         fn __bool__(&self) -> bool {
@@ -766,9 +808,9 @@ mod limiter_breaker {
     impl PyRateLimiter {
         #[new]
         #[pyo3(signature = (limits = None, *, shards = 64))]
-        fn new(limits: Option<PyRef<'_, PyLimits>>, shards: usize) -> Self {
+        fn new(limits: Option<PyRef<'_, PyLimits>>, shards: usize) -> PyResult<Self> {
             let limits = limits.map_or(Limits::DEFAULT, |l| l.0);
-            PyRateLimiter(RateLimiter::with_shards(limits, shards))
+            caught(|| PyRateLimiter(RateLimiter::with_shards(limits, shards)))
         }
 
         #[pyo3(signature = (key, cost = 1, *, expensive = false, tokens = 0, now = None))]
@@ -781,7 +823,7 @@ mod limiter_breaker {
             now: Option<f64>,
         ) -> PyResult<PyDecision> {
             let now = now_or_clock(now)?;
-            Ok(PyDecision(self.0.check(key, self::cost(cost, expensive, tokens), now)))
+            caught(|| PyDecision(self.0.check(key, self::cost(cost, expensive, tokens), now)))
         }
 
         #[pyo3(signature = (key, cost = 1, *, expensive = false, tokens = 0, now = None))]
@@ -794,7 +836,7 @@ mod limiter_breaker {
             now: Option<f64>,
         ) -> PyResult<PyDecision> {
             let now = now_or_clock(now)?;
-            Ok(PyDecision(self.0.status(key, self::cost(cost, expensive, tokens), now)))
+            caught(|| PyDecision(self.0.status(key, self::cost(cost, expensive, tokens), now)))
         }
 
         #[pyo3(signature = (key, limits, *, now = None))]
@@ -805,17 +847,17 @@ mod limiter_breaker {
             now: Option<f64>,
         ) -> PyResult<()> {
             let now = now_or_clock(now)?;
-            self.0.set_limits(key, limits.map(|l| l.0), now);
-            Ok(())
+            let limits = limits.map(|l| l.0);
+            caught(|| self.0.set_limits(key, limits, now))
         }
 
-        fn limits(&self, key: &str) -> PyLimits {
-            PyLimits(self.0.limits(key))
+        fn limits(&self, key: &str) -> PyResult<PyLimits> {
+            caught(|| PyLimits(self.0.limits(key)))
         }
 
         #[getter]
-        fn default_limits(&self) -> PyLimits {
-            PyLimits(self.0.default_limits())
+        fn default_limits(&self) -> PyResult<PyLimits> {
+            caught(|| PyLimits(self.0.default_limits()))
         }
 
         #[pyo3(signature = (limits, *, now = None))]
@@ -828,18 +870,17 @@ mod limiter_breaker {
             let now = now_or_clock(now)?;
             let limits = limits.0;
             // Touches every key: let other Python threads run meanwhile.
-            py.detach(|| self.0.set_default_limits(limits, now));
-            Ok(())
+            py.detach(|| caught(|| self.0.set_default_limits(limits, now)))
         }
 
         #[pyo3(signature = (now = None))]
         fn evict_idle(&self, py: Python<'_>, now: Option<f64>) -> PyResult<usize> {
             let now = now_or_clock(now)?;
-            Ok(py.detach(|| self.0.evict_idle(now)))
+            py.detach(|| caught(|| self.0.evict_idle(now)))
         }
 
-        fn __len__(&self) -> usize {
-            self.0.len()
+        fn __len__(&self) -> PyResult<usize> {
+            caught(|| self.0.len())
         }
 
         fn __repr__(&self) -> String {
@@ -953,14 +994,15 @@ mod limiter_breaker {
                 probe_timeout_s,
                 healthy_reset_s,
             };
-            CircuitBreaker::new(config)
+            caught(|| CircuitBreaker::new(config))?
                 .map(PyCircuitBreaker)
                 .map_err(|e| PyValueError::new_err(e.to_string()))
         }
 
         #[pyo3(signature = (now = None))]
         fn allow(&self, now: Option<f64>) -> PyResult<bool> {
-            Ok(self.0.allow(now_or_clock(now)?))
+            let now = now_or_clock(now)?;
+            caught(|| self.0.allow(now))
         }
 
         #[pyo3(signature = (now = None, duration_s = 0.0))]
@@ -970,46 +1012,51 @@ mod limiter_breaker {
             duration_s: f64,
         ) -> PyResult<Option<TransitionTuple>> {
             let now = now_or_clock(now)?;
-            Ok(self.0.record_success(now, duration_s).map(transition))
+            caught(|| self.0.record_success(now, duration_s).map(transition))
         }
 
         #[pyo3(signature = (now = None))]
         fn record_failure(&self, now: Option<f64>) -> PyResult<Option<TransitionTuple>> {
-            Ok(self.0.record_failure(now_or_clock(now)?).map(transition))
+            let now = now_or_clock(now)?;
+            caught(|| self.0.record_failure(now).map(transition))
         }
 
         #[pyo3(signature = (now = None))]
         fn state(&self, now: Option<f64>) -> PyResult<&'static str> {
-            Ok(self.0.state(now_or_clock(now)?).as_str())
+            let now = now_or_clock(now)?;
+            caught(|| self.0.state(now).as_str())
         }
 
         #[pyo3(signature = (now = None))]
         fn retry_after(&self, now: Option<f64>) -> PyResult<f64> {
-            Ok(self.0.retry_after(now_or_clock(now)?))
+            let now = now_or_clock(now)?;
+            caught(|| self.0.retry_after(now))
         }
 
         #[pyo3(signature = (now = None))]
         fn snapshot(&self, now: Option<f64>) -> PyResult<PyBreakerSnapshot> {
-            Ok(self.0.snapshot(now_or_clock(now)?).into())
+            let now = now_or_clock(now)?;
+            caught(|| self.0.snapshot(now).into())
         }
 
         #[pyo3(signature = (now = None))]
         fn reset(&self, now: Option<f64>) -> PyResult<Option<TransitionTuple>> {
-            Ok(self.0.reset(now_or_clock(now)?).map(transition))
+            let now = now_or_clock(now)?;
+            caught(|| self.0.reset(now).map(transition))
         }
 
-        fn drain_transitions(&self) -> Vec<TransitionTuple> {
-            self.0.drain_transitions().into_iter().map(transition).collect()
+        fn drain_transitions(&self) -> PyResult<Vec<TransitionTuple>> {
+            caught(|| self.0.drain_transitions().into_iter().map(transition).collect())
         }
 
         #[getter]
-        fn pending_transitions(&self) -> usize {
-            self.0.pending_transitions()
+        fn pending_transitions(&self) -> PyResult<usize> {
+            caught(|| self.0.pending_transitions())
         }
 
         /// The configuration, as keyword arguments of the constructor.
         fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-            let c = self.0.config();
+            let c = caught(|| self.0.config())?;
             let d = PyDict::new(py);
             d.set_item("failure_threshold", c.failure_threshold)?;
             d.set_item("window_s", c.window_s)?;
@@ -1047,6 +1094,8 @@ mod nats_frames {
 
     use crate::natsframe::scan_deliveries;
 
+    use super::caught;
+
     /// (stream sequences, payloads, position after them, last consumer sequence,
     /// pending after the last one or -1): see `natsframe::scan_deliveries`.
     #[pyfunction]
@@ -1061,8 +1110,10 @@ mod nats_frames {
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, u64, i64)> {
         let data = buf.as_bytes();
         let mut found = Vec::new();
-        let scan = scan_deliveries(data, pos.min(data.len()), end, sid, delivered, &mut found)
-            .map_err(|g| {
+        let scan = caught(|| {
+            scan_deliveries(data, pos.min(data.len()), end, sid, delivered, &mut found)
+        })?
+        .map_err(|g| {
                 PyValueError::new_err(format!(
                     "deliveries missing: consumer sequence {} where {} was next",
                     g.got, g.expected
@@ -1086,5 +1137,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tokens_cost::register(m)?;
     limiter_breaker::register(m)?;
     nats_frames::register(m)?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add_function(wrap_pyfunction!(test_panic, m)?)?;
     Ok(())
 }

@@ -14,6 +14,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+import tollway.events.nats.bulk
+from support import panics_once
 from tollway.events.broker import (
     EmbeddedNats,
     ensure_kv,
@@ -382,3 +384,18 @@ async def test_a_url_is_enough(nats_server: EmbeddedNats) -> None:
         await publish_lines(nc, fixture_lines()[:3])
     seqs, payloads, _ = await read_all(nats_server.url)
     assert seqs == [1, 2, 3] and payloads == fixture_lines()[:3]
+
+
+async def test_a_panic_in_the_frame_scanner_leaves_the_views_to_nats_py(
+        nc: NatsClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = fixture_lines()[:400]
+    await publish_lines(nc, lines)
+    monkeypatch.setattr(tollway.events.nats.bulk, "scan_js_deliveries",
+                        panics_once(tollway.events.nats.bulk.scan_js_deliveries))
+    runner = ProjectionRunner(nc, default_projections(), bulk_min_backlog=100)
+    await runner.start()
+    assert await runner.catch_up(10)
+    assert runner.bulk_applied == 0 and runner.applied == len(lines)  # all through nats-py
+    assert [p.view for p in runner.projections] == [
+        p.view for p in pure_fold(list(enumerate(lines, 1)))]
+    await runner.stop()

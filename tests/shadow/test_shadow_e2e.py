@@ -14,10 +14,13 @@ from collections import Counter
 from typing import Any
 
 import msgspec
+import pytest
 
-from support import ADMIN_KEY, auth
+from support import ADMIN_KEY, auth, spy_counts
+from tollway.pipeline.prompt import THREAD_MIN_BYTES
 from tollway.shadow.sampling import Sampler
 from tollway.testing.upstream import Fault
+from tollway.tokens import count_chat_tokens
 
 from .rig import Rig, rig
 
@@ -342,3 +345,20 @@ def test_tool_calls_and_json_are_compared_structurally() -> None:
         assert ev.agreement == 1.0
     (js,) = [e for e in events if e.agreement_method == "json"]
     assert js.agreement == 1.0
+
+
+def test_a_large_prompt_is_counted_once_for_the_call_and_its_shadow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with rig([ONE]) as r:
+        counts = spy_counts(monkeypatch)
+        r.candidate.add_fault(Fault(status=200, body={  # no usage: the shadow needs the count
+            "id": "x", "object": "chat.completion", "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}]}))
+        content = "lorem ipsum dolor sit amet " * (THREAD_MIN_BYTES // 27 + 40)
+        assert r.chat(content).status_code == 200
+        (event,) = r.sink.wait(1)
+        assert event.candidate_error is None
+        messages = [{"role": "user", "content": content}]
+        assert event.candidate_prompt_tokens == count_chat_tokens(messages, "gpt-4o-mini")
+        assert counts == [False]  # once, in a worker thread; the shadow reused it

@@ -14,6 +14,8 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,9 @@ class EventsService:
         *,
         registry: CollectorRegistry | None = None,
         instance: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: unix seconds, the gateway's (its budget days and lease times)."""
         self.nats_config = nats_config or NatsConfig()
         self.config = events_config or EventsConfig()
         self.instance = instance or default_instance()
@@ -79,7 +83,7 @@ class EventsService:
         self.budget = BudgetView(
             self._by_name["budget"], publisher=self.publisher, instance=self.instance,
             ttl_s=cfg.reservation_ttl_s, fail_open=cfg.budget_fail_open,
-            publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics)
+            publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics, clock=clock)
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.last_error = ""

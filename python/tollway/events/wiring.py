@@ -38,7 +38,8 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     if not config.nats.enabled:
         yield
         return
-    svc = EventsService(config.nats, config.events, registry=gateway.metrics.registry)
+    svc = EventsService(config.nats, config.events, registry=gateway.metrics.registry,
+                        clock=gateway.clock.time)
     try:
         await svc.start()
     except BaseException:

@@ -27,11 +27,12 @@ from tollway.errors import (
     spec_for,
 )
 from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
-from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest, decode_chat, decode_embeddings
+from tollway.pipeline.decode import ChatRequest, decode_chat, decode_embeddings
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
 from tollway.pipeline.hooks import Finisher, Guard, PlanHook
 from tollway.pipeline.plan import RoutePlan
-from tollway.pipeline.usage import count_input, count_prompt, count_text, reply_text
+from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
+from tollway.pipeline.usage import count_text, reply_text
 from tollway.record import CallRecord, Outcome, Recorder
 
 if TYPE_CHECKING:
@@ -78,10 +79,12 @@ class Pipeline:
         try:
             try:
                 await self.decode(call, scope, receive)  # 2
+                await self.count_ahead(call)  # a large prompt, off the loop, for 3's estimate
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
                 await self.dispatcher.dispatch(call, receive, send)  # 5 (a stream is relayed here)
+                await self.count_ahead(call)  # ... and for 6 when the provider did not count
                 self.settle(call)  # 6
                 if not call.response_started:
                     await self.respond(call, send)
@@ -95,7 +98,10 @@ class Pipeline:
                 log.exception("pipeline error", extra={"endpoint": endpoint})
                 await self.fail(call, InternalError("internal error"), send)
         finally:
-            self.settle(call)  # 6 again: a no-op unless the call ended early
+            try:
+                self.settle(call)  # 6 again: a no-op unless the call ended early
+            except Exception:  # e.g. a panic in the core while counting: still one record
+                log.exception("settle failed")
             self.finish(call)
             self.record(call)  # 7
 
@@ -105,7 +111,7 @@ class Pipeline:
         principal = info.principal
         if principal is None or principal.tenant is None:
             return None
-        return Call(endpoint, info, principal.tenant)
+        return Call(endpoint, info, principal.tenant, self.gw.clock.time())
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
         content_length = None
@@ -157,6 +163,17 @@ class Pipeline:
         call.reason = plan.reason
         return plan
 
+    async def count_ahead(self, call: Call) -> None:
+        """Count a large prompt in a thread before the policy's estimate (no deployment yet)
+        or the settle (the serving one, when the provider sent no usage) needs it."""
+        if len(call.body) < THREAD_MIN_BYTES:
+            return
+        dep = call.deployment
+        if dep is None:
+            await count_in_thread(call, self.gw.policy.upstreams(call))
+        elif (call.tap.usage if call.tap is not None else call.usage) is None:
+            await count_in_thread(call, (dep.upstream,))
+
     def settle(self, call: Call) -> None:
         """Tokens and actual cost: the provider's usage, or counted tokens."""
         if call.settled:
@@ -165,10 +182,7 @@ class Pipeline:
         dep = call.deployment
         if dep is None:
             return
-        try:
-            self._settle_tokens(call)
-        except Exception:  # counting must never lose the record
-            log.exception("settle failed")
+        self._settle_tokens(call)
         call.cost_nanousd = self.gw.estimator.cost(
             dep.model, call.prompt_tokens, call.completion_tokens)
 
@@ -182,7 +196,7 @@ class Pipeline:
                 call.prompt_tokens, call.completion_tokens = (
                     usage.prompt_tokens, usage.completion_tokens)
             else:  # no usage chunk (provider sent none, or the client left before it)
-                call.prompt_tokens = count_prompt(call.body, dep.upstream)
+                call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
                 call.completion_tokens = count_text(call.tap.text(), dep.upstream)
             return
         reply = call.reply
@@ -192,11 +206,10 @@ class Pipeline:
         if usage is not None:
             call.prompt_tokens, call.completion_tokens = (
                 usage.prompt_tokens, usage.completion_tokens)
-        elif isinstance(req, ChatRequest):
-            call.prompt_tokens = count_prompt(call.body, dep.upstream)
-            call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
-        elif isinstance(req, EmbeddingsRequest):
-            call.prompt_tokens = count_input(req.input, dep.upstream)
+        else:
+            call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
+            if isinstance(req, ChatRequest):
+                call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
 
     def finish(self, call: Call) -> None:
         for finisher in self.finishers:
@@ -235,8 +248,8 @@ class Pipeline:
         outcome: Outcome
         if exc is None:
             outcome = "completed"
-        elif call.attempts == 0:
-            outcome = "rejected"
+        elif call.attempts == 0 and not isinstance(exc, InternalError):
+            outcome = "rejected"  # a refusal; a bug before dispatch is a failure, not one
         else:
             outcome = "failed"
         ttft = None

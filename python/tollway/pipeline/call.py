@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from tollway.config import TenantConfig
@@ -21,18 +20,23 @@ class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
         "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
-        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan", "prompt_tokens",
-        "reason", "reply", "request", "reservation", "response_started", "sensitivity",
+        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan",
+        "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
+        "response_started", "sensitivity",
         "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
     )
 
-    def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig) -> None:
+    def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig,
+                 occurred_at: float) -> None:
         self.endpoint = endpoint
         self.info = info
         self.tenant = tenant
         self.t0 = info.t0
-        self.occurred_at = time.time()
+        # The call's one instant, unix seconds on the gateway's clock, read once as it
+        # arrives: its budget day (reservation and settle) and its event's day, so a call
+        # that runs past midnight is not reserved on one day and spent on the next.
+        self.occurred_at = occurred_at
         self.tier = tenant.tier
         self.task = ""
         self.sensitivity = ""
@@ -51,6 +55,8 @@ class Call:
         self.response_started = False
         self.client_cancelled = False
         self.prompt_tokens = 0
+        # Prompt tokens by encoding, counted once (tollway.pipeline.prompt); -1: uncountable.
+        self.prompt_counts: dict[str, int] = {}
         self.completion_tokens = 0
         self.estimated_cost_nanousd = 0
         self.cost_nanousd = 0

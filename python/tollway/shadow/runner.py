@@ -42,9 +42,11 @@ from tollway.config import ShadowRouteConfig
 from tollway.errors import UpstreamError, UpstreamTimeout, public_message, spec_for
 from tollway.metrics import Counter, Gauge
 from tollway.pipeline.call import CHAT, Call
+from tollway.pipeline.decode import rewrite
 from tollway.pipeline.dispatch import upstream_error
 from tollway.pipeline.plan import Deployment
-from tollway.pipeline.usage import count_prompt, count_text, reply_text, reply_usage
+from tollway.pipeline.prompt import count_in_thread, prompt_bound, prompt_tokens
+from tollway.pipeline.usage import count_text, reply_text, reply_usage
 from tollway.shadow.agreement import score
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import Sampler
@@ -58,9 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["ShadowRunner", "candidate_body"]
 
 log = logging.getLogger("tollway.shadow")
-
-_any = msgspec.json.Decoder()
-_encode = msgspec.json.Encoder().encode
 
 
 class _Choice(msgspec.Struct):
@@ -85,12 +84,8 @@ def finish_reason(body: bytes) -> str:
 
 def candidate_body(body: bytes, upstream_model: str) -> bytes:
     """The caller's request for the candidate: its model, and never streamed."""
-    data: dict[str, Any] = _any.decode(body)
-    data["model"] = upstream_model
-    data.pop("stream", None)
-    data.pop("stream_options", None)
-    out: bytes = _encode(data)
-    return out
+    return rewrite(body, model=upstream_model, include_usage=False,
+                   drop=("stream", "stream_options"))
 
 
 class _Route:
@@ -109,8 +104,9 @@ class _Primary:
     """What the comparison needs of the live call, taken when it ended."""
 
     __slots__ = ("body", "completion_tokens", "cost", "ended", "max_output", "model",
-                 "prompt_tokens", "provider", "reply", "request_id", "sensitivity", "stream",
-                 "tap", "task", "tenant", "ttft", "upstream_s")
+                 "prompt_counts", "prompt_tokens", "provider", "reply", "request",
+                 "request_id", "sensitivity", "stream", "tap", "task", "tenant", "ttft",
+                 "upstream_s")
 
     def __init__(self, call: Call, default_max_output: int) -> None:
         dep = call.deployment
@@ -121,6 +117,10 @@ class _Primary:
         self.task = call.task
         self.sensitivity = call.sensitivity
         self.body = call.body
+        self.request = req
+        # The live call's prompt counts (tollway.pipeline.prompt): a candidate with the same
+        # encoding counts nothing again.
+        self.prompt_counts = call.prompt_counts
         self.model = dep.model
         self.provider = dep.provider
         self.stream = call.stream
@@ -243,8 +243,9 @@ class ShadowRunner:
         hold: Hold | None = None
         try:
             body = candidate_body(p.body, dep.upstream)
+            await count_in_thread(p, (dep.upstream,))  # a large prompt, off the loop
             bound = self.gw.estimator.estimate(
-                dep.model, count_prompt(p.body, dep.upstream), p.max_output).max_cost_nanousd
+                dep.model, prompt_bound(p, dep.upstream), p.max_output).max_cost_nanousd
             hold = r.spend.reserve(bound)
             if hold is None:
                 self.skipped.inc((route, dep.model, "spend_cap"))
@@ -296,7 +297,7 @@ class ShadowRunner:
                 if usage is not None:
                     prompt, completion = usage.prompt_tokens, usage.completion_tokens
                 else:
-                    prompt = count_prompt(p.body, dep.upstream)
+                    prompt = prompt_tokens(p, dep.upstream) or 0
                     completion = count_text(text, dep.upstream)
                 cost = self.gw.estimator.cost(dep.model, prompt, completion)
         agreement: float | None = None
