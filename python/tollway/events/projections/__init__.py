@@ -1,7 +1,8 @@
 """Views folded from the event stream: usage, budget, provider health.
 
 Each projection is a pure fold ``apply(view, seq, event) -> view`` that skips
-sequences it has already applied, plus ``dump``/``load`` for its checkpoint.
+sequences and event ids it has already applied (``seen``), plus ``dump``/``load``
+for its checkpoint. Views by day keep ``retention_days`` of them.
 A :class:`Projection` pairs one with its current view; the
 :class:`~tollway.events.projections.runner.ProjectionRunner` feeds them.
 """
@@ -14,11 +15,13 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from tollway.events.projections import budget, health, usage
 from tollway.events.schema import Event
+from tollway.events.seen import RETENTION_DAYS, Seen
 from tollway.shadow import projection as shadow
 
 
 class View(Protocol):
     last_seq: int
+    seen: Seen
 
 
 V = TypeVar("V", bound=View)
@@ -52,29 +55,49 @@ class Projection(Generic[V]):
             marks.clear()
 
 
-def usage_projection() -> Projection[usage.UsageView]:
-    return Projection("usage", 1, usage.UsageView(), usage.apply, usage.UsageView,
-                      usage.dump, usage.load, usage.apply_batch)
+def _kept(load: Callable[[bytes], V], prune: Callable[[V], None], keep_days: int
+          ) -> Callable[[bytes], V]:
+    """``load``, then keep ``keep_days`` days (the retention may have changed since)."""
+    def load_kept(data: bytes) -> V:
+        view = load(data)
+        if view.seen.retain(keep_days):
+            prune(view)
+        return view
+    return load_kept
+
+
+def usage_projection(retention_days: int = RETENTION_DAYS) -> Projection[usage.UsageView]:
+    def new() -> usage.UsageView:
+        return usage.new(retention_days)
+    return Projection("usage", 2, new(), usage.apply, new, usage.dump,
+                      _kept(usage.load, usage.prune, retention_days), usage.apply_batch)
 
 
 def budget_projection() -> Projection[budget.BudgetState]:
-    return Projection("budget", 1, budget.BudgetState(), budget.apply, budget.BudgetState,
+    """Keeps ``budget.KEEP_DAYS`` days whatever the retention: the guard needs today only."""
+    return Projection("budget", 2, budget.BudgetState(), budget.apply, budget.BudgetState,
                       budget.dump, budget.load, budget.apply_batch)
 
 
-def health_projection() -> Projection[health.HealthView]:
-    return Projection("health", 1, health.HealthView(), health.apply, health.HealthView,
-                      health.dump, health.load)
+def health_projection(retention_days: int = RETENTION_DAYS) -> Projection[health.HealthView]:
+    def new() -> health.HealthView:
+        return health.new(retention_days)
+    return Projection("health", 2, new(), health.apply, new, health.dump,
+                      _kept(health.load, health.prune, retention_days))
 
 
-def shadow_projection() -> Projection[shadow.ShadowView]:
+def shadow_projection(retention_days: int = RETENTION_DAYS) -> Projection[shadow.ShadowView]:
     """Shadow comparisons and A/B arms (``tollway.shadow.projection``)."""
-    return Projection("shadow", shadow.VERSION, shadow.ShadowView(), shadow.apply,
-                      shadow.ShadowView, shadow.dump, shadow.load)
+    def new() -> shadow.ShadowView:
+        return shadow.new(retention_days)
+    return Projection("shadow", shadow.VERSION, new(), shadow.apply, new, shadow.dump,
+                      _kept(shadow.load, shadow.prune, retention_days))
 
 
-def default_projections() -> list[Projection[Any]]:
-    return [usage_projection(), budget_projection(), health_projection(), shadow_projection()]
+def default_projections(retention_days: int = RETENTION_DAYS) -> list[Projection[Any]]:
+    """The views, keeping ``retention_days`` days of events (``[events] retention_days``)."""
+    return [usage_projection(retention_days), budget_projection(),
+            health_projection(retention_days), shadow_projection(retention_days)]
 
 
 __all__ = [

@@ -21,6 +21,10 @@ Any hold also closes when it expires. Expiry needs a clock, so the fold only
 forgets holds that expired before the event being applied (the event time is
 the fold's only clock) and readers filter by their own ``now``.
 
+Each event id is folded once (:mod:`~tollway.events.seen`): a call
+event resent after the duplicate window adds no spend. The view keeps
+``KEEP_DAYS`` days of spend; events of older days are skipped.
+
 ``reserved_seq`` keeps, per subject token, the stream sequence of the last
 ``budget.reserved`` message: the compare-and-set that makes reservations safe
 across processes (see tollway.events.budget).
@@ -46,6 +50,7 @@ from tollway.events.schema import (
     day_of,
     subject_token,
 )
+from tollway.events.seen import PRUNE, SKIP, Seen
 
 KEEP_DAYS = 8  # days of spend kept (the guard needs today; /api/ai/budget shows a week)
 _PRUNE_EVERY_S = 300.0
@@ -70,8 +75,8 @@ class BudgetState(msgspec.Struct):
     by_request: dict[str, list[str]] = msgspec.field(default_factory=dict)  # request id -> ids
     links: dict[str, tuple[str, int]] = msgspec.field(default_factory=dict)  # req -> lease, $
     reserved_seq: dict[str, int] = msgspec.field(default_factory=dict)  # subject token -> seq
-    pruned_at: float = 0.0  # event time of the last prune
-    pruned_day: str = ""
+    pruned_at: float = 0.0  # event time of the last prune of holds
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(KEEP_DAYS))
 
 
 def _close(view: BudgetState, rid: str) -> Hold | None:
@@ -90,6 +95,13 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
+    verdict = view.seen.admit(event.event_id, day_of(event.occurred_at))
+    if verdict == SKIP:
+        if isinstance(event, BudgetReserved):  # the compare-and-set is by sequence, not id
+            view.reserved_seq[subject_token(event.tenant)] = seq
+        return view
+    if verdict == PRUNE:
+        prune(view)
     if isinstance(event, CallEvent):
         cost = event.actual_cost_nanousd
         if cost:
@@ -100,7 +112,7 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
             days[day] = days.get(day, 0) + cost
         if event.reservation_id:
             _spend_from_lease(view, event.reservation_id, event.tenant, cost)
-            return _maybe_prune(view, event)
+            return _maybe_expire(view, event)
         rid = event.request_id
         if rid:
             ids = view.by_request.get(rid)
@@ -147,7 +159,7 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
             else:
                 hold.amount = hold.pending = owed
                 hold.released = True
-    return _maybe_prune(view, event)
+    return _maybe_expire(view, event)
 
 
 _CALL_TYPES = frozenset((CallCompleted, CallFailed, CallRejected))
@@ -158,20 +170,24 @@ def apply_batch(view: BudgetState, seqs: Sequence[int], events: Sequence[Event])
     from a lease) in one loop, everything else through :func:`apply`."""
     spend = view.spend
     days = DAY_OF_NUMBER
+    seen = view.seen
+    admit = seen.admit
     for seq, e in zip(seqs, events, strict=True):
         if (type(e) not in _CALL_TYPES or seq <= view.last_seq
                 or e.occurred_at - view.pruned_at >= _PRUNE_EVERY_S):
             view = apply(view, seq, e)
             continue
         call = cast(CallEvent, e)
-        if not call.reservation_id:
+        t = call.occurred_at
+        day = days.get(int(t // 86400)) or day_of(t)
+        if not call.reservation_id or day > seen.newest:  # a new day prunes: the long way
             view = apply(view, seq, e)
             continue
         view.last_seq = seq
+        if admit(call.event_id, day):  # SKIP (PRUNE comes only with a new day)
+            continue
         cost = call.actual_cost_nanousd
         if cost:
-            t = call.occurred_at
-            day = days.get(int(t // 86400)) or day_of(t)
             by_day = spend.get(call.tenant)
             if by_day is None:
                 by_day = spend[call.tenant] = {}
@@ -193,13 +209,13 @@ def _spend_from_lease(view: BudgetState, lease_id: str, tenant: str, cost: int) 
         lease.used += cost
 
 
-def _maybe_prune(view: BudgetState, event: Event) -> BudgetState:
+def _maybe_expire(view: BudgetState, event: Event) -> BudgetState:
     if event.occurred_at - view.pruned_at >= _PRUNE_EVERY_S:
-        _prune(view, event.occurred_at)
+        _expire(view, event.occurred_at)
     return view
 
 
-def _prune(view: BudgetState, now: float) -> None:
+def _expire(view: BudgetState, now: float) -> None:
     view.pruned_at = now
     if view.holds:
         for rid in [rid for rid, h in view.holds.items() if h.expires_at < now]:
@@ -207,11 +223,11 @@ def _prune(view: BudgetState, now: float) -> None:
     if view.links:
         for req in [r for r, (lid, _) in view.links.items() if lid not in view.holds]:
             del view.links[req]
-    today = day_of(now)
-    if today == view.pruned_day:
-        return
-    view.pruned_day = today
-    oldest = day_of(now - KEEP_DAYS * 86400)
+
+
+def prune(view: BudgetState) -> None:
+    """Drop the spend of days the view no longer keeps."""
+    oldest = view.seen.oldest
     for tenant in list(view.spend):
         days = view.spend[tenant]
         for d in [d for d in days if d < oldest]:

@@ -2,9 +2,13 @@
 
 A pure fold: :func:`apply` reads nothing but its arguments (no clock, no I/O)
 and skips any stream sequence it has already applied, so feeding it the same
-message twice, or replaying the stream over a checkpoint, changes nothing. It
-updates the view in place (a fold over a million events must not copy) and
-returns it.
+message twice, or replaying the stream over a checkpoint, changes nothing; it
+skips an event id it has already folded too (an outbox resent after the
+duplicate window, see :mod:`~tollway.events.seen`). It updates the
+view in place (a fold over a million events must not copy) and returns it.
+
+Rows are daily rollups; the view keeps the newest ``keep_days`` days of
+events (``[events] retention_days``) and prunes older ones as days go by.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tollway.events.schema import (
     Event,
     day_of,
 )
+from tollway.events.seen import PRUNE, RETENTION_DAYS, SKIP, Seen
 
 # Row layout (a list, not a struct: the fold touches it per event).
 REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST = range(7)
@@ -35,15 +40,37 @@ Key = tuple[str, str, str, str]  # tenant, day, model, provider
 class UsageView(msgspec.Struct):
     last_seq: int = 0
     rows: dict[Key, list[int]] = msgspec.field(default_factory=dict)
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> UsageView:
+    return UsageView(seen=Seen(keep_days))
+
+
+def prune(view: UsageView) -> None:
+    """Drop the rows of days the view no longer keeps."""
+    oldest = view.seen.oldest
+    for key in [k for k in view.rows if k[1] < oldest]:
+        del view.rows[key]
 
 
 def apply(view: UsageView, seq: int, event: Event) -> UsageView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    if not isinstance(event, CallEvent):
+    day = day_of(event.occurred_at)
+    verdict = view.seen.admit(event.event_id, day)
+    if verdict == SKIP:
         return view
-    key = (event.tenant, day_of(event.occurred_at), event.model, event.provider)
+    if isinstance(event, CallEvent):
+        _add(view, event, day)
+    if verdict == PRUNE:
+        prune(view)
+    return view
+
+
+def _add(view: UsageView, event: CallEvent, day: str) -> None:
+    key = (event.tenant, day, event.model, event.provider)
     row = view.rows.get(key)
     if row is None:
         row = view.rows[key] = [0, 0, 0, 0, 0, 0, 0]
@@ -58,7 +85,6 @@ def apply(view: UsageView, seq: int, event: Event) -> UsageView:
     row[PROMPT] += event.prompt_tokens
     row[COMPLETION] += event.completion_tokens
     row[COST] += event.actual_cost_nanousd
-    return view
 
 
 _COLUMN_OF = {CallCompleted: COMPLETED, CallFailed: FAILED, CallRejected: REJECTED}
@@ -70,18 +96,25 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
     last = view.last_seq
     rows = view.rows
     get = rows.get
+    admit = view.seen.admit
     column_of = _COLUMN_OF.get
     days = DAY_OF_NUMBER
     for seq, e in zip(seqs, events, strict=True):
         if seq <= last:
             continue
         last = seq
+        t = e.occurred_at
+        day = days.get(int(t // 86400)) or day_of(t)
+        verdict = admit(e.event_id, day)
+        if verdict:  # SKIP or PRUNE: rare
+            if verdict == SKIP:
+                continue
+            prune(view)
         column = column_of(type(e))
         if column is None:
             continue
         call = cast(CallEvent, e)
-        t = call.occurred_at
-        key = (call.tenant, days.get(int(t // 86400)) or day_of(t), call.model, call.provider)
+        key = (call.tenant, day, call.model, call.provider)
         row = get(key)
         if row is None:
             row = rows[key] = [0, 0, 0, 0, 0, 0, 0]
@@ -95,20 +128,18 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
-class _Saved(msgspec.Struct, array_like=True):
-    last_seq: int
-    rows: list[tuple[str, str, str, str, list[int]]]
+# The view as it is (tuple keys and all): msgspec encodes it in C, several times faster than
+# any copy made in Python, so the checkpoint's snapshot on the event loop is this encoding.
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(UsageView)
 
 
 def dump(view: UsageView) -> bytes:
-    rows = [(*k, v) for k, v in view.rows.items()]
-    return msgspec.msgpack.encode(_Saved(view.last_seq, rows))
+    return _enc.encode(view)
 
 
 def load(data: bytes) -> UsageView:
-    saved = msgspec.msgpack.decode(data, type=_Saved)
-    return UsageView(last_seq=saved.last_seq,
-                     rows={(t, d, m, p): list(v) for t, d, m, p, v in saved.rows})
+    return _dec.decode(data)
 
 
 # ---- queries ---------------------------------------------------------------------------------
