@@ -168,3 +168,13 @@ def test_table_renders() -> None:
     assert lines[0].split()[:3] == ["route", "candidate", "n"]
     assert lines[2].split()[:3] == ["auto", "cheap", "3"]
     assert format_table([]) == "no shadow samples yet"
+
+
+def test_a_resent_comparison_counts_once_and_old_days_are_pruned() -> None:
+    view = projection.new(keep_days=2)
+    evs = [event(i, day=i) for i in range(4)]  # one a day, 2026-01-01 .. 01-04
+    for seq, e in enumerate(evs + evs, 1):  # resent after the duplicate window: new seqs
+        apply(view, seq, e)
+    assert {d: row.samples for (_, _, d), row in view.rows.items()} == {
+        "2026-01-03": 1, "2026-01-04": 1}
+    assert {d for _, d in view.spend} == {"2026-01-03", "2026-01-04"}
