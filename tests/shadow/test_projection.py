@@ -8,6 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tollway.events.projections import shadow_projection
 from tollway.events.schema import CallCompleted, CallFailed, CallRejected
 from tollway.shadow import projection
 from tollway.shadow.event import ShadowCompared
@@ -171,10 +172,11 @@ def test_table_renders() -> None:
 
 
 def test_a_resent_comparison_counts_once_and_old_days_are_pruned() -> None:
-    view = projection.new(keep_days=2)
+    proj = shadow_projection(retention_days=2)
     evs = [event(i, day=i) for i in range(4)]  # one a day, 2026-01-01 .. 01-04
     for seq, e in enumerate(evs + evs, 1):  # resent after the duplicate window: new seqs
-        apply(view, seq, e)
+        proj.apply(seq, e)
+    view = proj.view
     assert {d: row.samples for (_, _, d), row in view.rows.items()} == {
         "2026-01-03": 1, "2026-01-04": 1}
     assert {d for _, d in view.spend} == {"2026-01-03", "2026-01-04"}

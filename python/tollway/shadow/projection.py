@@ -3,10 +3,10 @@
 Like the other projections (``tollway.events.projections``), :func:`apply`
 reads only its arguments, updates the view in place, and skips any stream
 sequence at or below the last one applied, so redelivery and replay over a
-checkpoint change nothing, and any event id it has already folded (an outbox
-resent after the duplicate window: ``tollway.events.seen``). Any
-other event moves ``last_seq`` only. It keeps the newest ``keep_days`` days
-(``[events] retention_days``) and prunes older ones as days go by.
+checkpoint change nothing. Any other event moves ``last_seq`` only. Which
+events reach the fold -- each event id once, only of days the view keeps --
+its ``seen`` decides, through its ``Projection``; :func:`prune` drops the days
+it no longer keeps (``[events] retention_days``).
 
 Latency percentiles come from fixed log-spaced histograms (bucket ``i``
 holds ``[0.1 ms * 1.04**i, 0.1 ms * 1.04**(i+1))``; values below 0.1 ms go
@@ -30,7 +30,7 @@ from typing import TypeVar
 import msgspec
 
 from tollway.events.schema import CallEvent, CallFailed, CallRejected, Event, day_of
-from tollway.events.seen import PRUNE, RETENTION_DAYS, SKIP, Seen
+from tollway.events.seen import RETENTION_DAYS, Seen
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import parse_arm
 
@@ -146,16 +146,10 @@ def apply(view: ShadowView, seq: int, event: Event) -> ShadowView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    day = day_of(event.occurred_at)
-    verdict = view.seen.admit(event.event_id, day)
-    if verdict == SKIP:
-        return view
-    if verdict == PRUNE:
-        prune(view)
     if type(event) is ShadowCompared:
-        _compared(view, event, day)
+        _compared(view, event, day_of(event.occurred_at))
     elif isinstance(event, CallEvent) and "ab[" in event.reason:
-        _arm(view, event, day)
+        _arm(view, event, day_of(event.occurred_at))
     return view
 
 

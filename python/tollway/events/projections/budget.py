@@ -21,9 +21,9 @@ Any hold also closes when it expires. Expiry needs a clock, so the fold only
 forgets holds that expired before the event being applied (the event time is
 the fold's only clock) and readers filter by their own ``now``.
 
-Each event id is folded once (:mod:`~tollway.events.seen`): a call
-event resent after the duplicate window adds no spend. The view keeps
-``KEEP_DAYS`` days of spend; events of older days are skipped.
+Each event id reaches the fold once (its ``seen``, through the Projection,
+:mod:`~tollway.events.seen`): a call event resent after the duplicate window
+adds no spend. The view keeps the retention's days of spend (:func:`prune`).
 
 ``reserved_seq`` keeps, per subject token, the stream sequence of the last
 ``budget.reserved`` message: the compare-and-set that makes reservations safe
@@ -50,9 +50,8 @@ from tollway.events.schema import (
     day_of,
     subject_token,
 )
-from tollway.events.seen import PRUNE, SKIP, Seen
+from tollway.events.seen import RETENTION_DAYS, Seen
 
-KEEP_DAYS = 8  # days of spend kept (the guard needs today; /api/ai/budget shows a week)
 _PRUNE_EVERY_S = 300.0
 
 
@@ -76,7 +75,19 @@ class BudgetState(msgspec.Struct):
     links: dict[str, tuple[str, int]] = msgspec.field(default_factory=dict)  # req -> lease, $
     reserved_seq: dict[str, int] = msgspec.field(default_factory=dict)  # subject token -> seq
     pruned_at: float = 0.0  # event time of the last prune of holds
-    seen: Seen = msgspec.field(default_factory=lambda: Seen(KEEP_DAYS))
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> BudgetState:
+    return BudgetState(seen=Seen(keep_days))
+
+
+def skipped(view: BudgetState, seq: int, event: Event) -> None:
+    """An event not folded again (its id was): a reservation still moves the tenant's
+    compare-and-set mark, which is by stream sequence."""
+    if isinstance(event, BudgetReserved):
+        token = subject_token(event.tenant)
+        view.reserved_seq[token] = max(seq, view.reserved_seq.get(token, 0))
 
 
 def _close(view: BudgetState, rid: str) -> Hold | None:
@@ -95,13 +106,6 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    verdict = view.seen.admit(event.event_id, day_of(event.occurred_at))
-    if verdict == SKIP:
-        if isinstance(event, BudgetReserved):  # the compare-and-set is by sequence, not id
-            view.reserved_seq[subject_token(event.tenant)] = seq
-        return view
-    if verdict == PRUNE:
-        prune(view)
     if isinstance(event, CallEvent):
         cost = event.actual_cost_nanousd
         if cost:
@@ -170,24 +174,20 @@ def apply_batch(view: BudgetState, seqs: Sequence[int], events: Sequence[Event])
     from a lease) in one loop, everything else through :func:`apply`."""
     spend = view.spend
     days = DAY_OF_NUMBER
-    seen = view.seen
-    admit = seen.admit
     for seq, e in zip(seqs, events, strict=True):
         if (type(e) not in _CALL_TYPES or seq <= view.last_seq
                 or e.occurred_at - view.pruned_at >= _PRUNE_EVERY_S):
             view = apply(view, seq, e)
             continue
         call = cast(CallEvent, e)
-        t = call.occurred_at
-        day = days.get(int(t // 86400)) or day_of(t)
-        if not call.reservation_id or day > seen.newest:  # a new day prunes: the long way
+        if not call.reservation_id:
             view = apply(view, seq, e)
             continue
         view.last_seq = seq
-        if admit(call.event_id, day):  # SKIP (PRUNE comes only with a new day)
-            continue
         cost = call.actual_cost_nanousd
         if cost:
+            t = call.occurred_at
+            day = days.get(int(t // 86400)) or day_of(t)
             by_day = spend.get(call.tenant)
             if by_day is None:
                 by_day = spend[call.tenant] = {}

@@ -3,8 +3,7 @@
 A pure fold like the others (see usage.py). A completed call is a success of
 its provider, and a failure of every provider it failed over from
 (``fallbacks``); a failed call is a failure of its last provider and of its
-fallbacks. Rejected calls never reached a provider and are not counted. Each
-event id counts once (:mod:`~tollway.events.seen`).
+fallbacks. Rejected calls never reached a provider and are not counted.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from typing import Any
 
 import msgspec
 
-from tollway.events.schema import BreakerChanged, CallCompleted, CallFailed, Event, day_of
-from tollway.events.seen import RETENTION_DAYS, SKIP, Seen
+from tollway.events.schema import BreakerChanged, CallCompleted, CallFailed, Event
+from tollway.events.seen import RETENTION_DAYS, Seen
 
 ERROR_ALPHA = 0.1  # weight of the newest outcome in the recent error rate (~ last 10 calls)
 LATENCY_ALPHA = 0.2
@@ -40,10 +39,6 @@ def new(keep_days: int = RETENTION_DAYS) -> HealthView:
     return HealthView(seen=Seen(keep_days))
 
 
-def prune(view: HealthView) -> None:
-    """Nothing of the view is by day: only its ids are pruned (by ``seen``)."""
-
-
 def _get(view: HealthView, name: str) -> ProviderHealth:
     p = view.providers.get(name)
     if p is None:
@@ -63,8 +58,6 @@ def apply(view: HealthView, seq: int, event: Event) -> HealthView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    if view.seen.admit(event.event_id, day_of(event.occurred_at)) == SKIP:
-        return view
     if isinstance(event, CallCompleted):
         for name in event.fallbacks:
             _failure(view, name, event.occurred_at)

@@ -37,7 +37,7 @@ from nats.js.kv import KeyValue
 
 from tollway.events.bulk import BulkReader, BulkUnavailable
 from tollway.events.metrics import EventMetrics
-from tollway.events.projections import Projection, checkpoint
+from tollway.events.projections import Projection, checkpoint, fold_events, link, linked
 from tollway.events.schema import SCHEMA_VERSION, STREAM, SUBJECTS, AnyEvent, Event, decode
 
 log = logging.getLogger("tollway.events")
@@ -107,6 +107,7 @@ class ProjectionRunner:
         self._sub_lock = asyncio.Lock()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._saved_seq: dict[str, int] = {}
+        self._groups: list[list[Projection[Any]]] = []  # views folded as one (see link)
         self._task: asyncio.Task[None] | None = None
         self._resubscribe = asyncio.Event()
 
@@ -320,6 +321,8 @@ class ProjectionRunner:
         if not self._stream_id:
             with contextlib.suppress(Exception):
                 await self._stream_state()
+        if len(self._groups) > 1:
+            self._groups = []  # views that were apart may have met since: link them again
         for p in self.projections:
             seq = p.view.last_seq
             if force or seq > self._saved_seq.get(p.name, 0):
@@ -346,20 +349,10 @@ class ProjectionRunner:
     def feed(self, seq: int, data: bytes) -> None:
         """Apply one stream message to every projection."""
         event = self._decode(seq, data)
-        if event is None:
-            for p in self.projections:
-                if p.view.last_seq < seq:
-                    p.view.last_seq = seq
-        else:
-            for p in self.projections:
-                p.view = p.fold(p.view, seq, event)
+        self._fold([seq], [event])
+        if event is not None:
             for listener in self.listeners:
                 listener(seq, event)
-        if seq > self.last_seq:
-            self.last_seq = seq
-        self.applied += 1
-        if self._waiters:
-            self._wake_waiters()
 
     def feed_batch(self, seqs: list[int], payloads: Sequence[bytes]) -> None:
         """Apply stream messages with ascending sequences to every projection: what
@@ -378,29 +371,25 @@ class ProjectionRunner:
                 events = None
         except (msgspec.DecodeError, msgspec.ValidationError):
             events = None
-        if events is None:
+        if events is None:  # unknown types, newer versions: only last_seq moves past them
             events = [self._decode(s, d) for s, d in zip(seqs, payloads, strict=True)]
-            skipped = None in events  # unknown types, newer versions: only last_seq moves
+        self._fold(seqs, events)
+
+    def _fold(self, seqs: list[int], events: list[Event | None]) -> None:
+        if None in events:
+            kept = [(s, e) for s, e in zip(seqs, events, strict=True) if e is not None]
+            fold_seqs, fold = [s for s, _ in kept], [e for _, e in kept]
         else:
-            skipped = False
+            fold_seqs, fold = seqs, cast("list[Event]", events)
+        if not self._groups or not linked(self._groups):
+            self._groups = link(self.projections)
         last = seqs[-1]
-        for p in self.projections:
-            view = p.view
-            if view.last_seq >= last:
-                continue
-            fold = p.fold
-            if skipped:
-                for seq, event in zip(seqs, events, strict=True):
-                    if event is not None:
-                        view = fold(view, seq, event)
-                    elif view.last_seq < seq:
-                        view.last_seq = seq
-            elif p.fold_batch is not None:
-                view = p.fold_batch(view, seqs, cast("list[Event]", events))
-            else:
-                for seq, event in zip(seqs, cast("list[Event]", events), strict=True):
-                    view = fold(view, seq, event)
-            p.view = view
+        for group in self._groups:
+            if group[0].view.last_seq < last:
+                if fold:
+                    fold_events(group, fold_seqs, fold)
+                for p in group:  # past the messages that are not events too
+                    p.view.last_seq = max(p.view.last_seq, last)
         if last > self.last_seq:
             self.last_seq = last
         self.applied += len(seqs)

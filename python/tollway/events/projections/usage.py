@@ -2,13 +2,14 @@
 
 A pure fold: :func:`apply` reads nothing but its arguments (no clock, no I/O)
 and skips any stream sequence it has already applied, so feeding it the same
-message twice, or replaying the stream over a checkpoint, changes nothing; it
-skips an event id it has already folded too (an outbox resent after the
-duplicate window, see :mod:`~tollway.events.seen`). It updates the
-view in place (a fold over a million events must not copy) and returns it.
+message twice, or replaying the stream over a checkpoint, changes nothing. It
+updates the view in place (a fold over a million events must not copy) and
+returns it.
 
-Rows are daily rollups; the view keeps the newest ``keep_days`` days of
-events (``[events] retention_days``) and prunes older ones as days go by.
+Rows are daily rollups. Which events reach the fold -- each event id once,
+only of days the view keeps -- its ``seen`` decides, through the
+:class:`~tollway.events.projections.Projection`; :func:`prune` drops the days
+it no longer keeps (``[events] retention_days``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tollway.events.schema import (
     Event,
     day_of,
 )
-from tollway.events.seen import PRUNE, RETENTION_DAYS, SKIP, Seen
+from tollway.events.seen import RETENTION_DAYS, Seen
 
 # Row layout (a list, not a struct: the fold touches it per event).
 REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST = range(7)
@@ -58,19 +59,9 @@ def apply(view: UsageView, seq: int, event: Event) -> UsageView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    day = day_of(event.occurred_at)
-    verdict = view.seen.admit(event.event_id, day)
-    if verdict == SKIP:
+    if not isinstance(event, CallEvent):
         return view
-    if isinstance(event, CallEvent):
-        _add(view, event, day)
-    if verdict == PRUNE:
-        prune(view)
-    return view
-
-
-def _add(view: UsageView, event: CallEvent, day: str) -> None:
-    key = (event.tenant, day, event.model, event.provider)
+    key = (event.tenant, day_of(event.occurred_at), event.model, event.provider)
     row = view.rows.get(key)
     if row is None:
         row = view.rows[key] = [0, 0, 0, 0, 0, 0, 0]
@@ -85,6 +76,7 @@ def _add(view: UsageView, event: CallEvent, day: str) -> None:
     row[PROMPT] += event.prompt_tokens
     row[COMPLETION] += event.completion_tokens
     row[COST] += event.actual_cost_nanousd
+    return view
 
 
 _COLUMN_OF = {CallCompleted: COMPLETED, CallFailed: FAILED, CallRejected: REJECTED}
@@ -96,25 +88,18 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
     last = view.last_seq
     rows = view.rows
     get = rows.get
-    admit = view.seen.admit
     column_of = _COLUMN_OF.get
     days = DAY_OF_NUMBER
     for seq, e in zip(seqs, events, strict=True):
         if seq <= last:
             continue
         last = seq
-        t = e.occurred_at
-        day = days.get(int(t // 86400)) or day_of(t)
-        verdict = admit(e.event_id, day)
-        if verdict:  # SKIP or PRUNE: rare
-            if verdict == SKIP:
-                continue
-            prune(view)
         column = column_of(type(e))
         if column is None:
             continue
         call = cast(CallEvent, e)
-        key = (call.tenant, day, call.model, call.provider)
+        t = call.occurred_at
+        key = (call.tenant, days.get(int(t // 86400)) or day_of(t), call.model, call.provider)
         row = get(key)
         if row is None:
             row = rows[key] = [0, 0, 0, 0, 0, 0, 0]
