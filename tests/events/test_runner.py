@@ -226,3 +226,24 @@ async def test_an_outbox_resent_after_the_duplicate_window_counts_each_call_once
         if not restart:  # a second outage resends the same outbox once more
             await resend_after_the_window(nc, lines[k:])
     await nc.close()
+
+
+async def test_views_apart_fold_alone_then_share_their_ids_once_they_meet(
+        nc: NatsClient) -> None:
+    lines = fixture_lines()
+    projs = default_projections()
+    usage = projs[0]
+    for seq, line in enumerate(lines[:300], 1):  # one view restored from a later checkpoint
+        e = decode(line)
+        assert e is not None
+        usage.apply(seq, e)
+    runner = ProjectionRunner(nc, projs)
+    runner.feed_batch(list(range(1, 101)), lines[:100])
+    assert len({id(p.view.seen) for p in projs}) == 2, "the view ahead decides for itself"
+    runner.feed_batch(list(range(101, len(lines) + 1)), lines[100:])
+    await runner.checkpoint()  # no bucket: only links again, now they meet
+    resent = list(range(len(lines) + 1, 2 * len(lines) + 1))
+    runner.feed_batch(resent, lines)  # after the duplicate window: new sequences
+    assert len({id(p.view.seen) for p in projs}) == 1, "together: one decision per event"
+    assert [contents(p) for p in projs] == [contents(p) for p in pure_fold(lines)]
+    assert all(p.view.last_seq == 2 * len(lines) for p in projs)

@@ -316,13 +316,13 @@ class ProjectionRunner:
 
     async def checkpoint(self, *, force: bool = False) -> None:
         """Save every view that moved since its last save (``force``: every view)."""
+        if len(self._groups) > 1:
+            self._groups = []  # views that were apart may have met since: link them again
         if self.kv is None or self.read_only:
             return
         if not self._stream_id:
             with contextlib.suppress(Exception):
                 await self._stream_state()
-        if len(self._groups) > 1:
-            self._groups = []  # views that were apart may have met since: link them again
         for p in self.projections:
             seq = p.view.last_seq
             if force or seq > self._saved_seq.get(p.name, 0):
