@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
@@ -247,3 +248,20 @@ async def test_views_apart_fold_alone_then_share_their_ids_once_they_meet(
     assert len({id(p.view.seen) for p in projs}) == 1, "together: one decision per event"
     assert [contents(p) for p in projs] == [contents(p) for p in pure_fold(lines)]
     assert all(p.view.last_seq == 2 * len(lines) for p in projs)
+
+
+async def test_an_event_from_a_clock_years_ahead_prunes_nothing(nc: NatsClient) -> None:
+    lines = fixture_lines()
+    runner = ProjectionRunner(nc, default_projections())
+    runner.feed_batch(list(range(1, 201)), lines[:200])
+    ahead = decode(lines[200])
+    assert isinstance(ahead, CallEvent)
+    far = msgspec.json.encode(msgspec.structs.replace(ahead, occurred_at=4_000_000_000.0))
+    runner.feed_batch([201], [far])  # 2096: a gateway whose clock is broken
+    runner.feed_batch(list(range(202, len(lines) + 1)), lines[201:])
+    want = pure_fold(lines[:200] + lines[201:])
+    usage = runner.by_name["usage"].view
+    assert {k: v for k, v in usage.rows.items() if k[1] < "2096"} == want[0].view.rows
+    spend = runner.by_name["budget"].view.spend
+    assert {t: {d: n for d, n in days.items() if d < "2096"} for t, days in spend.items()
+            } == want[1].view.spend

@@ -130,3 +130,13 @@ def test_it_survives_its_checkpoint() -> None:
     assert again == seen
     assert [again.admit(f"{'c' * 20}{n:012x}", DAY) for n in (1, 4, 4, 9)] == [
         SKIP, FOLD, SKIP, SKIP]
+
+
+def test_an_event_from_a_clock_far_ahead_moves_no_day_on() -> None:
+    now = at("2026-01-11")
+    seen = Seen(keep_days=3)
+    seen.admit(f"{'a' * 20}{1:012x}", DAY, now)
+    assert seen.admit(f"{'f' * 20}{1:012x}", at("2031-01-01"), now) == FOLD  # no prune
+    assert (seen.newest, seen.oldest) == ("2026-01-10", "2026-01-08")
+    assert seen.admit(f"{'a' * 20}{2:012x}", DAY, now) == FOLD, "today's events still count"
+    assert seen.admit(f"{'f' * 20}{1:012x}", at("2031-01-01"), now) == SKIP

@@ -34,13 +34,15 @@ A prefix's day is noted when its tail is merged (the newest day folded then:
 never earlier than its events, at most a day later), so it may be kept a day
 longer than needed, never shorter.
 
-The fold's only clock is the events' time: the newest day folded decides which
-days are kept (``keep_days`` of them, the newest included).
+The fold's clock is the events' time: the newest day folded decides which
+days are kept (``keep_days`` of them, the newest included), except that an
+event beyond the caller's horizon (a clock far ahead) moves no day on.
 """
 
 from __future__ import annotations
 
 import calendar
+import math
 from bisect import bisect_right
 from datetime import date, timedelta
 
@@ -68,9 +70,14 @@ class Seen(msgspec.Struct, array_like=True):
     # prefix -> [its highest counter merged, counters folded since], hex strings ascending
     tails: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
-    def admit(self, event_id: str, at: float) -> int:
+    def admit(self, event_id: str, at: float, horizon: float = math.inf) -> int:
         """FOLD, PRUNE (fold, then prune the view) or SKIP (folded before, or too old), for
-        the event ``event_id`` that occurred at unix time ``at``."""
+        the event ``event_id`` that occurred at unix time ``at``.
+
+        An event later than ``horizon`` is folded but moves no day on: one from a clock
+        years ahead must not prune the views and skip every event after it. The runner
+        passes its own clock plus a day; a fold on its own has the events' time only.
+        """
         prefix = event_id[:_PREFIX]
         tail = self.tails.get(prefix)
         if (tail is not None and len(event_id) == _ID_LEN
@@ -81,13 +88,14 @@ class Seen(msgspec.Struct, array_like=True):
                 if len(tail) > TAIL:
                     self._merge(prefix, tail)
                 return FOLD
-        return self._admit(event_id, day_of(at))
+        return self._admit(event_id, at, horizon)
 
-    def _admit(self, event_id: str, day: str) -> int:
+    def _admit(self, event_id: str, at: float, horizon: float) -> int:
+        day = day_of(at)
         if day < self.oldest:
             return SKIP
         verdict = FOLD
-        if day > self.newest:
+        if day > self.newest and at <= horizon:
             self.compact()  # the tails' days are the old newest at most
             self.newest = day
             verdict = PRUNE if self._cut() else FOLD

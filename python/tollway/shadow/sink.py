@@ -15,6 +15,7 @@ import collections
 import itertools
 import os
 import threading
+import time
 from typing import Protocol
 
 from tollway.events.schema import Event
@@ -89,7 +90,7 @@ class MemorySink:
         """Fold any event into the view (A/B call events, when there is no stream to fold),
         keeping its days as the stream's views do."""
         self._seq += 1
-        verdict = self.view.seen.admit(event.event_id, event.occurred_at)
+        verdict = self.view.seen.admit(event.event_id, event.occurred_at, time.time() + 86400)
         if verdict != SKIP:
             projection.apply(self.view, self._seq, event)
         if verdict == PRUNE:

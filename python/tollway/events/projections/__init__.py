@@ -13,6 +13,7 @@ decided once for all of them (:func:`fold_events`).
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,16 +69,17 @@ class Projection(Generic[V]):
 
 
 def fold_events(group: Sequence[Projection[Any]], seqs: Sequence[int],
-                events: Sequence[Event]) -> None:
+                events: Sequence[Event], horizon: float = math.inf) -> None:
     """Fold events with ascending sequences into views at one sequence sharing one ``seen``
-    (see :func:`link`; or one view): each event's id and day are decided once for all."""
+    (see :func:`link`; or one view): each event's id and day are decided once for all.
+    Events after ``horizon`` (unix time) move no day on (:meth:`Seen.admit`)."""
     first = group[0].view
     start = bisect_right(seqs, first.last_seq)
     if start == len(seqs):
         return
     admit = first.seen.admit
     fresh_seqs, fresh = seqs[start:], events[start:]
-    verdicts = [admit(e.event_id, e.occurred_at) for e in fresh]
+    verdicts = [admit(e.event_id, e.occurred_at, horizon) for e in fresh]
     again: list[tuple[int, Event]] = []
     pruned = PRUNE in verdicts
     if SKIP in verdicts:

@@ -45,6 +45,7 @@ log = logging.getLogger("tollway.events")
 Listener = Callable[[int, Event], None]
 
 BULK_RETRY_S = 60.0  # after a failed bulk read, backlogs go through nats-py for this long
+HORIZON_S = 86400.0  # events this far ahead of our clock fold, but move the views' days on not
 
 # schema.decode without its per-message Python call; a batch it cannot take whole (an
 # unknown type, a newer version, not an event) goes through schema.decode message by message.
@@ -384,10 +385,11 @@ class ProjectionRunner:
         if not self._groups or not linked(self._groups):
             self._groups = link(self.projections)
         last = seqs[-1]
+        horizon = time.time() + HORIZON_S
         for group in self._groups:
             if group[0].view.last_seq < last:
                 if fold:
-                    fold_events(group, fold_seqs, fold)
+                    fold_events(group, fold_seqs, fold, horizon)
                 for p in group:  # past the messages that are not events too
                     p.view.last_seq = max(p.view.last_seq, last)
         if last > self.last_seq:
