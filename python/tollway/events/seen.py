@@ -13,8 +13,8 @@ to a flat sorted list ``[lo0, hi0, lo1, hi1, ...]`` of inclusive ranges), so
 a process's events, which arrive mostly in order, cost no memory per event:
 one run grows. Events out of order (a batch in flight when NATS failed, then
 its outbox) open a gap that closes when the rest arrives. Any other id (not
-32 hex characters) is a prefix of its own with the single counter 0, about
-200 bytes each; gateways make none of those.
+32 hex characters) is a prefix of its own with the single counter 0; gateways
+make none of those.
 
 Every event pays for this, so the common case -- the next event of a process,
 of a day kept -- is decided on strings and times: a counter above the last
@@ -33,6 +33,13 @@ under a remembered prefix or of a day before ``oldest`` -- skipped either way.
 A prefix's day is noted when its tail is merged (the newest day folded then:
 never earlier than its events, at most a day later), so it may be kept a day
 longer than needed, never shorter.
+
+Memory per event (measured with tracemalloc): nothing, once merged, for a
+process's events in order; about 70 bytes while in a tail (at most ``TAIL``
+of them per process: 70 KB); 2 ints per gap that stays open (an event
+dropped, a budget lease granted while NATS was down); about 170 bytes for an
+id of any other shape. In the checkpoint: about 100 bytes per process and 13
+per tail entry, before zlib.
 
 The fold's clock is the events' time: the newest day folded decides which
 days are kept (``keep_days`` of them, the newest included), except that an
