@@ -148,8 +148,8 @@ class EventsConfig(_Base):
     outbox_fsync: Literal["always", "interval", "never"] = "interval"
     outbox_fsync_interval_s: Positive = 1.0
     checkpoint_interval_s: Positive = 10.0
-    # Days of usage and shadow rollups (and of event ids remembered against resends) kept
-    # in the views; older days are pruned. The stream keeps the events themselves.
+    # Days the views keep: usage, spend and shadow rollups, and the event ids remembered
+    # against resends; older days are pruned. The stream keeps the events themselves.
     retention_days: Annotated[int, Meta(ge=1, le=3660)] = 90
     reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
     budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)

@@ -146,14 +146,12 @@ def apply(view: ShadowView, seq: int, event: Event) -> ShadowView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    if type(event) is ShadowCompared:
-        _compared(view, event, day_of(event.occurred_at))
-    elif isinstance(event, CallEvent) and "ab[" in event.reason:
-        _arm(view, event, day_of(event.occurred_at))
-    return view
-
-
-def _compared(view: ShadowView, e: ShadowCompared, day: str) -> None:
+    if type(event) is not ShadowCompared:
+        if isinstance(event, CallEvent) and "ab[" in event.reason:
+            _arm(view, event)
+        return view
+    e: ShadowCompared = event
+    day = day_of(e.occurred_at)
     key = (e.route, e.candidate_model, day)
     row = view.rows.get(key)
     if row is None:
@@ -181,13 +179,14 @@ def _compared(view: ShadowView, e: ShadowCompared, day: str) -> None:
     if e.candidate_cost_nanousd:
         by_instance = view.spend.setdefault((e.route, day), {})
         by_instance[e.instance] = by_instance.get(e.instance, 0) + e.candidate_cost_nanousd
+    return view
 
 
-def _arm(view: ShadowView, e: CallEvent, day: str) -> None:
+def _arm(view: ShadowView, e: CallEvent) -> None:
     found = parse_arm(e.reason)
     if found is None:
         return
-    key = (found[0], found[1], e.model, day)
+    key = (found[0], found[1], e.model, day_of(e.occurred_at))
     row = view.arms.get(key)
     if row is None:
         row = view.arms[key] = ArmRow()

@@ -53,7 +53,8 @@ class Projection(Generic[V]):
     skipped: Callable[[V, int, Event], None] | None = None  # sees what is not folded again
 
     def apply(self, seq: int, event: Event) -> None:
-        """Fold one event (a view of its own: one a runner links folds through the runner)."""
+        """Fold one event into this view alone (views a runner has linked share their
+        ``seen``: they fold through the runner)."""
         fold_events([self], [seq], [event])
 
     def reset(self) -> None:
