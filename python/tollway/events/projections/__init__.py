@@ -55,7 +55,7 @@ class Projection(Generic[V]):
     def apply(self, seq: int, event: Event) -> None:
         """Fold one event into this view alone (views a runner has linked share their
         ``seen``: they fold through the runner)."""
-        fold_events([self], [seq], [event])
+        fold_event([self], seq, event)
 
     def reset(self) -> None:
         self.view = self.new()
@@ -74,6 +74,9 @@ def fold_events(group: Sequence[Projection[Any]], seqs: Sequence[int],
     """Fold events with ascending sequences into views at one sequence sharing one ``seen``
     (see :func:`link`; or one view): each event's id and day are decided once for all.
     Events after ``horizon`` (unix time) move no day on (:meth:`Seen.admit`)."""
+    if len(seqs) == 1:  # the live tail, message by message: no batch to set up
+        fold_event(group, seqs[0], events[0], horizon)
+        return
     first = group[0].view
     start = bisect_right(seqs, first.last_seq)
     if start == len(seqs):
@@ -103,6 +106,25 @@ def fold_events(group: Sequence[Projection[Any]], seqs: Sequence[int],
             p.prune(view)
         view.last_seq = last
         p.view = view
+
+
+def fold_event(group: Sequence[Projection[Any]], seq: int, event: Event,
+               horizon: float = math.inf) -> None:
+    """:func:`fold_events` for one event."""
+    first = group[0].view
+    if seq <= first.last_seq:
+        return
+    verdict = first.seen.admit(event.event_id, event.occurred_at, horizon)
+    for p in group:
+        view = p.view
+        if verdict == SKIP:
+            if p.skipped is not None:
+                p.skipped(view, seq, event)
+            view.last_seq = seq
+            continue
+        p.view = view = p.fold(view, seq, event)
+        if verdict == PRUNE:
+            p.prune(view)
 
 
 def link(projections: Sequence[Projection[Any]]) -> list[list[Projection[Any]]]:
@@ -185,6 +207,7 @@ __all__ = [
     "budget",
     "budget_projection",
     "default_projections",
+    "fold_event",
     "fold_events",
     "health",
     "health_projection",

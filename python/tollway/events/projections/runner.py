@@ -37,7 +37,14 @@ from nats.js.kv import KeyValue
 
 from tollway.events.bulk import BulkReader, BulkUnavailable
 from tollway.events.metrics import EventMetrics
-from tollway.events.projections import Projection, checkpoint, fold_events, link, linked
+from tollway.events.projections import (
+    Projection,
+    checkpoint,
+    fold_event,
+    fold_events,
+    link,
+    linked,
+)
 from tollway.events.schema import SCHEMA_VERSION, STREAM, SUBJECTS, AnyEvent, Event, decode
 
 log = logging.getLogger("tollway.events")
@@ -350,10 +357,15 @@ class ProjectionRunner:
     def feed(self, seq: int, data: bytes) -> None:
         """Apply one stream message to every projection."""
         event = self._decode(seq, data)
-        self._fold([seq], [event])
-        if event is not None:
-            for listener in self.listeners:
-                listener(seq, event)
+        if event is None:
+            self._fold([seq], [event])
+            return
+        horizon = time.time() + HORIZON_S
+        for group in self._linked():
+            fold_event(group, seq, event, horizon)
+        self._advance(seq, 1)
+        for listener in self.listeners:
+            listener(seq, event)
 
     def feed_batch(self, seqs: list[int], payloads: Sequence[bytes]) -> None:
         """Apply stream messages with ascending sequences to every projection: what
@@ -382,19 +394,25 @@ class ProjectionRunner:
             fold_seqs, fold = [s for s, _ in kept], [e for _, e in kept]
         else:
             fold_seqs, fold = seqs, cast("list[Event]", events)
-        if not self._groups or not linked(self._groups):
-            self._groups = link(self.projections)
         last = seqs[-1]
         horizon = time.time() + HORIZON_S
-        for group in self._groups:
+        for group in self._linked():
             if group[0].view.last_seq < last:
                 if fold:
                     fold_events(group, fold_seqs, fold, horizon)
                 for p in group:  # past the messages that are not events too
                     p.view.last_seq = max(p.view.last_seq, last)
+        self._advance(last, len(seqs))
+
+    def _linked(self) -> list[list[Projection[Any]]]:
+        if not self._groups or not linked(self._groups):
+            self._groups = link(self.projections)
+        return self._groups
+
+    def _advance(self, last: int, messages: int) -> None:
         if last > self.last_seq:
             self.last_seq = last
-        self.applied += len(seqs)
+        self.applied += messages
         if self._waiters:
             self._wake_waiters()
 
