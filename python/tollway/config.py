@@ -149,6 +149,9 @@ class EventsConfig(_Base):
     # tollway_events_dropped_total{reason="outbox_full"} and logged. Calls are still served.
     outbox_max_bytes: Annotated[int, Meta(ge=4096)] = 1 << 30
     checkpoint_interval_s: Positive = 10.0
+    # Days the views keep: usage, spend and shadow rollups, and the event ids remembered
+    # against resends; older days are pruned. The stream keeps the events themselves.
+    retention_days: Annotated[int, Meta(ge=1, le=3660)] = 90
     reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
     budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -11,6 +12,16 @@ from nats.aio.client import Client as NatsClient
 from tollway.events.broker import EmbeddedNats, connect, ensure_kv, ensure_stream, stream_config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "events" / "fixtures"
+
+
+def contents(p: Any) -> Any:
+    """What a projection's view counts, without stream positions (a resend has new ones)."""
+    v = p.view
+    if p.name == "budget":
+        return v.spend, {rid: (h.amount, h.pending, h.used) for rid, h in v.holds.items()}
+    if p.name == "health":
+        return v.providers
+    return v.rows
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
 
         assert _eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
             "the usage view caught up with the calls")
+        # The answer covers the days the view keeps, however far back it is asked.
+        kept = usage_of(ADMIN_KEY, days="3000")
+        newest = date.fromisoformat(max(d["key"] for d in kept["by_day"]))
+        assert kept["retention_days"] == 90
+        assert kept["since"] == (newest - timedelta(days=89)).isoformat()
         acme = usage_of(ACME_KEY)
         assert acme["total"]["requests"] == 13
         assert acme["tenant"] == "acme"

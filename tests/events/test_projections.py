@@ -10,7 +10,14 @@ import msgspec
 import pytest
 
 from tollway.events import synthetic
-from tollway.events.projections import budget, default_projections, health, usage
+from tollway.events.projections import (
+    budget,
+    default_projections,
+    fold_events,
+    health,
+    usage,
+    usage_projection,
+)
 from tollway.events.schema import (
     BudgetReleased,
     BudgetReserved,
@@ -24,7 +31,7 @@ from tollway.events.schema import (
     decode,
 )
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, contents
 
 
 def fixture_events() -> list[Event]:
@@ -247,23 +254,85 @@ def test_unknown_event_types_are_skipped_not_fatal() -> None:
         decode(b'{"type":"call.completed","occurred_at":1.0}')  # a known type, but broken
 
 
-def test_batch_folds_equal_the_fold_event_by_event() -> None:
+@pytest.mark.parametrize("retention_days", [90, 3])
+def test_batch_folds_equal_the_fold_event_by_event(retention_days: int) -> None:
     # Several days of calls (prunes, day changes, leases given back), fed in uneven
-    # batches, every other one fed twice: a batch fold must skip what it has.
+    # batches, every other one fed twice: a batch fold must skip what it has. Each view's
+    # own batch fold, and the projections' (ids and days decided once per event) alike.
     events = list(synthetic.events(5000, days=9.0))
     seqs = list(range(1, len(events) + 1))
-    batched = [p for p in default_projections() if p.fold_batch is not None]
-    assert {p.name for p in batched} >= {"usage", "budget"}
-    for p in batched:
-        one = next(q for q in default_projections() if q.name == p.name)
+    for p, one, mode in [(p, q, mode) for mode in ("fold", "projection")
+                         for p, q in zip(default_projections(retention_days),
+                                         default_projections(retention_days), strict=True)]:
+        if mode == "fold" and p.fold_batch is None:
+            continue
         for seq, e in zip(seqs, events, strict=True):
-            one.apply(seq, e)
-        assert p.fold_batch is not None
+            if mode == "fold":
+                one.view = one.fold(one.view, seq, e)
+            else:
+                one.apply(seq, e)
         start, size = 0, 1
         while start < len(events):
             chunk = slice(start, start + size)
             for _ in range(1 + size % 2):
-                p.view = p.fold_batch(p.view, seqs[chunk], events[chunk])
+                if p.fold_batch is not None and mode == "fold":
+                    p.view = p.fold_batch(p.view, seqs[chunk], events[chunk])
+                else:
+                    fold_events([p], seqs[chunk], events[chunk])
             start, size = start + size, size * 3 % 401 + 1
-        assert p.view == one.view, p.name
+        assert p.view == one.view, (p.name, mode)
         assert p.view.last_seq == len(events)
+
+
+def test_every_view_folds_an_event_id_once_under_any_sequence() -> None:
+    # An outbox resent after the duplicate window: the same events under new sequences,
+    # the tail of the stream first, then all of it.
+    events = fixture_events()
+    want = fold_all(events)
+    projs = fold_all(events)
+    resent = events[len(events) // 2:] + events
+    for seq, e in enumerate(resent, len(events) + 1):
+        for p in projs:
+            p.apply(seq, e)
+    assert [contents(p) for p in projs] == [contents(p) for p in want]
+    assert all(p.view.last_seq == len(events) + len(resent) for p in projs)
+    # ... and after a checkpoint: the ids are part of it.
+    again = [p.load(p.dump(p.view)) for p in projs]
+    for p, view in zip(projs, again, strict=True):
+        p.view = view
+        p.apply(10**6, events[-1])
+    assert [contents(p) for p in projs] == [contents(p) for p in want]
+
+
+def test_a_duplicate_reservation_still_moves_the_compare_and_set_mark() -> None:
+    t = 1_767_225_600.0
+    lease = BudgetReserved(event_id="lease-1", occurred_at=t, tenant="acme",
+                           reservation_id="lease-1", day=day_of(t), amount_nanousd=500,
+                           expires_at=t + 900)
+    s = budget.BudgetState()
+    budget.apply(s, 1, lease)
+    budget.apply(s, 9, lease)  # resent: the stream's last reservation of acme is now 9
+    assert s.reserved_seq == {"acme": 9}
+    assert budget.held(s, "acme", day_of(t), t) == 500
+
+
+def test_usage_keeps_the_newest_retention_days() -> None:
+    events = list(synthetic.events(3000, days=9.0))
+    proj = usage_projection(3)
+    for seq, e in enumerate(events, 1):
+        proj.apply(seq, e)
+    days = sorted({day_of(e.occurred_at) for e in events})
+    kept = days[-3:]
+    got = usage.query(proj.view)
+    assert [d["key"] for d in got["by_day"]] == kept
+    calls = [e for e in events if isinstance(e, CallEvent) and day_of(e.occurred_at) in kept]
+    assert got["total"]["requests"] == len(calls)
+    assert got["total"]["cost_nanousd"] == sum(e.actual_cost_nanousd for e in calls)
+    # A late event of a day no longer kept is skipped, not a new row that lives on.
+    late = next(e for e in events if isinstance(e, CallCompleted))
+    proj.apply(len(events) + 1, msgspec.structs.replace(late, event_id="late"))
+    assert usage.query(proj.view)["total"] == got["total"]
+    # A shorter retention when the checkpoint is loaded prunes at once.
+    shorter = usage_projection(1)
+    shorter.view = shorter.load(proj.dump(proj.view))
+    assert [d["key"] for d in usage.query(shorter.view)["by_day"]] == kept[-1:]

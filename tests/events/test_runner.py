@@ -6,24 +6,29 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import PubAck
 
 from tollway.events.broker import EmbeddedNats, connect, ensure_kv, ensure_stream, stream_config
+from tollway.events.budget import BudgetView
 from tollway.events.projections import default_projections
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.replay import replay
-from tollway.events.schema import decode
+from tollway.events.schema import CallEvent, day_of, decode
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, contents
 
 
-async def publish_lines(nc: NatsClient, lines: list[bytes]) -> None:
+async def publish_lines(nc: NatsClient, lines: list[bytes]) -> list[PubAck]:
     js = nc.jetstream()
+    acks = []
     for line in lines:
         e = decode(line)
         assert e is not None
-        await js.publish(e.subject(), line, headers={"Nats-Msg-Id": e.event_id})
+        acks.append(await js.publish(e.subject(), line, headers={"Nats-Msg-Id": e.event_id}))
+    return acks
 
 
 def fixture_lines() -> list[bytes]:
@@ -165,3 +170,98 @@ async def test_a_recreated_stream_is_folded_on_top_of_the_checkpoint(nc: NatsCli
     assert second.projections[0].view.rows == want[0].view.rows
     assert second.projections[1].view.spend == want[1].view.spend
     await second.stop()
+
+
+async def resend_after_the_window(nc: NatsClient, lines: list[bytes]) -> None:
+    """Publish ``lines`` again, in order, as an outbox does once NATS is back, after the
+    stream's duplicate window has passed: JetStream stores each under a new sequence."""
+    for line in lines:
+        for _ in range(100):
+            if not (await publish_lines(nc, [line]))[0].duplicate:
+                break
+            await asyncio.sleep(0.1)  # its window has not passed yet: the server dropped it
+        else:
+            raise AssertionError("the duplicate window never passed")
+
+
+async def test_an_outbox_resent_after_the_duplicate_window_counts_each_call_once(
+        nats_server: EmbeddedNats) -> None:
+    nc = await connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_stream(js, stream_config(duplicate_window_s=1.0))
+    kv = await ensure_kv(js)
+    lines = fixture_lines()
+    n, k, m = len(lines), len(lines) // 3, 2 * len(lines) // 3
+    # Before the outage lines[:m] reached the stream, but the acks of lines[k:m] were lost:
+    # they went to the outbox, followed by lines[m:], recorded while NATS was away.
+    await publish_lines(nc, lines[:m])
+    assert (await publish_lines(nc, lines[m - 1:m]))[0].duplicate, \
+        "within the window JetStream drops a resend itself"
+    first = ProjectionRunner(nc, default_projections(), kv=kv)
+    await first.start()
+    assert await first.catch_up(10)
+    await first.stop()  # checkpoints
+    await resend_after_the_window(nc, lines[k:])
+    assert (await js.stream_info("TOLLWAY")).state.messages == m + (n - k)  # all stored
+
+    want = pure_fold(lines)
+    events = [e for e in map(decode, lines) if isinstance(e, CallEvent)]
+    calls = len(events)
+    spend: dict[tuple[str, str], int] = {}
+    for e in events:
+        key = (e.tenant, day_of(e.occurred_at))
+        spend[key] = spend.get(key, 0) + e.actual_cost_nanousd
+    a_time_of = {day_of(e.occurred_at): e.occurred_at for e in events}
+    for restart in range(2):  # from the first checkpoint; then from one taken after a resend
+        runner = ProjectionRunner(nc, default_projections(), kv=kv)
+        await runner.start()
+        assert await runner.catch_up(10)
+        assert runner.applied == n - k, "resumed from the checkpoint, then the resend"
+        usage_view = runner.by_name["usage"].view
+        assert sum(row[0] for row in usage_view.rows.values()) == calls
+        budget = BudgetView(runner.by_name["budget"])
+        for (tenant, day), cost in spend.items():  # what the budget guard reads
+            assert budget.spent_today(tenant, now=a_time_of[day]) == cost
+        assert [contents(p) for p in runner.projections] == [contents(p) for p in want]
+        await runner.stop()
+        if not restart:  # a second outage resends the same outbox once more
+            await resend_after_the_window(nc, lines[k:])
+    await nc.close()
+
+
+async def test_views_apart_fold_alone_then_share_their_ids_once_they_meet(
+        nc: NatsClient) -> None:
+    lines = fixture_lines()
+    projs = default_projections()
+    usage = projs[0]
+    for seq, line in enumerate(lines[:300], 1):  # one view restored from a later checkpoint
+        e = decode(line)
+        assert e is not None
+        usage.apply(seq, e)
+    runner = ProjectionRunner(nc, projs)
+    runner.feed_batch(list(range(1, 101)), lines[:100])
+    assert len({id(p.view.seen) for p in projs}) == 2, "the view ahead decides for itself"
+    runner.feed_batch(list(range(101, len(lines) + 1)), lines[100:])
+    await runner.checkpoint()  # no bucket: only links again, now they meet
+    resent = list(range(len(lines) + 1, 2 * len(lines) + 1))
+    runner.feed_batch(resent, lines)  # after the duplicate window: new sequences
+    assert len({id(p.view.seen) for p in projs}) == 1, "together: one decision per event"
+    assert [contents(p) for p in projs] == [contents(p) for p in pure_fold(lines)]
+    assert all(p.view.last_seq == 2 * len(lines) for p in projs)
+
+
+async def test_an_event_from_a_clock_years_ahead_prunes_nothing(nc: NatsClient) -> None:
+    lines = fixture_lines()
+    runner = ProjectionRunner(nc, default_projections())
+    runner.feed_batch(list(range(1, 201)), lines[:200])
+    ahead = decode(lines[200])
+    assert isinstance(ahead, CallEvent)
+    far = msgspec.json.encode(msgspec.structs.replace(ahead, occurred_at=4_000_000_000.0))
+    runner.feed_batch([201], [far])  # 2096: a gateway whose clock is broken
+    runner.feed_batch(list(range(202, len(lines) + 1)), lines[201:])
+    want = pure_fold(lines[:200] + lines[201:])
+    usage = runner.by_name["usage"].view
+    assert {k: v for k, v in usage.rows.items() if k[1] < "2096"} == want[0].view.rows
+    spend = runner.by_name["budget"].view.spend
+    assert {t: {d: n for d, n in days.items() if d < "2096"} for t, days in spend.items()
+            } == want[1].view.spend

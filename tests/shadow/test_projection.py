@@ -8,11 +8,13 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tollway.events.projections import shadow_projection
 from tollway.events.schema import CallCompleted, CallFailed, CallRejected
 from tollway.shadow import projection
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.projection import ShadowView, apply, bucket_value, percentile
 from tollway.shadow.report import format_ab_table, format_table, query, query_ab
+from tollway.shadow.sink import MemorySink
 
 DAY0 = 1_767_225_600.0  # 2026-01-01
 
@@ -168,3 +170,24 @@ def test_table_renders() -> None:
     assert lines[0].split()[:3] == ["route", "candidate", "n"]
     assert lines[2].split()[:3] == ["auto", "cheap", "3"]
     assert format_table([]) == "no shadow samples yet"
+
+
+def test_a_resent_comparison_counts_once_and_old_days_are_pruned() -> None:
+    proj = shadow_projection(retention_days=2)
+    evs = [event(i, day=i) for i in range(4)]  # one a day, 2026-01-01 .. 01-04
+    for seq, e in enumerate(evs + evs, 1):  # resent after the duplicate window: new seqs
+        proj.apply(seq, e)
+    view = proj.view
+    assert {d: row.samples for (_, _, d), row in view.rows.items()} == {
+        "2026-01-03": 1, "2026-01-04": 1}
+    assert {d for _, d in view.spend} == {"2026-01-03", "2026-01-04"}
+
+
+def test_the_in_memory_sink_keeps_the_retention_too() -> None:
+    sink = MemorySink()
+    for i in range(100):  # a comparison a day for 100 days, one of them twice
+        sink.publish(event(i, day=i))
+    sink.observe(event(99, day=99))
+    days = sorted({d for _, _, d in sink.view.rows})
+    assert len(days) == 90 and days[-1] == "2026-04-10"
+    assert sink.view.rows[("auto", "cheap", "2026-04-10")].samples == 1

@@ -32,7 +32,7 @@ from tollway.events.broker import (
     read_runtime_file,
     stream_config,
 )
-from tollway.events.projections import default_projections, usage
+from tollway.events.projections import default_projections, usage, usage_projection
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.replay import replay
 from tollway.events.schema import subject_token
@@ -156,7 +156,7 @@ async def show_usage(config: Config, args: argparse.Namespace, out: TextIO | Non
     out = out or sys.stdout
     async with open_nats(config, args.url) as nc:
         kv = await ensure_kv(nc.jetstream(), config.events.kv_bucket)
-        projs = [p for p in default_projections() if p.name == "usage"]
+        projs = [usage_projection(config.events.retention_days)]
         runner = ProjectionRunner(nc, projs, kv=kv, stream=config.events.stream, read_only=True)
         await runner.start()
         try:
@@ -190,7 +190,8 @@ async def run_replay(config: Config, args: argparse.Namespace,
     out = out or sys.stdout
     async with open_nats(config, args.url) as nc:
         kv = await ensure_kv(nc.jetstream(), config.events.kv_bucket)
-        result = await replay(nc, kv=kv, stream=config.events.stream, save=not args.dry_run)
+        result = await replay(nc, kv=kv, stream=config.events.stream, save=not args.dry_run,
+                              projections=default_projections(config.events.retention_days))
     out.write(json.dumps({
         "messages": result.messages, "first_seq": result.first_seq,
         "last_seq": result.last_seq, "seconds": round(result.seconds, 3),

@@ -77,7 +77,7 @@ class EventsService:
             publish_timeout_s=cfg.publish_timeout_s, linger_s=cfg.publish_linger_s,
             on_no_stream=self._ensure_stream)
         self.recorder = EventRecorder(self.publisher)
-        self.projections: list[Projection[Any]] = default_projections()
+        self.projections: list[Projection[Any]] = default_projections(cfg.retention_days)
         self._by_name = {p.name: p for p in self.projections}
         self.runner: ProjectionRunner | None = None
         self.budget = BudgetView(

@@ -123,10 +123,13 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
             since, until = _days(request)
         except Exception as exc:
             return _error(exc)
+        view = svc.usage_view
+        # Days before the retention are pruned: say which days the answer covers.
+        since = max(since, view.seen.oldest)
         body: dict[str, Any] = {"object": "usage", "tenant": tenant, "since": since,
-                                "until": until}
+                                "until": until, "retention_days": view.seen.keep_days}
         body.update(svc.usage(tenant, since, until))
-        body["as_of_sequence"] = svc.usage_view.last_seq
+        body["as_of_sequence"] = view.last_seq
         return JSONResponse(body)
 
     async def budget(request: Request) -> Response:

@@ -3,7 +3,10 @@
 Like the other projections (``tollway.events.projections``), :func:`apply`
 reads only its arguments, updates the view in place, and skips any stream
 sequence at or below the last one applied, so redelivery and replay over a
-checkpoint change nothing. Any other event moves ``last_seq`` only.
+checkpoint change nothing. Any other event moves ``last_seq`` only. Which
+events reach the fold -- each event id once, only of days the view keeps --
+its ``seen`` decides, through its ``Projection``; :func:`prune` drops the days
+it no longer keeps (``[events] retention_days``).
 
 Latency percentiles come from fixed log-spaced histograms (bucket ``i``
 holds ``[0.1 ms * 1.04**i, 0.1 ms * 1.04**(i+1))``; values below 0.1 ms go
@@ -22,17 +25,19 @@ and day, the live calls' count, failures, cost and latency.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import msgspec
 
 from tollway.events.schema import CallEvent, CallFailed, CallRejected, Event, day_of
+from tollway.events.seen import RETENTION_DAYS, Seen
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import parse_arm
 
-__all__ = ["ArmRow", "Row", "ShadowView", "apply", "bucket", "dump", "load", "percentile",
-           "spend_by"]
+__all__ = ["ArmRow", "Row", "ShadowView", "apply", "bucket", "dump", "load", "new",
+           "percentile", "prune", "spend_by"]
 
-VERSION = 1
+VERSION = 2
 HIST_MIN_S = 1e-4
 HIST_GROWTH = 1.04
 _LOG_GROWTH = math.log(HIST_GROWTH)
@@ -82,6 +87,29 @@ class ShadowView(msgspec.Struct):
     arms: dict[ArmKey, ArmRow] = msgspec.field(default_factory=dict)
     # (route, day) -> instance -> shadow spend: the spend cap of every gateway process
     spend: dict[tuple[str, str], dict[str, int]] = msgspec.field(default_factory=dict)
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> ShadowView:
+    return ShadowView(seen=Seen(keep_days))
+
+
+def prune(view: ShadowView) -> None:
+    """Drop what the view holds of days it no longer keeps."""
+    oldest = view.seen.oldest
+    _drop_before(view.rows, oldest)
+    _drop_before(view.arms, oldest)
+    _drop_before(view.spend, oldest)
+
+
+_K = TypeVar("_K", bound=tuple[str, ...])
+_V = TypeVar("_V")
+
+
+def _drop_before(rows: dict[_K, _V], oldest: str) -> None:
+    """Drop the rows keyed by a day (the key's last part) before ``oldest``."""
+    for key in [k for k in rows if k[-1] < oldest]:
+        del rows[key]
 
 
 def bucket(seconds: float) -> int:
@@ -184,27 +212,13 @@ def spend_by(view: ShadowView, route: str, day: str, *, excluding: str = "") -> 
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
-class _Saved(msgspec.Struct, array_like=True):
-    last_seq: int
-    rows: list[tuple[str, str, str, Row]]
-    spend: list[tuple[str, str, dict[str, int]]]
-    arms: list[tuple[str, str, str, str, ArmRow]] = []
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(ShadowView)
 
 
 def dump(view: ShadowView) -> bytes:
-    return msgspec.msgpack.encode(_Saved(
-        view.last_seq,
-        [(*k, v) for k, v in view.rows.items()],
-        [(*k, v) for k, v in view.spend.items()],
-        [(*k, v) for k, v in view.arms.items()],
-    ))
+    return _enc.encode(view)
 
 
 def load(data: bytes) -> ShadowView:
-    saved = msgspec.msgpack.decode(data, type=_Saved)
-    return ShadowView(
-        last_seq=saved.last_seq,
-        rows={(r, c, d): row for r, c, d, row in saved.rows},
-        spend={(r, d): dict(v) for r, d, v in saved.spend},
-        arms={(r, a, m, d): row for r, a, m, d, row in saved.arms},
-    )
+    return _dec.decode(data)

@@ -15,9 +15,11 @@ import collections
 import itertools
 import os
 import threading
+import time
 from typing import Protocol
 
 from tollway.events.schema import Event
+from tollway.events.seen import PRUNE, SKIP
 from tollway.shadow import projection
 from tollway.shadow.event import ShadowCompared
 
@@ -85,9 +87,14 @@ class MemorySink:
             self._cond.notify_all()
 
     def observe(self, event: Event) -> None:
-        """Fold any event into the view (A/B call events, when there is no stream to fold)."""
+        """Fold any event into the view (A/B call events, when there is no stream to fold),
+        keeping its days as the stream's views do."""
         self._seq += 1
-        projection.apply(self.view, self._seq, event)
+        verdict = self.view.seen.admit(event.event_id, event.occurred_at, time.time() + 86400)
+        if verdict != SKIP:
+            projection.apply(self.view, self._seq, event)
+        if verdict == PRUNE:
+            projection.prune(self.view)
 
     def wait(self, n: int, timeout: float = 10.0) -> list[ShadowCompared]:
         """Block (a test's thread) until ``n`` events arrived; returns them all."""

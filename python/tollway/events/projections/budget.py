@@ -21,6 +21,10 @@ Any hold also closes when it expires. Expiry needs a clock, so the fold only
 forgets holds that expired before the event being applied (the event time is
 the fold's only clock) and readers filter by their own ``now``.
 
+Each event id reaches the fold once (its ``seen``, through the Projection,
+:mod:`~tollway.events.seen`): a call event resent after the duplicate window
+adds no spend. The view keeps the retention's days of spend (:func:`prune`).
+
 ``reserved_seq`` keeps, per subject token, the stream sequence of the last
 ``budget.reserved`` message: the compare-and-set that makes reservations safe
 across processes (see tollway.events.budget).
@@ -46,8 +50,8 @@ from tollway.events.schema import (
     day_of,
     subject_token,
 )
+from tollway.events.seen import RETENTION_DAYS, Seen
 
-KEEP_DAYS = 8  # days of spend kept (the guard needs today; /api/ai/budget shows a week)
 _PRUNE_EVERY_S = 300.0
 
 
@@ -70,8 +74,20 @@ class BudgetState(msgspec.Struct):
     by_request: dict[str, list[str]] = msgspec.field(default_factory=dict)  # request id -> ids
     links: dict[str, tuple[str, int]] = msgspec.field(default_factory=dict)  # req -> lease, $
     reserved_seq: dict[str, int] = msgspec.field(default_factory=dict)  # subject token -> seq
-    pruned_at: float = 0.0  # event time of the last prune
-    pruned_day: str = ""
+    pruned_at: float = 0.0  # event time of the last prune of holds
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> BudgetState:
+    return BudgetState(seen=Seen(keep_days))
+
+
+def skipped(view: BudgetState, seq: int, event: Event) -> None:
+    """An event not folded again (its id was): a reservation still moves the tenant's
+    compare-and-set mark, which is by stream sequence."""
+    if isinstance(event, BudgetReserved):
+        token = subject_token(event.tenant)
+        view.reserved_seq[token] = max(seq, view.reserved_seq.get(token, 0))
 
 
 def _close(view: BudgetState, rid: str) -> Hold | None:
@@ -100,7 +116,7 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
             days[day] = days.get(day, 0) + cost
         if event.reservation_id:
             _spend_from_lease(view, event.reservation_id, event.tenant, cost)
-            return _maybe_prune(view, event)
+            return _maybe_expire(view, event)
         rid = event.request_id
         if rid:
             ids = view.by_request.get(rid)
@@ -147,7 +163,7 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
             else:
                 hold.amount = hold.pending = owed
                 hold.released = True
-    return _maybe_prune(view, event)
+    return _maybe_expire(view, event)
 
 
 _CALL_TYPES = frozenset((CallCompleted, CallFailed, CallRejected))
@@ -193,13 +209,13 @@ def _spend_from_lease(view: BudgetState, lease_id: str, tenant: str, cost: int) 
         lease.used += cost
 
 
-def _maybe_prune(view: BudgetState, event: Event) -> BudgetState:
+def _maybe_expire(view: BudgetState, event: Event) -> BudgetState:
     if event.occurred_at - view.pruned_at >= _PRUNE_EVERY_S:
-        _prune(view, event.occurred_at)
+        _expire(view, event.occurred_at)
     return view
 
 
-def _prune(view: BudgetState, now: float) -> None:
+def _expire(view: BudgetState, now: float) -> None:
     view.pruned_at = now
     if view.holds:
         for rid in [rid for rid, h in view.holds.items() if h.expires_at < now]:
@@ -207,11 +223,11 @@ def _prune(view: BudgetState, now: float) -> None:
     if view.links:
         for req in [r for r, (lid, _) in view.links.items() if lid not in view.holds]:
             del view.links[req]
-    today = day_of(now)
-    if today == view.pruned_day:
-        return
-    view.pruned_day = today
-    oldest = day_of(now - KEEP_DAYS * 86400)
+
+
+def prune(view: BudgetState) -> None:
+    """Drop the spend of days the view no longer keeps."""
+    oldest = view.seen.oldest
     for tenant in list(view.spend):
         days = view.spend[tenant]
         for d in [d for d in days if d < oldest]:

@@ -10,10 +10,16 @@ Chunks are written first and the manifest last, with compare-and-set on its
 revision, so a reader never sees half a checkpoint and two gateways writing
 the same projection keep the one that got further (the views are folds of
 one stream, so any instance's checkpoint serves all of them).
+
+The event loop pays for the snapshot only: the view's msgpack encoding, taken
+at once before any await (msgspec encodes in C, faster than a copy made in
+Python would be). Compressing it runs in a thread (zlib lets go of the GIL)
+and the writes are awaited, so a large view does not stall requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import zlib
@@ -46,6 +52,7 @@ async def save(kv: KeyValue, proj: Projection[Any], *, force: bool = False,
     ``force`` (a rebuild) replaces whatever is stored.
     """
     seq = proj.view.last_seq
+    snapshot = proj.dump(proj.view)  # the view moves on while we await below
     current: Manifest | None = None
     revision: int | None = None
     with contextlib.suppress(NotFoundError):
@@ -58,7 +65,7 @@ async def save(kv: KeyValue, proj: Projection[Any], *, force: bool = False,
             and (current.stream == stream or not stream or not current.stream)
             and current.seq >= seq):
         return False
-    data = zlib.compress(proj.dump(proj.view), 1)
+    data = await asyncio.to_thread(zlib.compress, snapshot, 1)
     gen = (current.gen + 1) if current is not None else 1
     chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
     for i, chunk in enumerate(chunks):

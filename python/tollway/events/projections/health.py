@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from tollway.events.schema import BreakerChanged, CallCompleted, CallFailed, Event
+from tollway.events.seen import RETENTION_DAYS, Seen
 
 ERROR_ALPHA = 0.1  # weight of the newest outcome in the recent error rate (~ last 10 calls)
 LATENCY_ALPHA = 0.2
@@ -31,6 +32,11 @@ class ProviderHealth(msgspec.Struct):
 class HealthView(msgspec.Struct):
     last_seq: int = 0
     providers: dict[str, ProviderHealth] = msgspec.field(default_factory=dict)
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> HealthView:
+    return HealthView(seen=Seen(keep_days))
 
 
 def _get(view: HealthView, name: str) -> ProviderHealth:

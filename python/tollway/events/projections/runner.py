@@ -37,7 +37,14 @@ from nats.js.kv import KeyValue
 
 from tollway.events.metrics import EventMetrics
 from tollway.events.nats.bulk import BulkReader, BulkUnavailable
-from tollway.events.projections import Projection, checkpoint
+from tollway.events.projections import (
+    Projection,
+    checkpoint,
+    fold_event,
+    fold_events,
+    link,
+    linked,
+)
 from tollway.events.schema import SCHEMA_VERSION, STREAM, SUBJECTS, AnyEvent, Event, decode
 
 log = logging.getLogger("tollway.events")
@@ -45,6 +52,7 @@ log = logging.getLogger("tollway.events")
 Listener = Callable[[int, Event], None]
 
 BULK_RETRY_S = 60.0  # after a failed bulk read, backlogs go through nats-py for this long
+HORIZON_S = 86400.0  # events this far ahead of our clock fold, but move the views' days on not
 
 # schema.decode without its per-message Python call; a batch it cannot take whole (an
 # unknown type, a newer version, not an event) goes through schema.decode message by message.
@@ -107,6 +115,7 @@ class ProjectionRunner:
         self._sub_lock = asyncio.Lock()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._saved_seq: dict[str, int] = {}
+        self._groups: list[list[Projection[Any]]] = []  # views folded as one (see link)
         self._task: asyncio.Task[None] | None = None
         self._resubscribe = asyncio.Event()
 
@@ -315,6 +324,8 @@ class ProjectionRunner:
 
     async def checkpoint(self, *, force: bool = False) -> None:
         """Save every view that moved since its last save (``force``: every view)."""
+        if len(self._groups) > 1:
+            self._groups = []  # views that were apart may have met since: link them again
         if self.kv is None or self.read_only:
             return
         if not self._stream_id:
@@ -347,19 +358,14 @@ class ProjectionRunner:
         """Apply one stream message to every projection."""
         event = self._decode(seq, data)
         if event is None:
-            for p in self.projections:
-                if p.view.last_seq < seq:
-                    p.view.last_seq = seq
-        else:
-            for p in self.projections:
-                p.view = p.fold(p.view, seq, event)
-            for listener in self.listeners:
-                listener(seq, event)
-        if seq > self.last_seq:
-            self.last_seq = seq
-        self.applied += 1
-        if self._waiters:
-            self._wake_waiters()
+            self._fold([seq], [event])
+            return
+        horizon = time.time() + HORIZON_S
+        for group in self._linked():
+            fold_event(group, seq, event, horizon)
+        self._advance(seq, 1)
+        for listener in self.listeners:
+            listener(seq, event)
 
     def feed_batch(self, seqs: list[int], payloads: Sequence[bytes]) -> None:
         """Apply stream messages with ascending sequences to every projection: what
@@ -378,32 +384,35 @@ class ProjectionRunner:
                 events = None
         except (msgspec.DecodeError, msgspec.ValidationError):
             events = None
-        if events is None:
+        if events is None:  # unknown types, newer versions: only last_seq moves past them
             events = [self._decode(s, d) for s, d in zip(seqs, payloads, strict=True)]
-            skipped = None in events  # unknown types, newer versions: only last_seq moves
+        self._fold(seqs, events)
+
+    def _fold(self, seqs: list[int], events: list[Event | None]) -> None:
+        if None in events:
+            kept = [(s, e) for s, e in zip(seqs, events, strict=True) if e is not None]
+            fold_seqs, fold = [s for s, _ in kept], [e for _, e in kept]
         else:
-            skipped = False
+            fold_seqs, fold = seqs, cast("list[Event]", events)
         last = seqs[-1]
-        for p in self.projections:
-            view = p.view
-            if view.last_seq >= last:
-                continue
-            fold = p.fold
-            if skipped:
-                for seq, event in zip(seqs, events, strict=True):
-                    if event is not None:
-                        view = fold(view, seq, event)
-                    elif view.last_seq < seq:
-                        view.last_seq = seq
-            elif p.fold_batch is not None:
-                view = p.fold_batch(view, seqs, cast("list[Event]", events))
-            else:
-                for seq, event in zip(seqs, cast("list[Event]", events), strict=True):
-                    view = fold(view, seq, event)
-            p.view = view
+        horizon = time.time() + HORIZON_S
+        for group in self._linked():
+            if group[0].view.last_seq < last:
+                if fold:
+                    fold_events(group, fold_seqs, fold, horizon)
+                for p in group:  # past the messages that are not events too
+                    p.view.last_seq = max(p.view.last_seq, last)
+        self._advance(last, len(seqs))
+
+    def _linked(self) -> list[list[Projection[Any]]]:
+        if not self._groups or not linked(self._groups):
+            self._groups = link(self.projections)
+        return self._groups
+
+    def _advance(self, last: int, messages: int) -> None:
         if last > self.last_seq:
             self.last_seq = last
-        self.applied += len(seqs)
+        self.applied += messages
         if self._waiters:
             self._wake_waiters()
 

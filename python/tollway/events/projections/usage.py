@@ -5,6 +5,11 @@ and skips any stream sequence it has already applied, so feeding it the same
 message twice, or replaying the stream over a checkpoint, changes nothing. It
 updates the view in place (a fold over a million events must not copy) and
 returns it.
+
+Rows are daily rollups. Which events reach the fold -- each event id once,
+only of days the view keeps -- its ``seen`` decides, through the
+:class:`~tollway.events.projections.Projection`; :func:`prune` drops the days
+it no longer keeps (``[events] retention_days``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tollway.events.schema import (
     Event,
     day_of,
 )
+from tollway.events.seen import RETENTION_DAYS, Seen
 
 # Row layout (a list, not a struct: the fold touches it per event).
 REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST = range(7)
@@ -35,6 +41,18 @@ Key = tuple[str, str, str, str]  # tenant, day, model, provider
 class UsageView(msgspec.Struct):
     last_seq: int = 0
     rows: dict[Key, list[int]] = msgspec.field(default_factory=dict)
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> UsageView:
+    return UsageView(seen=Seen(keep_days))
+
+
+def prune(view: UsageView) -> None:
+    """Drop the rows of days the view no longer keeps."""
+    oldest = view.seen.oldest
+    for key in [k for k in view.rows if k[1] < oldest]:
+        del view.rows[key]
 
 
 def apply(view: UsageView, seq: int, event: Event) -> UsageView:
@@ -95,20 +113,18 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
-class _Saved(msgspec.Struct, array_like=True):
-    last_seq: int
-    rows: list[tuple[str, str, str, str, list[int]]]
+# The view as it is (tuple keys and all): msgspec encodes it in C, several times faster than
+# any copy made in Python, so the checkpoint's snapshot on the event loop is this encoding.
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(UsageView)
 
 
 def dump(view: UsageView) -> bytes:
-    rows = [(*k, v) for k, v in view.rows.items()]
-    return msgspec.msgpack.encode(_Saved(view.last_seq, rows))
+    return _enc.encode(view)
 
 
 def load(data: bytes) -> UsageView:
-    saved = msgspec.msgpack.decode(data, type=_Saved)
-    return UsageView(last_seq=saved.last_seq,
-                     rows={(t, d, m, p): list(v) for t, d, m, p, v in saved.rows})
+    return _dec.decode(data)
 
 
 # ---- queries ---------------------------------------------------------------------------------
