@@ -19,6 +19,12 @@ features add theirs (guards on/off, events on/off, shadow 10 %) and compare:
     python benchmarks/load.py --variants base,noguards,events --rounds 5
     python benchmarks/load.py --quick                 # 1 round of 3 s legs: a smoke test
 
+A variant may also run on another checkout's interpreter, to compare code
+versions in one sitting: ``VARIANT@LABEL`` with ``--python LABEL=PATH``, e.g.
+
+    python benchmarks/load.py --variants events,events@before \
+        --python before=/path/to/old-checkout/venv/bin/python
+
 Everything is bound in count and time (``--duration``, a request cap per leg,
 a timeout per load-generator run) and only loopback addresses are driven.
 Results go to ``benchmarks/results/load-<UTC timestamp>.json``, and a markdown
@@ -262,8 +268,19 @@ def start_upstream(workdir: Path, reply_words: int) -> tuple[Proc, str]:
     return proc, base
 
 
+# LABEL -> the interpreter of another checkout (``--python``), for ``VARIANT@LABEL``.
+PYTHONS: dict[str, str] = {}
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """``events@before`` -> (``events``, the interpreter labelled ``before``)."""
+    name, _, label = variant.partition("@")
+    return name, PYTHONS[label] if label else sys.executable
+
+
 def start_gateway(workdir: Path, variant: str, upstream: str) -> tuple[Proc, str]:
-    cfg = deep_merge(BASE_CONFIG, VARIANTS[variant])
+    name, python = split_variant(variant)
+    cfg = deep_merge(BASE_CONFIG, VARIANTS[name])
     cfg["providers"][0]["base_url"] = upstream
     port = free_port()
     cfg["server"]["port"] = port
@@ -279,7 +296,7 @@ def start_gateway(workdir: Path, variant: str, upstream: str) -> tuple[Proc, str
     }
     env |= {"SIM_API_KEY": UPSTREAM_KEY, "TOLLWAY_BENCH_ADMIN_KEY": ADMIN_KEY}
     cmd = [
-        sys.executable,
+        python,
         "-c",
         "import sys; from tollway.cli import main; sys.exit(main())",
         "serve",
@@ -750,6 +767,13 @@ def main() -> None:
         help="sample the gateways with py-spy during the measured legs; "
         "hot frames printed, raw stacks kept in --workdir",
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="an interpreter of another checkout, for variants named VARIANT@LABEL",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--workdir", help="keep configs and logs here (default: a temp dir)")
     args = parser.parse_args()
@@ -758,7 +782,11 @@ def main() -> None:
     global PLAIN_BODY, STREAM_BODY
     PLAIN_BODY, STREAM_BODY = make_bodies(args.prompt_bytes)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    for item in args.python:
+        label, _, path = item.partition("=")
+        PYTHONS[label] = path
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS
+               or v.partition("@")[2] not in ("", *PYTHONS)]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     rates = [int(r) for r in args.rates.split(",") if r]
@@ -827,7 +855,8 @@ def main() -> None:
                 [oha, "--version"], capture_output=True, text=True, check=False
             ).stdout.strip(),
             "config": {k: v for k, v in vars(args).items() if k not in ("no_write", "workdir")},
-            "variants": {v: VARIANTS[v] for v in variants},
+            "variants": {v: VARIANTS[v.partition("@")[0]] for v in variants},
+            "pythons": PYTHONS,
             "base_config": BASE_CONFIG,
             "bar": {
                 "rate": BAR_RATE,
