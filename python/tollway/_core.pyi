@@ -77,9 +77,7 @@ class CostEstimator:
     ) -> Estimate: ...
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int = 0) -> int: ...
 
-import typing as _typing  # noqa: E402  (below the other parts' stubs)
-
-@_typing.final
+@_final
 class Limits:
     """Per-tier limits of a key; 0 or None disables a tier.
 
@@ -111,7 +109,7 @@ class Limits:
     def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
-@_typing.final
+@_final
 class TierStatus:
     @property
     def name(self) -> str: ...
@@ -124,7 +122,7 @@ class TierStatus:
     def reset(self) -> float:
         """Seconds until the bucket is full again."""
 
-@_typing.final
+@_final
 class RateDecision:
     @property
     def allowed(self) -> bool: ...
@@ -141,7 +139,7 @@ class RateDecision:
     def tier(self, name: str) -> TierStatus | None: ...
     def __bool__(self) -> bool: ...
 
-@_typing.final
+@_final
 class RateLimiter:
     """Multi-tier token-bucket rate limiter keyed by tenant; thread-safe."""
 
@@ -172,7 +170,7 @@ class RateLimiter:
     def evict_idle(self, now: float | None = None) -> int: ...
     def __len__(self) -> int: ...
 
-@_typing.final
+@_final
 class BreakerSnapshot:
     @property
     def state(self) -> str: ...
@@ -193,7 +191,7 @@ class BreakerSnapshot:
     @property
     def dropped_transitions(self) -> int: ...
 
-@_typing.final
+@_final
 class CircuitBreaker:
     """The raw breaker; use :class:`tollway.breaker.CircuitBreaker` for listeners."""
 
@@ -226,4 +224,3 @@ class CircuitBreaker:
     @property
     def pending_transitions(self) -> int: ...
     def config(self) -> dict[str, int | float | None]: ...
-
