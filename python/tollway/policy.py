@@ -28,7 +28,6 @@ an expensive one), so the prompt is counted once per call.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -44,8 +43,6 @@ from tollway.resilience import Breakers, LatencyTracker
 from tollway.tokens import CostEstimator
 
 __all__ = ["Policy", "PolicyPlan"]
-
-log = logging.getLogger("tollway.policy")
 
 NANO = 1_000_000_000
 
