@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -81,7 +82,8 @@ class _ErrorBody(msgspec.Struct):
 _error_body = msgspec.json.Decoder(_ErrorBody)
 
 
-def upstream_error(provider: str, status: int, body: bytes, headers: object) -> TollwayError:
+def upstream_error(provider: str, status: int, body: bytes,
+                   headers: Mapping[str, str]) -> TollwayError:
     """A provider's non-2xx reply as the caller should see it."""
     exc = _error_for(provider, status, body, headers)
     if isinstance(exc, UpstreamError):
@@ -89,7 +91,8 @@ def upstream_error(provider: str, status: int, body: bytes, headers: object) -> 
     return exc
 
 
-def _error_for(provider: str, status: int, body: bytes, headers: object) -> TollwayError:
+def _error_for(provider: str, status: int, body: bytes,
+               headers: Mapping[str, str]) -> TollwayError:
     detail = _ErrorDetail()
     try:
         parsed = _error_body.decode(body).error
@@ -99,11 +102,8 @@ def _error_for(provider: str, status: int, body: bytes, headers: object) -> Toll
             detail = _ErrorDetail(message=parsed)
     except msgspec.MsgspecError:
         pass
-    retry_after = None
-    get = getattr(headers, "get", None)
-    if get is not None:
-        retry_after = get("retry-after")  # both clients: lower-case names work
-    extra = {"Retry-After": str(retry_after)} if retry_after else None
+    retry_after = headers.get("retry-after")  # the client gives header names in lower case
+    extra = {"Retry-After": retry_after} if retry_after else None
     if status == 429:
         return UpstreamRateLimited(f"{provider}: provider is rate limiting the gateway",
                                    headers=extra)

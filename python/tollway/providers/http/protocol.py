@@ -19,7 +19,7 @@ class Timeouts:
 
 
 class Reply:
-    """A complete response."""
+    """A complete response; header names in lower case (the dispatcher reads them so)."""
 
     __slots__ = ("body", "headers", "status")
 
@@ -36,7 +36,7 @@ class StreamReply(Protocol):
     """
 
     status: int
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]  # names in lower case, as in Reply
 
     def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive."""
