@@ -28,7 +28,6 @@ from support import (
 from tollway.app import create_app
 from tollway.events.broker import connect
 from tollway.events.schema import CallCompleted, CallFailed, CallRejected
-from tollway.events.wiring import service_of
 from tollway.testing.upstream import FakeUpstream, Fault
 
 from .helpers import read_stream
@@ -54,7 +53,7 @@ def _eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUpstream) -> None:
     gateway = events_gateway.app.state.gateway
-    svc = service_of(gateway)
+    svc = gateway.events
     assert svc is not None and svc.embedded is not None
     ids: dict[str, str] = {}  # request id -> expected outcome
     with httpx.Client(base_url=events_gateway.url, timeout=20) as c:

@@ -11,7 +11,6 @@ from typing import Any
 from events.helpers import read_stream
 from tollway.events.broker import connect
 from tollway.events.schema import ShadowCompared
-from tollway.events.wiring import service_of
 from tollway.testing.upstream import Fault
 
 from .rig import rig
@@ -33,7 +32,7 @@ def test_comparisons_are_events_and_the_report_folds_the_stream(
     data = tmp_path / "data"
     nats = {"url": "embedded", "data_dir": str(data)}
     with rig(SHADOW, nats=nats, events={"checkpoint_interval_s": 0.5}) as r:
-        svc = service_of(r.gateway)
+        svc = r.gateway.events
         assert svc is not None and r.shadow.source == "events"
         for i in range(4):
             assert r.chat(f"q {i}", stream=i % 2 == 1).status_code == 200

@@ -26,11 +26,6 @@ if TYPE_CHECKING:
 NANO = 1_000_000_000
 
 
-def service_of(gateway: Gateway) -> EventsService | None:
-    """The events service while the app runs, or None when NATS is disabled."""
-    return gateway.events
-
-
 @asynccontextmanager
 async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     config = gateway.config
@@ -111,7 +106,7 @@ def _usd(nanousd: int) -> float:
 
 def routes(gateway: Gateway) -> list[BaseRoute]:
     def service() -> EventsService:
-        svc = service_of(gateway)
+        svc = gateway.events
         if svc is None:
             raise NotReady("usage and budgets need the events layer ([nats] enabled = true)")
         return svc
