@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -70,8 +69,6 @@ def make_raw_config(base_url: str, **extra: Any) -> dict[str, Any]:
              "models": ["fast"]},
         ],
     }
-    if os.environ.get("TOLLWAY_TEST_HTTP_CLIENT"):  # run the suite on the other client
-        raw["providers"][0]["http_client"] = os.environ["TOLLWAY_TEST_HTTP_CLIENT"]
     # One try per candidate: these tests pin failover itself; retries (backoff, Retry-After,
     # breakers) are tested on a manual clock in test_failover.py.
     raw.setdefault("retry", {"attempts": 1})

@@ -23,8 +23,9 @@ from policy_rig import CHAT, raw_config
 from support import ACME_KEY, UPSTREAM_KEY, ListRecorder, gateway_env
 from tollway.app import create_app
 from tollway.clock import ManualClock
-from tollway.config import ConfigError, parse_config
+from tollway.config import parse_config
 from tollway.pipeline.stream import MAX_EVENT_BYTES, SseTap
+from tollway.providers.http import CLIENTS
 from tollway.testing.upstream import FakeUpstream, Fault
 
 MAX_CONNECTIONS = 16
@@ -195,21 +196,8 @@ def config_for(base_url: str, http_client: str) -> dict[str, Any]:
     return raw
 
 
-def shipped_clients() -> list[str]:
-    """The HTTP clients a provider may choose: those the config accepts."""
-    names = []
-    for name in ("raw", "aiohttp", "pyreqwest"):
-        try:
-            parse_config(config_for("http://127.0.0.1:1/v1", name), source="<probe>",
-                         env=gateway_env())
-        except ConfigError:
-            continue
-        names.append(name)
-    return names
-
-
 @pytest.mark.timeout(60)  # the hang detector: a lost slot blocks the last check for good
-@pytest.mark.parametrize("http_client", shipped_clients())
+@pytest.mark.parametrize("http_client", CLIENTS)  # every client a provider may name
 async def test_a_thousand_streams_ending_every_way_leave_the_pool_whole(
     http_client: str, upstream: FakeUpstream, tap_bug: None
 ) -> None:
