@@ -52,7 +52,7 @@ _HINTS = {
 
 class Pipeline:
     def __init__(self, parts: GatewayParts) -> None:
-        self.gw = parts
+        self.parts = parts
         self.max_body = parts.config.server.max_body_bytes
         # Where the other parts plug in: the gateway sets the guards (and the budget's
         # finisher); the events and shadow lifespans add theirs while the app runs.
@@ -111,7 +111,7 @@ class Pipeline:
         principal = info.principal
         if principal is None or principal.tenant is None:
             return None
-        return Call(endpoint, info, principal.tenant, self.gw.clock.time())
+        return Call(endpoint, info, principal.tenant, self.parts.clock.time())
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
         content_length = None
@@ -145,7 +145,7 @@ class Pipeline:
                     param=name.decode())
             setattr(call, attr, value)
         elif name == b"x-tollway-budget-tier":
-            tiers = self.gw.config.tiers
+            tiers = self.parts.config.tiers
             own = tiers[call.tenant.tier]
             asked = tiers.get(value)
             if asked is None:
@@ -156,7 +156,7 @@ class Pipeline:
             call.tier = value
 
     def plan(self, call: Call) -> RoutePlan:
-        plan: RoutePlan = self.gw.policy.plan(call)  # tollway.policy: may refuse (403, ...)
+        plan: RoutePlan = self.parts.policy.plan(call)  # tollway.policy: may refuse (403, ...)
         for hook in self.plan_hooks:
             plan = hook(call, plan)
         call.plan = plan
@@ -170,7 +170,7 @@ class Pipeline:
             return
         dep = call.deployment
         if dep is None:
-            await count_in_thread(call, self.gw.policy.upstreams(call))
+            await count_in_thread(call, self.parts.policy.upstreams(call))
         elif (call.tap.usage if call.tap is not None else call.usage) is None:
             await count_in_thread(call, (dep.upstream,))
 
@@ -183,7 +183,7 @@ class Pipeline:
         if dep is None:
             return
         self._settle_tokens(call)
-        call.cost_nanousd = self.gw.estimator.cost(
+        call.cost_nanousd = self.parts.estimator.cost(
             dep.model, call.prompt_tokens, call.completion_tokens)
 
     def _settle_tokens(self, call: Call) -> None:
@@ -295,7 +295,7 @@ class Pipeline:
                 recorder.record(rec)
             except Exception:  # a recorder must not raise; if one does, the call still ends
                 log.exception("recorder failed")
-        self.gw.metrics.observe_call(rec)
+        self.parts.metrics.observe_call(rec)
         info.route = route
         info.model = rec.model or route
         info.provider = rec.provider

@@ -190,7 +190,7 @@ def _broken(call: Call, exc: TollwayError, tap: SseTap) -> bytes:
 
 class Dispatcher:
     def __init__(self, parts: GatewayParts) -> None:
-        self.gw = parts
+        self.parts = parts
 
     def _body_for(self, call: Call, dep: Deployment) -> bytes:
         """The body as the provider must see it; the original bytes when unchanged."""
@@ -206,12 +206,12 @@ class Dispatcher:
         candidates = call.plan.candidates
         if not candidates:
             raise UpstreamUnavailable("no provider can serve this call right now")
-        gw = self.gw
-        clock, retry, breakers, latency = gw.clock, gw.retry, gw.breakers, gw.latency
-        metrics = gw.metrics
+        parts = self.parts
+        clock, retry, breakers, latency = parts.clock, parts.retry, parts.breakers, parts.latency
+        metrics = parts.metrics
         errors: list[tuple[Deployment, UpstreamError]] = []
         for i, dep in enumerate(candidates):
-            provider = gw.providers[dep.provider]
+            provider = parts.providers[dep.provider]
             breaker = breakers[dep.provider]
             body = self._body_for(call, dep)
             tries = 0

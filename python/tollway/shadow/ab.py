@@ -45,7 +45,7 @@ class _Split:
 
 class ABSplit:
     def __init__(self, parts: GatewayParts, entries: list[ShadowRouteConfig]) -> None:
-        self.gw = parts
+        self.parts = parts
         self.splits = {
             e.route: _Split(e, tuple(parts.catalog.models[c] for c in e.candidates))
             for e in entries if e.mode == "ab"
@@ -89,13 +89,13 @@ class ABSplit:
     def _cost(self, plan: RoutePlan, dep: Deployment) -> int | None:
         if not isinstance(plan, PolicyPlan):
             return None
-        return self.gw.estimator.estimate(dep.model, plan.prompt_tokens,
+        return self.parts.estimator.estimate(dep.model, plan.prompt_tokens,
                                           plan.max_output_tokens).max_cost_nanousd
 
     def _unusable(self, call: Call, plan: RoutePlan, dep: Deployment) -> str | None:
         if call.sensitivity in self.local_only and not dep.local:
             return f"{call.sensitivity} data, {dep.model} is not local"
-        if self.gw.breakers.state(dep.provider) == "open":
+        if self.parts.breakers.state(dep.provider) == "open":
             return f"breaker open: {dep.provider}"
         cap = self.caps.get(call.tier)
         cost = self._cost(plan, dep)
@@ -110,7 +110,7 @@ class ABSplit:
         cost = self._cost(plan, dep)
         if not isinstance(plan, PolicyPlan) or cost is None:
             return RoutePlan(plan.route, candidates, reason)
-        policy = self.gw.policy
+        policy = self.parts.policy
         expensive = (dep.model in policy.expensive_models
                      or (policy.expensive_min_nano > 0 and cost >= policy.expensive_min_nano))
         new = PolicyPlan(plan.route, candidates, reason, (cost, *(plan.costs[i] for i in rest)),

@@ -148,7 +148,7 @@ class ShadowRunner:
     def __init__(self, parts: GatewayParts, entries: list[ShadowRouteConfig], sink: ShadowSink,
                  *, others: Callable[[str, str], int] | None = None) -> None:
         """``others(route, day)``: shadow spend of other gateway processes (nano-USD)."""
-        self.gw = parts
+        self.parts = parts
         self.sink = sink
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -214,7 +214,7 @@ class ShadowRunner:
                 continue
             if primary is None:
                 primary = _Primary(call, self.default_max_output)
-            provider = self.gw.providers[dep.provider]
+            provider = self.parts.providers[dep.provider]
             r.in_flight += 1
             self.in_flight.value += 1
             task = loop.create_task(self._shadow(r, dep, provider, primary),
@@ -232,7 +232,7 @@ class ShadowRunner:
             return "sensitivity"
         if r.in_flight >= r.cfg.max_in_flight:
             return "in_flight"
-        if self.gw.breakers.state(dep.provider) == "open":
+        if self.parts.breakers.state(dep.provider) == "open":
             return "breaker_open"
         return None
 
@@ -244,7 +244,7 @@ class ShadowRunner:
         try:
             body = candidate_body(p.body, dep.upstream)
             await count_in_thread(p, (dep.upstream,))  # a large prompt, off the loop
-            bound = self.gw.estimator.estimate(
+            bound = self.parts.estimator.estimate(
                 dep.model, prompt_bound(p, dep.upstream), p.max_output).max_cost_nanousd
             hold = r.spend.reserve(bound)
             if hold is None:
@@ -299,7 +299,7 @@ class ShadowRunner:
                 else:
                     prompt = prompt_tokens(p, dep.upstream) or 0
                     completion = count_text(text, dep.upstream)
-                cost = self.gw.estimator.cost(dep.model, prompt, completion)
+                cost = self.parts.estimator.cost(dep.model, prompt, completion)
         agreement: float | None = None
         method = ""
         if error is None:
@@ -311,7 +311,7 @@ class ShadowRunner:
         threshold = r.cfg.agreement_threshold
         return ShadowCompared(
             event_id=self.sink.new_id(),
-            occurred_at=self.gw.clock.time(),
+            occurred_at=self.parts.clock.time(),
             tenant=p.tenant,
             request_id=p.request_id,
             instance=self.sink.instance,
