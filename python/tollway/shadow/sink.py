@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Protocol
 
+from tollway.events.projections import fold_event, shadow_projection
 from tollway.events.schema import Event
-from tollway.events.seen import PRUNE, SKIP
 from tollway.shadow import projection
 from tollway.shadow.event import ShadowCompared
 
@@ -65,7 +65,7 @@ class MemorySink:
         self.instance = instance or f"local-{os.getpid()}"
         self._events: collections.deque[ShadowCompared] = collections.deque(maxlen=keep)
         self.published = 0
-        self.view = projection.ShadowView()
+        self._proj = shadow_projection()
         self._prefix = os.urandom(8).hex()
         self._ids = itertools.count()
         self._seq = 0
@@ -73,6 +73,10 @@ class MemorySink:
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids):012x}"
+
+    @property
+    def view(self) -> projection.ShadowView:
+        return self._proj.view
 
     @property
     def events(self) -> list[ShadowCompared]:
@@ -90,11 +94,9 @@ class MemorySink:
         """Fold any event into the view (A/B call events, when there is no stream to fold),
         keeping its days as the stream's views do."""
         self._seq += 1
-        verdict = self.view.seen.admit(event.event_id, event.occurred_at, time.time() + 86400)
-        if verdict != SKIP:
-            projection.apply(self.view, self._seq, event)
-        if verdict == PRUNE:
-            projection.prune(self.view)
+        # The stream's fold (each event id once, the days kept); a clock far ahead moves no
+        # day on, as in the projection runner.
+        fold_event([self._proj], self._seq, event, time.time() + 86400)
 
     def wait(self, n: int, timeout: float = 10.0) -> list[ShadowCompared]:
         """Block (a test's thread) until ``n`` events arrived; returns them all."""
