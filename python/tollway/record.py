@@ -1,10 +1,11 @@
 """The seam between the request pipeline and everything that records calls.
 
 The pipeline builds exactly one :class:`CallRecord` per call (completed,
-failed or rejected) once the call is settled, and hands it to the app's
-:class:`Recorder`. ``record`` is synchronous and must never block or raise:
-the events layer turns records into JetStream events from a queue of its own,
-so nothing here sits on the response path.
+failed or rejected) once the call is settled, and hands it to each recorder
+in ``Pipeline.recorders``, in order (the events layer's, shadow mode's A/B
+arms when events are off, a test's; often none). ``record`` is synchronous
+and must never block or raise: the events layer turns records into JetStream
+events from a queue of its own, so nothing here sits on the response path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Recorder(Protocol):
 
 
 class NullRecorder:
-    """Records nothing; used when events are off."""
+    """Records nothing: what a record costs without a recorder (``benchmarks/events.py``)."""
 
     def record(self, rec: CallRecord) -> None:
         return None
