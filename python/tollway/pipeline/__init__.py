@@ -238,7 +238,7 @@ class Pipeline:
         await send_error(send, exc, headers)
 
     def record(self, call: Call) -> None:
-        """The call's one record: to the recorder, the metrics and the log line."""
+        """The call's one record: to the recorders, the metrics and the log line."""
         info = call.info
         now = time.perf_counter()
         latency = now - call.t0
