@@ -53,14 +53,6 @@ class Request:
     def request_line(self) -> bytes:
         return self.head.split(b"\r\n", 1)[0]
 
-    def header(self, name: str) -> str | None:
-        want = name.lower().encode()
-        for line in self.head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == want:
-                return value.strip().decode("latin-1")
-        return None
-
 
 Script = Callable[[Request], Sequence[Step]]
 
