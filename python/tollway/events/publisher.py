@@ -419,10 +419,13 @@ class Publisher:
             try:
                 append(entry(item))
             except Exception as exc:
-                self.metrics.dropped.labels("internal").inc()
-                self._log(logging.ERROR, "entry", "events: could not encode an event (%r); "
-                          "dropped", exc)
+                self._unencodable(exc)
         return batch
+
+    def _unencodable(self, exc: Exception) -> None:
+        self.metrics.dropped.labels("internal").inc()
+        self._log(logging.ERROR, "entry", "events: could not encode an event (%r); dropped",
+                  exc)
 
     def _entry(self, item: Item) -> OutboxEntry:
         if isinstance(item, CallRecord):
@@ -470,9 +473,7 @@ class Publisher:
             try:
                 entries.append(self._entry(item))
             except Exception as exc:
-                self.metrics.dropped.labels("internal").inc()
-                self._log(logging.ERROR, "entry", "events: could not encode an event (%r); "
-                          "dropped", exc)
+                self._unencodable(exc)
         self._account(self.outbox.append_many(entries, reserved=reserved), reason)
 
     def _account(self, res: Appended, reason: str) -> None:
