@@ -10,8 +10,8 @@ from tollway.events.outbox import MAX_LINE, Outbox, OutboxEntry
 
 
 def _fill(ob: Outbox, start: int, n: int) -> None:
-    for i in range(start, start + n):
-        ob.append(f"tollway.call.completed.t{i}", f"id{i}", b'{"i":%d}' % i)
+    ob.append_many([OutboxEntry(f"tollway.call.completed.t{i}", f"id{i}", b'{"i":%d}' % i)
+                    for i in range(start, start + n)])
     ob.flush()
 
 

@@ -245,14 +245,6 @@ class Outbox:
         with self._counts:
             self._incoming += n
 
-    def append(self, subject: str, event_id: str, payload: bytes) -> None:
-        """Buffered append of one entry; raises OSError (or OverflowError at the cap)."""
-        res = self.append_many([OutboxEntry(subject, event_id, payload)])
-        if res.error is not None:
-            raise res.error
-        if res.refused:
-            raise OverflowError(f"outbox full ({self.max_bytes} bytes unsent)")
-
     def append_many(self, entries: Iterable[OutboxEntry], *, reserved: int = 0) -> Appended:
         """Buffered append, in order, of what fits under the cap; :meth:`flush` hands it to
         the OS. ``reserved``: how many of :meth:`reserve`'s events this settles."""
