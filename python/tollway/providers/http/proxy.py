@@ -37,10 +37,6 @@ class Proxy:
             pair = f"{url.user}:{url.password or ''}".encode()
             self.authorization = "Basic " + base64.b64encode(pair).decode()
 
-    def url(self) -> URL:
-        """The proxy's address without its credentials."""
-        return URL.build(scheme="http", host=self.host, port=self.port)
-
     def __repr__(self) -> str:
         return f"Proxy({self.host}:{self.port})"
 
