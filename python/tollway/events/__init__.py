@@ -3,7 +3,9 @@
 - :mod:`.schema`: the event structs, subjects and codecs (the contract; events/README.md)
 - :mod:`.broker`: the embedded nats-server, the connection, stream and KV setup
 - :mod:`.publisher`, :mod:`.outbox`, :mod:`.recorder`: records -> events, off the response path
-- :mod:`.projections`: usage, budget and provider health as pure folds, and their runner
+- :mod:`.projections`: usage, budget, provider health and shadow as pure folds, and their runner
+- :mod:`.seen`: which event ids a view has folded, and which days it keeps
+- :mod:`.nats`: the own NATS protocol code, the bulk reader and the publish wire (README.md)
 - :mod:`.budget`: reservations shared by every gateway on one NATS (the budget guard's API)
 - :mod:`.service`: all of it started and stopped as one; :mod:`.wiring`: inside the app
 - :mod:`.replay`, :mod:`.cli`: ``tollway replay``, ``tollway usage``, ``tollway events tail``
