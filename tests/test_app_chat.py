@@ -82,14 +82,17 @@ def test_stream_include_usage_is_honoured(
     client: httpx.Client, upstream: FakeUpstream, recorder: ListRecorder
 ) -> None:
     body = chat_body("hi there", stream=True, stream_options={"include_usage": True})
-    r = client.post(CHAT, json=body, headers=auth())
+    # Spaced JSON of our own making: the provider must get these very bytes, whatever the
+    # HTTP client's JSON looks like and however tollway would re-encode them.
+    raw = json.dumps(body).encode()
+    r = client.post(CHAT, content=raw, headers={**auth(), "content-type": "application/json"})
     events = sse_events(r.text)
     usage = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
     assert len(usage) == 1
     (rec,) = recorder.wait(1)
     assert usage[0]["prompt_tokens"] == rec.prompt_tokens
     assert usage[0]["completion_tokens"] == rec.completion_tokens
-    assert upstream.requests[-1].raw_body == json.dumps(body, separators=(",", ":")).encode()
+    assert upstream.requests[-1].raw_body == raw
 
 
 def test_stream_without_upstream_usage_is_counted_and_synthesised(

@@ -20,7 +20,8 @@ from tollway.events.schema import (
     event_from_record,
     subject_token,
 )
-from tollway.events.synthetic import default_fixture, fixture_bytes
+from tollway.events.synthetic import FIXTURE_CALLS, default_fixture, fixture_bytes
+from tollway.events.synthetic import events as synthetic_events
 
 from .helpers import make_record
 
@@ -47,6 +48,14 @@ def test_drift_is_detected(tmp_path: Path) -> None:
 def test_fixture_file_is_what_the_generator_makes() -> None:
     assert default_fixture().read_bytes() == fixture_bytes(), (
         "run `python -m tollway.events.synthetic --write`")
+
+
+def test_fixture_lines_decode_to_the_generated_events() -> None:
+    # The file is rendered by the standard library, not msgspec: it must still be the events.
+    lines = default_fixture().read_bytes().splitlines()
+    evs = list(synthetic_events(FIXTURE_CALLS))
+    assert len(lines) == len(evs)
+    assert all(decode(line) == ev for line, ev in zip(lines, evs, strict=True))
 
 
 @pytest.mark.parametrize("outcome, cls, subject", [

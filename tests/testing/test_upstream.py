@@ -484,33 +484,35 @@ def test_stop_is_idempotent_and_frees_the_port() -> None:
 
 
 def test_openai_sdk_understands_every_reply(up: FakeUpstream) -> None:
-    sdk = openai.OpenAI(base_url=up.base_url, api_key="sk-test", max_retries=0)
-    done = sdk.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hey you"}]
-    )
-    assert done.choices[0].message.content == "hey you"
-    stream = sdk.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "hey you"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    parts = list(stream)
-    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "hey you"
-    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 2
-    tool = sdk.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "Oslo"}],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
-    )
-    calls = tool.choices[0].message.tool_calls
-    assert calls is not None and calls[0].function.name == "get_weather"
-    emb = sdk.embeddings.create(model="text-embedding-3-small", input="x", dimensions=4)
-    assert len(emb.data[0].embedding) == 4  # the SDK asks for base64 and decodes it
-    assert [m.id for m in sdk.models.list()][:1] == ["gpt-4o-mini"]
-    up.add_fault(Fault(status=429, retry_after=1))
-    with pytest.raises(openai.RateLimitError):
-        sdk.models.list()
+    # Closed on the way out: its connection pool would otherwise be left to the garbage
+    # collector (a ResourceWarning at some later test).
+    with openai.OpenAI(base_url=up.base_url, api_key="sk-test", max_retries=0) as sdk:
+        done = sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hey you"}]
+        )
+        assert done.choices[0].message.content == "hey you"
+        stream = sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hey you"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts = list(stream)
+        assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "hey you"
+        assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 2
+        tool = sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Oslo"}],
+            tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        )
+        calls = tool.choices[0].message.tool_calls
+        assert calls is not None and calls[0].function.name == "get_weather"
+        emb = sdk.embeddings.create(model="text-embedding-3-small", input="x", dimensions=4)
+        assert len(emb.data[0].embedding) == 4  # the SDK asks for base64 and decodes it
+        assert [m.id for m in sdk.models.list()][:1] == ["gpt-4o-mini"]
+        up.add_fault(Fault(status=429, retry_after=1))
+        with pytest.raises(openai.RateLimitError):
+            sdk.models.list()
 
 
 def test_command_line_serves_in_its_own_process() -> None:
