@@ -75,7 +75,14 @@ class Outcome(NamedTuple):
     closed: bool
 
 
-def _drain(peer: socket.socket) -> bytes:
+async def _drain(peer: socket.socket, wire: PublishWire) -> bytes:
+    """What the wire wrote so far. An older uvloop (0.19) buffers the first writes of a
+    transport made from a socket until the loop runs, so wait until it has none left."""
+    transport = wire._transport
+    for _ in range(1000):
+        if transport is None or transport.get_write_buffer_size() == 0:
+            break
+        await asyncio.sleep(0.001)
     out = b""
     while True:
         try:
@@ -98,11 +105,11 @@ async def feed(cuts: set[int]) -> Outcome:
         pieces = sorted(c for c in cuts if 0 < c < len(HANDSHAKE))
         for a, b in zip([0, *pieces], [*pieces, len(HANDSHAKE)], strict=True):
             wire.data_received(HANDSHAKE[a:b])
-        sub = re.search(rb"SUB (\S+)\* 1\r\n", _drain(peer))
+        sub = re.search(rb"SUB (\S+)\* 1\r\n", await _drain(peer, wire))
         assert sub is not None, "the handshake subscribes to the ack inbox"
         publishing = asyncio.create_task(wire.publish(ENTRIES, timeout=5.0))
         await asyncio.sleep(0)  # the batch is written; publish waits for the acks
-        assert _drain(peer).count(b"HPUB ") == len(ENTRIES)
+        assert (await _drain(peer, wire)).count(b"HPUB ") == len(ENTRIES)
         data = replies(sub[1])
         offset = len(HANDSHAKE)
         pieces = sorted(c - offset for c in cuts if 0 < c - offset < len(data))
@@ -110,7 +117,7 @@ async def feed(cuts: set[int]) -> Outcome:
             wire.data_received(data[a:b])
         results = await publishing
         return Outcome(results, wire.no_responders, list(wire.errors), wire.server_info,
-                       _drain(peer), wire.closed)
+                       await _drain(peer, wire), wire.closed)
     finally:
         await wire.close()
         peer.close()
