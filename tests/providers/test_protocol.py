@@ -337,7 +337,9 @@ async def test_concurrent_calls_each_get_their_own_reply(rig: Rig,
             continue
         assert (status, got) == (200, b'{"answer-to":' + sent + b"}")
         answered += 1
-    assert answered >= 40
+    # 40 scripts answer (the 103, chunked, 408-after-a-reply and close ones); a 408 can cost
+    # the one call that raced it, so fewer may: enough that the check above is not vacuous.
+    assert answered >= 30
 
 
 # ---------------------------------------------------------------- size and memory
