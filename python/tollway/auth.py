@@ -12,6 +12,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from typing import Final
+from urllib.parse import parse_qsl
 
 from tollway.config import Config, TenantConfig
 
@@ -21,6 +22,14 @@ PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/met
 ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow")
 
 KEY_PREFIX: Final = "tw-"
+
+# Query parameters that clients and libraries use for keys. A key in a URL lands in proxy and
+# server logs and in browser history, so the gateway refuses it rather than ignore it: the
+# caller learns the key must be replaced.
+KEY_PARAMS: Final = frozenset({
+    "api_key", "apikey", "api-key", "key", "access_token", "token", "auth", "authorization"})
+# Bounds the work a hostile query string can cause (one SHA-256 per value checked).
+_MAX_QUERY_FIELDS: Final = 100
 
 
 def hash_key(key: str) -> str:
@@ -46,6 +55,17 @@ def bearer(header: bytes | None) -> str | None:
         return value.decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+def key_in_query(query: bytes, keys: KeyIndex) -> str | None:
+    """The name of a query parameter that carries an API key (by name or by a value that is
+    a valid key), else None."""
+    fields = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    for name, value in fields[:_MAX_QUERY_FIELDS]:
+        if name.lower() in KEY_PARAMS or (
+                8 <= len(value) <= 512 and keys.resolve(value) is not None):
+            return name[:64]
+    return None
 
 
 class Principal:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tollway.asgi import Receive, Scope, Send, send_error
-from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS, KeyIndex, bearer
+from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS, KeyIndex, bearer, key_in_query
 from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import AuthenticationFailed, PermissionDenied
 from tollway.metrics import Metrics
@@ -25,6 +25,16 @@ class AuthMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Before the public paths: a key in a URL has leaked wherever the URL goes.
+        if scope["type"] == "http" and scope["query_string"]:
+            param = key_in_query(scope["query_string"], self.keys)
+            if param is not None:
+                self.metrics.rejections.inc(("key_in_query",))
+                await send_error(send, AuthenticationFailed(
+                    f"API keys are not accepted in the URL (query parameter {param!r}): send "
+                    "it as 'Authorization: Bearer <key>', and replace the key, since URLs "
+                    "are logged", code="key_in_query", param=param), _CHALLENGE)
+                return
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
