@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import io
+import logging
 from collections.abc import Iterator
 
 import httpx
@@ -10,7 +12,11 @@ import pytest
 
 from support import UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_config
 from tollway.app import create_app
+from tollway.logs import JsonFormatter
 from tollway.testing.upstream import FakeUpstream
+
+# Every log line and event of the run is scanned for keys; a key found fails the run.
+pytest_plugins = ["secret_scan"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,3 +49,20 @@ def gateway(upstream: FakeUpstream, recorder: ListRecorder) -> Iterator[Server]:
 def client(gateway: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.url, timeout=10) as c:
         yield c
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("tollway")
+    old_level, old_handlers = log.level, log.handlers[:]
+    log.handlers[:] = [handler]
+    # INFO at least (the access lines); more if the run's secret scan asked for more.
+    log.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    try:
+        yield buf
+    finally:
+        log.handlers[:] = old_handlers
+        log.setLevel(old_level)

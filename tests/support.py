@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -93,6 +94,9 @@ class Server:
         config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on",
                                 access_log=False, log_config=None, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
+        # As `tollway serve` does (tollway.logs.configure_logging): uvicorn's access line
+        # prints the query string, and pytest's log capture would otherwise revive it.
+        logging.getLogger("uvicorn.access").disabled = True
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 

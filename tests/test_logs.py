@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,22 +16,6 @@ from tollway.logs import JsonFormatter
 from tollway.testing.upstream import FakeUpstream, Fault
 
 CHAT = "/api/ai/v1/chat/completions"
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    log = logging.getLogger("tollway")
-    old_level, old_handlers = log.level, log.handlers[:]
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    try:
-        yield buf
-    finally:
-        log.handlers[:] = old_handlers
-        log.setLevel(old_level)
 
 
 def access(buf: io.StringIO, want: int = 0) -> list[dict[str, object]]:
