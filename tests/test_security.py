@@ -128,7 +128,8 @@ def test_tenants_read_only_their_own_figures_and_never_reach_admin_routes(
             for method, path in (("GET", "/api/ai/providers"), ("GET", "/api/ai/providers/"),
                                  ("POST", "/api/ai/providers/fake/test"),
                                  ("GET", "/api/ai/shadow"),
-                                 ("GET", "/api/ai/shadow?tenant=globex")):
+                                 ("GET", "/api/ai/shadow?tenant=globex"),
+                                 ("POST", "/api/ai/admin/keys")):
                 _refused(c.request(method, path, headers=auth(key)), 403, "admin_required")
         # ... and the admin key opens them (the 403s above are not broken routes).
         assert c.get("/api/ai/providers", headers=auth(ADMIN_KEY)).status_code == 200

@@ -18,8 +18,9 @@ from tollway.config import Config, TenantConfig
 
 # Paths anyone may call; everything else needs a key (deny by default).
 PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/metrics"})
-# Paths that need the admin key.
-ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow")
+# Paths that need the admin key; /api/ai/admin/ before its routes exist (DESIGN.md, round 2),
+# so none of them can be added open to tenants.
+ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow", "/api/ai/admin/")
 
 KEY_PREFIX: Final = "tw-"
 
