@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +115,21 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+def serving_port(proc: subprocess.Popen[str], timeout: float = 30.0) -> int | None:
+    """The port a ``tollway serve`` process names in its "serving" log line on stderr; None
+    if it ends first."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            return None
+        record = json.loads(line)
+        if record.get("msg") == "serving":
+            return int(record["port"])
+    return None
 
 
 def auth(key: str = ACME_KEY) -> dict[str, str]:

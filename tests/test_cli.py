@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support import serving_port
 from tollway.auth import hash_key
 from tollway.cli import main
 
@@ -76,16 +77,7 @@ def test_serve_refuses_half_configured_and_serves_when_complete(tmp_path: Path) 
 
 def _serve_and_check(proc: subprocess.Popen[str]) -> None:
     try:
-        port = None
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            record = json.loads(line)
-            if record.get("msg") == "serving":
-                port = record["port"]
+        port = serving_port(proc)
         assert port, "serve did not report its port"
         r = httpx.get(f"http://127.0.0.1:{port}/api/ai/health")
         assert r.status_code == 200 and r.headers["x-request-id"]

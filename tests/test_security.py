@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -32,9 +33,10 @@ from support import (
     chat_body,
     gateway_env,
     make_config,
+    serving_port,
 )
 from tollway.app import create_app
-from tollway.auth import new_key
+from tollway.auth import hash_key, new_key
 from tollway.events.broker import connect
 from tollway.testing.upstream import FakeUpstream
 
@@ -195,3 +197,54 @@ def test_ordinary_query_parameters_still_work(client: httpx.Client) -> None:
     r = client.get("/api/ai/shadow", params={"days": "7", "route": "auto"},
                    headers=auth(ADMIN_KEY))
     assert r.status_code == 200, r.text
+
+
+def test_tollway_serve_writes_no_key_from_a_url_or_a_header_to_its_log(tmp_path: Path) -> None:
+    """The process as operators run it: its own logging set-up (uvicorn's access line, which
+    prints query strings, off) and a provider that cannot be reached."""
+    cfg = tmp_path / "tollway.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [server]
+        builtin_models = false
+        admin_key_env = "TOLLWAY_ADMIN_KEY"
+        [nats]
+        enabled = false
+        [[providers]]
+        name = "p"
+        base_url = "http://127.0.0.1:9/v1"
+        api_key_env = "P_KEY"
+        [[models]]
+        id = "m"
+        provider = "p"
+        [[tenants]]
+        id = "acme"
+        tier = "standard"
+        key_sha256 = ["{hash_key(ACME_KEY)}"]
+    """))
+    env = {**os.environ, "TOLLWAY_ADMIN_KEY": ADMIN_KEY, "P_KEY": UPSTREAM_KEY}
+    cmd = [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg), "--port", "0"]
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            port = serving_port(proc)
+            assert port, "serve did not report its port"
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                statuses = [
+                    c.get("/api/ai/health", params={"api_key": ACME_KEY}).status_code,
+                    c.get("/api/ai/usage", params={"x": ADMIN_KEY}).status_code,
+                    c.post(CHAT, params={"token": GLOBEX_KEY}, json=chat_body(model="m"),
+                           headers=auth(ACME_KEY)).status_code,
+                    c.post(CHAT, json=chat_body(model="m"), headers=auth(ACME_KEY)).status_code,
+                    c.get("/api/ai/providers", headers=auth(ADMIN_KEY)).status_code,
+                    c.post("/api/ai/providers/p/test", headers=auth(ADMIN_KEY)).status_code,
+                ]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(10)
+        log = proc.stderr.read() if proc.stderr else ""
+    assert statuses[:3] == [401, 401, 401] and statuses[3] >= 500 and statuses[4] == 200
+    assert log.count('"status":401') == 3 and '"status":502' in log
+    scanner = secret_scan.Scanner(secret_scan.known_keys())
+    for line in log.splitlines():
+        scanner.scan("tollway serve's log", line)
+    assert scanner.found == []
