@@ -29,6 +29,7 @@ from tollway.gateway import Gateway
 from tollway.middleware import AuthMiddleware, RequestContextMiddleware
 from tollway.record import Recorder
 from tollway.routes import admin, health, openai
+from tollway.routes import openapi as openapi_document
 from tollway.shadow import wiring as shadow
 
 
@@ -90,6 +91,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *openai.routes(gateway),  # first: the router tries routes in order
         *health.routes(gateway),
+        *openapi_document.routes(),
         *admin.routes(gateway),
         *(route for layer in LAYERS for route in layer.routes(gateway)),
     ]

@@ -17,7 +17,10 @@ from urllib.parse import parse_qsl
 from tollway.config import Config, TenantConfig
 
 # Paths anyone may call; everything else needs a key (deny by default).
-PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/metrics"})
+# The OpenAPI document is public too: it says nothing the source does not, and clients and
+# tools (SDK generators, fuzzers) load it before they hold a key.
+PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/metrics",
+                                 "/api/ai/openapi.json"})
 # Paths that need the admin key; /api/ai/admin/ before its routes exist (DESIGN.md, round 2),
 # so none of them can be added open to tenants.
 ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow", "/api/ai/admin/")

@@ -163,15 +163,19 @@ def spec_for(exc: BaseException) -> ErrorSpec:
     return _INTERNAL
 
 
-class _Detail(msgspec.Struct, omit_defaults=False):
+class ErrorDetail(msgspec.Struct, omit_defaults=False):
+    """Why the call was refused; `code` is stable, `message` is for people."""
+
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class _Envelope(msgspec.Struct):
-    error: _Detail
+class ErrorEnvelope(msgspec.Struct):
+    """OpenAI's error envelope: every error tollway answers has this body."""
+
+    error: ErrorDetail
 
 
 _encode = msgspec.json.Encoder().encode
@@ -190,10 +194,11 @@ def error_body(exc: BaseException) -> tuple[int, bytes]:
     """(status, envelope JSON) for any exception."""
     spec = spec_for(exc)
     param = exc.param if isinstance(exc, TollwayError) else None
-    detail = _Detail(message=public_message(exc), type=spec.type, param=param, code=spec.code)
-    return spec.status, _encode(_Envelope(error=detail))
+    detail = ErrorDetail(message=public_message(exc), type=spec.type, param=param, code=spec.code)
+    return spec.status, _encode(ErrorEnvelope(error=detail))
 
 
 def envelope(status: int, message: str, type_: str, code: str | None = None) -> bytes:
     """An envelope for errors that are not exceptions (e.g. Starlette's 404/405)."""
-    return _encode(_Envelope(error=_Detail(message=message, type=type_, param=None, code=code)))
+    detail = ErrorDetail(message=message, type=type_, param=None, code=code)
+    return _encode(ErrorEnvelope(error=detail))

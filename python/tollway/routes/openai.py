@@ -29,15 +29,17 @@ class _Asgi:
         await self.handler(scope, receive, send)
 
 
-class _Model(msgspec.Struct):
+class Model(msgspec.Struct):
     id: str
     owned_by: str
     object: str = "model"
     created: int = 0
 
 
-class _ModelList(msgspec.Struct):
-    data: list[_Model]
+class ModelList(msgspec.Struct):
+    """The models and route aliases this tenant may call."""
+
+    data: list[Model]
     object: str = "list"
 
 
@@ -55,8 +57,8 @@ def routes(gateway: Gateway) -> list[Route]:
             status, body = error_body(PermissionDenied("this endpoint needs a tenant key"))
             return Response(body, status, media_type="application/json")
         listing = gateway.catalog.listing(principal.tenant)
-        data = [_Model(id=mid, owned_by=owner, created=created) for mid, owner in listing]
-        return Response(_encode(_ModelList(data=data)), media_type="application/json")
+        data = [Model(id=mid, owned_by=owner, created=created) for mid, owner in listing]
+        return Response(_encode(ModelList(data=data)), media_type="application/json")
 
     return [
         Route(f"{PREFIX}/chat/completions", _Asgi(pipeline.chat), methods=["POST"]),

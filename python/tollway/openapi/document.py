@@ -1,0 +1,152 @@
+"""The OpenAPI 3.1 document, built from :data:`OPERATIONS` and the structs it names.
+
+Schemas come from ``msgspec.json.schema_components`` (JSON Schema 2020-12,
+which OpenAPI 3.1 uses as is), with descriptions dedented as the event
+schemas are, so the document is the same whichever msgspec renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from tollway._version import __version__
+from tollway.errors import ERROR_TABLE, ErrorEnvelope
+from tollway.events.schema import _cleaned as dedent_descriptions
+from tollway.openapi.operations import OPERATIONS, Access, Operation, Param, Reply
+
+_REF = "#/components/schemas/{name}"
+
+# Security requirement of each kind of access (alternatives: any one of them).
+_SECURITY: dict[Access, list[dict[str, list[str]]]] = {
+    "public": [],
+    "tenant": [{"apiKey": []}],
+    "key": [{"apiKey": []}, {"adminKey": []}],
+    "admin": [{"adminKey": []}],
+}
+
+_ERRORS = {
+    400: "invalid request (bad JSON, wrong types, a bad hint header) or a call over the "
+         "tier's per-call cost cap",
+    401: "missing or unknown API key, or a key in the URL's query string",
+    403: "a valid key that may not do this: the admin key on a tenant route, a tenant key "
+         "on an admin route, a model or data sensitivity the policy forbids",
+    404: "no such model, route alias or resource",
+    413: "request body larger than `[server] max_body_bytes`",
+    429: "the tenant's rate limit (`rate_limit_exceeded`, with `Retry-After`) or daily "
+         "budget (`insufficient_quota`)",
+    502: "the provider failed or sent an unreadable reply",
+    503: "nothing can serve the call now (breakers open, provider rate-limited; "
+         "`Retry-After` when known), or a part of the gateway is not ready",
+    504: "the provider did not answer in time",
+}
+
+_DESCRIPTION = """\
+tollway is an OpenAI-compatible AI gateway. Send the API key as
+`Authorization: Bearer <key>`: a tenant key for the OpenAI routes and the
+caller's own usage and budget, the admin key for the admin routes. Health,
+readiness, metrics and this document are public: they tell nothing about
+tenants, keys or traffic that the source does not. A key in a URL's query
+string is refused on every path (401 `key_in_query`). Every error is OpenAI's
+envelope `{"error": {"message", "type", "param", "code"}}`; every answer
+carries `X-Request-ID`. Every GET also answers HEAD (headers only). Money is
+in nano-USD (integers), with USD alongside for reading."""
+
+_REQUEST_ID = {"X-Request-ID": {
+    "description": "the request's id (the caller's, when it sent one)",
+    "schema": {"type": "string"}, "required": True}}
+
+
+def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
+    """The shared response of one error status; its codes are read from the error table."""
+    codes = sorted({s.code for s in ERROR_TABLE.values() if s.status == status and s.code})
+    listed = f" `error.code` is one of {', '.join(f'`{c}`' for c in codes)} or another." \
+        if codes else ""
+    return {"description": _ERRORS[status] + "." + listed, "headers": _REQUEST_ID,
+            "content": {"application/json": {"schema": envelope}}}
+
+
+def _param(p: Param) -> dict[str, Any]:
+    return {"name": p.name, "in": p.where, "description": p.description,
+            "required": p.required or p.where == "path", "schema": p.schema}
+
+
+def _reply(reply: Reply, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    schema = refs[reply.body] if reply.body is not None else {"type": "string"}
+    if reply.body is None and reply.media == "application/json":
+        schema = {"type": "object"}
+    content: dict[str, Any] = {reply.media: {"schema": schema}}
+    if reply.events is not None:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": "server-sent events; each `data:` "
+                       "line holds the JSON of `x-event-data`, the last one `[DONE]`"},
+            "x-event-data": refs[reply.events]}
+    return {"description": reply.description, "headers": _REQUEST_ID, "content": content}
+
+
+def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(r.status): _reply(r, refs) for r in op.replies}
+    for status in op.errors:
+        responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
+    out: dict[str, Any] = {
+        "operationId": f"{op.method}_{op.path.removeprefix('/api/ai/')}".replace("/", "_")
+        .replace("{", "").replace("}", "").replace(".", "_"),
+        "summary": op.summary,
+        "tags": [op.tag],
+        "security": _SECURITY[op.access],
+        "responses": responses,
+    }
+    if op.params:
+        out["parameters"] = [_param(p) for p in op.params]
+    if op.request is not None:
+        out["requestBody"] = {"required": True,
+                              "content": {"application/json": {"schema": refs[op.request]}}}
+    return out
+
+
+def _structs(ops: Iterable[Operation]) -> list[type]:
+    seen: dict[type, None] = {ErrorEnvelope: None}
+    for op in ops:
+        for t in (op.request, *(r.body for r in op.replies), *(r.events for r in op.replies)):
+            if t is not None:
+                seen[t] = None
+    return list(seen)
+
+
+def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
+    """The document as a JSON-ready dict."""
+    types = _structs(ops)
+    schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
+    refs = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
+    statuses = sorted({status for op in ops for status in op.errors})
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "tollway", "version": __version__, "description": _DESCRIPTION,
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "security": _SECURITY["tenant"],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "responses": {f"Error{s}": _error(s, refs[ErrorEnvelope]) for s in statuses},
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "a tenant's API key (`tollway keys create`)"},
+                "adminKey": {"type": "http", "scheme": "bearer",
+                             "description": "the admin key (`[server] admin_key_env`)"},
+            },
+        },
+    }
+    cleaned = dedent_descriptions(doc)
+    assert isinstance(cleaned, dict)
+    return cleaned
+
+
+def encoded(ops: tuple[Operation, ...] = OPERATIONS) -> bytes:
+    """The document as served: sorted keys, so its bytes change only when it does."""
+    return json.dumps(build(ops), sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,138 @@
+"""Every operation the app serves, as data: the one table the OpenAPI document is built from.
+
+A route added to the app without a row here fails
+``tests/openapi/test_document.py`` (it walks the app's routes), so the
+document cannot fall behind the code. Bodies are named by their structs;
+the errors an operation can answer by their statuses, each of which carries
+OpenAI's error envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tollway.openapi import views, wire
+from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
+from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.routes.health import Health, Readiness
+from tollway.routes.openai import PREFIX, ModelList
+
+# Who may call: nobody needs a key / a tenant key / a tenant key or the admin key / the
+# admin key only.
+Access = Literal["public", "tenant", "key", "admin"]
+
+OPENAPI_PATH = "/api/ai/openapi.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    where: Literal["query", "header", "path"]
+    schema: dict[str, Any]
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful answer: its status, and its body as a struct (JSON) or a media type."""
+
+    status: int
+    description: str
+    body: type | None = None
+    media: str = "application/json"
+    events: type | None = None  # an SSE alternative: the struct each `data:` event holds
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: Literal["get", "post", "put", "patch", "delete"]
+    path: str
+    summary: str
+    tag: str
+    access: Access
+    replies: tuple[Reply, ...]
+    errors: tuple[int, ...] = ()  # statuses answered with the error envelope
+    request: type | None = None
+    params: tuple[Param, ...] = ()
+
+
+_DAY = {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+_TENANT = Param("tenant", "query", {"type": "string", "minLength": 1},
+                "another tenant's figures: only with the admin key")
+_DAYS = (
+    Param("days", "query", {"type": "integer", "minimum": 1, "maximum": 3660},
+          "the last N days, today included"),
+    Param("since", "query", _DAY, "first day (YYYY-MM-DD, UTC)"),
+    Param("until", "query", _DAY, "last day (YYYY-MM-DD, UTC)"),
+)
+
+
+def _choice(name: str, values: frozenset[str], description: str) -> Param:
+    return Param(name, "header", {"type": "string", "enum": sorted(values)}, description)
+
+
+HINTS = (
+    _choice("X-Tollway-Task", TASKS, "what the call is for; the routing policy reads it"),
+    _choice("X-Tollway-Sensitivity", SENSITIVITIES,
+            "how sensitive the prompt is; confidential and restricted data stay local"),
+    _choice("X-Tollway-Latency", LATENCIES, "how long the caller can wait"),
+    Param("X-Tollway-Budget-Tier", "header", {"type": "string"},
+          "a budget tier at most the tenant's own (may only lower it)"),
+    Param("X-Tollway-User", "header", {"type": "string"}, "the caller's own user id"),
+)
+
+# What a call to a provider can answer besides 200: refusals (400 cost cap, 403 policy,
+# 404 unknown model, 413 body, 429 rate limit or budget) and upstream failures.
+_CALL_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post", f"{PREFIX}/chat/completions", "Create a chat completion (OpenAI schema)",
+        "openai", "tenant",
+        (Reply(200, "the provider's completion; with `stream: true` a server-sent event "
+               "stream of chunks ending in `data: [DONE]`", wire.ChatCompletion,
+               events=wire.ChatCompletionChunk),),
+        _CALL_ERRORS, ChatRequest, HINTS),
+    Operation(
+        "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
+        (Reply(200, "the provider's embeddings", wire.EmbeddingList),),
+        _CALL_ERRORS, EmbeddingsRequest, HINTS),
+    Operation(
+        "get", f"{PREFIX}/models", "List the models and route aliases this tenant may use",
+        "openai", "tenant", (Reply(200, "OpenAI's list shape", ModelList),), (401, 403)),
+    Operation(
+        "get", "/api/ai/usage", "The caller's usage from the projections", "usage", "key",
+        (Reply(200, "totals and breakdowns by day, model and provider", views.UsageReport),),
+        (400, 401, 403, 503), params=(_TENANT, *_DAYS)),
+    Operation(
+        "get", "/api/ai/budget", "The caller's budget today", "usage", "key",
+        (Reply(200, "spend and open reservations against the daily budget", views.Budget),),
+        (400, 401, 403, 503), params=(_TENANT,)),
+    Operation(
+        "get", "/api/ai/health", "Liveness", "operations", "public",
+        (Reply(200, "the process answers", Health),), (401,)),
+    Operation(
+        "get", "/api/ai/ready", "Readiness", "operations", "public",
+        (Reply(200, "ready to serve", Readiness),
+         Reply(503, "not ready: the reasons say why", Readiness)), (401,)),
+    Operation(
+        "get", "/api/ai/metrics", "Prometheus metrics (text exposition format)", "operations",
+        "public", (Reply(200, "the metrics", media="text/plain"),), (401,)),
+    Operation(
+        "get", OPENAPI_PATH, "This document (OpenAPI 3.1)", "operations", "public",
+        (Reply(200, "tollway's own OpenAPI document", media="application/json"),), (401,)),
+    Operation(
+        "get", "/api/ai/providers", "Per provider: breaker, error rate, latency", "admin",
+        "admin", (Reply(200, "every configured provider", views.ProviderList),), (401, 403)),
+    Operation(
+        "post", "/api/ai/providers/{name}/test", "Live connection test against a provider",
+        "admin", "admin", (Reply(200, "the test's outcome", views.ProviderTest),),
+        (401, 403, 404), params=(Param("name", "path", {"type": "string"},
+                                       "the provider's name", required=True),)),
+    Operation(
+        "get", "/api/ai/shadow", "Shadow comparisons and A/B arms, per route", "admin", "admin",
+        (Reply(200, "the report over the chosen days", views.ShadowReport),), (400, 401, 403),
+        params=(Param("route", "query", {"type": "string"}, "one route alias only"), *_DAYS)),
+)

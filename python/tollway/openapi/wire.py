@@ -1,0 +1,82 @@
+"""What the OpenAI-compatible routes answer, as structs: the document's response schemas.
+
+The gateway relays the provider's own bytes rather than building these, so
+they name the fields OpenAI documents as always present and leave every
+other field open (no struct forbids unknown fields): a provider that adds
+fields still conforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Usage(msgspec.Struct):
+    """Token counts of a call; tollway bills from these."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletionMessage(msgspec.Struct):
+    role: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(msgspec.Struct):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    """A chat completion, as the provider sent it (the gateway does not rewrite it)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunkChoice(msgspec.Struct):
+    index: int
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One `data:` event of a streamed chat completion.
+
+    The stream ends with `data: [DONE]` after a whole stream, or with one
+    event holding an error envelope when the provider broke it off. With
+    `stream_options.include_usage` the last chunk before `[DONE]` has no
+    choices and carries `usage` (counted by the gateway when the provider
+    sent none).
+    """
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str  # a string when encoding_format is base64
+    object: Literal["embedding"] = "embedding"
+
+
+class EmbeddingList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage | None = None
