@@ -74,16 +74,25 @@ def _param(p: Param) -> dict[str, Any]:
             "required": p.required or p.where == "path", "schema": p.schema}
 
 
+def _event(data: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event (the schema covers each event, as OpenAPI 3.2's `itemSchema`
+    does): its `data` is the JSON of ``data``, an error envelope that ends a stream the
+    provider broke, or the `[DONE]` that ends a whole one."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [data, error]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]},
+                           "event": {"type": "string"}, "id": {"type": "string"}}}
+
+
 def _reply(reply: Reply, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
     schema = refs[reply.body] if reply.body is not None else {"type": "string"}
     if reply.body is None and reply.media == "application/json":
         schema = {"type": "object"}
     content: dict[str, Any] = {reply.media: {"schema": schema}}
     if reply.events is not None:
-        content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "server-sent events; each `data:` "
-                       "line holds the JSON of `x-event-data`, the last one `[DONE]`"},
-            "x-event-data": refs[reply.events]}
+        content["text/event-stream"] = {"schema": _event(refs[reply.events],
+                                                         refs[ErrorEnvelope])}
     return {"description": reply.description, "headers": _REQUEST_ID, "content": content}
 
 

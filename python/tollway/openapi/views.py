@@ -53,6 +53,17 @@ class UsageReport(msgspec.Struct):
     as_of_sequence: int
 
 
+class Reservation(msgspec.Struct):
+    """Money held for a call under way ("call"), or a share of the budget this process
+    holds to guard calls without asking the stream each time ("lease")."""
+
+    reservation_id: str
+    kind: Literal["call", "lease"]
+    amount_nanousd: int
+    expires_at: float  # unix seconds
+    request_id: str
+
+
 class Budget(msgspec.Struct):
     """A tenant's budget today: spend and open reservations against the daily limit."""
 
@@ -71,7 +82,7 @@ class Budget(msgspec.Struct):
     in_flight_nanousd: int
     remaining_usd: float
     remaining_nanousd: int
-    open_reservations: int
+    open_reservations: list[Reservation]
     as_of_sequence: int
 
 
