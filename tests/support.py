@@ -79,6 +79,14 @@ def make_raw_config(base_url: str, **extra: Any) -> dict[str, Any]:
     return raw
 
 
+def unlimited_acme(**extra: Any) -> list[dict[str, Any]]:
+    """``tenants=`` for a config whose acme key no rate limit stops (tests making many calls)."""
+    limits = {"per_minute": 10**9, "per_hour": 10**9, "per_day": 10**9,
+              "expensive_per_hour": 10**9}
+    return [{"id": "acme", "tier": "standard", "key_sha256": [hash_key(ACME_KEY)],
+             "limits": limits, **extra}]
+
+
 def make_config(base_url: str, **extra: Any) -> Config:
     return parse_config(make_raw_config(base_url, **extra), source="<test>", env=gateway_env())
 

@@ -17,7 +17,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import ListRecorder, Server, auth, gateway_env, make_config
+from support import ListRecorder, Server, auth, gateway_env, make_config, unlimited_acme
 from tollway import count_tokens
 from tollway.app import create_app
 from tollway.pipeline.stream import SseTap
@@ -170,7 +170,7 @@ def test_the_gateway_relays_any_stream_well_formed_and_bills_it_consistently() -
     with ScriptedUpstream(lambda req: answer[0]) as up:
         # Broken streams are the provider's failures: the breaker must not stop the test.
         cfg = make_config(f"http://127.0.0.1:{up.port}/v1",
-                          breaker={"failure_threshold": 10**6})
+                          breaker={"failure_threshold": 10**6}, tenants=unlimited_acme())
         with Server(create_app(cfg, env=gateway_env(), recorder=recorder)) as server, \
                 httpx.Client(base_url=server.url, timeout=10) as client:
             _relay_examples(answer, recorder, client)

@@ -28,9 +28,17 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from support import ACME_KEY, ADMIN_KEY, UPSTREAM_KEY, Server, auth, gateway_env, make_config
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    UPSTREAM_KEY,
+    Server,
+    auth,
+    gateway_env,
+    make_config,
+    unlimited_acme,
+)
 from tollway.app import create_app
-from tollway.auth import hash_key
 from tollway.openapi.document import build
 from tollway.openapi.operations import OPERATIONS, Operation
 from tollway.testing.upstream import FakeUpstream
@@ -40,8 +48,6 @@ from tollway.testing.upstream import FakeUpstream
 EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
-_UNLIMITED = {"per_minute": 10**9, "per_hour": 10**9, "per_day": 10**9,
-              "expensive_per_hour": 10**9}
 
 
 class Live:
@@ -58,9 +64,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
         cfg = make_config(
             up.base_url, nats={"url": "embedded", "data_dir": str(data)},
-            tenants=[{"id": "acme", "tier": "premium", "daily_usd": 10**6,
-                      "key_sha256": [hash_key(ACME_KEY)],
-                      "limits": _UNLIMITED}])
+            tenants=unlimited_acme(tier="premium", daily_usd=10**6))
         with Server(create_app(cfg, env=gateway_env())) as server:
             it = Live(server, up)
             try:
