@@ -6,7 +6,7 @@ only when the gateway must change it (a different upstream model name, or a
 usage request added to a stream).
 
 Whatever a client sends is a 400 in the OpenAI envelope when it does not fit,
-never a 500: JSON that is not UTF-8 or not JSON, the wrong types, nesting
+never a 500: a body that is not UTF-8 or not JSON, the wrong types, nesting
 deeper than the decoder's recursion limit, numbers the gateway would have to
 hold in 64 bits (token counts are bounded to 32), and a top-level member named
 twice. The gateway reads a duplicated member one way (the last) and a provider
@@ -92,6 +92,14 @@ def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     if not body:
         raise InvalidRequest("request body is empty; expected a JSON object")
+    # msgspec lets bytes that are not UTF-8 through in the members it skips (and 0.18
+    # raises UnicodeDecodeError for a typed one); JSON is UTF-8 (RFC 8259).
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"request body is not UTF-8 (byte {exc.start})",
+                                 code="invalid_json") from None
     try:
         req = decoder.decode(body)
         _unique_members(body)
