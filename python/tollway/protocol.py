@@ -33,6 +33,7 @@ import asyncio
 import http
 import logging
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -129,7 +130,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._in_body = True
         self._head_bytes = 0
-        self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         limits = self.limits
         headers = self.headers
         if len(self.url) > limits.max_url_bytes:
@@ -138,7 +141,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._refuse("too_many_headers", HeadersTooLarge(
                 f"the request has {len(headers)} header fields; the limit is "
                 f"{limits.max_headers}"))
-        elif (len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers)
+        # Names, values and `: ` + CRLF each (the bytes counted as they arrived may have
+        # missed the start of a head that came behind another request's body).
+        elif (len(self.url) + sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)
               > limits.max_header_bytes):
             self._refuse_head_size()
         elif not self._admitted:
@@ -156,7 +161,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_body = False
-        self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().on_message_complete()
 
     # ---- refusals ------------------------------------------------------------
