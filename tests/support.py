@@ -18,8 +18,9 @@ import uvicorn
 import tollway.pipeline.usage
 from tollway import _core
 from tollway.auth import hash_key
-from tollway.config import Config, parse_config
+from tollway.config import Config, ServerConfig, parse_config
 from tollway.record import CallRecord
+from tollway.server import uvicorn_config
 
 ACME_KEY = "tw-test-acme-0123456789"
 GLOBEX_KEY = "tw-test-globex-9876543210"
@@ -92,17 +93,20 @@ def make_config(base_url: str, **extra: Any) -> Config:
 
 
 class Server:
-    """uvicorn (uvloop + httptools) serving an app on an ephemeral port, in a thread."""
+    """uvicorn (uvloop + httptools) serving an app on an ephemeral port, in a thread, as
+    ``tollway serve`` runs it: with the limits and deadlines of ``limits`` (default: the
+    defaults of ``[server]``)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limits: ServerConfig | None = None) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on",
-                                access_log=False, log_config=None, timeout_graceful_shutdown=2)
+        self.refused: list[str] = []  # the reasons of the protocol's refusals, in order
+        config = uvicorn_config(app, limits or ServerConfig(), on_refused=self.refused.append,
+                                timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         # As `tollway serve` does (tollway.logs.configure_logging): uvicorn's access line
         # prints the query string, and pytest's log capture would otherwise revive it.

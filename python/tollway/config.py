@@ -57,6 +57,17 @@ class ServerConfig(_Base):
     access_log: bool = True  # one JSON line per request on the "tollway.access" logger
     builtin_providers: bool = True  # enable openai/openrouter/local from the environment
     builtin_models: bool = True  # the models of the built-in price table
+    # What a client may send, and how slowly (tollway.protocol); past each: refused, closed.
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024  # request line + headers: 431
+    max_headers: Annotated[int, Meta(ge=8)] = 100  # header fields: 431
+    max_url_bytes: Annotated[int, Meta(ge=256)] = 8 * 1024  # the request target: 414
+    # From the connection (or a later request's first byte) to the end of the headers: 408,
+    # or a silent close when nothing came at all.
+    header_timeout_s: Positive = 10.0
+    body_timeout_s: Positive = 60.0  # from the end of the headers to the end of the body: 408
+    keepalive_timeout_s: Positive = 5.0  # an idle keep-alive connection is closed after this
+    # Open client connections; a request on one past the cap gets 503 with Retry-After.
+    max_connections: Annotated[int, Meta(ge=1)] = 1000
 
 
 class NatsConfig(_Base):

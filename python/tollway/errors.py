@@ -78,6 +78,18 @@ class BodyTooLarge(TollwayError):
     pass
 
 
+class RequestTimeout(TollwayError):
+    """The client sent the request headers or body too slowly ([server] *_timeout_s)."""
+
+
+class UrlTooLong(TollwayError):
+    """The request target is over [server] max_url_bytes."""
+
+
+class HeadersTooLarge(TollwayError):
+    """The request head is over [server] max_header_bytes or max_headers."""
+
+
 class RateLimited(TollwayError):
     """The tenant's own rate limit (never a provider's 429)."""
 
@@ -114,6 +126,10 @@ class NotReady(TollwayError):
     pass
 
 
+class TooManyConnections(TollwayError):
+    """More client connections are open than [server] max_connections."""
+
+
 class InternalError(TollwayError):
     pass
 
@@ -135,7 +151,10 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     NotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
     ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
     MethodNotAllowed: ErrorSpec(405, "invalid_request_error", "method_not_allowed"),
+    RequestTimeout: ErrorSpec(408, "invalid_request_error", "request_timeout"),
     BodyTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large"),
+    UrlTooLong: ErrorSpec(414, "invalid_request_error", "url_too_long"),
+    HeadersTooLarge: ErrorSpec(431, "invalid_request_error", "headers_too_large"),
     RateLimited: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded"),
     QuotaExceeded: ErrorSpec(429, "insufficient_quota", "insufficient_quota"),
     UpstreamError: ErrorSpec(502, "upstream_error", "upstream_error"),
@@ -144,6 +163,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     UpstreamUnavailable: ErrorSpec(503, "upstream_error", "upstream_unavailable"),
     UpstreamTimeout: ErrorSpec(504, "upstream_error", "upstream_timeout"),
     NotReady: ErrorSpec(503, "api_error", "not_ready"),
+    TooManyConnections: ErrorSpec(503, "api_error", "too_many_connections"),
     InternalError: ErrorSpec(500, "api_error", "internal_error"),
     msgspec.ValidationError: ErrorSpec(400, "invalid_request_error", None),
     msgspec.DecodeError: ErrorSpec(400, "invalid_request_error", "invalid_json"),

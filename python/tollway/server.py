@@ -1,5 +1,8 @@
 """Running an app on uvicorn with uvloop and httptools, on a socket bound here.
 
+The HTTP protocol is httptools' with the limits and deadlines of ``[server]``
+(:mod:`tollway.protocol`).
+
 Binding the socket ourselves lets ``--port 0`` work (the real port is known
 before the first request) and lets callers print it once the server is up.
 """
@@ -14,6 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+
+from tollway.config import ServerConfig
+from tollway.metrics import Metrics
+from tollway.protocol import protocol_class
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -24,27 +32,45 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: Any, log_level: str = "info") -> uvicorn.Server:
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,  # tollway writes its own JSON line per request
-        log_config=None,  # logging is configured by tollway.logs
-        log_level=log_level,
-        server_header=False,
-        proxy_headers=False,  # tollway does not use the client address
-        timeout_graceful_shutdown=10,
-        backlog=4096,
-    )
-    return uvicorn.Server(config)
+def uvicorn_config(app: Any, server: ServerConfig, *, log_level: str = "info",
+                   on_refused: Callable[[str], None] | None = None,
+                   **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for the gateway: uvloop, httptools with the limits and deadlines of
+    ``server`` (:mod:`tollway.protocol`); ``on_refused(reason)`` counts each refusal."""
+    options: dict[str, Any] = {
+        "loop": "uvloop",
+        "http": protocol_class(server, on_refused),
+        "ws": "none",  # no route upgrades; an upgraded connection would leave the protocol
+        "lifespan": "on",
+        "access_log": False,  # tollway writes its own JSON line per request
+        "log_config": None,  # logging is configured by tollway.logs
+        "log_level": log_level,
+        "server_header": False,
+        "proxy_headers": False,  # tollway does not use the client address
+        "timeout_keep_alive": server.keepalive_timeout_s,
+        "timeout_graceful_shutdown": 10,
+        "backlog": 4096,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
 
 
-def serve(app: Any, sock: socket.socket, *, log_level: str = "info",
-          on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; ``on_ready`` runs once the server accepts requests."""
-    server = make_server(app, log_level)
+def make_server(app: Any, server: ServerConfig, log_level: str = "info",
+                on_refused: Callable[[str], None] | None = None) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn_config(app, server, log_level=log_level,
+                                         on_refused=on_refused))
+
+
+def serve(app: Starlette, sock: socket.socket, config: ServerConfig, *,
+          log_level: str = "info", on_ready: Callable[[], None] | None = None) -> None:
+    """Serve the gateway's app (:func:`tollway.create_app`) until SIGINT/SIGTERM; ``on_ready``
+    runs once the server accepts requests."""
+    metrics: Metrics = app.state.gateway.metrics
+
+    def refused(reason: str) -> None:
+        metrics.rejections.inc((reason,))
+
+    server = make_server(app, config, log_level, refused)
 
     def wait_ready() -> None:
         while not server.started and not server.should_exit:

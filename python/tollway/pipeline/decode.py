@@ -4,6 +4,15 @@ Only the fields the gateway reads are typed; every other field stays in the
 original bytes, which are what the provider receives. The body is re-encoded
 only when the gateway must change it (a different upstream model name, or a
 usage request added to a stream).
+
+Whatever a client sends is a 400 in the OpenAI envelope when it does not fit,
+never a 500: a body that is not UTF-8 or not JSON, the wrong types, nesting
+deeper than the decoder's recursion limit, numbers the gateway would have to
+hold in 64 bits (token counts are bounded to 32), and a top-level member named
+twice. The gateway reads a duplicated member one way (the last) and a provider
+may read the bytes it forwards another (the first): the model, ``stream`` or
+``max_tokens`` it checked would not be the ones served. Nested members are
+the provider's to read, and not checked.
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ from tollway.errors import InvalidRequest
 
 T = TypeVar("T")
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+# Token counts and ids the gateway passes to the Rust core as 64-bit integers, and
+# providers as 32-bit ones: the largest a provider can accept.
+MAX_INT32 = 2**31 - 1
+Count = Annotated[int, Meta(ge=1, le=MAX_INT32)]
 
 
 class StreamOptions(msgspec.Struct):
@@ -34,8 +47,8 @@ class ChatRequest(msgspec.Struct):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
@@ -49,7 +62,7 @@ class EmbeddingsRequest(msgspec.Struct):
     model: ModelName
     input: str | list[Any]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    dimensions: Count | None = None
     user: str | None = None
 
 
@@ -80,12 +93,65 @@ def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     if not body:
         raise InvalidRequest("request body is empty; expected a JSON object")
+    # msgspec lets bytes that are not UTF-8 through in the members it skips (and 0.18
+    # raises UnicodeDecodeError for a typed one); JSON is UTF-8 (RFC 8259).
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"request body is not UTF-8 (byte {exc.start})",
+                                 code="invalid_json") from None
     try:
-        return decoder.decode(body)
+        req = decoder.decode(body)
+        _unique_members(body)
     except msgspec.MsgspecError as exc:
         raise _invalid(exc) from None
-    except RecursionError:  # msgspec stops at the interpreter's recursion limit (~1,000)
+    except RecursionError:
+        # msgspec stops at the interpreter's recursion limit (~1,000)
         raise InvalidRequest("request body nests too deeply", code="nesting_too_deep") from None
+    return req
+
+
+# One member of the top-level object up to its value: `{` or `,`, the name, `:`.
+_MEMBER = re.compile(rb'[ \t\n\r]*[{,][ \t\n\r]*"[^"\\]*(?:\\.[^"\\]*)*"[ \t\n\r]*:[ \t\n\r]*')
+_CLOSE = re.compile(rb"[ \t\n\r]*\}[ \t\n\r]*")
+
+
+def _unique_members(body: bytes) -> None:
+    """Refuse a body (a valid JSON object) whose top level names a member twice.
+
+    The decoder keeps one value per name, the last, so what it returns cannot show a
+    duplicate; but it can return each value as its raw bytes, in order. The encoder writes
+    a name in the fewest bytes JSON allows, so the body is at least as long as those names
+    and values written without spaces, and a member the decoder dropped would make it
+    longer: a body of exactly that length (what compact JSON clients send) holds no
+    duplicate, for the cost of encoding the names; nor does one that is the members with
+    Python's separators. Any other body is walked: if it is
+    exactly `{name: value, ...}` with those values one after another, it holds no other
+    member (a JSON text has one parse, so a value that looks like a member cannot fool
+    the walk).
+    """
+    members = _top_level.decode(body)
+    if not members:
+        return
+    # `[name,name]` is as long as `{name,name}`; then the values and a `:` each.
+    compact = len(_encode(list(members))) + sum(map(len, members.values())) + len(members)
+    if len(body) == compact:
+        return
+    if len(body) == compact + 2 * len(members) - 1 and body[1:-1] == b", ".join(
+            [_encode(name) + b": " + raw for name, raw in members.items()]):
+        return  # Python's json.dumps spaces `, ` and `: `
+    pos = 0
+    for raw in members.values():
+        m = _MEMBER.match(body, pos)
+        if m is None or not body.startswith(raw, m.end()):
+            break
+        pos = m.end() + len(raw)
+    else:
+        if _CLOSE.fullmatch(body, pos):
+            return
+    raise InvalidRequest("the request body names a top-level member twice",
+                         code="duplicate_key")
 
 
 def decode_chat(body: bytes) -> ChatRequest:
@@ -94,11 +160,31 @@ def decode_chat(body: bytes) -> ChatRequest:
 
 def decode_embeddings(body: bytes) -> EmbeddingsRequest:
     req = _decode(_embeddings, body)
-    if isinstance(req.input, list) and not req.input:
-        raise InvalidRequest("`input` must not be empty", param="input")
-    if isinstance(req.input, str) and not req.input:
-        raise InvalidRequest("`input` must not be empty", param="input")
+    _check_input(req.input)
     return req
+
+
+def _check_input(value: str | list[Any]) -> None:
+    """`input` is a string, strings, token ids or arrays of token ids, and not empty."""
+    if isinstance(value, str):
+        if value:
+            return
+    elif value:
+        kind = type(value[0])
+        if kind is str and all(type(x) is str for x in value):
+            return
+        if kind is int and _token_ids(value):
+            return
+        if kind is list and all(type(x) is list and x and _token_ids(x) for x in value):
+            return
+        raise InvalidRequest("`input` must be a string, an array of strings, an array of "
+                             f"token ids (0 to {MAX_INT32}) or an array of such arrays",
+                             param="input")
+    raise InvalidRequest("`input` must not be empty", param="input")
+
+
+def _token_ids(items: list[Any]) -> bool:
+    return all(type(x) is int and 0 <= x <= MAX_INT32 for x in items)
 
 
 def rewrite(body: bytes, *, model: str | None, include_usage: bool,
