@@ -82,7 +82,7 @@ class Appended(NamedTuple):
 
 def line_of(entry: OutboxEntry) -> bytes:
     subject, event_id, payload = entry
-    return b"%s\t%s\t%s\n" % (subject.encode(), event_id.encode(), payload)
+    return b"".join((subject.encode(), b"\t", event_id.encode(), b"\t", payload, b"\n"))
 
 
 def _lock(fd: int) -> bool:
@@ -103,10 +103,11 @@ def _open_log(path: Path, flags: int = 0) -> int:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
-        done += os.write(fd, view[done:])
+    done = os.write(fd, data)  # a regular file takes it whole, but for a full disk
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += os.write(fd, view[done:])
 
 
 def _read_offset(path: Path, inode: int) -> int:
@@ -363,16 +364,34 @@ class Outbox:
 
     # ---- reading -----------------------------------------------------------------------------
     def read_batch(self, max_entries: int) -> tuple[list[OutboxEntry], int]:
-        """Up to ``max_entries`` unsent entries from the head, and the offset after them."""
-        with self.lock:
-            return self._read_batch(max_entries)
+        """Up to ``max_entries`` unsent entries from the head, and the offset after them.
 
-    def _read_batch(self, max_entries: int) -> tuple[list[OutboxEntry], int]:
-        if not self._pending:
-            return [], self._read_offset
-        fd, size = self._fd, self._size
+        The lines are read without :attr:`lock` (appends only add whole lines after them;
+        the caller commits, truncates or compacts only after this returns), so appends on
+        the response path do not wait for a batch to be read."""
+        with self.lock:
+            if not self._pending:
+                return [], self._read_offset
+            fd, size, start = self._fd, self._size, self._read_offset
+        out, end, bad = self._read_lines(fd, start, size, max_entries)
+        with self.lock:
+            if bad:
+                log.error("outbox: %d malformed lines skipped", bad)
+                self._pending = max(0, self._pending - bad)
+            if not out and not bad and end >= self._size:
+                log.error("outbox: %d events counted but none in the file; count reset",
+                          self._pending)
+                self._pending = 0
+            if not out and end > self._read_offset:
+                self._commit(end, 0)  # only skipped lines: not to be read (and counted) again
+        return out, end
+
+    @staticmethod
+    def _read_lines(fd: int, start: int, size: int, max_entries: int
+                    ) -> tuple[list[OutboxEntry], int, int]:
+        """(entries, the offset after the last whole line taken or skipped, lines skipped)."""
         out: list[OutboxEntry] = []
-        end = self._read_offset  # after the last whole line taken or skipped
+        end = start
         buf, i = b"", 0  # unread bytes from end on, and where in buf the next line starts
         skipping = False  # inside an oversized line
         bad = 0
@@ -403,16 +422,7 @@ class Outbox:
                 bad += 1
                 continue
             out.append(OutboxEntry(parts[0].decode(), parts[1].decode(), parts[2]))
-        if bad:
-            log.error("outbox: %d malformed lines skipped", bad)
-            self._pending = max(0, self._pending - bad)
-        if not out and not bad and end >= size:
-            log.error("outbox: %d events counted but none in the file; count reset",
-                      self._pending)
-            self._pending = 0
-        if not out and end > self._read_offset:
-            self._commit(end, 0)  # only skipped lines: not to be read (and counted) again
-        return out, end
+        return out, end, bad
 
     def commit(self, offset: int, count: int) -> None:
         """Mark everything before ``offset`` (``count`` entries) as sent."""
