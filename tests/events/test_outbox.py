@@ -37,13 +37,19 @@ def test_fifo_commit_and_truncate(tmp_path: Path) -> None:
     ob.close()
 
 
-def test_a_restart_resumes_after_what_was_sent(tmp_path: Path) -> None:
+def _five_then_two_sent(tmp_path: Path) -> int:
+    """An outbox closed with id0..id4 written and id0, id1 sent; the sent offset."""
     ob = Outbox(tmp_path)
     ob.open()
     _fill(ob, 0, 5)
     _, end = ob.read_batch(2)
     ob.commit(end, 2)
     ob.close()
+    return end
+
+
+def test_a_restart_resumes_after_what_was_sent(tmp_path: Path) -> None:
+    _five_then_two_sent(tmp_path)
     again = Outbox(tmp_path)
     again.open()
     assert again.pending == 3
@@ -188,12 +194,7 @@ def test_a_sent_head_that_never_drains_is_cut_off(tmp_path: Path) -> None:
 def test_an_offset_of_another_file_is_not_applied(tmp_path: Path) -> None:
     """A crash between a compaction's rename and the offset's update: the offset counts in
     the old file, and applying it to the new one would skip unsent lines."""
-    ob = Outbox(tmp_path)
-    ob.open()
-    _fill(ob, 0, 5)
-    _, end = ob.read_batch(2)
-    ob.commit(end, 2)
-    ob.close()
+    end = _five_then_two_sent(tmp_path)
     path = tmp_path / "events-0.log"
     tail = path.read_bytes()[end:]
     new = tmp_path / "events-0.log.new"
