@@ -238,8 +238,8 @@ class Publisher:
         self._refused("outbox_full")
         if not self._full_dropped:
             log.error("events: the outbox reached its cap of %d unsent bytes; events past it "
-                      "are dropped until it drains (calls are still served)",
-                      self.outbox.max_bytes)
+                      "are not durable until it drains (published from memory while NATS "
+                      "keeps up, else dropped; calls are still served)", self.outbox.max_bytes)
         self._full_dropped += 1
         return 0
 
