@@ -154,6 +154,10 @@ class EventsConfig(_Base):
     # Under load a batch goes out at most this often (events wait up to this long): fewer,
     # larger batches cost the gateway and nats-server less per event.
     publish_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.01
+    # Every event is written (page cache) before its call answers: a process crash loses
+    # none in any mode. A machine crash loses what was not fsync'd: the last interval, the
+    # last batch ("always") or what the OS had not written back ("never"). Off the
+    # response path in every mode.
     outbox_fsync: Literal["always", "interval", "never"] = "interval"
     outbox_fsync_interval_s: Positive = 1.0
     # Unsent bytes the outbox may hold (NATS down); events past it are dropped, counted in

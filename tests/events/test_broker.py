@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from nats.js.api import StorageType
 from tollway.events.broker import (
     EmbeddedNats,
     NatsUnavailable,
+    _alive,
     connect,
     ensure_kv,
     ensure_stream,
@@ -43,6 +46,40 @@ def test_embedded_server_on_loopback_with_its_store_in_the_data_dir(tmp_path: Pa
         srv.stop()
     assert read_runtime_file(tmp_path / "data") is None
     assert srv.proc is None
+
+
+_GATEWAY = """
+import sys, time
+from tollway.events.broker import EmbeddedNats
+srv = EmbeddedNats(sys.argv[1], die_with_parent=sys.argv[2] == "1")
+print(srv.start(), srv.proc_pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("dies_with_it", [True, False], ids=["linux", "no-pdeathsig"])
+def test_a_gateway_killed_with_sigkill_leaves_no_server_in_the_way(tmp_path: Path,
+                                                                    dies_with_it: bool) -> None:
+    """A restart on the data folder of a gateway killed with SIGKILL starts its own server
+    on the same store: the old one has stopped, is stopping, or (no parent-death signal,
+    as on macOS) is found running and stopped."""
+    data = tmp_path / "data"
+    with subprocess.Popen([sys.executable, "-c", _GATEWAY, str(data), "1" if dies_with_it
+                           else "0"], stdout=subprocess.PIPE, text=True) as gw:
+        assert gw.stdout is not None
+        _url, pid = gw.stdout.readline().split()
+        gw.kill()
+        gw.wait()
+    old = int(pid)
+    if not dies_with_it:
+        assert _alive(old), "the orphan outlived its gateway"
+    srv = EmbeddedNats(data)
+    try:
+        assert srv.start()
+        assert not _alive(old), "the old server is gone"
+        assert read_runtime_file(data) == srv.url
+    finally:
+        srv.stop()
 
 
 async def test_stream_and_bucket_are_created_then_updated(nats_server: EmbeddedNats) -> None:

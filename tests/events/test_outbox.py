@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from tollway.events.outbox import MAX_LINE, Outbox, OutboxEntry
+import pytest
+
+from tollway.events.outbox import MAX_LINE, Outbox, OutboxEntry, line_of
 
 
 def _fill(ob: Outbox, start: int, n: int) -> None:
@@ -33,13 +37,19 @@ def test_fifo_commit_and_truncate(tmp_path: Path) -> None:
     ob.close()
 
 
-def test_a_restart_resumes_after_what_was_sent(tmp_path: Path) -> None:
+def _five_then_two_sent(tmp_path: Path) -> int:
+    """An outbox closed with id0..id4 written and id0, id1 sent; the sent offset."""
     ob = Outbox(tmp_path)
     ob.open()
     _fill(ob, 0, 5)
     _, end = ob.read_batch(2)
     ob.commit(end, 2)
     ob.close()
+    return end
+
+
+def test_a_restart_resumes_after_what_was_sent(tmp_path: Path) -> None:
+    _five_then_two_sent(tmp_path)
     again = Outbox(tmp_path)
     again.open()
     assert again.pending == 3
@@ -152,4 +162,66 @@ def test_malformed_and_oversized_lines_are_skipped_once(tmp_path: Path) -> None:
     assert ob.path is not None and ob.path.stat().st_size == 0, "passed for good: truncated"
     _fill(ob, 1, 1)
     assert [e.event_id for e in ob.read_batch(10)[0]] == ["id1"] and ob.pending == 1
+    ob.close()
+
+
+def _entry(i: int) -> OutboxEntry:
+    return OutboxEntry("tollway.call.completed.t", f"id{i}", b'{"i":%d}' % i)
+
+
+def test_a_sent_head_that_never_drains_is_cut_off(tmp_path: Path) -> None:
+    """Under a load that never lets the file drain, as the publisher uses it: each event
+    appended as submitted, batches marked sent from memory while newer ones wait."""
+    ob = Outbox(tmp_path, compact_bytes=4096, chunk_bytes=1024)
+    ob.open()
+    assert ob.path is not None
+    sizes: list[int] = []
+    for i in range(2000):
+        sizes.append(ob.append(line_of(_entry(i))))
+        if len(sizes) > 5:  # a batch of 3 goes out, 3 newer ones stay unsent
+            ob.advance(sum(sizes[:3]), 3)
+            del sizes[:3]
+    assert ob.path.stat().st_size < 4096 + 1024, "the sent head does not grow for ever"
+    assert ob.pending == len(sizes)
+    ob.close()
+    again = Outbox(tmp_path)
+    again.open()
+    assert [e.event_id for e in again.read_batch(100)[0]] == [
+        f"id{i}" for i in range(2000 - len(sizes), 2000)], "a restart sends the unsent tail"
+    again.close()
+
+
+def test_an_offset_of_another_file_is_not_applied(tmp_path: Path) -> None:
+    """A crash between a compaction's rename and the offset's update: the offset counts in
+    the old file, and applying it to the new one would skip unsent lines."""
+    end = _five_then_two_sent(tmp_path)
+    path = tmp_path / "events-0.log"
+    tail = path.read_bytes()[end:]
+    new = tmp_path / "events-0.log.new"
+    new.write_bytes(tail)
+    new.replace(path)  # another inode under the name, as the compaction's rename leaves it
+    again = Outbox(tmp_path)
+    again.open()
+    assert [e.event_id for e in again.read_batch(10)[0]] == ["id2", "id3", "id4"]
+    again.close()
+
+
+def test_a_write_the_disk_cuts_short_leaves_no_torn_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ob = Outbox(tmp_path)
+    ob.open()
+    ob.append(line_of(_entry(0)))
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        n = real_write(fd, bytes(data)[: len(data) // 2])
+        monkeypatch.setattr(os, "write", real_write)  # the next one is the ENOSPC
+        raise OSError(errno.ENOSPC, f"No space left on device after {n} bytes")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        ob.append(line_of(_entry(1)))
+    ob.append(line_of(_entry(2)))
+    assert ob.pending == 2
+    assert [e.event_id for e in ob.read_batch(10)[0]] == ["id0", "id2"]
     ob.close()

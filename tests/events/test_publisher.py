@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
+import os
 import subprocess
+import threading
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,6 +26,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
+from tollway.events import outbox as outbox_module
 from tollway.events.broker import (
     EmbeddedNats,
     connect,
@@ -93,70 +97,92 @@ async def test_every_record_becomes_exactly_one_event(tmp_path: Path, nc: NatsCl
     assert pub.outbox.pending == 0
 
 
+def _lines(pub: Publisher) -> list[str]:
+    """Request ids of the lines in the publisher's outbox file, as a restart would see them."""
+    assert pub.outbox.path is not None
+    return [json.loads(line.split(b"\t", 2)[2])["request_id"]
+            for line in pub.outbox.path.read_bytes().splitlines()]
+
+
+async def test_every_event_is_in_the_outbox_when_submit_returns(tmp_path: Path,
+                                                                nc: NatsClient) -> None:
+    pub = await _publisher(tmp_path, nc)
+    for i in range(20):  # no await: nothing published yet
+        pub.submit(make_record(i))
+        assert _lines(pub) == [f"req-acme-{k}" for k in range(i + 1)], \
+            "written before submit returns: a process killed now loses none of them"
+    assert await pub.flush(10)
+    assert len(await read_stream(nc)) == 20
+    assert pub.outbox.pending == 0 and _lines(pub) == [], "sent: the file is emptied"
+    await _stop(pub)
+
+
 async def test_queue_overflow_goes_to_the_outbox_then_to_nats(tmp_path: Path, nc: NatsClient,
                                                                raw: bool) -> None:
     pub = await _publisher(tmp_path, nc, queue_size=25, raw=raw)
     for i in range(100):  # no await: the task cannot drain, the queue overflows
         pub.submit(make_record(i))
     reg = pub.metrics.registry
-    # The full queues were handed over, not written: the response path touched no file.
-    assert pub.outbox.path is not None and pub.outbox.path.stat().st_size == 0
-    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 0
-    assert _value(reg, "tollway_events_outbox_depth") == 75, "counted from the hand-over on"
-    assert _value(reg, "tollway_events_queue_depth") == 25
+    assert _lines(pub) == [f"req-acme-{i}" for i in range(100)]
+    assert _value(reg, "tollway_events_outbox_depth") == 100, "sent from the file from now on"
+    assert _value(reg, "tollway_events_queue_depth") == 0
     assert await pub.flush(10)
-    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 75
+    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 100
     msgs = await read_stream(nc)
     ids = [e.request_id for _, _, e in msgs if e]
     assert ids == [f"req-acme-{i}" for i in range(100)], "order kept through the outbox"
     assert _value(reg, "tollway_events_dropped_total", reason="outbox_unwritable") == 0
     assert _value(reg, "tollway_events_outbox_depth") == 0
+    pub.submit(make_record(100))  # the outbox is drained: back to publishing from memory
+    assert pub.queued == 1
+    assert await pub.flush(10)
+    assert _value(reg, "tollway_events_spilled_total", reason="queue_full") == 100
     await _stop(pub)
 
 
-@pytest.mark.timeout(30)  # a write on the loop would wait for the lock held here for ever
-async def test_the_response_path_never_waits_for_the_disk(tmp_path: Path) -> None:
-    pub = await _publisher(tmp_path, None, queue_size=10, max_backlog=100)  # NATS down
-    path = pub.outbox.path
-    assert path is not None
-    reg = pub.metrics.registry
-    with pub.outbox.lock:  # the disk "hangs": every outbox operation waits here
-        for i in range(25):
-            pub.submit(make_record(i))
-        for _ in range(400):  # the task takes the queue and its writer thread blocks
-            if not pub.queued:
-                break
-            await asyncio.sleep(0.005)
-        assert not pub.queued
-        for i in range(25, 60):  # calls keep settling: each submit returns at once
-            pub.submit(make_record(i))
-        assert path.stat().st_size == 0, "nothing written while the disk hangs"
-        assert _value(reg, "tollway_events_spilled_total", reason="nats_down") == 0
-        assert (_value(reg, "tollway_events_outbox_depth")
-                + _value(reg, "tollway_events_queue_depth")) == 60, "no event out of sight"
-    for _ in range(400):  # the disk is back: the task writes what it holds, in order
-        if pub.outbox.pending == 60:
+@pytest.mark.timeout(30)  # a submit waiting for the fsync would wait for ever
+async def test_the_response_path_never_waits_for_an_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def hanging_fsync(fd: int) -> None:  # the disk takes its time
+        syncing.set()
+        release.wait(20)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", hanging_fsync)
+    pub = await _publisher(tmp_path, None)  # NATS down: the task syncs the outbox when idle
+    pub.submit(make_record(0))
+    for _ in range(400):
+        if syncing.is_set():
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.005)
+    assert syncing.is_set(), "the writer thread is inside fsync"
+    for i in range(1, 60):  # calls keep settling: each submit returns at once
+        pub.submit(make_record(i))
+    assert _lines(pub) == [f"req-acme-{i}" for i in range(60)], "written while the disk syncs"
+    release.set()
     await _stop(pub)
-    again = Outbox(tmp_path / "outbox")
-    again.open()
-    assert again.pending == 60
-    entries, _ = again.read_batch(100)
-    assert [json.loads(e.payload)["request_id"] for e in entries] == [
-        f"req-acme-{i}" for i in range(60)]
-    again.close()
+    assert pub.outbox.pending == 60
 
 
-async def test_a_backlog_the_disk_cannot_take_is_bounded_and_counted(tmp_path: Path) -> None:
-    pub = await _publisher(tmp_path, None, queue_size=10, max_backlog=20)
-    with pub.outbox.lock:
-        for i in range(50):  # no await: 10 queued, 20 handed over, the rest refused
-            pub.submit(make_record(i))
+async def test_events_the_outbox_cannot_take_are_published_from_memory(
+        tmp_path: Path, nc: NatsClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    pub = await _publisher(tmp_path, nc)
+    monkeypatch.setattr(outbox_module, "_write_all", disk_full)
+    for i in range(10):
+        pub.submit(make_record(i))
+    assert await pub.flush(10)
     reg = pub.metrics.registry
-    assert _value(reg, "tollway_events_dropped_total", reason="outbox_behind") == 20
+    assert [e.request_id for _, _, e in await read_stream(nc) if e] == [
+        f"req-acme-{i}" for i in range(10)]
+    assert _value(reg, "tollway_events_not_journaled_total", reason="outbox_unwritable") == 10
+    assert _value(reg, "tollway_events_dropped_total", reason="outbox_unwritable") == 0
     await _stop(pub)
-    assert pub.outbox.pending == 30
 
 
 async def test_the_outbox_cap_drops_the_newest_counts_and_logs_them(

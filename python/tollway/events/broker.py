@@ -78,10 +78,48 @@ def nats_server_binary() -> str:
     )
 
 
-def _set_pdeathsig() -> None:
-    # An embedded server must not outlive the gateway that started it.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: SIGTERM when the thread that started it dies
+    (Linux), and exit at once if the parent is already gone (it died before the prctl)."""
+
+    def preexec() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie holds no files any more: not alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) said it exists
+    return "\nState:\tZ" not in status
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return ""  # gone
+    except OSError:
+        return ""
+    try:  # no /proc (macOS)
+        return subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True,
+                              text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 class EmbeddedNats:
@@ -99,8 +137,12 @@ class EmbeddedNats:
         port: int = -1,
         binary: str | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        die_with_parent: bool = True,
     ) -> None:
+        """``die_with_parent``: the server gets SIGTERM when the gateway dies (Linux only;
+        without it, as on other systems, the next start stops a server left behind)."""
         self.data_dir = Path(data_dir).resolve()
+        self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         self.port = port  # -1: a free port picked by the server, kept across restarts
         self.binary = binary
         self.max_payload = max_payload
@@ -126,7 +168,7 @@ class EmbeddedNats:
         ports_dir.mkdir(exist_ok=True)
         for stale in ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
-        conf = self.data_dir / "nats-server.conf"
+        conf = self.conf_path
         conf.write_text(
             "# written by tollway for the embedded server; edits are overwritten\n"
             f"listen: \"127.0.0.1:{self.port}\"\n"
@@ -143,27 +185,59 @@ class EmbeddedNats:
             stdout=self._log,
             stderr=self._log,
             pass_fds=(self._lock.fileno(),),  # an orphaned server keeps the store locked
-            preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
         )
+        # Now, not once ready: a gateway killed while the server boots leaves its pid here.
+        self._write_runtime_file()
         return time.monotonic()
+
+    @property
+    def conf_path(self) -> Path:
+        return self.data_dir / "nats-server.conf"
+
+    def _write_runtime_file(self) -> None:
+        assert self.proc is not None
+        info: dict[str, object] = {"pid": self.proc.pid, "owner_pid": os.getpid()}
+        if self.url:
+            info["url"] = self.url
+        (self.data_dir / RUNTIME_FILE).write_text(json.dumps(info))
 
     def _acquire_lock(self) -> IO[bytes]:
         f = open(self.data_dir / "nats.lock", "a+b")  # noqa: SIM115
-        try:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock, as nats-server itself has none
+        if _try_lock(f) or (self._stop_stale_server() and _wait_lock(f, 5.0)):
             return f
-        except OSError:
-            f.close()
-            other = read_runtime_file(self.data_dir)
-            where = f" (a server is listening on {other})" if other else ""
-            raise NatsUnavailable(
-                f"{self.data_dir} is in use by another tollway process{where}; give this one "
-                "another [nats] data_dir, or point both at one server with url = \"nats://...\""
-            ) from None
-        return f
+        f.close()
+        other = read_runtime_file(self.data_dir)
+        where = f" (a server is listening on {other})" if other else ""
+        raise NatsUnavailable(
+            f"{self.data_dir} is in use by another tollway process{where}; give this one "
+            "another [nats] data_dir, or point both at one server with url = \"nats://...\""
+        ) from None
+
+    def _stop_stale_server(self, timeout: float = 10.0) -> bool:
+        """Stop the server a dead gateway left holding the store (killed with SIGKILL: on
+        Linux it is told to stop and may still be stopping; elsewhere it runs on). True
+        when there was one; False when the store's owner is alive."""
+        try:
+            info = json.loads((self.data_dir / RUNTIME_FILE).read_text())
+            pid, owner = int(info["pid"]), int(info["owner_pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if _alive(owner):
+            return False  # a live gateway serves from this folder
+        if not _alive(pid) or str(self.conf_path) not in _command_line(pid):
+            return True  # gone, or the pid is some other process's now; the lock tells
+        log.warning("stopping the nats-server (pid %d) a gateway that died left running on %s",
+                    pid, self.data_dir)
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not _alive(pid):
+                    return True
+                time.sleep(0.02)
+        return True
 
     def _poll_ready(self) -> bool:
         assert self.proc is not None
@@ -188,9 +262,7 @@ class EmbeddedNats:
             return False
         self.url = url
         self.port = int(port)
-        (self.data_dir / RUNTIME_FILE).write_text(
-            json.dumps({"url": url, "pid": self.proc.pid, "owner_pid": os.getpid()})
-        )
+        self._write_runtime_file()
         return True
 
     def start(self, timeout: float = 15.0) -> str:
@@ -258,6 +330,28 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _try_lock(f: IO[bytes]) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as nats-server itself has none
+        return True
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _wait_lock(f: IO[bytes], timeout: float) -> bool:
+    """The lock, once a process that is exiting lets it go."""
+    deadline = time.monotonic() + timeout
+    while not _try_lock(f):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def read_runtime_file(data_dir: str | os.PathLike[str]) -> str | None:

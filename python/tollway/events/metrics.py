@@ -29,15 +29,24 @@ class EventMetrics:
             ["reason"],
             registry=reg,
         )
+        self.not_journaled = Counter(
+            "tollway_events_not_journaled_total",
+            "Events the outbox refused (full, or not writable): not durable; published from "
+            "memory while NATS keeps up, else dropped (tollway_events_dropped_total).",
+            ["reason"],
+            registry=reg,
+        )
         self.spilled = Counter(
             "tollway_events_spilled_total",
-            "Events written to the local outbox instead of being published directly.",
+            "Events sent from the local outbox file instead of from memory (NATS failing, "
+            "the queue full).",
             ["reason"],
             registry=reg,
         )
         self.outbox_depth = Gauge(
             "tollway_events_outbox_depth",
-            "Events in the local outbox (or handed to its writer) waiting for NATS.",
+            "Events waiting in the local outbox file for NATS (0 while they are published "
+            "from memory).",
             registry=reg,
         )
         self.outbox_bytes = Gauge(

@@ -1,21 +1,25 @@
-"""The publisher: a bounded in-memory queue drained into JetStream by one task.
+"""The publisher: every event written to the outbox as it is submitted, and published from
+a bounded in-memory queue by one task.
 
-``submit`` is all the response path ever pays: an ``O(1)`` append to a deque
-(no encoding, no I/O). The task turns queued items into events, encodes them,
-writes a batch of publishes to the connection at once (pipelined, each with
-``Nats-Msg-Id = event_id``) and then waits for their acks. What cannot be
-published -- NATS unreachable, acks not back in time, the queue full -- goes
-to the :class:`~tollway.events.outbox.Outbox` in order, and the outbox is sent
-first when NATS is back, so events keep their order.
+``submit`` is what the response path pays, before the call's last bytes go out
+(:meth:`tollway.pipeline.Pipeline.run`): the event is encoded and appended to
+the :class:`~tollway.events.outbox.Outbox` with one ``write`` (the page cache,
+no fsync), so a process killed any time after the client got its answer
+loses no event of it: the restart sends what the outbox holds. The entry is
+also queued; the task writes batches of publishes to the connection at once
+(pipelined, each with ``Nats-Msg-Id = event_id``), waits for their acks, and
+marks the acked lines sent in the outbox (an offset; the file is truncated
+whenever all of it is sent).
 
-A full queue is handed over whole (``O(1)``: the deque itself) to a backlog
-that the task writes to the outbox; every outbox read, write and fsync runs in
-a writer thread of the publisher's own, one at a time, awaited by the task, so
-neither the response path nor the loop waits for the disk. The backlog is
-bounded (``max_backlog`` events): past it, while the disk does not keep up,
-new events are dropped and counted (``reason="outbox_behind"``). Writes past
-the outbox's byte cap are dropped and counted (``reason="outbox_full"``) with
-a log line naming how many.
+When the queue cannot be published -- NATS unreachable, acks not back in
+time, the queue full -- it is let go ("spilled"): its events are in the outbox
+already, and the task sends the outbox, in order, from the file until it is
+empty, then goes back to the queue. Outbox reads and fsyncs run in a writer
+thread of the publisher's own, so the loop never waits for the disk to sync.
+Writes past the outbox's byte cap (``outbox_full``) or that fail
+(``outbox_unwritable``) are not made durable: while the queue is in use the
+event is published from memory, else it is dropped; both are counted and
+logged.
 
 The publishes go out on a raw NATS connection of the publisher's own
 (:class:`~tollway.events.nats.wire.PublishWire`: a batch is one write, its acks are
@@ -25,10 +29,10 @@ nats-py client it is attached to. When that cannot be done (TLS, nkeys, JWTs:
 client instead; when the raw connection cannot be opened for a while although
 nats-py is connected, through nats-py meanwhile. A raw connection lost with a
 batch in flight, or silent past ``publish_timeout_s``, is NATS failing: the
-unacked entries and the queue go to the outbox, and a new connection is opened
-on the next cycle. An event larger than the server's ``max_payload`` is never
-sent (the server would close the connection over it): it is dropped and
-counted as rejected, on either path.
+queue is spilled, and a new connection is opened on the next cycle. A resend
+of what did reach the stream is dropped there as a duplicate. An event larger
+than the server's ``max_payload`` is never sent (the server would close the
+connection over it): it is dropped and counted as rejected, on either path.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -61,7 +65,7 @@ from tollway.events.nats.wire import (
     PublishWire,
     classify,
 )
-from tollway.events.outbox import Appended, Outbox, OutboxEntry
+from tollway.events.outbox import Outbox, OutboxEntry, line_of
 from tollway.events.schema import Event, encode, encode_record
 from tollway.record import CallRecord
 
@@ -110,7 +114,6 @@ class Publisher:
         metrics: EventMetrics | None = None,
         instance: str = "",
         queue_size: int = 10_000,
-        max_backlog: int | None = None,
         batch_size: int = 256,
         publish_timeout_s: float = 2.0,
         linger_s: float = 0.01,
@@ -121,8 +124,6 @@ class Publisher:
         self.metrics = metrics or EventMetrics()
         self.instance = instance
         self.queue_size = queue_size
-        # Full queues handed to the outbox writer, not written yet: up to this many events.
-        self.max_backlog = 4 * queue_size if max_backlog is None else max_backlog
         self.batch_size = batch_size
         self.publish_timeout_s = publish_timeout_s
         self.linger_s = linger_s
@@ -130,16 +131,17 @@ class Publisher:
         self.raw = raw
         self.via = ""  # how the last batch went out: "wire" (raw connection) or "nats-py"
         self.new_id = EventIds()
-        self._q: collections.deque[Item] = collections.deque()
-        # (events, spill reason) for the outbox, in order, before anything queued after them.
-        self._backlog: collections.deque[tuple[Sequence[Item | OutboxEntry], str]] = (
-            collections.deque())
-        self._backlog_n = 0
+        # Entries with the bytes of their outbox line (0: not in the outbox), in the
+        # outbox's order: while not spilled, they are its unsent lines after the batch out.
+        self._q: collections.deque[tuple[OutboxEntry, int]] = collections.deque()
+        self._spilled = False  # the outbox file, not the queue, holds what is sent next
+        self._spill_reason = ""
         self._io: asyncio.Future[Any] | None = None  # the outbox operation in its thread
         # One thread of its own: outbox operations run one at a time, in order, and a hung
         # disk holds this thread only, not the loop's default executor other work shares.
         self._writer: ThreadPoolExecutor | None = None
         self._full_dropped = 0  # events refused at the outbox cap since it filled
+        self._refusal = "outbox_unwritable"  # why the outbox refused an event last
         self._nc: NatsClient | None = None
         self._wire: PublishWire | None = None
         self._no_wire = "" if raw else "raw=False"  # why this connection is not spoken raw
@@ -166,70 +168,111 @@ class Publisher:
         self._log = _RateLimitedLog()
         self._drained = asyncio.Event()
         self.metrics.queue_depth.set_function(lambda: len(self._q))
-        self.metrics.outbox_depth.set_function(lambda: self.outbox.depth)
+        self.metrics.outbox_depth.set_function(
+            lambda: self.outbox.pending if self._spilled else 0)
         self.metrics.outbox_bytes.set_function(lambda: self.outbox.unsent_bytes)
         self.metrics.outbox_max_bytes.set(self.outbox.max_bytes)
 
     # ---- the response path -------------------------------------------------------------------
     def submit(self, item: Item) -> None:
-        """Queue one record or event. Never blocks, never raises."""
+        """Write one record or event to the outbox and queue it. Never raises; waits for
+        one ``write`` (not for an fsync, nor NATS)."""
         try:
             if self._loop_thread and threading.get_ident() != self._loop_thread:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self.submit, item)
                 return
-            if self._stopped:
-                # A call settling after stop(): no task is left to hand it to, and the
-                # server no longer serves, so it is written here.
-                self._write([item], "shutdown", 0)
-                self.outbox.flush()
+            try:
+                entry = self._entry(item)
+            except Exception as exc:
+                self._unencodable(exc)
                 return
-            q = self._q
-            if len(q) < self.queue_size:
-                q.append(item)
-                if self._idle:
-                    self._idle = False
-                    if self.linger_s:  # let a few more events join the batch
-                        assert self._loop is not None
-                        self._loop.call_later(self.linger_s, self._wake.set)
-                    else:
-                        self._wake.set()
+            n = self._journal(entry)
+            if self._stopped:
+                # A call settling after stop(): no task is left to send it; the next start
+                # does, from the outbox.
+                if n:
+                    self.metrics.spilled.labels("shutdown").inc()
+                    self.outbox.flush(force_sync=True)
+                else:
+                    self._drop(1)
+                return
+            if not self._spilled and len(self._q) >= self.queue_size:
+                self._log(logging.WARNING, "overflow", "events queue full (%d): events are "
+                          "sent from the outbox", self.queue_size)
+                self._spill("queue_full")
+            if self._spilled:
+                if n:
+                    self.metrics.spilled.labels(self._spill_reason).inc()
+                else:
+                    self._drop(1)
             else:
-                self._overflow(item)
+                self._q.append((entry, n))
+            if self._idle:
+                self._idle = False
+                if self.linger_s:  # let a few more events join the batch
+                    assert self._loop is not None
+                    self._loop.call_later(self.linger_s, self._wake.set)
+                else:
+                    self._wake.set()
         except Exception as exc:  # the pipeline must never see an events failure
             self.metrics.dropped.labels("internal").inc()
             self._log(logging.ERROR, "submit", "events: could not queue an event (%r); "
                       "dropped", exc)
 
-    def _overflow(self, item: Item) -> None:
-        # The queue keeps its order: everything queued goes to the outbox before this one.
-        n = len(self._q)
-        if self._backlog_n + n > self.max_backlog:
-            self.metrics.dropped.labels("outbox_behind").inc()
-            self._log(logging.ERROR, "behind", "events: the outbox writer is %d events "
-                      "behind (disk slow?) and the queue is full; dropped an event",
-                      self._backlog_n)
-            return
-        self._hand_over("queue_full")
-        self._q.append(item)
-        self._log(logging.WARNING, "overflow",
-                  "events queue full (%d): %d events handed to the outbox", self.queue_size, n)
-        self.kick()
+    def _journal(self, entry: OutboxEntry) -> int:
+        """Append to the outbox: the bytes written; 0 when the cap or the disk refused."""
+        try:
+            n = self.outbox.append(line_of(entry))
+        except OSError as exc:
+            self._refused("outbox_unwritable")
+            self._log(logging.ERROR, "outbox", "events: outbox not writable (%s); events "
+                      "are not durable until it is", exc)
+            return 0
+        if n:
+            if self._full_dropped:
+                log.warning("events: the outbox takes events again; %d were refused while "
+                            "it was full", self._full_dropped)
+                self._full_dropped = 0
+            return n
+        self._refused("outbox_full")
+        if not self._full_dropped:
+            log.error("events: the outbox reached its cap of %d unsent bytes; events past it "
+                      "are not durable until it drains (published from memory while NATS "
+                      "keeps up, else dropped; calls are still served)", self.outbox.max_bytes)
+        self._full_dropped += 1
+        return 0
 
-    def _hand_over(self, reason: str) -> None:
-        """Queue -> backlog, whole (O(1)); the task writes it to the outbox."""
-        q = self._q
-        if q:
-            self._q = collections.deque()
-            self._backlog.append((q, reason))
-            self._backlog_n += len(q)
-            self.outbox.reserve(len(q))
+    def _refused(self, reason: str) -> None:
+        self._refusal = reason
+        self.metrics.not_journaled.labels(reason).inc()
+
+    def _drop(self, n: int) -> None:
+        """Events in neither the stream nor the outbox, nor to be published from memory."""
+        self.metrics.dropped.labels(self._refusal).inc(n)
+        self._log(logging.ERROR, "drop", "events: %d events dropped (%s)", n, self._refusal)
+
+    def _spill(self, reason: str) -> None:
+        """Send from the outbox from now on: the queue's events are there already (in order,
+        after the batch in flight), but for those it could not take."""
+        if self._spilled:
+            return
+        self._spilled = True
+        self._spill_reason = reason
+        q, self._q = self._q, collections.deque()
+        lost = sum(1 for _, n in q if not n)
+        if len(q) > lost:
+            self.metrics.spilled.labels(reason).inc(len(q) - lost)
+        if lost:
+            self._drop(lost)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, nc: NatsClient | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tollway-outbox")
+        if self.outbox.pending:  # lines from an earlier run go out before anything new
+            self._spill("earlier_run")
         if nc is not None:
             await self.attach(nc)
         self._task = asyncio.create_task(self._run(), name="tollway-events-publisher")
@@ -273,11 +316,12 @@ class Publisher:
         return self._idle_now(outbox)
 
     def _idle_now(self, outbox: bool = True) -> bool:
-        return (not self._q and not self._outstanding and not self._backlog
+        return (not self._q and not self._outstanding
                 and (not outbox or not self.outbox.pending))
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Publish what is queued (up to ``timeout``) and outbox the rest (the caller closes it)."""
+        """Publish what is queued (up to ``timeout``); the rest waits in the outbox for the
+        next start (the caller closes it)."""
         task, self._task = self._task, None
         if task is not None:
             self._stopping = True
@@ -290,13 +334,11 @@ class Publisher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         io = self._io
-        if io is not None:  # a write the cancelled task left running: let it land first
+        if io is not None:  # an outbox operation the cancelled task left running
             with contextlib.suppress(Exception):
                 await io
-        while self._q or self._backlog:  # records may still come in while this writes
-            self._hand_over("shutdown")
-            await self._write_backlog()
         self._stopped = True
+        self._spill("shutdown")  # whatever is queued is in the outbox for the next start
         await self._unsubscribe()
         await self._close_wire()
         await self._in_thread(self.outbox.flush, force_sync=True)
@@ -320,8 +362,8 @@ class Publisher:
                         async with asyncio.timeout(backoff):
                             await self._wake.wait()
                     self._wake.clear()
-                elif not self._q and not self._backlog and not (
-                        self.outbox.pending and self.connected):
+                elif not self._q and not (self.outbox.pending and self._spilled
+                                          and self.connected):
                     self._drained.set()
                     self._idle = True
                     if self.outbox.needs_sync:
@@ -345,29 +387,20 @@ class Publisher:
                 backoff = 1.0
 
     async def _cycle(self) -> bool:
-        """One round: backlog into the outbox, outbox, then the queue. False when NATS is
-        failing."""
+        """One round: the outbox while spilled, then the queue. False when NATS is failing."""
         if not self.connected or not await self._open_path():
-            await self._to_outbox("nats_down")
+            await self._spill_and_sync("nats_down")
             return False
         if self._no_stream and self.on_no_stream is not None:
             await self.on_no_stream()
             self._no_stream = False
         while True:
-            # Whatever was handed over while a batch was out goes before the queue.
-            if self._backlog:
-                await self._write_backlog()
+            if self.outbox.sync_due:  # under a load that never lets the task idle
+                await self._in_thread(self.outbox.flush)
+            if self._spilled:
+                if not await self._send_outbox():
+                    return False
                 continue
-            if self.outbox.pending:
-                entries, end = await self._in_thread(self.outbox.read_batch, self.batch_size)
-                if entries:
-                    results = await self._publish(entries)
-                    if max(results) >= RETRY:
-                        await self._to_outbox("nats_failing")  # keep order behind the outbox
-                        return False
-                    self._count(entries, results)
-                    await self._in_thread(self.outbox.commit, end, len(entries))
-                    continue
             if not self._q:
                 return True
             if len(self._q) < self.batch_size and self.linger_s and not self._stopping:
@@ -377,24 +410,39 @@ class Publisher:
                 wait = self._last_send + self.linger_s - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                    continue  # the queue may have been handed over meanwhile
+                    continue  # the queue may have been spilled meanwhile
             self._last_send = time.monotonic()
-            batch = self._take(min(len(self._q), self.batch_size))
-            if not batch:
-                continue
-            try:
-                # Waiting for the acks yields to the loop once per batch: a long drain does
-                # not starve the requests being served.
-                results = await self._publish(batch)
-            except asyncio.CancelledError:
-                self._put_back(batch, "shutdown")  # popped from the queue: not lost on cancel
-                raise
-            self._count(batch, results)
-            if max(results) >= RETRY:
-                self._put_back([e for e, r in zip(batch, results, strict=True) if r >= RETRY],
-                               "publish_failed")
-                await self._to_outbox("nats_failing")
+            batch, sizes = self._take(min(len(self._q), self.batch_size))
+            # Waiting for the acks yields to the loop once per batch: a long drain does
+            # not starve the requests being served. A cancel leaves the batch in the outbox.
+            results = await self._publish(batch)
+            done = next((i for i, r in enumerate(results) if r >= RETRY), len(results))
+            self._count(batch[:done], results[:done])
+            sent = sizes[:done]
+            self.outbox.advance(sum(sent), len(sent) - sent.count(0))
+            if done < len(results):
+                # From the first failure on, the outbox sends the batch again, then what
+                # followed it (the stream drops the copies of those it stored).
+                await self._spill_and_sync("publish_failed")
                 return False
+
+    async def _send_outbox(self) -> bool:
+        """One batch from the outbox file; False when NATS is failing. Back to the queue
+        once the outbox is empty (checked on the loop, where submit appends: nothing can
+        come in between)."""
+        if not self.outbox.pending:
+            self._spilled = False
+            return True
+        entries, end = await self._in_thread(self.outbox.read_batch, self.batch_size)
+        if not entries:
+            return True
+        results = await self._publish(entries)
+        if max(results) >= RETRY:
+            await self._in_thread(self.outbox.flush)
+            return False
+        self._count(entries, results)
+        await self._in_thread(self.outbox.commit, end, len(entries))
+        return True
 
     def _count(self, entries: list[OutboxEntry], results: list[int]) -> None:
         ok, dup, fatal = results.count(OK), results.count(DUP), results.count(FATAL)
@@ -408,19 +456,17 @@ class Publisher:
             self._log(logging.ERROR, "fatal", "events: JetStream refused %d events (first %s); "
                       "dropped", fatal, ids[0])
 
-    def _take(self, n: int) -> list[OutboxEntry]:
-        """The next ``n`` queued items as outbox entries (an item that cannot be made into
-        an event is counted and dropped, not retried forever)."""
-        popleft, entry = self._q.popleft, self._entry
+    def _take(self, n: int) -> tuple[list[OutboxEntry], list[int]]:
+        """The next ``n`` queued entries and the bytes of their outbox lines (0: not in the
+        outbox)."""
+        popleft = self._q.popleft
         batch: list[OutboxEntry] = []
-        append = batch.append
+        sizes: list[int] = []
         for _ in range(n):
-            item = popleft()
-            try:
-                append(entry(item))
-            except Exception as exc:
-                self._unencodable(exc)
-        return batch
+            entry, size = popleft()
+            batch.append(entry)
+            sizes.append(size)
+        return batch, sizes
 
     def _unencodable(self, exc: Exception) -> None:
         self.metrics.dropped.labels("internal").inc()
@@ -444,60 +490,9 @@ class Publisher:
         self._io = fut
         return await asyncio.shield(fut)
 
-    def _put_back(self, entries: list[OutboxEntry], reason: str) -> None:
-        """Entries of a batch that did not go out: first in line for the outbox."""
-        if entries:
-            self._backlog.appendleft((entries, reason))
-            self._backlog_n += len(entries)
-            self.outbox.reserve(len(entries))
-
-    async def _to_outbox(self, reason: str) -> None:
-        """Everything not yet in the outbox goes there, in order (NATS is failing)."""
-        self._hand_over(reason)
-        await self._write_backlog()
+    async def _spill_and_sync(self, reason: str) -> None:
+        self._spill(reason)
         await self._in_thread(self.outbox.flush)
-
-    async def _write_backlog(self) -> None:
-        while self._backlog:
-            items, reason = self._backlog.popleft()  # before the await: never written twice
-            self._backlog_n -= len(items)
-            await self._in_thread(self._write, items, reason, len(items))
-
-    def _write(self, items: Sequence[Item | OutboxEntry], reason: str, reserved: int) -> None:
-        """Encode and append to the outbox (in the writer thread), and account for it."""
-        entries: list[OutboxEntry] = []
-        for item in items:
-            if isinstance(item, OutboxEntry):
-                entries.append(item)
-                continue
-            try:
-                entries.append(self._entry(item))
-            except Exception as exc:
-                self._unencodable(exc)
-        self._account(self.outbox.append_many(entries, reserved=reserved), reason)
-
-    def _account(self, res: Appended, reason: str) -> None:
-        if res.written:
-            self.metrics.spilled.labels(reason).inc(res.written)
-        if res.lost:
-            self.metrics.dropped.labels("outbox_unwritable").inc(res.lost)
-            self._log(logging.ERROR, "outbox", "events: outbox not writable (%s); %d events "
-                      "dropped", res.error, res.lost)
-        if res.refused:
-            self.metrics.dropped.labels("outbox_full").inc(res.refused)
-            if not self._full_dropped:
-                log.error("events: the outbox reached its cap of %d unsent bytes; %d events "
-                          "dropped, and events keep being dropped until it drains (calls are "
-                          "still served)", self.outbox.max_bytes, res.refused)
-            else:
-                self._log(logging.ERROR, "full", "events: the outbox is full (%d bytes): %d "
-                          "more events dropped, %d since it filled", self.outbox.max_bytes,
-                          res.refused, self._full_dropped + res.refused)
-            self._full_dropped += res.refused
-        elif res.written and self._full_dropped:
-            log.warning("events: the outbox takes events again; %d were dropped while it was "
-                        "full", self._full_dropped)
-            self._full_dropped = 0
 
     # ---- the connections -------------------------------------------------------------------
     async def _open_path(self) -> bool:

@@ -10,8 +10,9 @@ from tollway.record import CallRecord
 
 
 class EventRecorder:
-    """``record`` hands the record to the publisher queue as is: converting it to an
-    event, encoding and publishing happen in the publisher task, off the response path.
+    """``record`` hands the record to the publisher, which writes its event to the outbox
+    before returning (the pipeline calls it before the response's last bytes) and
+    publishes it from its task, off the response path.
     """
 
     __slots__ = ("_submit", "publisher")

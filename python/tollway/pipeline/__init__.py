@@ -6,9 +6,11 @@
 this package) that later issues replace or extend without touching the
 order: routing policy plugs into :meth:`Pipeline.plan`, rate limits, budgets
 and cost caps are :data:`Guard` callables, retries and breakers live in
-:mod:`.dispatch`. Settle and record are synchronous and run in ``finally``,
-so a client that disconnects (or a cancelled task) cannot skip them: every
-call that reaches the pipeline ends as exactly one :class:`CallRecord`.
+:mod:`.dispatch`. Settle and record are synchronous and run just before the
+response's last bytes go out (so the call's event is in the outbox before the
+client has its whole answer), else in ``finally``, so a client that
+disconnects (or a cancelled task) cannot skip them: every call that reaches
+the pipeline ends as exactly one :class:`CallRecord`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from tollway.asgi import ClientGone, Receive, Scope, Send, read_body, send_bytes, send_error
+from tollway.asgi import (
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import (
     InternalError,
@@ -76,6 +87,27 @@ class Pipeline:
             await send_error(send, PermissionDenied("this endpoint needs a tenant key, "
                                                     "not the admin key"))
             return
+        concluded = False
+
+        def conclude() -> None:  # 6 and 7, once
+            nonlocal concluded
+            if concluded:
+                return
+            concluded = True
+            try:
+                self.settle(call)  # 6 again: a no-op unless the call ended early
+            except Exception:  # e.g. a panic in the core while counting: still one record
+                log.exception("settle failed")
+            self.finish(call)
+            self.record(call)  # 7
+
+        async def send_last(message: Message) -> None:
+            # Recorded before the response's last bytes (the record's event is then in the
+            # outbox): a gateway killed once the client has its whole answer loses no event.
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                conclude()
+            await send(message)
+
         try:
             try:
                 await self.decode(call, scope, receive)  # 2
@@ -83,27 +115,22 @@ class Pipeline:
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
-                await self.dispatcher.dispatch(call, receive, send)  # 5 (a stream is relayed here)
+                await self.dispatcher.dispatch(call, receive, send_last)  # 5 (streams: relayed)
                 await self.count_ahead(call)  # ... and for 6 when the provider did not count
                 self.settle(call)  # 6
                 if not call.response_started:
-                    await self.respond(call, send)
+                    await self.respond(call, send_last)
             except TollwayError as exc:
-                await self.fail(call, exc, send)
+                await self.fail(call, exc, send_last)
             except ClientGone:
                 call.client_cancelled = True
                 call.status = 499
                 call.error = InvalidRequest("client closed the connection before the body")
             except Exception:
                 log.exception("pipeline error", extra={"endpoint": endpoint})
-                await self.fail(call, InternalError("internal error"), send)
+                await self.fail(call, InternalError("internal error"), send_last)
         finally:
-            try:
-                self.settle(call)  # 6 again: a no-op unless the call ended early
-            except Exception:  # e.g. a panic in the core while counting: still one record
-                log.exception("settle failed")
-            self.finish(call)
-            self.record(call)  # 7
+            conclude()  # the call ended without a last message (the client left)
 
     # ---- steps ------------------------------------------------------------
     def authorize(self, endpoint: str, info: RequestInfo) -> Call | None:
