@@ -46,6 +46,15 @@ async def gw2(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Events
     await svc.stop()
 
 
+async def _kill(srv: EmbeddedNats, svc: EventsService) -> None:
+    """Kill NATS and wait until ``svc`` has seen its connection go."""
+    srv.kill()
+    for _ in range(100):
+        if not (svc.nc and svc.nc.is_connected):
+            break
+        await asyncio.sleep(0.02)
+
+
 async def _leased_in_stream(svc: EventsService, tenant: str) -> list[int]:
     """Amounts of the leases (budget.reserved events) taken for ``tenant``."""
     assert svc.nc is not None
@@ -181,11 +190,7 @@ async def test_local_leases_given_back_keep_counting_until_the_view_has_them(
     svc = await _service(srv.url, tmp_path / "gw", "gw")
     b = svc.budget
     try:
-        srv.kill()
-        for _ in range(100):
-            if not (svc.nc and svc.nc.is_connected):
-                break
-            await asyncio.sleep(0.02)
+        await _kill(srv, svc)
         # Calls that cost all they held, each given back (idle) before the next: the third
         # would pass the limit however many local leases came and went.
         for i in range(2):
@@ -218,11 +223,7 @@ async def test_nats_down_grants_from_the_local_view(tmp_path: Path) -> None:
     closed = await _service(srv.url, tmp_path / "gw-closed", "gw-closed",
                             budget_fail_open=False)
     try:
-        srv.kill()
-        for _ in range(100):
-            if not (svc.nc and svc.nc.is_connected):
-                break
-            await asyncio.sleep(0.02)
+        await _kill(srv, svc)
         got = [await svc.budget.reserve("acme", 400, LIMIT, request_id=f"d{i}")
                for i in range(3)]
         assert [r is not None for r in got] == [True, True, False], "the local view still holds"
