@@ -41,6 +41,7 @@ adopted) is never dropped for the cap.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -127,7 +128,9 @@ class Outbox:
         self.directory.mkdir(parents=True, exist_ok=True)
         for n in range(1024):
             path = self.directory / f"events-{n}.log"
-            f = open(path, "a+b")  # noqa: SIM115 - held for the process lifetime
+            # Unbuffered: a write the disk refuses fails here, whole, not in a later flush
+            # that would keep failing with the line in its buffer (and half of it on disk).
+            f = open(path, "a+b", buffering=0)  # noqa: SIM115 - held for the process lifetime
             if _lock(f):
                 self.path, self._w = path, f
                 break
@@ -264,8 +267,12 @@ class Outbox:
                 try:
                     if w is None:
                         raise OSError("outbox not open")
-                    w.write(line)
+                    if w.write(line) != len(line):  # the disk filled up mid-line
+                        raise OSError(errno.ENOSPC, "short write")
                 except OSError as exc:
+                    if w is not None:  # a torn line would garble the next whole one
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(w.fileno(), self._size)
                     error = exc
                     lost += 1
                     continue
