@@ -36,10 +36,11 @@ def free_port() -> int:
 
 def raw_config(urls: dict[str, str], local: tuple[str, ...] = (),
                routes: list[dict[str, Any]] | None = None, tenant: dict[str, Any] | None = None,
-               **extra: Any) -> dict[str, Any]:
+               timeouts: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
     providers = [
         {"name": name, "base_url": url, "api_key_env": "FAKE_API_KEY", "local": name in local,
-         "first_byte_timeout_s": 1.0, "total_timeout_s": 5.0, "connect_timeout_s": 1.0}
+         "first_byte_timeout_s": 1.0, "total_timeout_s": 5.0, "connect_timeout_s": 1.0,
+         **(timeouts or {})}
         for name, url in urls.items()
     ]
     models = [
@@ -90,16 +91,31 @@ class Rig:
         return {p["name"]: p for p in r.json()["data"]}
 
 
+def silent_listener() -> socket.socket:
+    """A port that takes connections (the kernel completes the handshake) and never reads
+    nor answers: a provider hung before its first byte."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    return s
+
+
 @contextmanager
 def rig(names: tuple[str, ...] = ("primary", "secondary"), local: tuple[str, ...] = (),
-        dead: tuple[str, ...] = (), real_clock: bool = False, **extra: Any) -> Iterator[Rig]:
-    """Upstreams named ``names`` (``dead`` ones: a closed port), model ``m-<name>`` on each,
-    route ``auto`` over all of them, tenant ``acme`` (premium, generous rate limits)."""
-    ups = {n: FakeUpstream(name=n, api_key=UPSTREAM_KEY) for n in names if n not in dead}
+        dead: tuple[str, ...] = (), silent: tuple[str, ...] = (), real_clock: bool = False,
+        **extra: Any) -> Iterator[Rig]:
+    """Upstreams named ``names`` (``dead`` ones: a closed port; ``silent`` ones: a
+    :func:`silent_listener`), model ``m-<name>`` on each, route ``auto`` over all of them,
+    tenant ``acme`` (premium, generous rate limits)."""
+    ups = {n: FakeUpstream(name=n, api_key=UPSTREAM_KEY) for n in names
+           if n not in dead and n not in silent}
+    hung = {n: silent_listener() for n in silent}
     for up in ups.values():
         up.start()
     try:
-        urls = {n: ups[n].base_url if n in ups else f"http://127.0.0.1:{free_port()}/v1"
+        urls = {n: ups[n].base_url if n in ups else
+                f"http://127.0.0.1:{hung[n].getsockname()[1]}/v1" if n in hung else
+                f"http://127.0.0.1:{free_port()}/v1"
                 for n in names}
         clock: Clock = SystemClock() if real_clock else ManualClock()
         recorder = ListRecorder()
@@ -115,6 +131,8 @@ def rig(names: tuple[str, ...] = ("primary", "secondary"), local: tuple[str, ...
     finally:
         for up in ups.values():
             up.stop()
+        for s in hung.values():
+            s.close()
 
 
 def completions(up: FakeUpstream) -> int:

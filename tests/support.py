@@ -24,6 +24,7 @@ from tollway.server import uvicorn_config
 
 ACME_KEY = "tw-test-acme-0123456789"
 GLOBEX_KEY = "tw-test-globex-9876543210"
+INITECH_KEY = "tw-test-initech-2468013579"
 ADMIN_KEY = "tw-test-admin-key-5555"
 UPSTREAM_KEY = "sk-upstream-secret-do-not-log-4242"
 

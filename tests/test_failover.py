@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,46 @@ def test_every_candidates_error_is_in_the_final_error() -> None:
         assert "HTTP 503" in message and "HTTP 500" in message
         (rec,) = r.recorder.wait(1)
         assert rec.outcome == "failed" and rec.attempts == 6
+
+
+def test_a_fifth_of_calls_failing_on_the_first_provider_all_end_200() -> None:
+    # The breaker would soon take the flaky provider out of the plan (the manual clock never
+    # lets it recover): a threshold out of reach leaves every call to retries and failover.
+    with rig(breaker={"failure_threshold": 1_000_000}) as r:
+        primary, secondary = r.ups["primary"], r.ups["secondary"]
+        primary.add_fault(Fault(fraction=0.2, statuses=(500, 503, 429), times=None))
+        n = 1000
+        statuses = Counter(r.chat().status_code for _ in range(n))
+        assert statuses == {200: n}
+        recs = r.recorder.wait(n)
+        assert all(rec.outcome == "completed" for rec in recs)
+        assert completions(primary) + completions(secondary) == sum(rec.attempts for rec in recs)
+        retried = [rec for rec in recs if rec.attempts > 1]
+        failed_over = [rec for rec in recs if rec.fallbacks == ("primary",)]
+        # About a fifth retried, and the few that failed three times in a row went on.
+        assert 0.1 * n < len(retried) < 0.3 * n
+        assert all(rec.attempts == 4 and rec.provider == "secondary" for rec in failed_over)
+        assert len(failed_over) == completions(secondary) < len(retried)
+        assert len(r.clock.slept) == completions(primary) - n  # a backoff before each retry
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_provider_that_never_answers_is_left_after_its_first_byte_timeout(
+        stream: bool) -> None:
+    timeout = 0.3
+    with rig(silent=("primary",), timeouts={"first_byte_timeout_s": timeout},
+             retry={"attempts": 2}) as r:
+        started = time.time()
+        resp = r.chat(stream=stream)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-tollway-provider"] == "secondary"
+        (rec,) = r.recorder.wait(1)
+        assert rec.outcome == "completed" and rec.fallbacks == ("primary",)
+        assert rec.attempts == 3  # two waits on the silent one, then the second provider
+        # Not before the timeout: each attempt waited its full first-byte timeout.
+        (asked,) = r.ups["secondary"].requests
+        assert asked.at - started >= 2 * timeout
+        assert r.providers()["primary"]["breaker"]["failures_in_window"] == 2
 
 
 def test_provider_credentials_refused_fails_over_without_retrying() -> None:

@@ -4,7 +4,13 @@ event per call in the stream -> GET /api/ai/usage and /api/ai/budget from the vi
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,8 +30,10 @@ from support import (
     chat_body,
     gateway_env,
     make_config,
+    serving_port,
 )
 from tollway.app import create_app
+from tollway.auth import hash_key
 from tollway.events.broker import connect
 from tollway.events.schema import CallCompleted, CallFailed, CallRejected
 from tollway.testing.upstream import FakeUpstream, Fault
@@ -186,3 +194,88 @@ def test_a_full_outbox_drops_counts_and_logs_while_calls_are_served(
         r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY), json=chat_body())
         assert r.status_code == 200, "still served with the outbox full"
     assert kept > 0 and "reached its cap of 4096" in caplog.text
+
+
+# The gateway in a process whose files cannot grow past this many bytes (RLIMIT_FSIZE:
+# writes past it fail with EFBIG, as they fail with ENOSPC on a full disk; no root, no
+# mount). Its outbox is the only file it writes (its log goes to a pipe, which the limit
+# does not cover).
+DISK_BYTES = 12_000
+
+
+def _serve_on_a_full_disk(config: Path, log: list[str]
+                          ) -> tuple[subprocess.Popen[str], int, threading.Thread]:
+    launch = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+              f"({DISK_BYTES}, {DISK_BYTES})); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'tollway.cli', *sys.argv[1:]])")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch, "serve", "--config", str(config), "--port", "0"],
+        env={**os.environ, **gateway_env()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    port = serving_port(proc)
+    assert port, "serve did not report its port"
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    return proc, port, reader
+
+
+def test_a_full_disk_drops_counts_and_logs_while_calls_are_served(
+        upstream: FakeUpstream, tmp_path: Path) -> None:
+    with socket.socket() as s:  # NATS down: every event goes to the outbox, until it can't
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "tollway.toml"
+    config.write_text(textwrap.dedent(f"""
+        [server]
+        builtin_models = false
+        builtin_providers = false
+        admin_key_env = "TOLLWAY_ADMIN_KEY"
+        [nats]
+        url = "nats://127.0.0.1:{port}"
+        data_dir = "{tmp_path / 'data'}"
+        [[providers]]
+        name = "fake"
+        base_url = "{upstream.base_url}"
+        api_key_env = "FAKE_API_KEY"
+        [[models]]
+        id = "gpt-4o-mini"
+        provider = "fake"
+        [[tenants]]
+        id = "acme"
+        tier = "standard"
+        key_sha256 = ["{hash_key(ACME_KEY)}"]
+        limits = {{ per_minute = 10000 }}
+    """))
+    log: list[str] = []
+    proc, port, reader = _serve_on_a_full_disk(config, log)
+    calls = 60
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as c:
+            statuses = Counter(
+                c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY),
+                       json=chat_body(f"hello {i}")).status_code for i in range(calls))
+            assert statuses == {200: calls}, "the calls are served with the disk full"
+            dropped = 'tollway_events_dropped_total{reason="outbox_unwritable"}'
+            assert _eventually(lambda: _metric(c, dropped) > 0), "the events it lost count"
+            # Every event is in the outbox or counted as dropped: calls, and budget leases.
+            leases = _metric(c, "tollway_budget_local_reservations_total")
+            assert _eventually(lambda: _metric(c, "tollway_events_outbox_depth")
+                               + _metric(c, dropped) == calls + leases)
+            kept = _metric(c, "tollway_events_outbox_depth")
+            assert kept > 0
+            r = c.post("/api/ai/v1/chat/completions", headers=auth(ACME_KEY), json=chat_body())
+            assert r.status_code == 200, "still served"
+    finally:
+        proc.terminate()
+        code = proc.wait(15)
+        reader.join(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    assert any("outbox not writable" in line and "events dropped" in line for line in log)
+    assert not [line for line in log if "Traceback" in line], "".join(log[-40:])
+    # What was written is whole lines: a restart would send each of them.
+    (outbox,) = [p for p in (tmp_path / "data" / "outbox").glob("events-*.log")]
+    body = outbox.read_bytes()
+    assert body.endswith(b"\n") and body.count(b"\n") >= kept

@@ -46,6 +46,15 @@ async def gw2(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Events
     await svc.stop()
 
 
+async def _kill(srv: EmbeddedNats, svc: EventsService) -> None:
+    """Kill NATS and wait until ``svc`` has seen its connection go."""
+    srv.kill()
+    for _ in range(100):
+        if not (svc.nc and svc.nc.is_connected):
+            break
+        await asyncio.sleep(0.02)
+
+
 async def _leased_in_stream(svc: EventsService, tenant: str) -> list[int]:
     """Amounts of the leases (budget.reserved events) taken for ``tenant``."""
     assert svc.nc is not None
@@ -174,6 +183,39 @@ async def test_lapsed_holds_stop_counting(gw1: EventsService) -> None:
     assert await b.reserve("acme", 900, LIMIT, now=later) is not None
 
 
+async def test_local_leases_given_back_keep_counting_until_the_view_has_them(
+        tmp_path: Path) -> None:
+    srv = EmbeddedNats(tmp_path / "nats")
+    srv.start()
+    svc = await _service(srv.url, tmp_path / "gw", "gw")
+    b = svc.budget
+    try:
+        await _kill(srv, svc)
+        # Calls that cost all they held, each given back (idle) before the next: the third
+        # would pass the limit however many local leases came and went.
+        for i in range(2):
+            res = await b.reserve("acme", 400, LIMIT, request_id=f"o{i}")
+            assert res is not None
+            b.settle(res, 400)
+            svc.recorder.record(make_record(i, request_id=f"o{i}", actual_cost_nanousd=400,
+                                            reservation_id=res.hold_id))
+            b.maintain(now=time.time() + b.lease_idle_s + 1)
+            assert b.committed_today("acme") == 400 * (i + 1)
+        assert await b.reserve("acme", 400, LIMIT, request_id="o2") is None
+        assert b.spent_today("acme") == 0, "nothing folded while NATS is away"
+        srv.start()
+        assert await svc.publisher.flush(10)
+        assert svc.runner is not None and await svc.runner.catch_up(10)
+        assert b.spent_today("acme") == 800, "the outbox's call events are spend now"
+        assert b.committed_today("acme") == 800, "each call counted once"
+        assert b.reserved_today("acme") == 0 and b.open_reservations("acme") == []
+        assert await b.reserve("acme", 400, LIMIT, request_id="o3") is None
+        assert await b.reserve("acme", 200, LIMIT, request_id="o4") is not None
+    finally:
+        await svc.stop()
+        srv.stop()
+
+
 async def test_nats_down_grants_from_the_local_view(tmp_path: Path) -> None:
     srv = EmbeddedNats(tmp_path / "nats")
     srv.start()
@@ -181,11 +223,7 @@ async def test_nats_down_grants_from_the_local_view(tmp_path: Path) -> None:
     closed = await _service(srv.url, tmp_path / "gw-closed", "gw-closed",
                             budget_fail_open=False)
     try:
-        srv.kill()
-        for _ in range(100):
-            if not (svc.nc and svc.nc.is_connected):
-                break
-            await asyncio.sleep(0.02)
+        await _kill(srv, svc)
         got = [await svc.budget.reserve("acme", 400, LIMIT, request_id=f"d{i}")
                for i in range(3)]
         assert [r is not None for r in got] == [True, True, False], "the local view still holds"

@@ -64,6 +64,29 @@ def test_fold_verdicts_are_exactly_the_first_occurrences(ids: list[tuple[str, in
                for i in range(0, len(r), 2)) == len(first)
 
 
+@given(st.lists(st.tuples(alphabet, st.integers(0, 3000)), max_size=300),
+       st.lists(st.tuples(alphabet, st.integers(0, 3000)), max_size=50))
+def test_has_answers_for_the_ids_folded_and_only_those(
+        folded: list[tuple[str, int]], others: list[tuple[str, int]]) -> None:
+    # Asked between folds too: ids still in a tail, merged into runs, of any other shape.
+    seen = Seen(keep_days=30)
+    first: set[str] = set()
+    for k, (prefix, n) in enumerate(folded):
+        eid = f"{prefix}{n:012x}"
+        seen.admit(eid, DAY)
+        first.add(eid)
+        if k % 37 == 0:
+            assert all(seen.has(e) for e in first)
+    seen.admit("not-one-of-ours", DAY)
+    first.add("not-one-of-ours")
+    for prefix, n in [*folded, *others]:
+        eid = f"{prefix}{n:012x}"
+        assert seen.has(eid) == (eid in first), eid
+    assert seen.has("not-one-of-ours") and not seen.has("nor-this")
+    seen.compact()
+    assert all(seen.has(e) for e in first)
+
+
 def test_ids_of_any_other_shape_are_remembered_whole() -> None:
     seen = Seen(keep_days=30)
     for eid in ("lease-7-12", "x", "z" * 32, "0123456789abcdef0123456789abcdeg"):

@@ -31,8 +31,13 @@ never exceed the limit, in one process or across many.
 When NATS is unreachable, ``fail_open`` (default) grants from a local lease
 decided on this process's view only (counted by
 ``tollway_budget_local_reservations_total``); other processes cannot see it
-until the call events arrive from the outbox. With ``fail_open=False``,
-``reserve`` raises :class:`BudgetUnavailable`.
+until its events arrive from the outbox. With ``fail_open=False``,
+``reserve`` raises :class:`BudgetUnavailable`. A local lease goes through the
+outbox like any event -- ``budget.reserved``, its calls, ``budget.released``
+-- and counts here until the view has folded its ``budget.reserved``; from
+then on the view counts it, as it does a published lease. (Forgotten when it
+was given back, a local lease would let the calls of a long outage spend the
+budget over and over: nothing of them is in the view until NATS returns.)
 
 The pipeline records a call right after settling it, with no await in
 between, so a lease given back by the maintenance task is published after the
@@ -92,8 +97,9 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     @property
     def hold_id(self) -> str:
-        """The lease in the stream the call's event names ("" for a local lease)."""
-        return self.lease_id if self.seq else ""
+        """The lease the call's event names (a local lease reaches the stream too, through
+        the outbox ahead of its calls)."""
+        return self.lease_id
 
 
 class _Lease:
@@ -184,10 +190,8 @@ class BudgetView:
     def _committed(self, tenant: str, day: str, now: float) -> int:
         state = self.state
         total = fold.spent(state, tenant, day) + fold.held(state, tenant, day, now)
-        last = state.last_seq
         for lease in self._leases.get(tenant, ()):
-            if (lease.day == day and (lease.seq == 0 or lease.seq > last)
-                    and lease.expires_at >= now):
+            if lease.day == day and lease.expires_at >= now and not self._folded(lease):
                 total += lease.size  # not in the view yet
         for lid, (lease, free) in list(self._retiring.items()):
             if lease.tenant != tenant:
@@ -195,7 +199,7 @@ class BudgetView:
             if lease.expires_at < now:
                 del self._retiring[lid]  # lapsed for every reader
                 continue
-            if lease.seq > last:
+            if not self._folded(lease):
                 total += lease.size - free if lease.day == day else 0
                 continue
             hold = state.holds.get(lid)
@@ -205,6 +209,13 @@ class BudgetView:
                 total -= free  # given back; the view counts it until it folds the release
         return total
 
+    def _folded(self, lease: _Lease) -> bool:
+        """Whether the view has folded the lease's ``budget.reserved`` (a local lease's went
+        through the outbox: its stream sequence is not known here)."""
+        if lease.seq:
+            return lease.seq <= self.state.last_seq
+        return self.state.seen.has(lease.lease_id)
+
     def open_reservations(self, tenant: str, now: float | None = None) -> list[dict[str, Any]]:
         now = self.clock() if now is None else now
         day = day_of(now)
@@ -212,12 +223,11 @@ class BudgetView:
                 "amount_nanousd": h.amount, "expires_at": h.expires_at,
                 "request_id": h.request_id}
                for rid, h in fold.open_holds(self.state, tenant, day, now)]
-        last = self.state.last_seq
         out += [{"reservation_id": lease.lease_id, "kind": "lease",
                  "amount_nanousd": lease.size, "expires_at": lease.expires_at,
                  "request_id": ""}
                 for lease in self._leases.get(tenant, ())
-                if lease.day == day and (lease.seq == 0 or lease.seq > last)]
+                if lease.day == day and not self._folded(lease)]
         return out
 
     # ---- reserving ---------------------------------------------------------------------------
@@ -260,13 +270,13 @@ class BudgetView:
                 nc = self.nc
                 lease: _Lease | None
                 if nc is None or not nc.is_connected:
-                    lease = self._local_lease(tenant, day, size, t)
+                    lease = self._local_lease(tenant, day, size, limit_nanousd, t)
                 else:
                     try:
                         lease = await self._publish_lease(nc, tenant, day, size,
                                                           limit_nanousd, t)
                     except _NotPublished:
-                        lease = self._local_lease(tenant, day, size, t)
+                        lease = self._local_lease(tenant, day, size, limit_nanousd, t)
                 if lease is not None:
                     self._leases.setdefault(tenant, []).append(lease)
                     self._by_id[lease.lease_id] = lease
@@ -341,14 +351,20 @@ class BudgetView:
             self.metrics.budget_leases.inc()
         return _Lease(lease_id, tenant, day, size, ack.seq, now, self.ttl_s)
 
-    def _local_lease(self, tenant: str, day: str, size: int, now: float) -> _Lease:
+    def _local_lease(self, tenant: str, day: str, size: int, limit: int,
+                     now: float) -> _Lease:
         if not self.fail_open:
             raise BudgetUnavailable("NATS unreachable: budget reservations are not shared")
         if self.metrics is not None:
             self.metrics.budget_degraded.inc()
         log.warning("budget: NATS unreachable, lease for %s granted from the local view",
                     tenant)
-        return _Lease(self.new_id(), tenant, day, size, 0, now, self.ttl_s)
+        lease = _Lease(self.new_id(), tenant, day, size, 0, now, self.ttl_s)
+        self._submit(BudgetReserved(
+            event_id=lease.lease_id, occurred_at=now, tenant=tenant, instance=self.instance,
+            reservation_id=lease.lease_id, day=day, amount_nanousd=size, limit_nanousd=limit,
+            expires_at=lease.expires_at))  # ahead of its calls' events, in the outbox
+        return lease
 
     # ---- settling ----------------------------------------------------------------------------
     def settle(self, reservation: Reservation, actual_nanousd: int) -> None:
@@ -402,8 +418,6 @@ class BudgetView:
             if not leases:
                 del self._leases[lease.tenant]
         self._by_id.pop(lease.lease_id, None)
-        if not lease.seq:
-            return  # a local lease: nothing was published
         self._retiring[lease.lease_id] = (lease, lease.free)
         self._submit(BudgetReleased(
             event_id=self.new_id(), occurred_at=self.clock(), tenant=lease.tenant,

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import calendar
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from datetime import date, timedelta
 
 import msgspec
@@ -127,6 +127,20 @@ class Seen(msgspec.Struct, array_like=True):
         if day > self.last_day.get(prefix, ""):
             self.last_day[prefix] = day
         return verdict
+
+    def has(self, event_id: str) -> bool:
+        """Whether ``event_id`` was folded (while its process's days are kept); no change."""
+        prefix, counter, n = _split(event_id)
+        tail = self.tails.get(prefix)
+        if tail is not None and counter:
+            i = bisect_left(tail, counter, 1)
+            if i < len(tail) and tail[i] == counter:
+                return True
+        runs = self.runs.get(prefix)
+        if runs is None:
+            return False
+        i = bisect_right(runs, n)
+        return bool(i & 1) or (i > 0 and runs[i - 1] == n)
 
     def _merge(self, prefix: str, tail: list[str]) -> None:
         """Move the tail's counters (ascending, all above the runs) into the runs."""

@@ -4,7 +4,10 @@ It speaks ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON and SSE,
 tools, ``stream_options.include_usage``) and ``POST /v1/embeddings`` with
 deterministic content, records every request it receives, and injects
 faults on demand (error statuses with ``Retry-After``, a silent delay, a
-stream cut in the middle, a connection reset).
+stream cut in the middle, a connection reset), to every matching request or
+to a seeded random fraction of them. It notes when a client leaves in the
+middle of a slow stream (:attr:`FakeUpstream.aborted`), as the provider would
+see it: the fault benchmarks time how soon the gateway hangs up.
 
 It is the zero-latency upstream of the load benchmarks, where it shares two
 cores with the gateway and the load generator, so it is written on asyncio
@@ -28,8 +31,10 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import http
 import itertools
+import random
 import signal
 import socket
 import struct
@@ -45,7 +50,7 @@ import msgspec
 
 from tollway.testing.replies import DEFAULT_MODELS, Full, Replies, default_error_code, error
 
-__all__ = ["FakeUpstream", "Fault", "RecordedRequest", "main"]
+__all__ = ["Aborted", "FakeUpstream", "Fault", "RecordedRequest", "main"]
 
 FaultKind = Literal["status", "timeout", "cut_stream", "reset"]
 
@@ -63,6 +68,11 @@ class Fault:
     events, then close the connection (no ``[DONE]``); a non-stream reply is cut
     half-way through its body. kind "reset": close the connection with an RST
     and no response. ``times=None`` applies to every matching request.
+
+    ``fraction`` below 1 applies the fault to that share of the matching
+    requests, drawn from the upstream's seeded generator (the others pass as
+    if it were not there, and do not use up ``times``); ``statuses`` draws each
+    faulted request's status from these instead of ``status``.
     """
 
     status: int = 503
@@ -75,6 +85,8 @@ class Fault:
     headers: Mapping[str, str] | None = None
     delay_s: float | None = None  # "timeout": how long to stay silent; others: wait first
     after_chunks: int = 2
+    fraction: float = 1.0
+    statuses: tuple[int, ...] = ()
 
     def matches(self, path: str, model: str | None) -> bool:
         if self.model is not None and self.model != model:
@@ -93,6 +105,16 @@ class RecordedRequest:
     at: float  # unix seconds
     query: str = ""
     raw_body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """A stream whose client left before its last event: when (``time.monotonic()``, the
+    moment this side saw the connection close) and how far it had got."""
+
+    at: float
+    events_sent: int
+    events_total: int
 
 
 class _Request:
@@ -142,6 +164,7 @@ class _Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
+        self.streaming: list[int] | None = None  # [events sent, events in all] of a slow stream
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,6 +176,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.up._conns.discard(self)
+        if self.streaming is not None:
+            self.up._note_abort(Aborted(time.monotonic(), *self.streaming))
+            self.streaming = None
         if self._task is not None:
             self._task.cancel()
         if self._drained is not None and not self._drained.done():
@@ -278,6 +304,7 @@ class FakeUpstream:
         models: Sequence[str] = DEFAULT_MODELS,
         record: bool = True,
         use_uvloop: bool = True,
+        seed: int | None = 0,
     ) -> None:
         self.name = name
         self.replies = Replies(name, models, reply_words)
@@ -293,6 +320,9 @@ class FakeUpstream:
         self._requests: list[RecordedRequest] = []
         self._faults: list[list[Any]] = []  # [Fault, remaining uses or None]
         self._faults_lock = threading.Lock()
+        self._rng = random.Random(seed)  # draws the faulted fraction; under _faults_lock
+        self._aborted: list[Aborted] = []
+        self._aborted_cond = threading.Condition()
         self._conns: set[_Connection] = set()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -336,16 +366,35 @@ class FakeUpstream:
             self._faults.append([fault, fault.times])
 
     @property
+    def aborted(self) -> list[Aborted]:
+        """Slow streams (``chunk_delay_s`` > 0) whose client closed the connection early."""
+        with self._aborted_cond:
+            return list(self._aborted)
+
+    def wait_for_aborted(self, n: int, timeout: float = 5.0) -> list[Aborted]:
+        """Block until ``n`` streams were left early (or ``timeout``); returns them all."""
+        with self._aborted_cond:
+            self._aborted_cond.wait_for(lambda: len(self._aborted) >= n, timeout)
+            return list(self._aborted)
+
+    def _note_abort(self, aborted: Aborted) -> None:
+        with self._aborted_cond:
+            self._aborted.append(aborted)
+            self._aborted_cond.notify_all()
+
+    @property
     def pending_faults(self) -> int:
         """Faults added and not used up yet."""
         with self._faults_lock:
             return len(self._faults)
 
     def clear(self) -> None:
-        """Drop recorded requests and pending faults."""
+        """Drop recorded requests, pending faults and aborted streams."""
         with self._faults_lock:
             self._faults.clear()
         self._requests.clear()
+        with self._aborted_cond:
+            self._aborted.clear()
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Block until ``n`` requests were recorded (e.g. a shadow call made after the reply)."""
@@ -497,6 +546,10 @@ class FakeUpstream:
             for i, entry in enumerate(self._faults):
                 fault: Fault = entry[0]
                 if fault.matches(path, model):
+                    if fault.fraction < 1.0 and self._rng.random() >= fault.fraction:
+                        continue
+                    if fault.statuses:
+                        fault = dataclasses.replace(fault, status=self._rng.choice(fault.statuses))
                     if entry[1] is not None:
                         entry[1] -= 1
                         if entry[1] <= 0:
@@ -553,13 +606,16 @@ class FakeUpstream:
         events = reply.events
         stop_at = min(fault.after_chunks, len(events) - 1) if fault is not None else len(events)
         conn.write(self._stream_head(req.keep_alive))
+        conn.streaming = progress = [0, len(events)]
         for i, event in enumerate(events[:stop_at]):
             if i:
                 await asyncio.sleep(self.chunk_delay_s)
                 if conn.closed:
                     return
             conn.write(_chunk(event))
+            progress[0] = i + 1
             await conn.drain()
+        conn.streaming = None
         if fault is not None:
             conn.cut()
             return
