@@ -2,13 +2,14 @@
 
 Only the fields the gateway reads are typed; every other field stays in the
 original bytes, which are what the provider receives. The body is re-encoded
-only when the gateway must change it (a different upstream model name, or a
-usage request added to a stream).
+only when the gateway must change it (a different upstream model name, a
+usage request added to a stream, or an output bound the call's money requires).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -101,9 +102,9 @@ def decode_embeddings(body: bytes) -> EmbeddingsRequest:
 
 
 def rewrite(body: bytes, *, model: str | None, include_usage: bool,
-            drop: tuple[str, ...] = ()) -> bytes:
-    """The body with `model` replaced and/or a stream usage request added, and without
-    the top-level members ``drop`` names.
+            drop: tuple[str, ...] = (), numbers: Mapping[str, int] | None = None) -> bytes:
+    """The body with `model` replaced and/or a stream usage request added, without
+    the top-level members ``drop`` names, and with the members ``numbers`` gives set.
 
     Only the top level is decoded; every other member (the messages) is copied as raw
     JSON, not built into Python objects and encoded again: on the event loop, a 4 MB
@@ -114,6 +115,8 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool,
         data.pop(name, None)
     if model is not None:
         data["model"] = msgspec.Raw(_encode(model))
+    for name, value in (numbers or {}).items():
+        data[name] = msgspec.Raw(_encode(value))
     if include_usage:
         raw = data.get("stream_options")
         opts = _any.decode(raw) if raw is not None else None
