@@ -223,9 +223,7 @@ class Policy:
             return True
         if self.expensive_min_nano <= 0:
             return False
-        typical = Fit(fit.prompt_tokens, (fit.price_in, fit.price_out),
-                      min(typical_output // fit.choices, fit.out), fit.choices)
-        return typical.cost >= self.expensive_min_nano
+        return fit.cost_at(typical_output // fit.choices) >= self.expensive_min_nano
 
     def eligible(self, call: Call) -> tuple[str, tuple[Deployment, ...], list[str]]:
         """(route, candidates, notes) after the task route and step 1, sensitivity: where the
@@ -265,21 +263,25 @@ class Policy:
                   candidates: tuple[Deployment, ...]) -> tuple[int, int, list[Fit]]:
         """(prompt tokens of the first candidate, typical output tokens, each candidate's
         fit)."""
-        fits = [self.fit(call, dep) for dep in candidates]
-        if not isinstance(req, ChatRequest):
-            return (fits[0].prompt_tokens if fits else 0), 0, fits
-        per_choice = req.max_completion_tokens or req.max_tokens or self.default_max_output
-        return (fits[0].prompt_tokens if fits else 0), per_choice * max(1, req.n or 1), fits
+        chat = isinstance(req, ChatRequest)
+        asked = (req.max_completion_tokens or req.max_tokens or 0) if chat else 0
+        n = max(1, req.n or 1) if chat else 1
+        fits = [self._fit(call, dep, chat, asked, n) for dep in candidates]
+        typical = (asked or self.default_max_output) * n if chat else 0
+        return (fits[0].prompt_tokens if fits else 0), typical, fits
 
     def fit(self, call: Call, dep: Deployment) -> Fit:
         """``dep``'s cost bound for ``call``: its prompt (counted once per encoding) and,
         per choice, the caller's output bound or the model's full output."""
         req = call.request
-        full, n = 0, 1
-        if isinstance(req, ChatRequest):
-            asked = req.max_completion_tokens or req.max_tokens
-            full = min(asked, dep.max_output_tokens) if asked else dep.max_output_tokens
-            n = max(1, req.n or 1)
+        if not isinstance(req, ChatRequest):
+            return self._fit(call, dep, False, 0, 1)
+        return self._fit(call, dep, True, req.max_completion_tokens or req.max_tokens or 0,
+                         max(1, req.n or 1))
+
+    def _fit(self, call: Call, dep: Deployment, chat: bool, asked: int, n: int) -> Fit:
+        full = (min(asked, dep.max_output_tokens) if asked else dep.max_output_tokens
+                ) if chat else 0
         return Fit(prompt_bound(call, dep.upstream), self.estimator.price(dep.model), full, n)
 
     # ---- order ---------------------------------------------------------------------------

@@ -65,3 +65,7 @@ class Fit:
     def least(self) -> int:
         """What the smallest reply worth sending costs: the refusal's figure."""
         return self._cost(min(self.full, MIN_REPLY_TOKENS))
+
+    def cost_at(self, out: int) -> int:
+        """What the call costs with ``out`` output tokens a choice (at most :attr:`out`)."""
+        return self._cost(min(out, self.out))
