@@ -183,9 +183,13 @@ def test_the_bound_goes_in_the_field_the_model_takes() -> None:
         assert sent["max_completion_tokens"] == int(resp.headers["x-tollway-max-tokens"])
         assert "max_tokens" not in sent
         resp = r.chat(headers=LOW)
+        bound = int(resp.headers["x-tollway-max-tokens"])
         sent = r.ups["primary"].requests[-1].body
-        assert sent["max_tokens"] == int(resp.headers["x-tollway-max-tokens"])
-        assert "max_completion_tokens" not in sent
+        assert sent["max_tokens"] == bound and "max_completion_tokens" not in sent
+        # Both sent: the one that counts is lowered, the other is never raised.
+        resp = r.chat(max_tokens=100, max_completion_tokens=5000, headers=LOW)
+        sent = r.ups["primary"].requests[-1].body
+        assert (sent["max_tokens"], sent["max_completion_tokens"]) == (100, bound)
 
 
 def test_a_models_own_output_limit_bounds_the_hold_and_the_ask() -> None:

@@ -212,9 +212,10 @@ class Dispatcher:
         if model is None and not ask_usage and not bound:
             return call.body
         numbers: dict[str, int] = {}
-        if bound:
-            sent = [f for f in MAX_TOKENS_FIELDS if getattr(call.request, f, None) is not None]
-            numbers = dict.fromkeys(sent or (dep.max_tokens_field,), bound)
+        if bound:  # a field the caller set lower than the bound (both set) stays as it is
+            numbers = {f: min(v, bound) for f in MAX_TOKENS_FIELDS
+                       if (v := getattr(call.request, f, None)) is not None}
+            numbers = numbers or {dep.max_tokens_field: bound}
         return rewrite(call.body, model=model, include_usage=ask_usage, numbers=numbers)
 
     async def dispatch(self, call: Call, receive: Receive, send: Send) -> None:
