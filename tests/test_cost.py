@@ -14,9 +14,11 @@ from tollway.tokens import (
     CostEstimator,
     Estimate,
     ModelPrice,
+    OutputLimit,
     UnknownModelError,
     count_chat_tokens,
     count_tokens,
+    load_output_limits,
     load_price_table,
 )
 
@@ -78,6 +80,20 @@ def test_custom_table_file(tmp_path: Path) -> None:
     assert load_price_table(path) == {
         "local-llama": {"input_usd_per_mtok": 0, "output_usd_per_mtok": 0}
     }
+    assert load_output_limits(path) == {"local-llama": OutputLimit(None, None)}
+
+
+def test_table_output_limits(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text('[models]\n"r" = { input_usd_per_mtok = 1, output_usd_per_mtok = 4, '
+                    'max_output_tokens = 100_000, max_tokens_field = "max_completion_tokens" }\n')
+    assert load_price_table(path) == {"r": {"input_usd_per_mtok": 1, "output_usd_per_mtok": 4}}
+    assert load_output_limits(path) == {"r": OutputLimit(100_000, "max_completion_tokens")}
+    builtin = load_output_limits()
+    chat = [m for m in load_price_table() if "embedding" not in m]
+    assert all(builtin[m].max_output_tokens for m in chat)  # every chat model has one
+    assert builtin["gpt-4o"] == OutputLimit(16_384, None)
+    assert builtin["o3"] == OutputLimit(100_000, "max_completion_tokens")
 
 
 @pytest.mark.parametrize(
@@ -90,6 +106,10 @@ def test_custom_table_file(tmp_path: Path) -> None:
         '[models]\n"m" = { input_usd_per_mtok = true, output_usd_per_mtok = 1 }\n',
         '[models]\n"m" = { input_usd_per_mtok = nan, output_usd_per_mtok = 1 }\n',
         '[models]\n"m" = { input_usd_per_mtok = 1, output_usd_per_mtok = 1, x = 1 }\n',
+        '[models]\n"m" = { input_usd_per_mtok = 1, output_usd_per_mtok = 1, '
+        'max_output_tokens = 0 }\n',
+        '[models]\n"m" = { input_usd_per_mtok = 1, output_usd_per_mtok = 1, '
+        'max_tokens_field = "max_output" }\n',
         "[models\n",
     ],
 )

@@ -263,12 +263,19 @@ async def test_budget_guard_refuses_with_insufficient_quota_and_settles() -> Non
     rig.budget.finish(call)  # once only
     assert (rig.book.spent_today("acme"), rig.book.reserved_today("acme")) == (50_000, 0)
     big, plan = rig.call(max_tokens=480)
+    # 50,000 + 968,000 > 1,000,000: its max_tokens is lowered to what is left to pay.
+    await rig.budget(big, plan)
+    assert plan.bound(plan.candidates[0]) == (1_000_000 - 50_000 - 8 * 1000) // 2000 == 471
+    assert plan.max_cost_nanousd == big.estimated_cost_nanousd == 8 * 1000 + 471 * 2000
+    assert rig.book.reserved_today("acme") == 950_000
+    late, plan = rig.call(max_tokens=10)
     with pytest.raises(QuotaExceeded) as err:
-        await rig.budget(big, plan)  # 50,000 + 968,000 > 1,000,000
+        await rig.budget(late, plan)  # nothing left, not even for 10 tokens
     spec = spec_for(err.value)
     assert (spec.status, spec.code) == (429, "insufficient_quota")
     assert "daily budget of 0.001 USD" in err.value.message
-    assert "refused: daily budget" in big.reason
+    assert "refused: daily budget" in late.reason
+    rig.budget.finish(big)  # cost 0: released
     unbilled, plan = rig.call(max_tokens=10)
     await rig.budget(unbilled, plan)
     rig.budget.finish(unbilled)  # cost 0: released, not settled

@@ -49,22 +49,28 @@ def test_rate_limit_headers_on_success_and_429_when_spent() -> None:
         assert resp.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-def test_cost_cap_refuses_before_anything_is_sent() -> None:
+def test_the_cap_lowers_max_tokens_and_refuses_a_prompt_it_cannot_pay() -> None:
     with rig(("primary",)) as r:
-        # premium caps a call at 0.05 USD: 30,000 output tokens at 2 USD/M is 0.06.
-        resp = r.chat(max_tokens=30_000)
+        # A budget-tier hint lowers the cap for one call (low: 0.002 USD), which pays
+        # ~1,000 output tokens at 2 USD/M: the 2,000 asked for are lowered to that.
+        resp = r.chat(max_tokens=2000, headers={"X-Tollway-Budget-Tier": "low"})
+        assert resp.status_code == 200
+        bound = int(resp.headers["x-tollway-max-tokens"])
+        assert 900 < bound < 1000
+        assert r.ups["primary"].requests[-1].body["max_tokens"] == bound
+        # A prompt that leaves no room for even a minimal reply: refused, nothing sent.
+        long = " ".join(["word"] * 2100)  # 2,100 prompt tokens at 1 USD/M > 0.002 USD
+        resp = r.http.post(CHAT, json=chat_body(long, model="auto", max_tokens=10),
+                           headers={**auth(), "X-Tollway-Budget-Tier": "low"})
         assert resp.status_code == 400
         err = resp.json()["error"]
-        assert err["code"] == "cost_limit_exceeded" and err["param"] == "max_tokens"
-        # ... and a budget-tier hint may lower the cap for one call (low: 0.002 USD).
-        resp = r.chat(max_tokens=2000, headers={"X-Tollway-Budget-Tier": "low"})
-        assert resp.status_code == 400
-        assert r.chat(max_tokens=2000).status_code == 200
+        assert err["code"] == "cost_limit_exceeded" and err["param"] == "messages"
         assert completions(r.ups["primary"]) == 1
-        recs = r.recorder.wait(3)
-        assert [x.outcome for x in recs] == ["rejected", "rejected", "completed"]
+        recs = r.recorder.wait(2)
+        assert [x.outcome for x in recs] == ["completed", "rejected"]
+        assert recs[0].max_tokens_bound == bound
         assert recs[1].tier == "low" and "over the low cap" in recs[1].reason
-        assert recs[0].estimated_cost_nanousd > 0.05 * NANO
+        assert recs[1].estimated_cost_nanousd > 0.002 * NANO
 
 
 def estimate_of(r: Any, content: str, **body: Any) -> int:

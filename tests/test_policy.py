@@ -9,16 +9,23 @@ import pytest
 
 from tollway.auth import hash_key
 from tollway.clock import ManualClock
-from tollway.config import Config, ConfigError, parse_config
+from tollway.config import Config, ConfigError, builtin_models, parse_config
 from tollway.context import RequestInfo
 from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable, spec_for
+from tollway.pipeline.bound import MIN_REPLY_TOKENS
 from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
 from tollway.pipeline.decode import decode_chat, decode_embeddings
 from tollway.pipeline.plan import Catalog
 from tollway.policy import Policy, PolicyPlan
 from tollway.resilience import Breakers, LatencyTracker
-from tollway.tokens import CostEstimator, count_chat_tokens, count_tokens
+from tollway.tokens import (
+    DEFAULT_MODEL_OUTPUT_TOKENS,
+    CostEstimator,
+    count_chat_tokens,
+    count_tokens,
+)
 
+NANO = 1_000_000_000
 PROMPT_2KB = ("The quick brown fox jumps over the lazy dog near the riverbank. " * 32)[:2048]
 
 
@@ -122,41 +129,103 @@ def test_other_sensitivities_may_go_anywhere(level: str) -> None:
     assert names(w.plan(w.call(sensitivity=level))) == ["gpt-4o-mini", "llama", "gpt-4o"]
 
 
-def test_estimate_is_token_exact_and_cap_drops_expensive_candidates() -> None:
+def test_estimate_is_token_exact_and_the_cap_bounds_or_drops_candidates() -> None:
     w = World()
     call = w.call(content=PROMPT_2KB, tier="low", max_tokens=200)
     plan = w.plan(call)
     msgs = [{"role": "user", "content": PROMPT_2KB}]
     tokens = count_chat_tokens(msgs, "gpt-4o-mini")
-    # gpt-4o: ~470 prompt tokens * 2.5 + 200 * 10 USD per million > the low cap of 0.002 USD.
-    assert names(plan) == ["gpt-4o-mini", "llama"]
-    assert "over low cap: gpt-4o" in plan.reason
+    # gpt-4o: ~470 prompt tokens at 2.5 USD/M leave the low cap (0.002 USD) room for
+    # fewer than the 200 output tokens asked at 10 USD/M: its max_tokens is lowered.
+    assert names(plan) == ["gpt-4o-mini", "llama", "gpt-4o"]
+    assert "output bound for the low cap: gpt-4o" in plan.reason
     assert plan.prompt_tokens == tokens and plan.max_output_tokens == 200
     assert plan.costs[0] == w.estimator.estimate("gpt-4o-mini", tokens, 200).max_cost_nanousd
     llama_tokens = count_chat_tokens(msgs, "llama-3.1-8b")  # counted with its own encoding
     assert plan.costs[1] == w.estimator.estimate("llama", llama_tokens, 200).max_cost_nanousd
+    gpt4o = w.catalog.models["gpt-4o"]
+    bound = plan.bound(gpt4o)
+    assert plan.bound(w.catalog.models["gpt-4o-mini"]) == plan.bound(
+        w.catalog.models["llama"]) == 0  # their 200 tokens fit: nothing changes
+    assert MIN_REPLY_TOKENS <= bound < 200
+    cap = round(0.002 * NANO)
+    assert plan.costs[2] == w.estimator.estimate("gpt-4o", tokens, bound).max_cost_nanousd <= cap
+    assert w.estimator.estimate("gpt-4o", tokens, bound + 1).max_cost_nanousd > cap  # the most
+    assert plan.relay_limit(gpt4o) == bound
     assert plan.max_cost_nanousd == max(plan.costs) == call.estimated_cost_nanousd
+    # Twice the prompt leaves gpt-4o no room for even a minimal reply: it is dropped.
+    plan = w.plan(w.call(content=PROMPT_2KB * 2, tier="low", max_tokens=200))
+    assert names(plan) == ["gpt-4o-mini", "llama"]
+    assert "over low cap: gpt-4o" in plan.reason
 
 
 def test_no_candidate_under_the_cap_is_400_cost_limit_exceeded() -> None:
     w = World()
-    call = w.call("gpt-4o", content=PROMPT_2KB, tier="low")
+    call = w.call("gpt-4o", content=PROMPT_2KB * 2, tier="low")
     with pytest.raises(CostLimitExceeded) as err:
         w.plan(call)
     spec = spec_for(err.value)
-    assert (spec.status, spec.code) == (400, "cost_limit_exceeded")
+    assert (spec.status, spec.code, err.value.param) == (400, "cost_limit_exceeded", "messages")
     assert "0.002 USD" in err.value.message
-    # The default output bound (1024 tokens) is what made it too expensive; a small one fits.
-    plan = w.plan(w.call("gpt-4o", content="hi", tier="low", max_tokens=50))
+    # Half the prompt leaves room for a reply: the call gets the most output the cap pays.
+    plan = w.plan(w.call("gpt-4o", content=PROMPT_2KB, tier="low"))
     assert names(plan) == ["gpt-4o"]
+    assert MIN_REPLY_TOKENS <= plan.bound(plan.candidates[0]) < 1024
+    assert plan.max_cost_nanousd <= 0.002 * NANO
 
 
-def test_output_bound_uses_max_completion_tokens_and_n() -> None:
+def test_the_hold_covers_the_callers_bound_or_the_models_full_output() -> None:
     w = World()
+    mini = w.catalog.models["gpt-4o-mini"]
     plan = w.plan(w.call("gpt-4o-mini", max_tokens=100, max_completion_tokens=300, n=3))
-    assert plan.max_output_tokens == 900
+    assert plan.max_output_tokens == 900  # max_completion_tokens wins, times n
+    tokens = plan.prompt_tokens
+    assert plan.costs[0] == w.estimator.estimate("gpt-4o-mini", tokens, 900).max_cost_nanousd
+    assert plan.bound(mini) == 0 and plan.relay_limit(mini) == 900
+    # No max_tokens: the rate limiter counts a typical reply, the budget holds the most
+    # the model can output (the built-in table's 16,384 for gpt-4o-mini), and the
+    # premium cap pays it: the request is left as it is.
     plan = w.plan(w.call("gpt-4o-mini"))
     assert plan.max_output_tokens == w.estimator.default_max_output_tokens
+    assert mini.max_output_tokens == 16_384 and mini.max_tokens_field == "max_tokens"
+    assert plan.costs[0] == w.estimator.estimate(
+        "gpt-4o-mini", tokens, 16_384).max_cost_nanousd
+    assert plan.bound(mini) == 0 and plan.relay_limit(mini) == 0
+    # A max_tokens past the model's limit holds only what the model can output.
+    plan = w.plan(w.call("gpt-4o-mini", max_tokens=100_000))
+    assert plan.costs[0] == w.estimator.estimate(
+        "gpt-4o-mini", tokens, 16_384).max_cost_nanousd
+
+
+def test_output_limits_come_from_the_config_the_table_or_the_default() -> None:
+    raw = policy_config()
+    by_id = {m.id: m for m in raw.models}
+    assert by_id["gpt-4o"].max_output_tokens is None  # left to the table
+    w = World()
+    models = w.catalog.models
+    assert models["gpt-4o"].max_output_tokens == 16_384
+    # "llama" is in no table, nor is its upstream name: the documented default.
+    assert models["llama"].max_output_tokens == DEFAULT_MODEL_OUTPUT_TOKENS
+    assert models["llama"].max_tokens_field == "max_tokens"
+    cfg = parse_config({
+        "server": {"builtin_providers": False, "builtin_models": False},
+        "providers": [{"name": "openai", "base_url": "http://127.0.0.1:9/v1"}],
+        "models": [
+            {"id": "reasoner", "provider": "openai", "upstream": "o3-mini",
+             "input_usd_per_mtok": 1.1, "output_usd_per_mtok": 4.4},
+            {"id": "small", "provider": "openai", "max_output_tokens": 2048,
+             "max_tokens_field": "max_completion_tokens"},
+        ]}, source="<test>", env={})
+    catalog = Catalog(cfg)
+    # By upstream name: o3-mini's published limit, and the field it takes.
+    assert catalog.models["reasoner"].max_output_tokens == 100_000
+    assert catalog.models["reasoner"].max_tokens_field == "max_completion_tokens"
+    assert catalog.models["small"].max_output_tokens == 2048
+    assert catalog.models["small"].max_tokens_field == "max_completion_tokens"
+    builtin = {m.id: m for m in builtin_models()}
+    assert builtin["o1"].max_tokens_field == "max_completion_tokens"
+    assert builtin["gpt-4-turbo"].max_output_tokens == 4096
+    assert builtin["openai/o3"].max_tokens_field is None  # OpenRouter takes max_tokens
 
 
 def test_open_breakers_are_filtered_out() -> None:

@@ -107,6 +107,12 @@ class ModelConfig(_Base):
     input_usd_per_mtok: NonNegative = 0.0
     output_usd_per_mtok: NonNegative = 0.0
     kind: Literal["chat", "embedding"] = "chat"
+    # The most output tokens one choice can have, and the request field that bounds it
+    # (OpenAI's reasoning models take only max_completion_tokens). None: the built-in
+    # table's entry for this id (or its upstream name), else the defaults in
+    # tollway.tokens. The budget's hold and the gateway's output bound depend on it.
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -324,9 +330,10 @@ def builtin_models() -> list[ModelConfig]:
     The table is keyed by model id: ``vendor/model`` ids are OpenRouter's, the
     rest OpenAI's.
     """
-    from tollway.tokens import load_price_table
+    from tollway.tokens import load_output_limits, load_price_table
 
     models = []
+    limits = load_output_limits()
     for mid, price in load_price_table().items():
         models.append(ModelConfig(
             id=mid,
@@ -334,6 +341,8 @@ def builtin_models() -> list[ModelConfig]:
             input_usd_per_mtok=price["input_usd_per_mtok"],
             output_usd_per_mtok=price["output_usd_per_mtok"],
             kind="embedding" if "embedding" in mid else "chat",
+            max_output_tokens=limits[mid].max_output_tokens,
+            max_tokens_field=limits[mid].max_tokens_field,
         ))
     return models
 

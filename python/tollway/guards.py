@@ -11,7 +11,9 @@ bound (the per-call cap was applied there, as a filter on the candidates).
   enabled). Denied -> 429 ``rate_limit_exceeded`` with ``Retry-After``.
   Either way the call gets the ``x-ratelimit-*`` headers.
 - :class:`BudgetGuard`: reserves the plan's largest candidate cost against the
-  tenant's day (spend + open reservations) before dispatch; :meth:`finish`
+  tenant's day (spend + open reservations) before dispatch, after bounding the
+  output of candidates whose full cost what is left of the day cannot pay
+  (:meth:`PolicyPlan.lower`; the provider is asked for no more); :meth:`finish`
   settles it to the actual cost after the call, or releases it when nothing
   was billed. No room -> 429 ``insufficient_quota``. As long as no call costs
   more than it reserved, concurrent calls cannot take the day's spend over
@@ -274,48 +276,70 @@ class BudgetGuard:
         else:
             await self.hold(call, plan, book)
 
+    def _amount(self, call: Call, plan: RoutePlan, book: BudgetBook, limit: int) -> int:
+        """What to hold: the plan's cost bound, once its output is bounded to what is left
+        of the tenant's day (spend and every open hold taken off); refuses the call when
+        not even a minimal reply fits."""
+        if not isinstance(plan, PolicyPlan):
+            return 0
+        tenant, now = call.tenant.id, call.occurred_at
+        left = limit - book.spent_today(tenant, now) - book.reserved_today(tenant, now)
+        # A shared book counts this gateway's leases as held; what one of them has free
+        # is granted to a call that fits in it.
+        grantable = getattr(book, "grantable_today", None)
+        if grantable is not None:
+            left = max(left, grantable(tenant, now))
+        if not plan.lower(max(left, 0)):
+            least = min((fit.least() for fit in plan.fits), default=plan.max_cost_nanousd)
+            self._refuse(call, book, limit, f"a minimal reply costs {least / NANO:.6f} USD")
+        call.estimated_cost_nanousd = plan.max_cost_nanousd
+        return plan.max_cost_nanousd
+
     def hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget) -> None:
         """:meth:`hold` for this process's own book, which decides without awaiting."""
-        amount = plan.max_cost_nanousd if isinstance(plan, PolicyPlan) else 0
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
+        amount = self._amount(call, plan, book, limit)
         hold = book.try_reserve(tenant, amount, limit, request_id=call.info.request_id,
                                 now=call.occurred_at)
         if hold is None:
-            self._refuse(call, book, limit, amount)
+            self._refuse(call, book, limit, f"this call may cost up to {amount / NANO:.6f} USD")
         call.reservation = (book, hold)
 
     async def hold(self, call: Call, plan: RoutePlan, book: BudgetBook) -> None:
-        amount = plan.max_cost_nanousd if isinstance(plan, PolicyPlan) else 0
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
         now = call.occurred_at  # the call's day, which its event will carry too
-        # Most calls fit in a lease this gateway holds: answered without a coroutine.
         grant = getattr(book, "try_grant", None)
-        hold = grant(tenant, amount, request_id=call.info.request_id, now=now) if grant else None
-        if hold is not None:
-            call.reservation = (book, hold)
-            return
-        try:
-            hold = await book.reserve(tenant, amount, limit, request_id=call.info.request_id,
-                                      now=now)
-        except Exception as exc:  # the shared book cannot decide (NATS down, fail closed)
-            log.warning("budget: cannot reserve for %s: %s", tenant, exc)
-            call.reason = f"{call.reason}; refused: budget unavailable"
-            raise NotReady("the budget cannot be checked right now; retry shortly",
-                           headers={"Retry-After": "1"}) from None
-        if hold is None:
-            self._refuse(call, book, limit, amount)
-        call.reservation = (book, hold)
+        # Holds taken while this one awaits a lease (other calls, other gateways) can leave
+        # it no room: the lease is measured against the limit and refused, and the call
+        # looks once more at what is left, which may pay a lower output bound.
+        for _ in range(2):
+            amount = self._amount(call, plan, book, limit)
+            # Most calls fit in a lease this gateway holds: answered without a coroutine.
+            hold = (grant(tenant, amount, request_id=call.info.request_id, now=now)
+                    if grant else None)
+            if hold is None:
+                try:
+                    hold = await book.reserve(tenant, amount, limit,
+                                              request_id=call.info.request_id, now=now)
+                except Exception as exc:  # the shared book cannot decide (NATS down, closed)
+                    log.warning("budget: cannot reserve for %s: %s", tenant, exc)
+                    call.reason = f"{call.reason}; refused: budget unavailable"
+                    raise NotReady("the budget cannot be checked right now; retry shortly",
+                                   headers={"Retry-After": "1"}) from None
+            if hold is not None:
+                call.reservation = (book, hold)
+                return
+        self._refuse(call, book, limit, f"this call may cost up to {amount / NANO:.6f} USD")
 
-    def _refuse(self, call: Call, book: BudgetBook, limit: int, amount: int) -> NoReturn:
+    def _refuse(self, call: Call, book: BudgetBook, limit: int, need: str) -> NoReturn:
         tenant = call.tenant.id
         call.reason = f"{call.reason}; refused: daily budget"
         spent = book.spent_today(tenant, call.occurred_at)
         raise QuotaExceeded(
             f"daily budget of {limit / NANO:g} USD reached for tenant {tenant!r} "
-            f"(spent {spent / NANO:.6f} USD, plus calls in flight; this call may cost "
-            f"up to {amount / NANO:.6f} USD)")
+            f"(spent {spent / NANO:.6f} USD, plus calls in flight; {need})")
 
     def finish(self, call: Call) -> None:
         """After settle: replace the hold by the actual cost, or drop it if nothing was billed.

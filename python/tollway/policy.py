@@ -7,9 +7,11 @@ ties to the task hint). Its candidates then go through, in this order:
    only providers marked ``local = true``; none -> 403 ``policy_forbids``,
    and nothing is sent anywhere;
 2. **budget tier**: each candidate's maximum cost for *this* request
-   (token-exact prompt, plus the output bound: ``max_completion_tokens`` /
-   ``max_tokens`` or the default, times ``n``) against the tier's per-call
-   cap; none left -> 400 ``cost_limit_exceeded``;
+   (token-exact prompt, plus the output: ``max_completion_tokens`` /
+   ``max_tokens`` or the model's full output, times ``n``) against the tier's
+   per-call cap. A candidate the cap cannot pay gets an output bound it can
+   (:mod:`tollway.pipeline.bound`); one the cap cannot pay even a minimal
+   reply is dropped; none left -> 400 ``cost_limit_exceeded``;
 3. **breakers**: candidates whose provider's breaker is open are dropped;
    none left -> 503 ``upstream_unavailable`` with ``Retry-After`` (when the
    first breaker lets probes through), before anyone is called;
@@ -35,6 +37,7 @@ from typing import Any
 from tollway.clock import Clock
 from tollway.config import Config, ConfigError
 from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
+from tollway.pipeline.bound import MIN_REPLY_TOKENS, Fit
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.decode import ChatRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
@@ -50,18 +53,51 @@ NANO = 1_000_000_000
 class PolicyPlan(RoutePlan):
     """A :class:`RoutePlan` with the estimate of the call it was built for."""
 
-    __slots__ = ("costs", "expensive", "max_cost_nanousd", "max_output_tokens",
+    __slots__ = ("costs", "expensive", "fits", "max_cost_nanousd", "max_output_tokens",
                  "prompt_tokens")
 
     def __init__(self, route: str, candidates: tuple[Deployment, ...], reason: str,
                  costs: tuple[int, ...], prompt_tokens: int, max_output_tokens: int,
-                 expensive: bool) -> None:
+                 expensive: bool, fits: tuple[Fit, ...] = ()) -> None:
         super().__init__(route, candidates, reason)
         self.costs = costs  # nano-USD bound of each candidate, same order
         self.max_cost_nanousd = max(costs, default=0)  # what the budget holds
         self.prompt_tokens = prompt_tokens
+        # Output tokens of a typical reply (the caller's bound, or the default), for the
+        # tokens-per-minute tier; the money is held at each candidate's full output.
         self.max_output_tokens = max_output_tokens
         self.expensive = expensive
+        self.fits = fits  # each candidate's output and cost bound, same order
+
+    def _fit(self, dep: Deployment) -> Fit | None:
+        for d, fit in zip(self.candidates, self.fits, strict=False):
+            if d is dep:
+                return fit
+        return None
+
+    def bound(self, dep: Deployment) -> int:
+        fit = self._fit(dep)
+        return fit.bound if fit is not None else 0
+
+    def relay_limit(self, dep: Deployment) -> int:
+        fit = self._fit(dep)
+        if fit is None or not fit.price_out or fit.out >= dep.max_output_tokens:
+            return 0  # free, or the model cannot output more than was held
+        return fit.out * fit.choices
+
+    def lower(self, limit_nanousd: int) -> bool:
+        """Bound each candidate's output so that it costs at most ``limit_nanousd``, and
+        drop the candidates that cannot; False (and no change) when none can."""
+        if self.max_cost_nanousd <= limit_nanousd:
+            return True
+        kept = [i for i, fit in enumerate(self.fits) if fit.lower(limit_nanousd)]
+        if not kept:
+            return False
+        self.candidates = tuple(self.candidates[i] for i in kept)
+        self.fits = tuple(self.fits[i] for i in kept)
+        self.costs = tuple(fit.cost for fit in self.fits)
+        self.max_cost_nanousd = max(self.costs)
+        return True
 
 
 class Policy:
@@ -117,29 +153,33 @@ class Policy:
 
         # 2. cost against the tier's per-call cap
         if self.estimate:
-            prompt_tokens, max_output, costs = self._estimate(call, req, candidates)
+            prompt_tokens, max_output, fits = self._estimate(call, req, candidates)
             cap = self.caps.get(call.tier)
         else:
-            prompt_tokens, max_output, costs = 0, 0, [0] * len(candidates)
+            prompt_tokens, max_output = 0, 0
+            fits = [Fit(0, None, 0, 1) for _ in candidates]
             cap = None
         if cap is not None:
-            kept = [i for i, c in enumerate(costs) if c <= cap]
+            kept = [i for i, fit in enumerate(fits) if fit.lower(cap)]
             if not kept:
-                cheapest = min(costs)
+                cheapest = min(fit.least() for fit in fits)
                 call.reason = (f"{route}: refused, estimate {_usd(cheapest)} USD over the "
                                f"{call.tier} cap {_usd(cap)} USD")
                 call.estimated_cost_nanousd = cheapest
                 raise CostLimitExceeded(
-                    f"this call could cost up to {_usd(cheapest)} USD ({prompt_tokens} prompt "
-                    f"tokens, up to {max_output} output tokens), over the {call.tier} tier's "
-                    f"per-call cap of {_usd(cap)} USD; lower max_tokens or shorten the prompt",
-                    param="max_tokens")
+                    f"this call would cost at least {_usd(cheapest)} USD ({prompt_tokens} "
+                    f"prompt tokens and a reply of {MIN_REPLY_TOKENS} tokens or the "
+                    f"max_tokens asked), over the {call.tier} tier's per-call cap of "
+                    f"{_usd(cap)} USD; shorten the prompt", param="messages")
             if len(kept) < len(candidates):
                 dropped = ",".join(candidates[i].model for i in range(len(candidates))
                                    if i not in kept)
                 notes.append(f"over {call.tier} cap: {dropped}")
                 candidates = tuple(candidates[i] for i in kept)
-                costs = [costs[i] for i in kept]
+                fits = [fits[i] for i in kept]
+            bounded = [d.model for d, fit in zip(candidates, fits, strict=True) if fit.bound]
+            if bounded:
+                notes.append(f"output bound for the {call.tier} cap: {','.join(bounded)}")
 
         # 3. breakers
         now = self.clock.monotonic()
@@ -157,24 +197,33 @@ class Policy:
             notes.append("breaker open: " + ",".join(sorted({candidates[i].provider
                                                               for i in open_})))
             candidates = tuple(d for i, d in enumerate(candidates) if i not in open_)
-            costs = [c for i, c in enumerate(costs) if i not in open_]
+            fits = [f for i, f in enumerate(fits) if i not in open_]
 
         # 4. order
         latency_class = call.latency_class or self.default_latency
         if len(candidates) > 1:
-            order = self._order(latency_class, task or _default_task(call), candidates, costs)
+            order = self._order(latency_class, task or _default_task(call), candidates,
+                                [fit.cost for fit in fits])
             if order is not None:
                 candidates = tuple(candidates[i] for i in order)
-                costs = [costs[i] for i in order]
+                fits = [fits[i] for i in order]
                 notes.append(f"{latency_class} order")
         first = candidates[0]
-        expensive = (first.model in self.expensive_models
-                     or (self.expensive_min_nano > 0 and costs[0] >= self.expensive_min_nano))
         notes.append(f"-> {first.provider}/{first.model}")
-        plan = PolicyPlan(route, candidates, f"{route}: " + "; ".join(notes), tuple(costs),
-                          prompt_tokens, max_output, expensive)
+        plan = PolicyPlan(route, candidates, f"{route}: " + "; ".join(notes),
+                          tuple(fit.cost for fit in fits), prompt_tokens, max_output,
+                          self.is_expensive(first, fits[0], max_output), tuple(fits))
         call.estimated_cost_nanousd = plan.max_cost_nanousd
         return plan
+
+    def is_expensive(self, dep: Deployment, fit: Fit, typical_output: int) -> bool:
+        """Whether a call to ``dep`` counts against the expensive-operations tier: judged
+        at a typical reply, not at the full output the budget holds."""
+        if dep.model in self.expensive_models:
+            return True
+        if self.expensive_min_nano <= 0:
+            return False
+        return fit.cost_at(typical_output // fit.choices) >= self.expensive_min_nano
 
     def eligible(self, call: Call) -> tuple[str, tuple[Deployment, ...], list[str]]:
         """(route, candidates, notes) after the task route and step 1, sensitivity: where the
@@ -211,21 +260,29 @@ class Policy:
 
     # ---- estimate ------------------------------------------------------------------------
     def _estimate(self, call: Call, req: Any,
-                  candidates: tuple[Deployment, ...]) -> tuple[int, int, list[int]]:
-        """(prompt tokens of the first candidate, output bound, cost bound per candidate)."""
-        max_output = 0
-        if isinstance(req, ChatRequest):
-            per_choice = req.max_completion_tokens or req.max_tokens or self.default_max_output
-            max_output = per_choice * max(1, req.n or 1)
-        costs: list[int] = []
-        first_tokens = -1
-        estimate = self.estimator.estimate
-        for dep in candidates:
-            tokens = prompt_bound(call, dep.upstream)  # counted once per encoding
-            if first_tokens < 0:
-                first_tokens = tokens
-            costs.append(estimate(dep.model, tokens, max_output).max_cost_nanousd)
-        return max(first_tokens, 0), max_output, costs
+                  candidates: tuple[Deployment, ...]) -> tuple[int, int, list[Fit]]:
+        """(prompt tokens of the first candidate, typical output tokens, each candidate's
+        fit)."""
+        chat = isinstance(req, ChatRequest)
+        asked = (req.max_completion_tokens or req.max_tokens or 0) if chat else 0
+        n = max(1, req.n or 1) if chat else 1
+        fits = [self._fit(call, dep, chat, asked, n) for dep in candidates]
+        typical = (asked or self.default_max_output) * n if chat else 0
+        return (fits[0].prompt_tokens if fits else 0), typical, fits
+
+    def fit(self, call: Call, dep: Deployment) -> Fit:
+        """``dep``'s cost bound for ``call``: its prompt (counted once per encoding) and,
+        per choice, the caller's output bound or the model's full output."""
+        req = call.request
+        if not isinstance(req, ChatRequest):
+            return self._fit(call, dep, False, 0, 1)
+        return self._fit(call, dep, True, req.max_completion_tokens or req.max_tokens or 0,
+                         max(1, req.n or 1))
+
+    def _fit(self, call: Call, dep: Deployment, chat: bool, asked: int, n: int) -> Fit:
+        full = (min(asked, dep.max_output_tokens) if asked else dep.max_output_tokens
+                ) if chat else 0
+        return Fit(prompt_bound(call, dep.upstream), self.estimator.price(dep.model), full, n)
 
     # ---- order ---------------------------------------------------------------------------
     def _order(self, latency_class: str, task: str, candidates: tuple[Deployment, ...],

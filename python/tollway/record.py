@@ -50,6 +50,10 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     error_message: str | None = None  # safe to publish: never holds a secret
     reason: str = ""  # policy / guard decision, e.g. "sensitivity=confidential->local"
     reservation_id: str = ""  # the shared budget's lease the call was granted from
+    # Output tokens per choice the gateway asked the provider for at most, because the
+    # tier's cap or the day's remaining budget could not pay the full output; None: the
+    # request's own bound (or none) stood.
+    max_tokens_bound: int | None = None
 
 
 class Recorder(Protocol):

@@ -18,11 +18,12 @@ the pipeline turns into its internal error.
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 from tollway._core import (
     CoreError,
@@ -38,23 +39,34 @@ from tollway._core import (
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "DEFAULT_MODEL_OUTPUT_TOKENS",
     "ENCODINGS",
+    "MAX_TOKENS_FIELDS",
     "CoreError",
     "CostEstimator",
     "Estimate",
     "ModelPrice",
+    "OutputLimit",
     "UnknownModelError",
     "count_chat_tokens",
     "count_tokens",
     "encode_ordinary",
     "encoding_file",
     "encoding_for_model",
+    "load_output_limits",
     "load_price_table",
 ]
 
 ENCODINGS = ("o200k_base", "cl100k_base")
+# The output a call without max_tokens is assumed to have where only a typical size matters
+# (the tokens-per-minute tier, "expensive"); money is held at the model's full output.
 DEFAULT_MAX_OUTPUT_TOKENS = 1024
+# The output limit of a model the table and the config say nothing about: OpenAI's for
+# gpt-4o. Set ``max_output_tokens`` in the config for such a model.
+DEFAULT_MODEL_OUTPUT_TOKENS = 16_384
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok")
+_LIMIT_KEYS = ("max_output_tokens", "max_tokens_field")
 
 
 class ModelPrice(TypedDict):
@@ -64,12 +76,43 @@ class ModelPrice(TypedDict):
     output_usd_per_mtok: float
 
 
+class OutputLimit(NamedTuple):
+    """How much one choice of a model can output, and the field that bounds it."""
+
+    max_output_tokens: int | None
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None
+
+
 def load_price_table(path: str | Path | None = None) -> dict[str, ModelPrice]:
     """Read a price table (``[models]``: id -> both prices) from TOML.
 
     Without ``path``, the built-in table shipped in ``tollway/data/prices.toml``.
     Raises ``ValueError`` naming the entry when the table is malformed.
     """
+    return {model: ModelPrice(input_usd_per_mtok=entry["input_usd_per_mtok"],
+                              output_usd_per_mtok=entry["output_usd_per_mtok"])
+            for model, entry in _read_table(path).items()}
+
+
+def load_output_limits(path: str | Path | None = None) -> dict[str, OutputLimit]:
+    """The table's ``max_output_tokens`` and ``max_tokens_field`` per model (None where
+    the entry gives none); the built-in table (``path`` None) is read once."""
+    if path is None:
+        return _builtin_limits()
+    return _limits(_read_table(path))
+
+
+@functools.cache
+def _builtin_limits() -> dict[str, OutputLimit]:
+    return _limits(_read_table(None))
+
+
+def _limits(table: dict[str, dict[str, Any]]) -> dict[str, OutputLimit]:
+    return {model: OutputLimit(entry.get("max_output_tokens"), entry.get("max_tokens_field"))
+            for model, entry in table.items()}
+
+
+def _read_table(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         text = resources.files("tollway").joinpath("data/prices.toml").read_text("utf-8")
         source = "the built-in price table"
@@ -83,14 +126,19 @@ def load_price_table(path: str | Path | None = None) -> dict[str, ModelPrice]:
     models = document.get("models")
     if not isinstance(models, dict):
         raise ValueError(f"{source}: expected a [models] table")
-    table: dict[str, ModelPrice] = {}
     for model, entry in models.items():
-        if not isinstance(entry, dict) or set(entry) != set(_PRICE_KEYS):
-            raise ValueError(f"{source}: {model!r} must have exactly {', '.join(_PRICE_KEYS)}")
-        prices = [entry[key] for key in _PRICE_KEYS]
-        for value in prices:
+        if (not isinstance(entry, dict) or not set(_PRICE_KEYS) <= set(entry)
+                or not set(entry) <= {*_PRICE_KEYS, *_LIMIT_KEYS}):
+            raise ValueError(f"{source}: {model!r} must have {', '.join(_PRICE_KEYS)}, and "
+                             f"may have {', '.join(_LIMIT_KEYS)}")
+        for value in (entry[key] for key in _PRICE_KEYS):
             valid = isinstance(value, int | float) and not isinstance(value, bool)
             if not valid or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{source}: {model!r} has an invalid price {value!r}")
-        table[model] = ModelPrice(input_usd_per_mtok=prices[0], output_usd_per_mtok=prices[1])
-    return table
+        limit = entry.get("max_output_tokens", 1)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"{source}: {model!r} has an invalid max_output_tokens {limit!r}")
+        if entry.get("max_tokens_field", MAX_TOKENS_FIELDS[0]) not in MAX_TOKENS_FIELDS:
+            raise ValueError(f"{source}: {model!r}: max_tokens_field must be one of "
+                             f"{', '.join(MAX_TOKENS_FIELDS)}")
+    return models

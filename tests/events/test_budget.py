@@ -83,6 +83,10 @@ async def test_grants_come_from_a_lease_without_a_round_trip(gw1: EventsService)
     grants = [await b.reserve("acme", 1000, limit, request_id=f"r{i}") for i in range(100)]
     assert all(g is not None for g in grants)
     assert len(await _leased_in_stream(gw1, "acme")) == 1, "one lease, 100 grants"
+    # What is left in the lease: the room the budget guard bounds a call's output to.
+    size = (await _leased_in_stream(gw1, "acme"))[0]
+    assert b.grantable_today("acme") == size - 100 * 1000 > 0
+    assert b.try_grant("acme", size - 100 * 1000 + 1) is None
     for i, g in enumerate(grants):
         assert g is not None
         b.settle(g, 500)

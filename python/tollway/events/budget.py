@@ -284,6 +284,14 @@ class BudgetView:
                         self.max_attempts)
             raise BudgetUnavailable(f"budget for {tenant!r} too contended to decide")
 
+    def grantable_today(self, tenant: str, now: float | None = None) -> int:
+        """The largest call :meth:`try_grant` can grant now from one of this gateway's
+        leases: room :meth:`reserved_today` counts as held already."""
+        t = self.clock() if now is None else now
+        day = day_of(t)
+        return max((lease.free for lease in self._leases.get(tenant, ())
+                    if lease.day == day and t < lease.use_until), default=0)
+
     def try_grant(self, tenant: str, amount_nanousd: int, *, request_id: str = "",
                   now: float | None = None) -> Reservation | None:
         """:meth:`reserve`'s answer when one of this gateway's leases has room (no await);

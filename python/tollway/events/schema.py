@@ -88,6 +88,11 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # The budget lease (a ``budget.reserved`` without request id) this call was granted
     # from; its cost leaves the lease and becomes spend when this event lands.
     reservation_id: str = ""
+    # Output tokens per choice the gateway asked the provider for at most (sent as
+    # max_tokens or max_completion_tokens, and a stream relayed no further), because the
+    # tier's per-call cap or the tenant's remaining daily budget could not pay the
+    # model's full output or the max_tokens asked; None when the request's own stood.
+    max_tokens_bound: int | None = None
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -349,6 +354,7 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         error_message=rec.error_message,
         reason=rec.reason,
         reservation_id=rec.reservation_id,
+        max_tokens_bound=rec.max_tokens_bound,
     )
 
 

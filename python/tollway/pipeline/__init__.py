@@ -248,7 +248,7 @@ class Pipeline:
     async def respond(self, call: Call, send: Send) -> None:
         dep, reply = call.deployment, call.reply
         assert dep is not None and reply is not None
-        headers = served_headers(dep)
+        headers = served_headers(call)
         headers.append((b"x-tollway-cost-usd", cost_header(call.cost_nanousd)))
         headers.extend(call.headers)
         call.response_started = True
@@ -259,7 +259,7 @@ class Pipeline:
         call.status = spec_for(exc).status
         if call.response_started:
             return  # a stream already under way ends with an error event instead
-        headers = served_headers(call.deployment) if call.deployment is not None else []
+        headers = served_headers(call)
         headers.extend(call.headers)
         call.response_started = True
         await send_error(send, exc, headers)
@@ -316,6 +316,7 @@ class Pipeline:
             error_message=exc.message if exc is not None else None,
             reason=call.reason,
             reservation_id=call.hold_id,
+            max_tokens_bound=call.output_bound or None,
         )
         for recorder in self.recorders:
             try:

@@ -20,7 +20,8 @@ class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
         "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
-        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "plan",
+        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "output_bound",
+        "plan",
         "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
         "response_started", "sensitivity",
         "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
@@ -47,6 +48,9 @@ class Call:
         self.include_usage = False  # the caller asked for the usage chunk
         self.plan: RoutePlan | None = None
         self.deployment: Deployment | None = None  # serving, or last tried
+        # Output tokens per choice that deployment was asked for at most, because the
+        # call's cap or budget could not pay its full output (0: the request's own stood).
+        self.output_bound = 0
         self.attempts = 0
         self.fallbacks: list[str] = []
         self.reply: Reply | None = None

@@ -2,8 +2,8 @@
 
 Only the fields the gateway reads are typed; every other field stays in the
 original bytes, which are what the provider receives. The body is re-encoded
-only when the gateway must change it (a different upstream model name, or a
-usage request added to a stream).
+only when the gateway must change it (a different upstream model name, a
+usage request added to a stream, or an output bound the call's money requires).
 
 Whatever a client sends is a 400 in the OpenAI envelope when it does not fit,
 never a 500: a body that is not UTF-8 or not JSON, the wrong types, nesting
@@ -18,6 +18,7 @@ the provider's to read, and not checked.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -188,9 +189,9 @@ def _token_ids(items: list[Any]) -> bool:
 
 
 def rewrite(body: bytes, *, model: str | None, include_usage: bool,
-            drop: tuple[str, ...] = ()) -> bytes:
-    """The body with `model` replaced and/or a stream usage request added, and without
-    the top-level members ``drop`` names.
+            drop: tuple[str, ...] = (), numbers: Mapping[str, int] | None = None) -> bytes:
+    """The body with `model` replaced and/or a stream usage request added, without
+    the top-level members ``drop`` names, and with the members ``numbers`` gives set.
 
     Only the top level is decoded; every other member (the messages) is copied as raw
     JSON, not built into Python objects and encoded again: on the event loop, a 4 MB
@@ -206,6 +207,8 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool,
         data.pop(name, None)
     if model is not None:
         data["model"] = msgspec.Raw(_encode(model))
+    for name, value in (numbers or {}).items():
+        data[name] = msgspec.Raw(_encode(value))
     if include_usage:
         raw = data.get("stream_options")
         opts = _any.decode(raw) if raw is not None else None

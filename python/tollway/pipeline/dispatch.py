@@ -49,12 +49,13 @@ from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.decode import rewrite
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.prompt import prompt_tokens
-from tollway.pipeline.stream import DONE, SseTap, error_event, usage_event
+from tollway.pipeline.stream import DONE, SseTap, error_event, length_event, usage_event
 from tollway.pipeline.upstream import HeldStream, holding
 from tollway.pipeline.usage import Usage, count_text, reply_usage
 from tollway.providers.http import Reply, StreamReply
 from tollway.providers.openai import OpenAIProvider
 from tollway.resilience import classify
+from tollway.tokens import MAX_TOKENS_FIELDS
 
 if TYPE_CHECKING:
     from tollway.parts import GatewayParts
@@ -140,9 +141,17 @@ def cost_header(nano: int) -> bytes:
     return f"{nano / 1e9:.9f}".encode()
 
 
-def served_headers(dep: Deployment) -> Headers:
-    return [(b"x-tollway-provider", dep.provider.encode()),
-            (b"x-tollway-model", dep.model.encode())]
+def served_headers(call: Call) -> Headers:
+    """Which deployment served (or last failed) the call, and the output bound it was
+    asked for when the call's money required one."""
+    dep = call.deployment
+    if dep is None:
+        return []
+    out = [(b"x-tollway-provider", dep.provider.encode()),
+           (b"x-tollway-model", dep.model.encode())]
+    if call.output_bound:
+        out.append((b"x-tollway-max-tokens", b"%d" % call.output_bound))
+    return out
 
 
 _PATHS = {CHAT: "chat", "embeddings": "embeddings"}
@@ -193,12 +202,21 @@ class Dispatcher:
         self.parts = parts
 
     def _body_for(self, call: Call, dep: Deployment) -> bytes:
-        """The body as the provider must see it; the original bytes when unchanged."""
+        """The body as the provider must see it; the original bytes when unchanged.
+
+        An output bound goes in the fields the caller sent (lowered), else in the one
+        the model takes: OpenAI's reasoning models refuse ``max_tokens``."""
         model = dep.upstream if dep.upstream != call.request.model else None
         ask_usage = call.stream and not call.include_usage
-        if model is None and not ask_usage:
+        bound = call.plan.bound(dep) if call.plan is not None else 0
+        if model is None and not ask_usage and not bound:
             return call.body
-        return rewrite(call.body, model=model, include_usage=ask_usage)
+        numbers: dict[str, int] = {}
+        if bound:  # a field the caller set lower than the bound (both set) stays as it is
+            numbers = {f: min(v, bound) for f in MAX_TOKENS_FIELDS
+                       if (v := getattr(call.request, f, None)) is not None}
+            numbers = numbers or {dep.max_tokens_field: bound}
+        return rewrite(call.body, model=model, include_usage=ask_usage, numbers=numbers)
 
     async def dispatch(self, call: Call, receive: Receive, send: Send) -> None:
         """Serve the call from the first candidate that answers; raise when none does."""
@@ -225,6 +243,7 @@ class Dispatcher:
                     break
                 tries += 1
                 call.deployment = dep
+                call.output_bound = call.plan.bound(dep)
                 call.attempts += 1
                 t = clock.monotonic()
                 try:
@@ -326,12 +345,13 @@ class Dispatcher:
         stream, else an error event (the provider's own, when it sent one)."""
         dep = call.deployment
         assert dep is not None
-        tap = call.tap = SseTap(keep_usage=call.include_usage)
+        tap = call.tap = SseTap(call.include_usage, call.plan.relay_limit(dep)
+                                if call.plan is not None else 0, dep.upstream)
         # Before the send: whatever happens next, the pipeline must not answer again.
         call.response_started = True
         try:
             await _forward(send, {"type": "http.response.start", "status": 200,
-                                  "headers": [*SSE_HEADERS, *served_headers(dep),
+                                  "headers": [*SSE_HEADERS, *served_headers(call),
                                               *call.headers]})
             tail = await self._raced(call, up, first, tap, receive, send)
         except _ClientLeft:
@@ -385,6 +405,12 @@ class Dispatcher:
             if out:
                 await _forward(send, {"type": "http.response.body", "body": out,
                                       "more_body": True})
+            if tap.cut:  # at the output limit: the provider ignored max_tokens
+                tail = length_event(dep_model(call), "tollway-length")
+                if call.include_usage:
+                    tail += usage_event(dep_model(call), self._counted(call, tap),
+                                        "tollway-usage")
+                return tail + DONE
             t = time.perf_counter()
             try:
                 data = await up.next()

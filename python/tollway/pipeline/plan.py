@@ -8,18 +8,21 @@ issue 4 and plugs in here, returning the same :class:`RoutePlan`.
 
 from __future__ import annotations
 
-from tollway.config import Config, TenantConfig
+from tollway.config import Config, ModelConfig, TenantConfig
 from tollway.errors import ModelNotFound, PermissionDenied
+from tollway.tokens import DEFAULT_MODEL_OUTPUT_TOKENS, OutputLimit, load_output_limits
 
 
 class Deployment:
     """One way to serve a model: a provider and that provider's name for it."""
 
-    __slots__ = ("input_usd_per_mtok", "kind", "local", "model", "output_usd_per_mtok",
-                 "provider", "upstream")
+    __slots__ = ("input_usd_per_mtok", "kind", "local", "max_output_tokens",
+                 "max_tokens_field", "model", "output_usd_per_mtok", "provider", "upstream")
 
     def __init__(self, model: str, provider: str, upstream: str, input_usd_per_mtok: float,
-                 output_usd_per_mtok: float, kind: str, local: bool) -> None:
+                 output_usd_per_mtok: float, kind: str, local: bool,
+                 max_output_tokens: int = DEFAULT_MODEL_OUTPUT_TOKENS,
+                 max_tokens_field: str = "max_tokens") -> None:
         self.model = model
         self.provider = provider
         self.upstream = upstream
@@ -27,6 +30,20 @@ class Deployment:
         self.output_usd_per_mtok = output_usd_per_mtok
         self.kind = kind
         self.local = local
+        self.max_output_tokens = max_output_tokens  # per choice
+        self.max_tokens_field = max_tokens_field  # the request field that bounds the output
+
+
+def deployment_of(m: ModelConfig, local: bool) -> Deployment:
+    """``m`` as a deployment; an output limit or field the config leaves out comes from the
+    built-in table (by id, then by upstream name), else from the defaults."""
+    table = load_output_limits()
+    known = table.get(m.id) or table.get(m.upstream) or OutputLimit(None, None)
+    return Deployment(m.id, m.provider, m.upstream, m.input_usd_per_mtok,
+                      m.output_usd_per_mtok, m.kind, local,
+                      m.max_output_tokens or known.max_output_tokens
+                      or DEFAULT_MODEL_OUTPUT_TOKENS,
+                      m.max_tokens_field or known.max_tokens_field or "max_tokens")
 
 
 class RoutePlan:
@@ -37,6 +54,17 @@ class RoutePlan:
         self.candidates = candidates
         self.reason = reason
 
+    def bound(self, dep: Deployment) -> int:
+        """Output tokens per choice the gateway asks ``dep`` for, in its
+        ``max_tokens_field``, because the call's cap or budget cannot pay more (0: the
+        request's own bound, or none, stands). See :class:`tollway.policy.PolicyPlan`."""
+        return 0
+
+    def relay_limit(self, dep: Deployment) -> int:
+        """Output tokens (every choice) a stream from ``dep`` is relayed at most: what the
+        budget held, when that is less than the model's full output (0: no limit)."""
+        return 0
+
 
 class Catalog:
     """Models and route aliases, resolved once at startup."""
@@ -44,9 +72,7 @@ class Catalog:
     def __init__(self, config: Config) -> None:
         local = {p.name: p.local for p in config.providers}
         self.models: dict[str, Deployment] = {
-            m.id: Deployment(m.id, m.provider, m.upstream, m.input_usd_per_mtok,
-                             m.output_usd_per_mtok, m.kind, local.get(m.provider, False))
-            for m in config.models
+            m.id: deployment_of(m, local.get(m.provider, False)) for m in config.models
         }
         self.routes: dict[str, tuple[Deployment, ...]] = {
             r.alias: tuple(self.models[c] for c in r.candidates) for r in config.routes

@@ -6,6 +6,12 @@ sends no usage, or when the client leaves before the usage chunk), takes the
 provider's usage chunk, and drops that chunk when the caller did not ask for
 usage (tollway always asks the provider for it). Events are forwarded as the
 provider's bytes, never re-encoded.
+
+Given a limit (the output tokens the budget held the call at, when that is
+less than the model's full output), it drops the event that would take the
+relayed output past it and every event after (:attr:`SseTap.cut`): a
+provider that ignores ``max_tokens`` still cannot make the call cost more
+than was held, since what is billed is what was relayed.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 import msgspec
 
 from tollway.errors import UpstreamError
-from tollway.pipeline.usage import Usage
+from tollway.pipeline.usage import Usage, count_text
 
 
 class _Function(msgspec.Struct):
@@ -50,11 +56,18 @@ MAX_EVENT_BYTES = 1 << 20  # one event held until its end comes: ~250k tokens of
 
 
 class SseTap:
-    __slots__ = ("_buf", "done", "error", "finish_reason", "first_token_at", "keep_usage",
-                 "parts", "usage")
+    __slots__ = ("_buf", "_counted", "_uncounted", "cut", "done", "error", "finish_reason",
+                 "first_token_at", "keep_usage", "limit", "parts", "upstream", "usage")
 
-    def __init__(self, keep_usage: bool) -> None:
+    def __init__(self, keep_usage: bool, limit: int = 0, upstream: str = "") -> None:
         self.keep_usage = keep_usage
+        # Output tokens relayed at most (0: no limit), counted as the settle counts them
+        # (the text of every choice, in the encoding of ``upstream``).
+        self.limit = limit
+        self.upstream = upstream
+        self.cut = False  # an event went past the limit: nothing more is relayed
+        self._counted = 0  # tokens of the parts when last counted ...
+        self._uncounted = 0  # ... plus at most this many since (a token is >= 1 byte)
         self._buf = b""
         self.parts: list[str] = []
         self.usage: Usage | None = None
@@ -101,6 +114,8 @@ class SseTap:
                 if piece.startswith(b" "):
                     piece = piece[1:]
                 payload = payload + b"\n" + piece if payload else piece
+        if self.cut:
+            return False
         if not payload:
             return True  # comments, keep-alives: pass through
         if payload == b"[DONE]":
@@ -114,6 +129,7 @@ class SseTap:
         if chunk.error is not None:
             self.error = True
         got_token = False
+        before = len(self.parts)
         for choice in chunk.choices or ():
             if choice.finish_reason and not self.finish_reason:
                 self.finish_reason = choice.finish_reason
@@ -134,6 +150,10 @@ class SseTap:
                     if fn.arguments:
                         self.parts.append(fn.arguments)
                     got_token = True
+        if got_token and self.limit and self._over(before):
+            del self.parts[before:]
+            self.cut = True
+            return False
         if got_token and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if chunk.usage is not None:
@@ -146,12 +166,35 @@ class SseTap:
     def text(self) -> str:
         return "".join(self.parts)
 
+    def _over(self, before: int) -> bool:
+        """Whether the parts from ``before`` on take the output past :attr:`limit`.
+
+        Counting the whole text at every event would cost O(n^2): it is counted only
+        once its byte length (at most 4 bytes a character) could pass the limit.
+        """
+        self._uncounted += 4 * sum(len(p) for p in self.parts[before:])
+        if self._counted + self._uncounted <= self.limit:
+            return False
+        self._counted = count_text(self.text(), self.upstream)
+        self._uncounted = 0
+        return self._counted > self.limit
+
 
 def usage_event(model: str, usage: Usage, chunk_id: str) -> bytes:
     """A usage chunk in OpenAI's shape, for a caller who asked and got none from upstream."""
     body = msgspec.json.encode({
         "id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
         "model": model, "choices": [], "usage": usage,
+    })
+    return b"data: " + body + b"\n\n"
+
+
+def length_event(model: str, chunk_id: str) -> bytes:
+    """The last chunk of a stream cut at its output limit, as a provider ends one that
+    reached max_tokens."""
+    body = msgspec.json.encode({
+        "id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
     })
     return b"data: " + body + b"\n\n"
 

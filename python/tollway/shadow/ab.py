@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tollway.config import ShadowRouteConfig
+from tollway.pipeline.bound import Fit
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.plan import Deployment, RoutePlan
 from tollway.policy import PolicyPlan
@@ -86,20 +87,21 @@ class ABSplit:
             return plan
         return self._with_first(call, plan, dep, f"ab[{route}]=candidate -> {dep.model}")
 
-    def _cost(self, plan: RoutePlan, dep: Deployment) -> int | None:
+    def _fit(self, call: Call, plan: RoutePlan, dep: Deployment) -> Fit | None:
+        """The candidate's cost bound, its output bounded to the tier's cap as the
+        policy bounds its own candidates; None when the cap cannot pay a minimal reply."""
         if not isinstance(plan, PolicyPlan):
             return None
-        return self.parts.estimator.estimate(dep.model, plan.prompt_tokens,
-                                          plan.max_output_tokens).max_cost_nanousd
+        fit = self.parts.policy.fit(call, dep)
+        cap = self.caps.get(call.tier)
+        return fit if cap is None or fit.lower(cap) else None
 
     def _unusable(self, call: Call, plan: RoutePlan, dep: Deployment) -> str | None:
         if call.sensitivity in self.local_only and not dep.local:
             return f"{call.sensitivity} data, {dep.model} is not local"
         if self.parts.breakers.state(dep.provider) == "open":
             return f"breaker open: {dep.provider}"
-        cap = self.caps.get(call.tier)
-        cost = self._cost(plan, dep)
-        if cap is not None and cost is not None and cost > cap:
+        if isinstance(plan, PolicyPlan) and self._fit(call, plan, dep) is None:
             return f"{dep.model} over the {call.tier} cap"
         return None
 
@@ -107,13 +109,12 @@ class ABSplit:
         rest = [i for i, d in enumerate(plan.candidates) if d.model != dep.model]
         candidates = (dep, *(plan.candidates[i] for i in rest))
         reason = f"{plan.reason}; {note}"
-        cost = self._cost(plan, dep)
-        if not isinstance(plan, PolicyPlan) or cost is None:
+        fit = self._fit(call, plan, dep)
+        if not isinstance(plan, PolicyPlan) or fit is None:
             return RoutePlan(plan.route, candidates, reason)
-        policy = self.parts.policy
-        expensive = (dep.model in policy.expensive_models
-                     or (policy.expensive_min_nano > 0 and cost >= policy.expensive_min_nano))
-        new = PolicyPlan(plan.route, candidates, reason, (cost, *(plan.costs[i] for i in rest)),
-                         plan.prompt_tokens, plan.max_output_tokens, expensive)
+        fits = (fit, *(plan.fits[i] for i in rest))
+        new = PolicyPlan(plan.route, candidates, reason, tuple(f.cost for f in fits),
+                         plan.prompt_tokens, plan.max_output_tokens,
+                         self.parts.policy.is_expensive(dep, fit, plan.max_output_tokens), fits)
         call.estimated_cost_nanousd = new.max_cost_nanousd
         return new

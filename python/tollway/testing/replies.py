@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -40,6 +41,8 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "text-embedding-3-large",
 )
 # What a reply says when `reply_words` asks for a fixed length instead of an echo.
+# OpenAI's reasoning models: they refuse max_tokens and take max_completion_tokens.
+REASONING_MODELS = re.compile(r"^(o\d|gpt-5)")
 _FILLER = "the quick brown fox jumps over the lazy dog".split()  # noqa: SIM905
 # Characters of tool-call arguments per stream event: OpenAI sends them in small deltas too.
 _ARGUMENT_PIECE = 8
@@ -195,6 +198,10 @@ class Replies:
         self.name = name
         self.models = list(models)
         self.reply_words = reply_words  # None: echo the last user message
+        # Real providers stop at max_tokens; a test may make this one ignore it.
+        self.honour_max_tokens = True
+        # Per model, the most output tokens a request may ask for (OpenAI's 400 past it).
+        self.output_limits: dict[str, int] = {}
         self._ids = itertools.count(1)
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
@@ -238,6 +245,9 @@ class Replies:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return error(400, "you must provide a model parameter", param="model")
+        refused = self._refuse_bound(model, body)
+        if refused is not None:
+            return refused
         prompt = ""
         prompt_tokens = 3  # OpenAI's reply priming
         for m in messages:
@@ -302,13 +312,30 @@ class Replies:
         message = {"role": "assistant", "content": text, "refusal": None}
         return Full(200, _encode(self._completion(cid, created, model, message, finish, usage)))
 
+    def _refuse_bound(self, model: str, body: dict[str, Any]) -> Full | None:
+        """OpenAI's 400s for an output bound the model does not take: max_tokens to a
+        reasoning model, or more than the model can output."""
+        if body.get("max_tokens") is not None and REASONING_MODELS.match(model):
+            return error(400, "Unsupported parameter: 'max_tokens' is not supported with "
+                         "this model. Use 'max_completion_tokens' instead.",
+                         type_="invalid_request_error", param="max_tokens",
+                         code="unsupported_parameter")
+        limit = self.output_limits.get(model)
+        for field in ("max_tokens", "max_completion_tokens"):
+            asked = body.get(field)
+            if limit is not None and isinstance(asked, int) and asked > limit:
+                return error(400, f"{field} is too large: {asked}. This model supports at "
+                             f"most {limit} completion tokens, whereas you provided "
+                             f"{asked}.", param=field, code="invalid_value")
+        return None
+
     def _reply_words(self, prompt: str, body: dict[str, Any]) -> tuple[list[str], str]:
         if self.reply_words is not None:
             words = [_FILLER[i % len(_FILLER)] for i in range(self.reply_words)]
         else:
             words = prompt.split() or ["ok"]
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 < limit < len(words):
+        if self.honour_max_tokens and isinstance(limit, int) and 0 < limit < len(words):
             return words[:limit], "length"
         return words, "stop"
 
