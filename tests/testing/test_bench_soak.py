@@ -1,5 +1,5 @@
-"""benchmarks/soak.py: its gateway config loads, it sees a socket left behind, and its verdict
-fails a run whose memory or fds climb or that answered a 5xx."""
+"""benchmarks/soak.py: its gateway config loads, it sees a socket left behind (procstat.py),
+and its verdict fails a run whose memory or fds climb or that answered a 5xx."""
 
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ def _import(name: str, path: Path) -> ModuleType:
     return module
 
 
-if "load" not in sys.modules:  # soak.py imports its helpers from load.py, as a script would
-    _import("load", BENCHMARKS / "load.py")
+# soak.py imports its helpers by module name, as a script run from benchmarks/ would
+for _helper in ("load", "procstat"):
+    if _helper not in sys.modules:
+        _import(_helper, BENCHMARKS / f"{_helper}.py")
+PROCSTAT = sys.modules["procstat"]
 SOAK = _import("bench_soak", BENCHMARKS / "soak.py")
 
 
@@ -71,12 +74,12 @@ def test_a_socket_left_behind_counts_as_a_fixed_fd(
 ) -> None:
     client, _server, port = pair  # the fixture keeps the server side open
     peers = {"clients": {port}}
-    before = SOAK.proc_state(os.getpid(), SOAK.tcp_sockets(), peers)
+    before = PROCSTAT.proc_state(os.getpid(), PROCSTAT.tcp_sockets(), peers)
     # both ends are this process's: the accepted side by its local port, the client side by
     # its remote port
     assert before.conns["clients"] == 2
     client.close()  # the peer hangs up, the server side stays open: a leak's shape
-    after = SOAK.proc_state(os.getpid(), SOAK.tcp_sockets(), peers)
+    after = PROCSTAT.proc_state(os.getpid(), PROCSTAT.tcp_sockets(), peers)
     assert after.conns["clients"] == 0
     assert after.conns["close_wait"] == 1
     assert after.fixed_fds == before.fixed_fds + 1  # the client fd went, the dead one stayed
@@ -87,7 +90,7 @@ def _samples(n: int = 24, **trend: Any) -> list[Any]:
     or status codes to add to the last sample."""
     out = []
     for i in range(n):
-        gw = SOAK.ProcState(
+        gw = PROCSTAT.ProcState(
             rss_mb=60.0 + trend.get("rss", 0.0) * i,
             fds=90 + (i % 3) * 10,  # the connections come and go
             fixed_fds=19 + int(trend.get("fds", 0.0) * i),
