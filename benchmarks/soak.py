@@ -85,6 +85,7 @@ from procstat import (
     find_child,
     idle,
     listening_ports,
+    machine_stalls_s,
     pin,
     proc_state,
     socket_inodes,
@@ -262,6 +263,9 @@ class Sample:
     generator_cpu_share: float
     generator_cpu_us_per_call: float
     load_avg: float
+    # share of the interval the machine was stalled (pressure stall information, steal):
+    # cpu_some 0.6 = some task waited for a CPU 60 % of the time
+    machine_stalls: dict[str, float]
     metrics: dict[str, float]
 
     def line(self) -> str:
@@ -273,7 +277,9 @@ class Sample:
             f"rss {gw.rss_mb:6.1f} MB nats {nats.rss_mb if nats else 0:6.1f} MB "
             f"fds {gw.fds:3d} (fixed {gw.fixed_fds}) conns {gw.conns} "
             f"cpu gw {self.gateway_cpu_share * 100:3.0f}% "
-            f"oha {self.generator_cpu_share * 100:3.0f}% load {self.load_avg:.1f}"
+            f"oha {self.generator_cpu_share * 100:3.0f}% load {self.load_avg:.1f} "
+            f"stalls cpu {self.machine_stalls.get('cpu_some', 0) * 100:.0f}% "
+            f"io {self.machine_stalls.get('io_some', 0) * 100:.0f}%"
         )
 
 
@@ -296,13 +302,16 @@ def make_sample(
         upstream_cpu_share=cpu_used["upstream"] / dt, generator_cpu_share=cpu_used["oha"] / dt,
         generator_cpu_us_per_call=cpu_used["oha"] / max(1, calls.answered) * 1e6,
         load_avg=os.getloadavg()[0], metrics=metrics,
+        machine_stalls={k.removeprefix("machine_"): v / dt for k, v in cpu_used.items()
+                        if k.startswith("machine_")},
     )  # fmt: skip
 
 
 def cpu_seconds(pids: dict[str, int | None]) -> dict[str, float]:
-    """user + system CPU seconds so far of each process (nan if gone), and as "oha" of the
-    children this script has waited for: the finished load-generator processes."""
-    out = {}
+    """user + system CPU seconds so far of each process (nan if gone), as "oha" of the
+    children this script has waited for (the finished load-generator processes), and the
+    machine's stall totals as "machine_<what>"."""
+    out = {f"machine_{k}": v for k, v in machine_stalls_s().items()}
     for name, pid in pids.items():
         cpu = process_cpu_s(pid) if pid else None
         out[name] = sum(cpu) if cpu else float("nan")
@@ -410,13 +419,14 @@ def verdict(samples: list[Sample], warmup_s: float, rate: float) -> dict[str, An
 # ---------------------------------------------------------------- report
 
 
-def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
+def minute_rows(samples: list[Sample], interval_s: float) -> list[dict[str, Any]]:
+    """One row per minute of intervals (by count: the few ms between two intervals, while
+    oha restarts, do not push the last one into a minute of its own)."""
     rows: list[dict[str, Any]] = []
-    def minute(s: Sample) -> int:  # the one its interval began in
-        return int((s.t_s - s.interval_s) // 60)
-
-    for m in sorted({minute(s) for s in samples}):
-        sel = [s for s in samples if minute(s) == m]
+    by_minute: dict[int, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        by_minute.setdefault(int(i * interval_s // 60), []).append(s)
+    for m, sel in by_minute.items():
         wall = sum(s.interval_s for s in sel)
         nats = [s.nats for s in sel if s.nats]
         rows.append({
@@ -434,6 +444,8 @@ def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
                               for k in ("clients", "upstream", "nats")),
             "gateway_cpu": statistics.fmean(s.gateway_cpu_share for s in sel),
             "generator_cpu": statistics.fmean(s.generator_cpu_share for s in sel),
+            "cpu_pressure": statistics.fmean(s.machine_stalls.get("cpu_some", math.nan)
+                                             for s in sel),
         })  # fmt: skip
     return rows
 
@@ -441,14 +453,16 @@ def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| minute | calls/s | p50 ms | p99 ms (worst 10 s) | non-200 | gateway RSS MB "
-        "| nats RSS MB | gateway fds | conns clients/upstream/nats | gateway CPU | oha CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| nats RSS MB | gateway fds | conns clients/upstream/nats | gateway CPU | oha CPU "
+        "| CPU pressure |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['minute']} | {r['calls_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} "
             f"| {r['non_200']} | {r['rss_mb']:.1f} | {r['nats_rss_mb']:.1f} | {r['fds']} "
-            f"| {r['conns']} | {r['gateway_cpu'] * 100:.0f} % | {r['generator_cpu'] * 100:.0f} % |"
+            f"| {r['conns']} | {r['gateway_cpu'] * 100:.0f} % | {r['generator_cpu'] * 100:.0f} % "
+            f"| {r['cpu_pressure'] * 100:.0f} % |"
         )
     return "\n".join(lines)
 
@@ -571,7 +585,7 @@ def main() -> None:
     def write(samples: list[Sample], final: bool = False) -> None:
         doc["complete"] = final
         doc["verdict"] = verdict(samples, warmup_min * 60, args.rate)
-        doc["minutes"] = minute_rows(samples)
+        doc["minutes"] = minute_rows(samples, args.interval)
         doc["samples"] = [asdict(s) for s in samples]
         if not args.no_write:
             RESULTS.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,7 @@ def _samples(n: int = 24, **trend: Any) -> list[Any]:
             p50_ms_by_mode={}, p99_ms_by_mode={}, gateway=gw, nats=None,
             gateway_cpu_share=0.3, nats_cpu_share=0.05, upstream_cpu_share=0.1,
             generator_cpu_share=0.1, generator_cpu_us_per_call=300.0, load_avg=1.0, metrics={},
+            machine_stalls={},
         ))  # fmt: skip
     return out
 
