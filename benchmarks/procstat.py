@@ -143,3 +143,23 @@ def proc_state(
 def idle(pid: int, table: dict[str, TcpSocket], peers: dict[str, set[int]]) -> dict[str, Any]:
     state = proc_state(pid, table, peers)
     return asdict(state) if state else {}
+
+
+def machine_stalls_s() -> dict[str, float]:
+    """Seconds so far that the whole machine spent stalled, to tell a stall of the machine
+    (other work on the shared cores, a busy disk, the hypervisor) from one of the process:
+    Linux pressure stall totals (``some``: at least one runnable task waited for a CPU, for
+    I/O, for memory; ``full``: every one did) and the CPU time the hypervisor took (steal,
+    summed over CPUs). Missing files are left out (pressure needs Linux 4.20+ with PSI)."""
+    out: dict[str, float] = {}
+    for resource in ("cpu", "io", "memory"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/pressure/{resource}").read_text().splitlines():
+                kind, *fields = line.split()
+                total = dict(f.split("=") for f in fields)["total"]
+                out[f"{resource}_{kind}"] = int(total) / 1e6
+    with contextlib.suppress(OSError, IndexError):
+        cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        out["steal"] = int(cpu[8]) / os.sysconf("SC_CLK_TCK")
+    return out
+

@@ -9,11 +9,13 @@ nats-server run on CPU 0, the upstream, the load generator and this script on
 CPU 1 (``--no-pin``: wherever the scheduler puts them).
 
 The load generator is ``oha`` (Rust, fixed rate with latency correction): one
-process per tenant and mode, each at its share of ``--rate``, restarted every
-``--interval`` seconds with a request count that fills the interval, so every
-interval's calls are counted exactly (per-request CSV: latency and status)
-and every client connection is closed and reopened each interval (a socket
-the gateway fails to release shows up as a climbing fd count). What the
+process per tenant and mode, each at its share of ``--rate``, started anew
+every ``--interval`` seconds on a fixed clock (while the last calls of the
+batch before finish) with a request count that fills the interval, so every
+interval's calls are counted exactly (per-request CSV: latency and status),
+the rate holds on the wall clock, and every client connection is closed and
+reopened each interval (a socket the gateway fails to release shows up as a
+climbing fd count). What the
 generator costs is measured (CPU time of the finished oha processes).
 
 Every interval, mid-load, it samples the gateway process and the embedded
@@ -85,6 +87,7 @@ from procstat import (
     find_child,
     idle,
     listening_ports,
+    machine_stalls_s,
     pin,
     proc_state,
     socket_inodes,
@@ -209,34 +212,52 @@ def percentile(xs: array[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def run_interval(
-    oha: str, url: str, bodies: dict[str, str], plan: list[Flow], seconds: float,
-    conns: int, sample: Any,
-) -> tuple[Calls, Any]:
-    """Start the flows, take ``sample()`` half-way through, wait for every flow."""
+@dataclass
+class Batch:
+    """One interval's oha processes, writing their CSV to files (a pipe could fill up while
+    this script is busy with the batch before)."""
+
+    flows: list[Flow]
+    counts: list[int]
+    running: list[subprocess.Popen[bytes]]
+    outputs: list[Path]
+
+
+def start_batch(
+    oha: str, url: str, bodies: dict[str, str], plan: list[Flow], seconds: float, conns: int,
+    outdir: Path,
+) -> Batch:
     check_loopback(url)
     counts = [max(1, round(f.rate * seconds)) for f in plan]
-    running = [
-        subprocess.Popen(
-            f.command(oha, url, bodies[f.mode], n, conns),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for f, n in zip(plan, counts, strict=True)
-    ]  # fmt: skip
-    time.sleep(seconds / 2)
-    taken = sample()
+    outputs = [outdir / f"oha-{i}.csv" for i in range(len(plan))]
+    running = []
+    for f, n, out in zip(plan, counts, outputs, strict=True):
+        with out.open("wb") as sink, out.with_suffix(".err").open("wb") as err:
+            running.append(subprocess.Popen(
+                f.command(oha, url, bodies[f.mode], n, conns), stdout=sink, stderr=err,
+            ))  # fmt: skip
+    return Batch(plan, counts, running, outputs)
+
+
+def collect(batch: Batch, timeout_s: float) -> Calls:
+    """Wait for every process of the batch and count its calls."""
     calls = Calls()
-    for f, n, p in zip(plan, counts, running, strict=True):
+    for f, n, p, out in zip(batch.flows, batch.counts, batch.running, batch.outputs, strict=True):
         try:
-            out, err = p.communicate(timeout=seconds * 3 + 30)
+            p.wait(timeout_s)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, err = p.communicate()
+            p.wait()
         if p.returncode != 0:
+            err = out.with_suffix(".err").read_text(errors="replace").strip()
             print(f"warning: oha ({f.mode}, tenant {f.tenant}) exited {p.returncode}: "
-                  f"{err.strip()[:500]}", file=sys.stderr)
-        calls.add_csv(f.mode, out, n)
-    return calls, taken
+                  f"{err[-500:]}", file=sys.stderr)
+        calls.add_csv(f.mode, out.read_text(errors="replace"), n)
+    return calls
+
+
+def sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
 
 
 # ---------------------------------------------------------------- samples
@@ -262,6 +283,9 @@ class Sample:
     generator_cpu_share: float
     generator_cpu_us_per_call: float
     load_avg: float
+    # share of the interval the machine was stalled (pressure stall information, steal):
+    # cpu_some 0.6 = some task waited for a CPU 60 % of the time
+    machine_stalls: dict[str, float]
     metrics: dict[str, float]
 
     def line(self) -> str:
@@ -273,7 +297,9 @@ class Sample:
             f"rss {gw.rss_mb:6.1f} MB nats {nats.rss_mb if nats else 0:6.1f} MB "
             f"fds {gw.fds:3d} (fixed {gw.fixed_fds}) conns {gw.conns} "
             f"cpu gw {self.gateway_cpu_share * 100:3.0f}% "
-            f"oha {self.generator_cpu_share * 100:3.0f}% load {self.load_avg:.1f}"
+            f"oha {self.generator_cpu_share * 100:3.0f}% load {self.load_avg:.1f} "
+            f"stalls cpu {self.machine_stalls.get('cpu_some', 0) * 100:.0f}% "
+            f"io {self.machine_stalls.get('io_some', 0) * 100:.0f}%"
         )
 
 
@@ -296,13 +322,16 @@ def make_sample(
         upstream_cpu_share=cpu_used["upstream"] / dt, generator_cpu_share=cpu_used["oha"] / dt,
         generator_cpu_us_per_call=cpu_used["oha"] / max(1, calls.answered) * 1e6,
         load_avg=os.getloadavg()[0], metrics=metrics,
+        machine_stalls={k.removeprefix("machine_"): v / dt for k, v in cpu_used.items()
+                        if k.startswith("machine_")},
     )  # fmt: skip
 
 
 def cpu_seconds(pids: dict[str, int | None]) -> dict[str, float]:
-    """user + system CPU seconds so far of each process (nan if gone), and as "oha" of the
-    children this script has waited for: the finished load-generator processes."""
-    out = {}
+    """user + system CPU seconds so far of each process (nan if gone), as "oha" of the
+    children this script has waited for (the finished load-generator processes), and the
+    machine's stall totals as "machine_<what>"."""
+    out = {f"machine_{k}": v for k, v in machine_stalls_s().items()}
     for name, pid in pids.items():
         cpu = process_cpu_s(pid) if pid else None
         out[name] = sum(cpu) if cpu else float("nan")
@@ -410,13 +439,14 @@ def verdict(samples: list[Sample], warmup_s: float, rate: float) -> dict[str, An
 # ---------------------------------------------------------------- report
 
 
-def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
+def minute_rows(samples: list[Sample], interval_s: float) -> list[dict[str, Any]]:
+    """One row per minute of intervals (by count: the few ms between two intervals, while
+    oha restarts, do not push the last one into a minute of its own)."""
     rows: list[dict[str, Any]] = []
-    def minute(s: Sample) -> int:  # the one its interval began in
-        return int((s.t_s - s.interval_s) // 60)
-
-    for m in sorted({minute(s) for s in samples}):
-        sel = [s for s in samples if minute(s) == m]
+    by_minute: dict[int, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        by_minute.setdefault(int(i * interval_s // 60), []).append(s)
+    for m, sel in by_minute.items():
         wall = sum(s.interval_s for s in sel)
         nats = [s.nats for s in sel if s.nats]
         rows.append({
@@ -434,6 +464,8 @@ def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
                               for k in ("clients", "upstream", "nats")),
             "gateway_cpu": statistics.fmean(s.gateway_cpu_share for s in sel),
             "generator_cpu": statistics.fmean(s.generator_cpu_share for s in sel),
+            "cpu_pressure": statistics.fmean(s.machine_stalls.get("cpu_some", math.nan)
+                                             for s in sel),
         })  # fmt: skip
     return rows
 
@@ -441,14 +473,16 @@ def minute_rows(samples: list[Sample]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| minute | calls/s | p50 ms | p99 ms (worst 10 s) | non-200 | gateway RSS MB "
-        "| nats RSS MB | gateway fds | conns clients/upstream/nats | gateway CPU | oha CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| nats RSS MB | gateway fds | conns clients/upstream/nats | gateway CPU | oha CPU "
+        "| CPU pressure |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['minute']} | {r['calls_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} "
             f"| {r['non_200']} | {r['rss_mb']:.1f} | {r['nats_rss_mb']:.1f} | {r['fds']} "
-            f"| {r['conns']} | {r['gateway_cpu'] * 100:.0f} % | {r['generator_cpu'] * 100:.0f} % |"
+            f"| {r['conns']} | {r['gateway_cpu'] * 100:.0f} % | {r['generator_cpu'] * 100:.0f} % "
+            f"| {r['cpu_pressure'] * 100:.0f} % |"
         )
     return "\n".join(lines)
 
@@ -496,28 +530,42 @@ def soak(args: argparse.Namespace, oha: str, workdir: Path, doc: dict[str, Any],
                     scrape(metrics_url))
 
         intervals = max(1, round(args.minutes * 60 / args.interval))
+        outdirs = [workdir / "oha-a", workdir / "oha-b"]  # one batch writes, one is read
+        for d in outdirs:
+            d.mkdir(exist_ok=True)
         start = time.monotonic()
-        last_write = start
+        last_write = t_prev = start
         cpu = cpu_seconds(pids)
+        previous: tuple[Batch, ProcState | None, ProcState | None, dict[str, float]] | None
+        previous = None
         try:
-            for _ in range(intervals):
-                t0 = time.monotonic()
-                calls, (gw, nats, metrics) = run_interval(
-                    oha, url, bodies, plan, args.interval, args.connections, sample
-                )
-                t1 = time.monotonic()
-                if gw is None or gateway.popen.poll() is not None:
-                    raise SystemExit(f"the gateway died during the soak:\n{gateway.tail()}")
-                now = cpu_seconds(pids)
-                used = {k: now[k] - cpu[k] for k in now}
-                dt = t1 - t0
-                s = make_sample(calls, t1 - start, dt, gw, nats, used, metrics)
-                cpu = now
-                samples.append(s)
-                print(s.line(), file=sys.stderr, flush=True)
-                if t1 - last_write >= 60:
-                    write(samples)
-                    last_write = t1
+            # Batches start on a fixed grid, the next one while the last calls of the one
+            # before are still out: no gap between intervals, so the rate holds on the clock.
+            for i in range(intervals + 1):
+                sleep_until(start + i * args.interval)
+                batch = None
+                if i < intervals:
+                    batch = start_batch(oha, url, bodies, plan, args.interval,
+                                        args.connections, outdirs[i % 2])
+                if previous is not None:
+                    done, gw, nats, metrics = previous
+                    calls = collect(done, args.interval * 3 + 30)
+                    t1 = time.monotonic()
+                    if gw is None or gateway.popen.poll() is not None:
+                        raise SystemExit(f"the gateway died during the soak:\n{gateway.tail()}")
+                    now = cpu_seconds(pids)
+                    used = {k: now[k] - cpu[k] for k in now}
+                    s = make_sample(calls, t1 - start, t1 - t_prev, gw, nats, used, metrics)
+                    cpu, t_prev = now, t1
+                    samples.append(s)
+                    print(s.line(), file=sys.stderr, flush=True)
+                    if t1 - last_write >= 60:
+                        write(samples)
+                        last_write = t1
+                if batch is None:
+                    break
+                sleep_until(start + (i + 0.5) * args.interval)
+                previous = (batch, *sample())
         except KeyboardInterrupt:  # the oha processes got it too: report what was measured
             doc["interrupted"] = True
         time.sleep(3)  # the clients are gone; pools may close idle connections
@@ -571,7 +619,7 @@ def main() -> None:
     def write(samples: list[Sample], final: bool = False) -> None:
         doc["complete"] = final
         doc["verdict"] = verdict(samples, warmup_min * 60, args.rate)
-        doc["minutes"] = minute_rows(samples)
+        doc["minutes"] = minute_rows(samples, args.interval)
         doc["samples"] = [asdict(s) for s in samples]
         if not args.no_write:
             RESULTS.mkdir(parents=True, exist_ok=True)

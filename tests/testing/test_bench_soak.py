@@ -72,13 +72,15 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket, int]]:
 def test_a_socket_left_behind_counts_as_a_fixed_fd(
     pair: tuple[socket.socket, socket.socket, int],
 ) -> None:
-    client, _server, port = pair  # the fixture keeps the server side open
+    client, server, port = pair
     peers = {"clients": {port}}
     before = PROCSTAT.proc_state(os.getpid(), PROCSTAT.tcp_sockets(), peers)
     # both ends are this process's: the accepted side by its local port, the client side by
     # its remote port
     assert before.conns["clients"] == 2
     client.close()  # the peer hangs up, the server side stays open: a leak's shape
+    server.settimeout(5)
+    assert server.recv(1) == b""  # the FIN has arrived: the socket is in CLOSE_WAIT now
     after = PROCSTAT.proc_state(os.getpid(), PROCSTAT.tcp_sockets(), peers)
     assert after.conns["clients"] == 0
     assert after.conns["close_wait"] == 1
@@ -107,6 +109,7 @@ def _samples(n: int = 24, **trend: Any) -> list[Any]:
             p50_ms_by_mode={}, p99_ms_by_mode={}, gateway=gw, nats=None,
             gateway_cpu_share=0.3, nats_cpu_share=0.05, upstream_cpu_share=0.1,
             generator_cpu_share=0.1, generator_cpu_us_per_call=300.0, load_avg=1.0, metrics={},
+            machine_stalls={},
         ))  # fmt: skip
     return out
 
