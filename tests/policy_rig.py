@@ -36,11 +36,11 @@ def free_port() -> int:
 
 def raw_config(urls: dict[str, str], local: tuple[str, ...] = (),
                routes: list[dict[str, Any]] | None = None, tenant: dict[str, Any] | None = None,
-               timeouts: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+               provider: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     providers = [
         {"name": name, "base_url": url, "api_key_env": "FAKE_API_KEY", "local": name in local,
          "first_byte_timeout_s": 1.0, "total_timeout_s": 5.0, "connect_timeout_s": 1.0,
-         **(timeouts or {})}
+         **(provider or {})}
         for name, url in urls.items()
     ]
     models = [
