@@ -129,7 +129,7 @@ def test_a_fifth_of_calls_failing_on_the_first_provider_all_end_200() -> None:
 def test_a_provider_that_never_answers_is_left_after_its_first_byte_timeout(
         stream: bool) -> None:
     timeout = 0.3
-    with rig(silent=("primary",), timeouts={"first_byte_timeout_s": timeout},
+    with rig(silent=("primary",), provider={"first_byte_timeout_s": timeout},
              retry={"attempts": 2}) as r:
         started = time.time()
         resp = r.chat(stream=stream)

@@ -197,7 +197,9 @@ async def test_the_outbox_cap_drops_the_newest_counts_and_logs_them(
         if i % 10 == 9:
             await asyncio.sleep(0)
     for _ in range(400):
-        if outbox.depth == outbox.pending and not pub.queued:
+        # The writer thread counts the drops, then logs them: wait for both.
+        if (outbox.depth == outbox.pending and not pub.queued
+                and "reached its cap" in caplog.text):
             break
         await asyncio.sleep(0.01)
     kept = outbox.pending
