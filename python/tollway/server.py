@@ -20,7 +20,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tollway.config import ServerConfig
-from tollway.metrics import Metrics
+from tollway.gateway import Gateway
 from tollway.protocol import protocol_class
 
 
@@ -61,16 +61,17 @@ def make_server(app: Any, server: ServerConfig, log_level: str = "info",
                                          on_refused=on_refused))
 
 
-def serve(app: Starlette, sock: socket.socket, config: ServerConfig, *,
-          log_level: str = "info", on_ready: Callable[[], None] | None = None) -> None:
-    """Serve the gateway's app (:func:`tollway.create_app`) until SIGINT/SIGTERM; ``on_ready``
-    runs once the server accepts requests."""
-    metrics: Metrics = app.state.gateway.metrics
+def serve(app: Starlette, sock: socket.socket, *, log_level: str = "info",
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Serve the gateway's app (:func:`tollway.create_app`) until SIGINT/SIGTERM, with the
+    limits of its ``[server]`` config; ``on_ready`` runs once the server accepts requests."""
+    gateway: Gateway = app.state.gateway
+    metrics = gateway.metrics
 
     def refused(reason: str) -> None:
         metrics.rejections.inc((reason,))
 
-    server = make_server(app, config, log_level, refused)
+    server = make_server(app, gateway.config.server, log_level, refused)
 
     def wait_ready() -> None:
         while not server.started and not server.should_exit:
