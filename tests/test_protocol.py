@@ -264,3 +264,23 @@ def test_tollway_serve_takes_the_limits_from_the_config_and_counts_refusals(
     refused = [json.loads(line) for line in log.splitlines() if '"request refused"' in line]
     assert [(r["status"], r["reason"]) for r in refused] == [
         (408, "header_timeout"), (431, "headers_too_large")]
+
+
+@pytest.mark.parametrize(("soft", "hard", "raised", "warned"), [
+    (256, 4096, 4096, False),  # lifted to the hard limit: room for 1000 connections
+    (256, 512, 512, True),  # the hard limit is too low: said so
+])
+def test_serve_lifts_the_open_file_limit_or_warns(soft: int, hard: int, raised: int,
+                                                  warned: bool) -> None:
+    """In a child process: the limits are the process's own."""
+    probe = textwrap.dedent(f"""
+        import logging, resource, sys
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+        resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))
+        from tollway.server import raise_fd_limit
+        print(raise_fd_limit(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.splitlines()[-1] == f"{raised} {raised}"
+    assert ("WARNING the open-file limit is below" in out) == warned
