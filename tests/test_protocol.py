@@ -76,6 +76,18 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return out
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length, leaving the connection open."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536)
+    _, headers, body = parse(raw)
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        raw, body = raw + chunk, body + chunk
+    return raw
+
+
 def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
@@ -206,14 +218,14 @@ def test_past_the_connection_cap_a_request_gets_503_with_retry_after(serve: Serv
     try:
         for sock in (first, second):  # answered: both are admitted
             sock.sendall(HEALTH + b"\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert parse(read_response(sock))[0] == 200
         with connect(server) as third:
             third.sendall(HEALTH + b"\r\n")
             headers = refusal(read_to_eof(third), 503, "too_many_connections")
         assert headers["retry-after"] == "1"
         assert server.refused == ["too_many_connections"]
         first.sendall(HEALTH + b"\r\n")  # the admitted ones are served as before
-        assert first.recv(65536).startswith(b"HTTP/1.1 200")
+        assert parse(read_response(first))[0] == 200
     finally:
         first.close()
     try:
@@ -264,3 +276,23 @@ def test_tollway_serve_takes_the_limits_from_the_config_and_counts_refusals(
     refused = [json.loads(line) for line in log.splitlines() if '"request refused"' in line]
     assert [(r["status"], r["reason"]) for r in refused] == [
         (408, "header_timeout"), (431, "headers_too_large")]
+
+
+@pytest.mark.parametrize(("soft", "hard", "raised", "warned"), [
+    (256, 4096, 4096, False),  # lifted to the hard limit: room for 1000 connections
+    (256, 512, 512, True),  # the hard limit is too low: said so
+])
+def test_serve_lifts_the_open_file_limit_or_warns(soft: int, hard: int, raised: int,
+                                                  warned: bool) -> None:
+    """In a child process: the limits are the process's own."""
+    probe = textwrap.dedent(f"""
+        import logging, resource, sys
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+        resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))
+        from tollway.server import raise_fd_limit
+        print(raise_fd_limit(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.splitlines()[-1] == f"{raised} {raised}"
+    assert ("WARNING the open-file limit is below" in out) == warned

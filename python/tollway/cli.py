@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("no tenants configured: every API call will be refused (401)")
     sock = bind(host, port)
     real = sock.getsockname()[1]
-    serve(app, sock, config.server, log_level=config.server.log_level,
+    serve(app, sock, log_level=config.server.log_level,
           on_ready=lambda: logger.info("serving", extra={"host": host, "port": real}))
     return 0
 

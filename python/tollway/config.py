@@ -66,7 +66,7 @@ class ServerConfig(_Base):
     header_timeout_s: Positive = 10.0
     body_timeout_s: Positive = 60.0  # from the end of the headers to the end of the body: 408
     keepalive_timeout_s: Positive = 5.0  # an idle keep-alive connection is closed after this
-    # Open client connections; a request on one past the cap gets 503 with Retry-After.
+    # Open client connections (per process); a request on one past the cap: 503, Retry-After.
     max_connections: Annotated[int, Meta(ge=1)] = 1000
 
 

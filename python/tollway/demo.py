@@ -81,7 +81,7 @@ def run(host: str = "127.0.0.1", port: int = 8080, latency_ms: float = 0.0) -> i
               f"Try:\n{curl_line(base, key)}\n", flush=True)
 
     try:
-        serve(app, sock, config.server, on_ready=banner)
+        serve(app, sock, on_ready=banner)
     finally:
         upstream.stop()
         sock.close()

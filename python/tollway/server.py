@@ -10,6 +10,7 @@ before the first request) and lets callers print it once the server is up.
 from __future__ import annotations
 
 import gc
+import logging
 import socket
 import threading
 import time
@@ -20,8 +21,10 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tollway.config import ServerConfig
-from tollway.metrics import Metrics
+from tollway.gateway import Gateway
 from tollway.protocol import protocol_class
+
+log = logging.getLogger("tollway.server")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,16 +64,47 @@ def make_server(app: Any, server: ServerConfig, log_level: str = "info",
                                          on_refused=on_refused))
 
 
-def serve(app: Starlette, sock: socket.socket, config: ServerConfig, *,
-          log_level: str = "info", on_ready: Callable[[], None] | None = None) -> None:
-    """Serve the gateway's app (:func:`tollway.create_app`) until SIGINT/SIGTERM; ``on_ready``
-    runs once the server accepts requests."""
-    metrics: Metrics = app.state.gateway.metrics
+# Files the gateway opens besides client connections: provider connections, NATS, the outbox.
+FD_RESERVE = 256
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Lift the soft limit on open files to the hard one (as Go's runtime does at start-up),
+    and warn when it stays below ``max_connections`` plus :data:`FD_RESERVE`: most Linux
+    systems start processes at 1024, where the gateway would run out of descriptors before
+    its connection cap, and fail accepts instead of answering 503. Returns the soft limit."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+        log.warning("the open-file limit is below [server] max_connections plus what the "
+                    "gateway opens itself: past it, connections fail instead of getting 503",
+                    extra={"nofile": soft, "max_connections": max_connections,
+                           "reserve": FD_RESERVE})
+    return soft
+
+
+def serve(app: Starlette, sock: socket.socket, *, log_level: str = "info",
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Serve the gateway's app (:func:`tollway.create_app`) until SIGINT/SIGTERM, with the
+    limits of its ``[server]`` config; ``on_ready`` runs once the server accepts requests."""
+    gateway: Gateway = app.state.gateway
+    metrics = gateway.metrics
 
     def refused(reason: str) -> None:
         metrics.rejections.inc((reason,))
 
-    server = make_server(app, config, log_level, refused)
+    raise_fd_limit(gateway.config.server.max_connections)
+    server = make_server(app, gateway.config.server, log_level, refused)
 
     def wait_ready() -> None:
         while not server.started and not server.should_exit:
