@@ -356,6 +356,11 @@ class Outbox:
         return self._dirty and self.fsync != "never"
 
     @property
+    def sync_in(self) -> float:
+        """Seconds until :meth:`flush` would fsync under the ``interval`` policy."""
+        return max(0.0, self._last_sync + self.fsync_interval_s - time.monotonic())
+
+    @property
     def sync_due(self) -> bool:
         """:meth:`flush` would fsync now."""
         return self._dirty and (self.fsync == "always" or (
