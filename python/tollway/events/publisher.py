@@ -9,7 +9,7 @@ loses no event of it: the restart sends what the outbox holds. The entry is
 also queued; the task writes batches of publishes to the connection at once
 (pipelined, each with ``Nats-Msg-Id = event_id``), waits for their acks, and
 marks the acked lines sent in the outbox (an offset; the file is truncated
-whenever all of it is sent).
+once all of it is sent and it has grown past 1 MiB).
 
 When the queue cannot be published -- NATS unreachable, acks not back in
 time, the queue full -- it is let go ("spilled"): its events are in the outbox
