@@ -20,7 +20,7 @@ def _fill(ob: Outbox, start: int, n: int) -> None:
 
 
 def test_fifo_commit_and_truncate(tmp_path: Path) -> None:
-    ob = Outbox(tmp_path)
+    ob = Outbox(tmp_path, truncate_bytes=200)
     ob.open()
     _fill(ob, 0, 10)
     assert ob.pending == 10
@@ -35,6 +35,21 @@ def test_fifo_commit_and_truncate(tmp_path: Path) -> None:
     assert ob.pending == 0
     assert ob.path is not None and ob.path.stat().st_size == 0, "drained: truncated"
     ob.close()
+
+
+def test_a_small_drained_file_is_kept_and_nothing_is_resent(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path)  # truncated only past 1 MiB: not after every batch
+    ob.open()
+    _fill(ob, 0, 3)
+    batch, end = ob.read_batch(10)
+    ob.commit(end, len(batch))
+    assert ob.pending == 0 and ob.path is not None and ob.path.stat().st_size == end
+    _fill(ob, 3, 1)
+    ob.close()
+    again = Outbox(tmp_path)
+    again.open()
+    assert [e.event_id for e in again.read_batch(10)[0]] == ["id3"]
+    again.close()
 
 
 def _five_then_two_sent(tmp_path: Path) -> int:

@@ -11,7 +11,8 @@ what a crashed one left behind. Each line is one event::
 (msgspec escapes control characters inside JSON strings, so neither TAB nor
 LF can occur in the JSON.) A side file ``<name>.offset`` holds how far the
 file has been sent (and which file it speaks of: its inode); when everything
-is sent the file is truncated to zero, and when a long sent head piles up
+is sent and the file has grown past ``truncate_bytes`` (1 MiB) it is truncated
+to zero, and when a long sent head piles up
 behind a short unsent tail (a load that never lets it drain) the tail is
 copied to a fresh file that replaces it. Resending a line twice is safe: the
 stream drops a second copy of an ``event_id`` (``Nats-Msg-Id``) within its
@@ -147,6 +148,7 @@ class Outbox:
         max_bytes: int = 1 << 30,
         chunk_bytes: int = 1 << 20,
         compact_bytes: int = 64 << 20,
+        truncate_bytes: int = 1 << 20,
     ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
@@ -155,6 +157,9 @@ class Outbox:
         self.chunk_bytes = chunk_bytes
         # A sent head this long, with an unsent tail of at most chunk_bytes, is cut off.
         self.compact_bytes = compact_bytes
+        # All sent and at least this long: truncated. Not at every drain: a truncation
+        # after an fsync frees allocated blocks, kernel work each batch would pay.
+        self.truncate_bytes = truncate_bytes
         self.path: Path | None = None
         # Held by every file operation but fsync: appends (the loop) wait only for writes.
         self.lock = threading.Lock()
@@ -356,6 +361,11 @@ class Outbox:
         return self._dirty and self.fsync != "never"
 
     @property
+    def sync_in(self) -> float:
+        """Seconds until :meth:`flush` would fsync under the ``interval`` policy."""
+        return max(0.0, self._last_sync + self.fsync_interval_s - time.monotonic())
+
+    @property
     def sync_due(self) -> bool:
         """:meth:`flush` would fsync now."""
         return self._dirty and (self.fsync == "always" or (
@@ -441,7 +451,8 @@ class Outbox:
             return
         self._read_offset = offset
         self._pending = max(0, self._pending - count)
-        if self._pending == 0 and self._read_offset >= self._size:
+        if (self._pending == 0 and self._read_offset >= self._size
+                and self._size >= self.truncate_bytes):
             self._read_offset = 0
             self._store_offset()  # before the cut: a crash between them resends, never skips
             os.ftruncate(self._fd, 0)

@@ -9,7 +9,7 @@ loses no event of it: the restart sends what the outbox holds. The entry is
 also queued; the task writes batches of publishes to the connection at once
 (pipelined, each with ``Nats-Msg-Id = event_id``), waits for their acks, and
 marks the acked lines sent in the outbox (an offset; the file is truncated
-whenever all of it is sent).
+once all of it is sent and it has grown past 1 MiB).
 
 When the queue cannot be published -- NATS unreachable, acks not back in
 time, the queue full -- it is let go ("spilled"): its events are in the outbox
@@ -366,15 +366,16 @@ class Publisher:
                                           and self.connected):
                     self._drained.set()
                     self._idle = True
-                    if self.outbox.needs_sync:
+                    if self.outbox.sync_due:
                         await self._in_thread(self.outbox.flush)
-                        if self.outbox.needs_sync:  # the fsync interval has not passed yet
-                            with contextlib.suppress(TimeoutError):
-                                async with asyncio.timeout(self.outbox.fsync_interval_s):
-                                    await self._wake.wait()
-                            self._wake.clear()
-                            continue
-                    await self._wake.wait()
+                    if self.outbox.needs_sync:  # the fsync interval has not passed yet
+                        # No thread hop per idle moment: woken by the next event, or when
+                        # the fsync is due.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.outbox.sync_in):
+                                await self._wake.wait()
+                    else:
+                        await self._wake.wait()
                     self._wake.clear()
                     continue  # a late lingering wake-up may find nothing to do
                 ok = await self._cycle()
