@@ -113,10 +113,28 @@ def _use_known_names(case: Any) -> None:
             case.headers[name] = value
 
 
+def _plain(value: object) -> bool:
+    return all(c == "\t" or " " <= c <= "~" for c in str(value))
+
+
+def _refused_by_the_http_parser(case: Any, response: requests.Response) -> bool:
+    """A header value with bytes outside visible ASCII is refused by the older httptools
+    and schemathesis of the lowest versions the bounds allow, as a malformed message,
+    before the app sees it: a 400 that is not the API's, so the document does not
+    describe it."""
+    if "x-request-id" in response.headers:
+        return False  # the app answered
+    assert not all(_plain(v) for v in (case.headers or {}).values()), response.text
+    assert response.status_code == 400, response.text
+    return True
+
+
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
-# Invalid requests only where there is something to get wrong (parameters or a body).
+# Invalid requests only where there is something to get wrong: a body, or parameters other
+# than a path's (any string names a provider, and an unknown one is a 404 like any path).
 CASES = [pytest.param(op, mode, id=f"{op.method} {op.path} {mode}") for op in OPERATIONS
-         for mode in (POSITIVE, NEGATIVE) if mode == POSITIVE or op.params or op.request]
+         for mode in (POSITIVE, NEGATIVE) if mode == POSITIVE or op.request
+         or any(p.where != "path" for p in op.params)]
 
 
 @pytest.mark.parametrize(("op", "mode"), CASES)
@@ -133,6 +151,8 @@ def test_every_answer_conforms_and_none_is_a_5xx(
             _use_known_names(case)
         response = case.call(base_url=live.url, session=live.session, headers=keys)
         live.statuses[(key, response.status_code)] += 1
+        if _refused_by_the_http_parser(case, response):
+            return
         case.validate_response(response, checks=CHECKS, headers=keys)
 
     check()
