@@ -7,15 +7,17 @@ schemas are, so the document is the same whichever msgspec renders it.
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from tollway._version import __version__
 from tollway.errors import ERROR_TABLE, ErrorEnvelope
-from tollway.events.schema import _cleaned as dedent_descriptions
 from tollway.openapi.operations import OPERATIONS, Access, Operation, Param, Reply
 
 _REF = "#/components/schemas/{name}"
@@ -58,6 +60,22 @@ in nano-USD (integers), with USD alongside for reading."""
 _REQUEST_ID = {"X-Request-ID": {
     "description": "the request's id (the caller's, when it sent one)",
     "schema": {"type": "string"}, "required": True}}
+
+
+def _canonical(node: object) -> object:
+    """``node`` with what msgspec renders differently from version to version made one way:
+    descriptions dedented (a docstring is kept as written up to 0.19, dedented from 0.20
+    on) and the alternatives of an ``anyOf`` in one order (0.18 puts ``null`` first)."""
+    if isinstance(node, dict):
+        out = {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+               else _canonical(v) for k, v in node.items()}
+        alternatives = out.get("anyOf")
+        if isinstance(alternatives, list):
+            out["anyOf"] = sorted(alternatives, key=lambda v: json.dumps(v, sort_keys=True))
+        return out
+    if isinstance(node, list):
+        return [_canonical(v) for v in node]
+    return node
 
 
 def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +169,7 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
             },
         },
     }
-    cleaned = dedent_descriptions(doc)
+    cleaned = _canonical(doc)
     assert isinstance(cleaned, dict)
     return cleaned
 
@@ -159,3 +177,23 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
 def encoded(ops: tuple[Operation, ...] = OPERATIONS) -> bytes:
     """The document as served: sorted keys, so its bytes change only when it does."""
     return json.dumps(build(ops), sort_keys=True, separators=(",", ":")).encode()
+
+
+def pretty() -> str:
+    """The document as committed in docs/openapi.json, for people and diffs."""
+    return json.dumps(build(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+DEFAULT_PATH = Path(__file__).resolve().parents[3] / "docs" / "openapi.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tollway.openapi [PATH]``: write the document (after changing a struct or
+    an operation; a test fails while the committed file differs)."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else DEFAULT_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(pretty(), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
