@@ -45,7 +45,7 @@ from tollway.testing.upstream import FakeUpstream
 
 # Per operation and generation mode; about a minute for the whole module on a shared
 # two-core machine.
-EXAMPLES = 25
+EXAMPLES = 40
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
 
