@@ -94,17 +94,23 @@ def _keys(op: Operation) -> st.SearchStrategy[dict[str, str]]:
     return st.sampled_from([auth(ACME_KEY), auth(ADMIN_KEY)])
 
 
-def _use_known_names(case: Any) -> None:
+_INTEGERS = ("n", "max_tokens", "max_completion_tokens", "dimensions")
+
+
+def _use_known_names(case: Any, stream: bool) -> None:
     """What the config allows, where the document can only say "a string" (a model, a
     provider, a tier, data the remote provider may see), so that valid calls reach the
-    provider rather than end in a refusal."""
+    provider rather than end in a refusal; chat calls streamed or not, half and half."""
     body = case.body
     if isinstance(body, dict):
         body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
+        if "messages" in body:
+            body["stream"] = stream
         if not body.get("input", "x"):
             body["input"] = "hello"  # the decoder refuses an empty input; the schema cannot
-        if isinstance(body.get("dimensions"), float):
-            body["dimensions"] = 8  # JSON Schema counts 8.0 as an integer; msgspec does not
+        for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not
+            if isinstance(body.get(name), float):
+                body[name] = 8
     if case.path_parameters and "name" in case.path_parameters:
         case.path_parameters["name"] = "fake"
     for name, value in (("X-Tollway-Budget-Tier", "standard"),
@@ -145,10 +151,10 @@ def test_every_answer_conforms_and_none_is_a_5xx(
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(case=strategy, keys=_keys(op), known=st.booleans())
-    def check(case: Any, keys: dict[str, str], known: bool) -> None:
+    @given(case=strategy, keys=_keys(op), known=st.booleans(), stream=st.booleans())
+    def check(case: Any, keys: dict[str, str], known: bool, stream: bool) -> None:
         if known and mode.is_positive:
-            _use_known_names(case)
+            _use_known_names(case, stream)
         response = case.call(base_url=live.url, session=live.session, headers=keys)
         live.statuses[(key, response.status_code)] += 1
         if _refused_by_the_http_parser(case, response):

@@ -57,9 +57,34 @@ envelope `{"error": {"message", "type", "param", "code"}}`; every answer
 carries `X-Request-ID`. Every GET also answers HEAD (headers only). Money is
 in nano-USD (integers), with USD alongside for reading."""
 
-_REQUEST_ID = {"X-Request-ID": {
-    "description": "the request's id (the caller's, when it sent one)",
-    "schema": {"type": "string"}, "required": True}}
+
+
+def _header(description: str, type_: str, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": type_}, "required": required}
+
+
+# On every answer of the app.
+_COMMON = {
+    "X-Request-ID": _header("the request's id (the caller's, when it sent one)", "string",
+                            required=True),
+    "X-Tollway-Overhead-Ms": _header("time spent in the gateway itself", "number",
+                                     required=True),
+}
+# On an answer a provider served.
+_SERVED = {
+    **_COMMON,
+    "X-Tollway-Provider": _header("the provider that served the call", "string", True),
+    "X-Tollway-Model": _header("the model that served it (a route alias resolved)",
+                               "string", True),
+    "X-Tollway-Cost-USD": _header("what the call cost (not on a stream: its cost is known "
+                                  "only at its end, in the call event)", "string"),
+    **{f"x-ratelimit-{what}-{unit}": _header(text, kind) for unit in ("requests", "tokens")
+       for what, text, kind in (("limit", "the tightest limit's size", "integer"),
+                                ("remaining", "calls (tokens) left in it", "integer"),
+                                ("reset", "when it refills, e.g. `6s`", "string"))},
+}
+_RETRY = {**_COMMON, "Retry-After": _header("when to try again: seconds (or an HTTP date passed on "
+                                             "from a provider)", "string")}
 
 
 def _canonical(node: object) -> object:
@@ -83,7 +108,8 @@ def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
     codes = sorted({s.code for s in ERROR_TABLE.values() if s.status == status and s.code})
     listed = f" `error.code` is one of {', '.join(f'`{c}`' for c in codes)} or another." \
         if codes else ""
-    return {"description": _ERRORS[status] + "." + listed, "headers": _REQUEST_ID,
+    return {"description": _ERRORS[status] + "." + listed,
+            "headers": _RETRY if status in (429, 503) else _COMMON,
             "content": {"application/json": {"schema": envelope}}}
 
 
@@ -111,7 +137,8 @@ def _reply(reply: Reply, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
     if reply.events is not None:
         content["text/event-stream"] = {"schema": _event(refs[reply.events],
                                                          refs[ErrorEnvelope])}
-    return {"description": reply.description, "headers": _REQUEST_ID, "content": content}
+    return {"description": reply.description, "headers": _SERVED if reply.served else _COMMON,
+            "content": content}
 
 
 def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
