@@ -110,6 +110,16 @@ def test_bad_utf8_in_a_member_the_decoder_skips_is_a_400_when_the_body_is_rewrit
     assert r.json()["error"]["code"] == "invalid_json"
 
 
+def test_an_output_bound_past_64_bits_is_a_400(client: httpx.Client) -> None:
+    """Found by the live fuzzing (tests/openapi/test_fuzz.py): max_completion_tokens times n
+    overflowed the core's estimate, and the pipeline answered 500."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 7770844741751732906, "n": 121}
+    r = client.post("/api/ai/v1/chat/completions", headers=auth(), json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_completion_tokens"
+
+
 def test_deep_nesting_is_a_400_and_the_gateway_keeps_serving(client: httpx.Client) -> None:
     """Found by the fuzzing above: msgspec raised RecursionError past ~1,000 levels, and
     the pipeline answered 500."""

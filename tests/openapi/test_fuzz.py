@@ -106,17 +106,21 @@ def _use_known_names(case: Any, stream: bool) -> None:
         body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
         if "messages" in body:
             body["stream"] = stream
-        if not body.get("input", "x"):
-            body["input"] = "hello"  # the decoder refuses an empty input; the schema cannot
+        if "input" in body and not (body["input"] and isinstance(body["input"], str)):
+            body["input"] = "hello"  # the schema says "any array"; the gateway wants texts
         for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not
             if isinstance(body.get(name), float):
                 body[name] = 8
     if case.path_parameters and "name" in case.path_parameters:
         case.path_parameters["name"] = "fake"
+    headers = case.headers or {}
+    for name, value in headers.items():
+        if not _plain(value):  # what older HTTP parsers refuse (see below)
+            headers[name] = "x"
     for name, value in (("X-Tollway-Budget-Tier", "standard"),
                         ("X-Tollway-Sensitivity", "internal")):
-        if case.headers and name in case.headers:
-            case.headers[name] = value
+        if name in headers:
+            headers[name] = value
 
 
 def _plain(value: object) -> bool:

@@ -18,6 +18,9 @@ from tollway.errors import InvalidRequest
 
 T = TypeVar("T")
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+# Far above any model's output, and low enough that the bound of a call (times `n`, plus
+# the prompt) stays inside the core's 64-bit counts: above it the estimate overflowed (500).
+OutputTokens = Annotated[int, Meta(ge=1, le=2**32 - 1)]
 
 
 class StreamOptions(msgspec.Struct):
@@ -34,8 +37,8 @@ class ChatRequest(msgspec.Struct):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: OutputTokens | None = None
+    max_completion_tokens: OutputTokens | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
