@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,7 @@ REQUEST = st.fixed_dictionaries(
         "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "temperature",
         "top_p", "tools", "tool_choice", "response_format", "user", "input",
         "encoding_format", "dimensions")} | {"messages": st.lists(MESSAGE, max_size=3) | JSON})
-VALID = (b'{"model":"gpt-4o-mini","input":"hi","stream":true,'
+VALID = (b'{"model":"gpt-4o-mini","input":"hi","stream":true,"stream_options":{"x":1},'
          b'"messages":[{"role":"user","content":"caf\\u00e9"}]}')
 
 
@@ -97,14 +98,26 @@ def test_any_depth_of_nesting(decode: Decoder, depth: int, where: str) -> None:
     _decodes_or_refuses(decode, body.encode())
 
 
+@pytest.mark.parametrize("member", [b'"\x80x":1', b'"stream":true,"stream_options":{"\x80":1}'])
 def test_bad_utf8_in_a_member_the_decoder_skips_is_a_400_when_the_body_is_rewritten(
-        client: httpx.Client) -> None:
-    """Found by the fuzzing above: the model alias makes the gateway rewrite the body, whose
-    reader refused the unknown member's name, and the pipeline answered 500."""
-    body = b'{"model":"auto","\x80x":1,"messages":[{"role":"user","content":"hi"}]}'
+        client: httpx.Client, member: bytes) -> None:
+    """Found by the fuzzing above: the model alias (or a stream without a usage request)
+    makes the gateway rewrite the body, whose reader refused the member's name, and the
+    pipeline answered 500."""
+    body = b'{"model":"auto",%s,"messages":[{"role":"user","content":"hi"}]}' % member
     r = client.post("/api/ai/v1/chat/completions", headers=auth(), content=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_an_output_bound_past_64_bits_is_a_400(client: httpx.Client) -> None:
+    """Found by the live fuzzing (tests/openapi/test_fuzz.py): max_completion_tokens times n
+    overflowed the core's estimate, and the pipeline answered 500."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 7770844741751732906, "n": 121}
+    r = client.post("/api/ai/v1/chat/completions", headers=auth(), json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_completion_tokens"
 
 
 def test_deep_nesting_is_a_400_and_the_gateway_keeps_serving(client: httpx.Client) -> None:

@@ -4,6 +4,7 @@ is served without a key, and what it says of access is what the auth middleware 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from support import gateway_env, make_config
 from tollway.app import create_app
 from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS
-from tollway.openapi.document import build
+from tollway.openapi.document import DEFAULT_PATH, build, pretty
 from tollway.openapi.operations import OPERATIONS
 
 # Starlette answers HEAD on every GET route by itself; the document says so once.
@@ -101,11 +102,33 @@ def _descriptions(node: Any) -> Iterator[str]:
             yield from _descriptions(v)
 
 
-def test_descriptions_do_not_depend_on_how_msgspec_renders_docstrings() -> None:
-    # msgspec up to 0.19 keeps a docstring's indentation, from 0.20 on dedents it.
-    found = list(_descriptions(build()))
+def _any_ofs(node: Any) -> Iterator[list[Any]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("anyOf"), list):
+            yield node["anyOf"]
+        for v in node.values():
+            yield from _any_ofs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _any_ofs(v)
+
+
+def test_what_msgspec_versions_render_differently_is_rendered_one_way() -> None:
+    # Up to 0.19 msgspec keeps a docstring's indentation (from 0.20 on it dedents it), and
+    # 0.18 puts the null of `X | None` first.
+    doc = build()
+    found = list(_descriptions(doc))
     assert any("\n" in d for d in found)  # multi-line docstrings are in it
     assert [d for d in found if d != inspect.cleandoc(d)] == []
+    orders = list(_any_ofs(doc))
+    assert any({"type": "null"} in alternatives for alternatives in orders)
+    assert [a for a in orders if a != sorted(a, key=lambda v: json.dumps(v, sort_keys=True))
+            ] == []
+
+
+def test_the_committed_document_is_the_one_the_code_builds() -> None:
+    assert DEFAULT_PATH.read_text(encoding="utf-8") == pretty(), (
+        "docs/openapi.json is stale: run python -m tollway.openapi")
 
 
 @pytest.mark.parametrize("key", [None, "tw-not-a-key"])

@@ -7,15 +7,17 @@ schemas are, so the document is the same whichever msgspec renders it.
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from tollway._version import __version__
 from tollway.errors import ERROR_TABLE, ErrorEnvelope
-from tollway.events.schema import _cleaned as dedent_descriptions
 from tollway.openapi.operations import OPERATIONS, Access, Operation, Param, Reply
 
 _REF = "#/components/schemas/{name}"
@@ -55,9 +57,50 @@ envelope `{"error": {"message", "type", "param", "code"}}`; every answer
 carries `X-Request-ID`. Every GET also answers HEAD (headers only). Money is
 in nano-USD (integers), with USD alongside for reading."""
 
-_REQUEST_ID = {"X-Request-ID": {
-    "description": "the request's id (the caller's, when it sent one)",
-    "schema": {"type": "string"}, "required": True}}
+
+
+def _header(description: str, type_: str, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": type_}, "required": required}
+
+
+# On every answer of the app.
+_COMMON = {
+    "X-Request-ID": _header("the request's id (the caller's, when it sent one)", "string",
+                            required=True),
+    "X-Tollway-Overhead-Ms": _header("time spent in the gateway itself", "number",
+                                     required=True),
+}
+# On an answer a provider served.
+_SERVED = {
+    **_COMMON,
+    "X-Tollway-Provider": _header("the provider that served the call", "string", True),
+    "X-Tollway-Model": _header("the model that served it (a route alias resolved)",
+                               "string", True),
+    "X-Tollway-Cost-USD": _header("what the call cost (not on a stream: its cost is known "
+                                  "only at its end, in the call event)", "string"),
+    **{f"x-ratelimit-{what}-{unit}": _header(text, kind) for unit in ("requests", "tokens")
+       for what, text, kind in (("limit", "the tightest limit's size", "integer"),
+                                ("remaining", "calls (tokens) left in it", "integer"),
+                                ("reset", "when it refills, e.g. `6s`", "string"))},
+}
+_RETRY = {**_COMMON, "Retry-After": _header("when to try again: seconds (or an HTTP date passed on "
+                                             "from a provider)", "string")}
+
+
+def _canonical(node: object) -> object:
+    """``node`` with what msgspec renders differently from version to version made one way:
+    descriptions dedented (a docstring is kept as written up to 0.19, dedented from 0.20
+    on) and the alternatives of an ``anyOf`` in one order (0.18 puts ``null`` first)."""
+    if isinstance(node, dict):
+        out = {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+               else _canonical(v) for k, v in node.items()}
+        alternatives = out.get("anyOf")
+        if isinstance(alternatives, list):
+            out["anyOf"] = sorted(alternatives, key=lambda v: json.dumps(v, sort_keys=True))
+        return out
+    if isinstance(node, list):
+        return [_canonical(v) for v in node]
+    return node
 
 
 def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +108,8 @@ def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
     codes = sorted({s.code for s in ERROR_TABLE.values() if s.status == status and s.code})
     listed = f" `error.code` is one of {', '.join(f'`{c}`' for c in codes)} or another." \
         if codes else ""
-    return {"description": _ERRORS[status] + "." + listed, "headers": _REQUEST_ID,
+    return {"description": _ERRORS[status] + "." + listed,
+            "headers": _RETRY if status in (429, 503) else _COMMON,
             "content": {"application/json": {"schema": envelope}}}
 
 
@@ -93,7 +137,8 @@ def _reply(reply: Reply, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
     if reply.events is not None:
         content["text/event-stream"] = {"schema": _event(refs[reply.events],
                                                          refs[ErrorEnvelope])}
-    return {"description": reply.description, "headers": _REQUEST_ID, "content": content}
+    return {"description": reply.description, "headers": _SERVED if reply.served else _COMMON,
+            "content": content}
 
 
 def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
@@ -151,7 +196,7 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
             },
         },
     }
-    cleaned = dedent_descriptions(doc)
+    cleaned = _canonical(doc)
     assert isinstance(cleaned, dict)
     return cleaned
 
@@ -159,3 +204,23 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
 def encoded(ops: tuple[Operation, ...] = OPERATIONS) -> bytes:
     """The document as served: sorted keys, so its bytes change only when it does."""
     return json.dumps(build(ops), sort_keys=True, separators=(",", ":")).encode()
+
+
+def pretty() -> str:
+    """The document as committed in docs/openapi.json, for people and diffs."""
+    return json.dumps(build(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+DEFAULT_PATH = Path(__file__).resolve().parents[3] / "docs" / "openapi.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tollway.openapi [PATH]``: write the document (after changing a struct or
+    an operation; a test fails while the committed file differs)."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else DEFAULT_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(pretty(), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+

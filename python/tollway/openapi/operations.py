@@ -43,6 +43,7 @@ class Reply:
     body: type | None = None
     media: str = "application/json"
     events: type | None = None  # an SSE alternative: the struct each `data:` event holds
+    served: bool = False  # a provider's answer: the headers name it, the cost and the limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +94,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "openai", "tenant",
         (Reply(200, "the provider's completion; with `stream: true` a server-sent event "
                "stream of chunks ending in `data: [DONE]`", wire.ChatCompletion,
-               events=wire.ChatCompletionChunk),),
+               events=wire.ChatCompletionChunk, served=True),),
         _CALL_ERRORS, ChatRequest, HINTS),
     Operation(
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
-        (Reply(200, "the provider's embeddings", wire.EmbeddingList),),
+        (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),
         _CALL_ERRORS, EmbeddingsRequest, HINTS),
     Operation(
         "get", f"{PREFIX}/models", "List the models and route aliases this tenant may use",

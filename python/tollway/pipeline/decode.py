@@ -29,7 +29,9 @@ from tollway.errors import InvalidRequest
 T = TypeVar("T")
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 # Token counts and ids the gateway passes to the Rust core as 64-bit integers, and
-# providers as 32-bit ones: the largest a provider can accept.
+# providers as 32-bit ones: the largest a provider can accept. Far above any model's
+# output, and low enough that a call's bound (times `n`, plus the prompt) stays inside
+# the core's 64-bit counts.
 MAX_INT32 = 2**31 - 1
 Count = Annotated[int, Meta(ge=1, le=MAX_INT32)]
 
@@ -77,7 +79,13 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
-def _invalid(exc: msgspec.MsgspecError) -> InvalidRequest:
+# msgspec before 0.19 lets a UnicodeDecodeError out for bad UTF-8 in an object's key.
+_UNREADABLE = (msgspec.MsgspecError, UnicodeDecodeError)
+
+
+def _invalid(exc: Exception) -> InvalidRequest:
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidRequest("request body is not valid UTF-8", code="invalid_json")
     msg = str(exc)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return InvalidRequest(f"request body is not valid JSON: {msg}", code="invalid_json")
@@ -105,7 +113,7 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
         req = decoder.decode(body)
         _unique_members(body)
-    except msgspec.MsgspecError as exc:
+    except _UNREADABLE as exc:
         raise _invalid(exc) from None
     except RecursionError:
         # msgspec stops at the interpreter's recursion limit (~1,000)
@@ -198,11 +206,16 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool,
     prompt costs about 12 ms this way against 50 ms.
     """
     try:
-        data = _top_level.decode(body)
-    except msgspec.MsgspecError as exc:
-        # The decoder skips the members it does not type without reading them; this reads
-        # every key, so it alone sees bad UTF-8 in an unknown member's name.
+        return _rewritten(body, model, include_usage, drop, numbers)
+    except _UNREADABLE as exc:
+        # The decoders skip the members they do not type without reading them; this reads
+        # every key (and those of stream_options), so it alone sees bad UTF-8 in them.
         raise _invalid(exc) from None
+
+
+def _rewritten(body: bytes, model: str | None, include_usage: bool,
+               drop: tuple[str, ...], numbers: Mapping[str, int] | None) -> bytes:
+    data = _top_level.decode(body)
     for name in drop:
         data.pop(name, None)
     if model is not None:
