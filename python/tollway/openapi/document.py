@@ -78,6 +78,9 @@ _SERVED = {
                                "string", True),
     "X-Tollway-Cost-USD": _header("what the call cost (not on a stream: its cost is known "
                                   "only at its end, in the call event)", "string"),
+    "X-Tollway-Max-Tokens": _header("the output bound the gateway asked the provider for "
+                                    "(tokens per choice), when the cap or the budget could "
+                                    "not pay the request's own", "integer"),
     **{f"x-ratelimit-{what}-{unit}": _header(text, kind) for unit in ("requests", "tokens")
        for what, text, kind in (("limit", "the tightest limit's size", "integer"),
                                 ("remaining", "calls (tokens) left in it", "integer"),
