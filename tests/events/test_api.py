@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from support import (
     Server,
     auth,
     chat_body,
+    eventually,
     gateway_env,
     make_config,
 )
@@ -40,15 +40,6 @@ def events_gateway(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Server]:
                       events={"checkpoint_interval_s": 0.5})
     with Server(create_app(cfg, env=gateway_env())) as server:
         yield server
-
-
-def _eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.05)
 
 
 def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUpstream) -> None:
@@ -79,7 +70,7 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
             body: dict[str, Any] = resp.json()
             return body
 
-        assert _eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
+        assert eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
             "the usage view caught up with the calls")
         # The answer covers the days the view keeps, however far back it is asked.
         kept = usage_of(ADMIN_KEY, days="3000")
@@ -115,7 +106,7 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
 
         # The views can fold an event before its publish ack has been counted: poll.
         # Besides the 14 call events, budget holds publish their own events.
-        assert _eventually(lambda: published_total(c) >= 14)
+        assert eventually(lambda: published_total(c) >= 14)
         assert "tollway_events_outbox_depth 0.0" in c.get("/api/ai/metrics").text
         published = published_total(c)
 
@@ -179,7 +170,7 @@ def test_a_full_outbox_drops_counts_and_logs_while_calls_are_served(
                        json=chat_body(f"hello {i}"))
             assert r.status_code == 200, r.text
         dropped = 'tollway_events_dropped_total{reason="outbox_full"}'
-        assert _eventually(lambda: _metric(c, dropped) > 0), "events past the cap are counted"
+        assert eventually(lambda: _metric(c, dropped) > 0), "events past the cap are counted"
         assert 0 < _metric(c, "tollway_events_outbox_bytes") <= 4096
         assert _metric(c, "tollway_events_outbox_max_bytes") == 4096
         kept = _metric(c, "tollway_events_outbox_depth")
