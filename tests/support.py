@@ -58,7 +58,7 @@ def eventually(check: Callable[[], Any], timeout: float = HANG_S) -> Any:
         result = check()
         if result or time.monotonic() > deadline:
             return result
-        time.sleep(0.01)
+        time.sleep(0.02)
 
 
 def gateway_env() -> dict[str, str]:
