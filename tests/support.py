@@ -28,6 +28,11 @@ INITECH_KEY = "tw-test-initech-2468013579"
 ADMIN_KEY = "tw-test-admin-key-5555"
 UPSTREAM_KEY = "sk-upstream-secret-do-not-log-4242"
 
+# How long a test waits for something that must happen: only a hang detector. CI shares a
+# 2-core machine with other work, where a step that takes milliseconds alone can take
+# seconds; a wait for a condition returns as soon as it holds, so a long bound costs nothing.
+HANG_S = 60.0
+
 
 class ListRecorder:
     """A Recorder that keeps records in memory (the events layer is another part)."""
@@ -41,10 +46,21 @@ class ListRecorder:
             self.records.append(rec)
             self._cond.notify_all()
 
-    def wait(self, n: int, timeout: float = 5.0) -> list[CallRecord]:
+    def wait(self, n: int, timeout: float = HANG_S) -> list[CallRecord]:
         with self._cond:
-            self._cond.wait_for(lambda: len(self.records) >= n, timeout)
+            if not self._cond.wait_for(lambda: len(self.records) >= n, timeout):
+                raise TimeoutError(f"{len(self.records)} call records, wanted {n}")
             return list(self.records)
+
+
+def eventually(check: Callable[[], Any], timeout: float = HANG_S) -> Any:
+    """``check()``'s first truthy result, polled; its last (falsy) one past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.02)
 
 
 def gateway_env() -> dict[str, str]:
@@ -117,7 +133,7 @@ class Server:
 
     def __enter__(self) -> Server:
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_S
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("server did not start")

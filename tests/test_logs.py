@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from support import ACME_KEY, ADMIN_KEY, UPSTREAM_KEY, auth, chat_body
+from support import ACME_KEY, ADMIN_KEY, HANG_S, UPSTREAM_KEY, auth, chat_body
 from tollway.context import request_id_var
 from tollway.logs import JsonFormatter
 from tollway.testing.upstream import FakeUpstream, Fault
@@ -19,9 +19,9 @@ CHAT = "/api/ai/v1/chat/completions"
 
 
 def access(buf: io.StringIO, want: int = 0) -> list[dict[str, object]]:
-    """The access lines; waits (up to 5 s) until there are ``want``: a request's line
+    """The access lines; waits (up to HANG_S) until there are ``want``: a request's line
     is written after its last bytes went out, so the client may already have them."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_S
     while True:
         lines = [json.loads(line) for line in buf.getvalue().splitlines()]
         out = [x for x in lines if x["logger"] == "tollway.access"]

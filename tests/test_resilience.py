@@ -212,7 +212,7 @@ async def test_manual_clock_sleep_moves_time_without_waiting() -> None:
     real = loop.time()
     await clock.sleep(3600)
     assert clock.monotonic() - t0 == 3600 and clock.time() - w0 == 3600
-    assert loop.time() - real < 1.0
+    assert loop.time() - real < 60  # far from the hour it counted, however loaded the machine
     assert clock.slept == [3600]
     with pytest.raises(ValueError):
         clock.advance(-1)

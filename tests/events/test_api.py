@@ -11,9 +11,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from support import (
     Server,
     auth,
     chat_body,
+    eventually,
     gateway_env,
     make_config,
     serving_port,
@@ -48,15 +48,6 @@ def events_gateway(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Server]:
                       events={"checkpoint_interval_s": 0.5})
     with Server(create_app(cfg, env=gateway_env())) as server:
         yield server
-
-
-def _eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.05)
 
 
 def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUpstream) -> None:
@@ -87,7 +78,7 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
             body: dict[str, Any] = resp.json()
             return body
 
-        assert _eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
+        assert eventually(lambda: usage_of(ADMIN_KEY)["total"]["requests"] == 14), (
             "the usage view caught up with the calls")
         # The answer covers the days the view keeps, however far back it is asked.
         kept = usage_of(ADMIN_KEY, days="3000")
@@ -123,7 +114,7 @@ def test_calls_become_events_and_views(events_gateway: Server, upstream: FakeUps
 
         # The views can fold an event before its publish ack has been counted: poll.
         # Besides the 14 call events, budget holds publish their own events.
-        assert _eventually(lambda: published_total(c) >= 14)
+        assert eventually(lambda: published_total(c) >= 14)
         assert "tollway_events_outbox_depth 0.0" in c.get("/api/ai/metrics").text
         published = published_total(c)
 
@@ -187,7 +178,7 @@ def test_a_full_outbox_drops_counts_and_logs_while_calls_are_served(
                        json=chat_body(f"hello {i}"))
             assert r.status_code == 200, r.text
         dropped = 'tollway_events_dropped_total{reason="outbox_full"}'
-        assert _eventually(lambda: _metric(c, dropped) > 0), "events past the cap are counted"
+        assert eventually(lambda: _metric(c, dropped) > 0), "events past the cap are counted"
         assert 0 < _metric(c, "tollway_events_outbox_bytes") <= 4096
         assert _metric(c, "tollway_events_outbox_max_bytes") == 4096
         kept = _metric(c, "tollway_events_outbox_depth")
@@ -257,10 +248,10 @@ def test_a_full_disk_drops_counts_and_logs_while_calls_are_served(
                        json=chat_body(f"hello {i}")).status_code for i in range(calls))
             assert statuses == {200: calls}, "the calls are served with the disk full"
             dropped = 'tollway_events_dropped_total{reason="outbox_unwritable"}'
-            assert _eventually(lambda: _metric(c, dropped) > 0), "the events it lost count"
+            assert eventually(lambda: _metric(c, dropped) > 0), "the events it lost count"
             # Every event is in the outbox or counted as dropped: calls, and budget leases.
             leases = _metric(c, "tollway_budget_local_reservations_total")
-            assert _eventually(lambda: _metric(c, "tollway_events_outbox_depth")
+            assert eventually(lambda: _metric(c, "tollway_events_outbox_depth")
                                + _metric(c, dropped) == calls + leases)
             kept = _metric(c, "tollway_events_outbox_depth")
             assert kept > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -84,11 +83,12 @@ async def test_error_status_body_is_readable(client: HttpClient, up: FakeUpstrea
 
 
 async def test_first_byte_timeout(client: HttpClient, up: FakeUpstream) -> None:
+    # The reply comes at 2 s, before the total timeout (3 s): only the first-byte timeout
+    # (0.5 s) can end the call in a timeout. No bound on the elapsed time: a loaded machine
+    # stretches it, and the reply would have arrived had that timeout not fired.
     up.add_fault(Fault(kind="timeout", delay_s=2.0))
-    t = time.monotonic()
     with pytest.raises(UpstreamTimeout):
         await client.request("POST", url(up), BODY, HEADERS)
-    assert time.monotonic() - t < 1.5
 
 
 async def test_silence_between_chunks_times_out(client: HttpClient, up: FakeUpstream) -> None:

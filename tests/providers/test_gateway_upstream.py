@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from support import ListRecorder, Server, auth, chat_body, gateway_env, make_config
+from support import ListRecorder, Server, auth, chat_body, eventually, gateway_env, make_config
 from tollway.app import create_app
 from tollway.testing.scripted import CLOSE, Request, ScriptedUpstream, Step, chunked, ok
 
@@ -95,9 +95,12 @@ def test_every_call_gets_its_own_reply_after_a_408_on_an_idle_connection(
     answers += [lambda req: [ok(completion(req)), 0.05,
                              b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n", CLOSE]] * 3
-    for _ in range(5):
+    for i in range(5):
         rig.own()
-        time.sleep(0.2)  # the 408 lands while the connection sits in the pool
+        # The 408 lands while the connection sits in the pool: once the upstream sent it, the
+        # gateway's loop (another thread) has 0.2 s to take it in.
+        assert eventually(lambda n=i + 1: rig.up.played >= n)
+        time.sleep(0.2)
 
 
 @pytest.mark.timeout(10)

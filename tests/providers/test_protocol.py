@@ -121,7 +121,7 @@ async def test_a_408_on_an_idle_connection_is_not_the_next_reply(rig: Rig,
     script.append([own_ok, 0.05, b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                    b"Connection: close\r\n\r\n", CLOSE])
     await rig.own()
-    await asyncio.sleep(0.3)  # the 408 and the close arrive while the connection is idle
+    await rig.up.until_played(1)  # the 408 and the close arrive while the connection is idle
     await rig.own()
     await rig.own()
 
@@ -131,7 +131,7 @@ async def test_bytes_on_an_idle_connection_end_it(rig: Rig, script: list[object]
     # next call's answer.
     script.append([own_ok, 0.05, ok(b'"stray"')])
     await rig.own()
-    await asyncio.sleep(0.2)
+    await rig.up.until_played(1)
     await rig.own()
     conns = [r.connection for r in rig.up.requests]
     assert conns[0] != conns[1]
@@ -148,7 +148,7 @@ async def test_bytes_right_after_a_reply_end_the_connection(rig: Rig,
 async def test_a_close_on_an_idle_connection(rig: Rig, script: list[object]) -> None:
     script.append([own_ok, 0.05, CLOSE])
     await rig.own()
-    await asyncio.sleep(0.2)
+    await rig.up.until_played(1)
     await rig.own()
 
 
@@ -235,7 +235,7 @@ async def test_reset_during_the_body(rig: Rig, script: list[object], framing: st
 async def test_reset_after_the_body(rig: Rig, script: list[object]) -> None:
     script.append([own_ok, 0.02, RESET])
     await rig.own()
-    await asyncio.sleep(0.1)
+    await rig.up.until_played(1)
     await rig.own()
 
 
@@ -254,7 +254,7 @@ async def test_a_pooled_connection_found_dead_is_replaced_before_writing(
         rig: Rig, script: list[object]) -> None:
     script.append([own_ok, CLOSE])
     await rig.own()
-    await asyncio.sleep(0.2)  # the close arrived: nothing is written into that connection
+    await rig.up.until_played(1)  # the close arrived: nothing is written into that connection
     await rig.own()
     assert len(rig.up.requests) == 2
 

@@ -8,7 +8,16 @@ from typing import Any
 
 import httpx
 
-from support import ACME_KEY, ADMIN_KEY, UPSTREAM_KEY, ListRecorder, Server, auth, gateway_env
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    UPSTREAM_KEY,
+    ListRecorder,
+    Server,
+    auth,
+    eventually,
+    gateway_env,
+)
 from tollway.app import create_app
 from tollway.auth import hash_key
 from tollway.config import parse_config
@@ -83,6 +92,18 @@ class Rig:
              **body: Any) -> httpx.Response:
         payload = {"model": model, "messages": [{"role": "user", "content": content}], **body}
         return self.http.post(CHAT, json=payload, headers={**auth(key), **(headers or {})})
+
+    def settled(self, calls: int, route: str = "auto", *,
+                wait_for_shadows: bool = True) -> dict[str, Any]:
+        """The route's runner status once ``calls`` calls have ended (their finishers ran, so
+        every shadow call was started or skipped) and, unless told not to wait for them, no
+        shadow call runs any more."""
+        self.recorder.wait(calls)
+        runner = self.shadow.runner
+        if wait_for_shadows:
+            assert eventually(lambda: not runner.tasks), f"{len(runner.tasks)} shadows run on"
+        status: dict[str, Any] = runner.status()[route]
+        return status
 
     def report(self, **params: Any) -> dict[str, Any]:
         r = self.http.get("/api/ai/shadow", params=params, headers=auth(ADMIN_KEY))

@@ -81,13 +81,15 @@ def test_score_is_bounded_and_symmetric(a: str, b: str) -> None:
 
 
 def test_similarity_is_linear_time() -> None:
-    # Nearly the same long text: difflib's ratio would be quadratic here; this must stay fast.
+    # Nearly the same long text: difflib's ratio would be quadratic here. It takes ~0.07 s;
+    # a quadratic pass over 20,000 words would take minutes. The bound is only that gap: a
+    # loaded CI machine may well be ten times slower than alone.
     words = [f"w{i % 997}" for i in range(30_000)]
     a = " ".join(words)
     b = " ".join(reversed(words))
     t = time.perf_counter()
     value = similarity(a, b)
-    assert time.perf_counter() - t < 0.5
+    assert time.perf_counter() - t < 10
     assert 0.4 < value < 1.0
 
 

@@ -307,11 +307,9 @@ def test_status_fault_filters_by_model_and_path_and_takes_a_body(
 
 
 def test_timeout_fault_is_silent_then_answers(up: FakeUpstream, client: httpx.Client) -> None:
-    up.add_fault(Fault(kind="timeout", delay_s=0.5))
-    started = time.monotonic()
+    up.add_fault(Fault(kind="timeout"))  # silent for 30 s: the client's 0.1 s runs out first
     with pytest.raises(httpx.ReadTimeout):
         client.post("/chat/completions", json=chat(), timeout=0.1)
-    assert time.monotonic() - started < 0.4
     up.add_fault(Fault(kind="timeout", delay_s=0.2))
     started = time.monotonic()
     assert client.post("/chat/completions", json=chat()).status_code == 200

@@ -98,8 +98,12 @@ class MemorySink:
         # day on, as in the projection runner.
         fold_event([self._proj], self._seq, event, time.time() + 86400)
 
-    def wait(self, n: int, timeout: float = 10.0) -> list[ShadowCompared]:
-        """Block (a test's thread) until ``n`` events arrived; returns them all."""
+    def wait(self, n: int, timeout: float = 60.0) -> list[ShadowCompared]:
+        """Block (a test's thread) until ``n`` events arrived; returns them all.
+
+        ``timeout`` only detects a hang (a loaded machine may take seconds): past it,
+        TimeoutError says how many came, rather than a shorter list failing elsewhere."""
         with self._cond:
-            self._cond.wait_for(lambda: self.published >= n, timeout)
+            if not self._cond.wait_for(lambda: self.published >= n, timeout):
+                raise TimeoutError(f"{self.published} shadow events published, wanted {n}")
             return list(self._events)

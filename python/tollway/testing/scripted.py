@@ -23,6 +23,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -81,11 +82,24 @@ class ScriptedUpstream:
         self._ssl = ssl_context
         self.requests: list[Request] = []
         self.connections = 0
+        # Answers played to their last step (a CLOSE's FIN sent): a test that needs a 408 or
+        # a close to have arrived waits for this, not for a pause a loaded machine outlasts.
+        self.played = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+
+    async def until_played(self, n: int, timeout: float = 60.0) -> None:
+        """Wait (on the caller's loop) until ``n`` answers were played, then one more turn of
+        that loop, so a client on it has taken in what they sent."""
+        deadline = time.monotonic() + timeout
+        while self.played < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.played} answers played, wanted {n}")
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
 
     def url(self, path: str = "/v1/chat/completions", host: str = "127.0.0.1") -> str:
         scheme = "https" if self._ssl is not None else "http"
@@ -128,7 +142,9 @@ class ScriptedUpstream:
                         length = int(line.split(b":", 1)[1])
                 req = Request(number, head, await reader.readexactly(length))
                 self.requests.append(req)
-                if not await self._play(self.script(req), writer):
+                go_on = await self._play(self.script(req), writer)
+                self.played += 1
+                if not go_on:
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
                 ssl.SSLError):

@@ -310,6 +310,9 @@ class FakeUpstream:
         self.replies = Replies(name, models, reply_words)
         self.latency_s = latency_s  # before the first byte of every reply
         self.chunk_delay_s = chunk_delay_s  # between two SSE events of a stream
+        # A test's gate: while it is an unset Event, replies wait for it (a candidate that
+        # answers when the test says so, not after a delay a loaded machine may outlast).
+        self.release: threading.Event | None = None
         self.host = host
         self.port = port  # the bound port once started
         self.require_auth = require_auth  # 401 without an Authorization header
@@ -528,6 +531,7 @@ class FakeUpstream:
             (fault is None or fault.kind != "timeout")
             and not (fault and fault.delay_s)
             and self.latency_s <= 0
+            and self.release is None
             and (not stream or self.chunk_delay_s <= 0)
         ):
             self._reply(conn, req, fault)
@@ -580,6 +584,9 @@ class FakeUpstream:
         conn.end(req.keep_alive)
 
     async def _reply_later(self, conn: _Connection, req: _Request, fault: Fault | None) -> None:
+        gate = self.release
+        while gate is not None and not gate.is_set():
+            await asyncio.sleep(0.005)
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
         if fault is not None and fault.kind == "timeout":
