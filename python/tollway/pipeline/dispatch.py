@@ -201,14 +201,14 @@ class Dispatcher:
     def __init__(self, parts: GatewayParts) -> None:
         self.parts = parts
 
-    def _body_for(self, call: Call, dep: Deployment) -> bytes:
+    def _body_for(self, call: Call, dep: Deployment, bound: int) -> bytes:
         """The body as the provider must see it; the original bytes when unchanged.
 
         An output bound goes in the fields the caller sent (lowered), else in the one
-        the model takes: OpenAI's reasoning models refuse ``max_tokens``."""
+        the model takes (OpenAI's reasoning models refuse ``max_tokens``); ``bound`` is the
+        plan's bound for ``dep``, 0 for none."""
         model = dep.upstream if dep.upstream != call.request.model else None
         ask_usage = call.stream and not call.include_usage
-        bound = call.plan.bound(dep) if call.plan is not None else 0
         if model is None and not ask_usage and not bound:
             return call.body
         numbers: dict[str, int] = {}
@@ -231,7 +231,8 @@ class Dispatcher:
         for i, dep in enumerate(candidates):
             provider = parts.providers[dep.provider]
             breaker = breakers[dep.provider]
-            body = self._body_for(call, dep)
+            bound = call.plan.bound(dep) if call.plan is not None else 0
+            body = self._body_for(call, dep, bound)
             tries = 0
             while True:
                 if not breaker.allow(clock.monotonic()):
@@ -243,7 +244,7 @@ class Dispatcher:
                     break
                 tries += 1
                 call.deployment = dep
-                call.output_bound = call.plan.bound(dep)
+                call.output_bound = bound
                 call.attempts += 1
                 t = clock.monotonic()
                 try:

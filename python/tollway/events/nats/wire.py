@@ -27,13 +27,18 @@ from typing import Any, cast
 
 import msgspec
 
-from tollway.events.nats.bulk import BulkError, BulkUnavailable, Endpoint, cut_message
+from tollway.events.nats.bulk import (
+    MAX_CONTROL_LINE,
+    BulkError,
+    BulkUnavailable,
+    Endpoint,
+    cut_message,
+)
 from tollway.events.outbox import OutboxEntry
 
 # One result per published entry. RETRY and NO_ACK (and anything above) mean "send it again".
 OK, DUP, FATAL, RETRY, NO_ACK = 0, 1, 2, 3, 4
 
-MAX_CONTROL_LINE = 64 * 1024  # a longer line without CRLF is a broken stream, not a slow one
 _SID = b"1"  # the one subscription: <inbox>.* for the acks
 # "NATS/1.0\r\n" + "Nats-Msg-Id: " + id + "\r\n\r\n"
 HEADER_OVERHEAD = 27
