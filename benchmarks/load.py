@@ -114,6 +114,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noguards": {"guards": {"enabled": False}},
     "events": {"nats": {"enabled": True, "url": "embedded"}},
     "nolog": {"server": {"access_log": False}},
+    "eventsnolog": {"nats": {"enabled": True, "url": "embedded"}, "server": {"access_log": False}},
     # Issue 6: 10 % of the primary calls shadowed to a second model on the same upstream.
     "shadow10": {
         "models": [
@@ -278,7 +279,9 @@ def split_variant(variant: str) -> tuple[str, str]:
     return name, PYTHONS[label] if label else sys.executable
 
 
-def start_gateway(workdir: Path, variant: str, upstream: str) -> tuple[Proc, str]:
+def start_gateway(workdir: Path, variant: str, upstream: str, *, wrap: list[str] | None = None,
+                  timeout: float = 60.0) -> tuple[Proc, str]:
+    """A gateway of ``variant`` on a free port; ``wrap``: a command it runs under (valgrind)."""
     name, python = split_variant(variant)
     cfg = deep_merge(BASE_CONFIG, VARIANTS[name])
     cfg["providers"][0]["base_url"] = upstream
@@ -296,6 +299,7 @@ def start_gateway(workdir: Path, variant: str, upstream: str) -> tuple[Proc, str
     }
     env |= {"SIM_API_KEY": UPSTREAM_KEY, "TOLLWAY_BENCH_ADMIN_KEY": ADMIN_KEY}
     cmd = [
+        *(wrap or ()),
         python,
         "-c",
         "import sys; from tollway.cli import main; sys.exit(main())",
@@ -313,7 +317,7 @@ def start_gateway(workdir: Path, variant: str, upstream: str) -> tuple[Proc, str
     )
     proc = Proc(f"gateway[{variant}]", popen, log)
     base = f"http://{HOST}:{port}/api/ai/v1"
-    wait_ready(proc, f"http://{HOST}:{port}/api/ai/health", {})
+    wait_ready(proc, f"http://{HOST}:{port}/api/ai/health", {}, timeout)
     return proc, base
 
 
