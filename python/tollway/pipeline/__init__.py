@@ -101,11 +101,23 @@ class Pipeline:
             self.finish(call)
             self.record(call)  # 7
 
+        start: Message | None = None
+
         async def send_last(message: Message) -> None:
             # Recorded before the response's last bytes (the record's event is then in the
             # outbox): a gateway killed once the client has its whole answer loses no event.
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            # The head waits for the next message, so that head and body leave back to back
+            # with the record before both: a head sent alone wakes the client for nothing,
+            # and it costs both sides a wake-up more per call.
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if not message.get("more_body"):
                 conclude()
+            if start is not None:
+                head, start = start, None
+                await send(head)
             await send(message)
 
         try:
