@@ -299,9 +299,18 @@ class BudgetGuard:
         """:meth:`hold` for this process's own book, which decides without awaiting."""
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
+        request_id, now = call.info.request_id, call.occurred_at
+        # Most calls fit whole in what is left of the day: held as they are, unbounded,
+        # without reading the book twice (what _amount would find lowers nothing then).
+        if isinstance(plan, PolicyPlan):
+            hold = book.try_reserve(tenant, plan.max_cost_nanousd, limit,
+                                    request_id=request_id, now=now)
+            if hold is not None:
+                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                call.reservation = (book, hold)
+                return
         amount = self._amount(call, plan, book, limit)
-        hold = book.try_reserve(tenant, amount, limit, request_id=call.info.request_id,
-                                now=call.occurred_at)
+        hold = book.try_reserve(tenant, amount, limit, request_id=request_id, now=now)
         if hold is None:
             self._refuse(call, book, limit, f"this call may cost up to {amount / NANO:.6f} USD")
         call.reservation = (book, hold)
@@ -311,6 +320,16 @@ class BudgetGuard:
         limit = self.daily.get(tenant, self.default_daily)
         now = call.occurred_at  # the call's day, which its event will carry too
         grant = getattr(book, "try_grant", None)
+        # Most calls fit whole in a lease this gateway holds: granted as they are, unbounded,
+        # with no look at the rest of the book (a lease with room for the whole call means
+        # _amount would lower nothing).
+        if grant is not None and isinstance(plan, PolicyPlan):
+            hold = grant(tenant, plan.max_cost_nanousd, request_id=call.info.request_id,
+                         now=now)
+            if hold is not None:
+                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                call.reservation = (book, hold)
+                return
         # Holds taken while this one awaits a lease (other calls, other gateways) can leave
         # it no room: the lease is measured against the limit and refused, and the call
         # looks once more at what is left, which may pay a lower output bound.
