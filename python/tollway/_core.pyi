@@ -28,6 +28,13 @@ def scan_js_deliveries(
     ``end``: (stream sequences, payloads, position after them, last consumer sequence,
     pending after it or -1). Stops at any other frame; ValueError on a consumer gap."""
 
+def duplicate_member(body: bytes) -> str | None:
+    """The first name the top-level object of ``body`` (JSON already decoded) holds twice,
+    escapes decoded; None when every name is distinct or ``body`` is not an object."""
+
+def utf8_error(body: bytes) -> int | None:
+    """The offset of the first byte where ``body`` stops being UTF-8, else None."""
+
 class CoreError(RuntimeError):
     """A bug in the Rust core (a panic), caught where Python called in."""
 

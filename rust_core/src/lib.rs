@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod cost;
+pub mod jsonscan;
 pub mod limiter;
 pub mod natsframe;
 pub mod tokenizer;

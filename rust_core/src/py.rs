@@ -1131,12 +1131,45 @@ mod nats_frames {
     }
 }
 
+/// The request body check (`jsonscan`).
+mod json_scan {
+    use pyo3::prelude::*;
+
+    use super::caught;
+
+    /// The first name the top-level object of `body` holds twice, else None (also when
+    /// `body` is not a JSON object): see `jsonscan::duplicate_member`.
+    #[pyfunction]
+    fn duplicate_member(body: &[u8]) -> PyResult<Option<String>> {
+        caught(|| crate::jsonscan::duplicate_member(body).flatten())
+    }
+
+    /// Where `body` stops being UTF-8 (the offset of the first bad byte), else None; the
+    /// check `bytes.decode` makes, without building the string.
+    #[pyfunction]
+    fn utf8_error(py: Python<'_>, body: &[u8]) -> Option<usize> {
+        let check = || std::str::from_utf8(body).err().map(|e| e.valid_up_to());
+        if body.len() >= 1 << 20 {
+            py.detach(check) // about a millisecond: other threads may run meanwhile
+        } else {
+            check()
+        }
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(duplicate_member, m)?)?;
+        m.add_function(wrap_pyfunction!(utf8_error, m)?)?;
+        Ok(())
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     tokens_cost::register(m)?;
     limiter_breaker::register(m)?;
     nats_frames::register(m)?;
+    json_scan::register(m)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add_function(wrap_pyfunction!(test_panic, m)?)?;
     Ok(())

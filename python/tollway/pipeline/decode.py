@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from tollway._core import duplicate_member, utf8_error
 from tollway.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -105,11 +106,10 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     # msgspec lets bytes that are not UTF-8 through in the members it skips (and 0.18
     # raises UnicodeDecodeError for a typed one); JSON is UTF-8 (RFC 8259).
     if not body.isascii():
-        try:
-            body.decode()
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"request body is not UTF-8 (byte {exc.start})",
-                                 code="invalid_json") from None
+        bad = utf8_error(body)
+        if bad is not None:
+            raise InvalidRequest(f"request body is not UTF-8 (byte {bad})",
+                                 code="invalid_json")
     try:
         req = decoder.decode(body)
         _unique_members(body)
@@ -121,46 +121,17 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     return req
 
 
-# One member of the top-level object up to its value: `{` or `,`, the name, `:`.
-_MEMBER = re.compile(rb'[ \t\n\r]*[{,][ \t\n\r]*"[^"\\]*(?:\\.[^"\\]*)*"[ \t\n\r]*:[ \t\n\r]*')
-_CLOSE = re.compile(rb"[ \t\n\r]*\}[ \t\n\r]*")
-
-
 def _unique_members(body: bytes) -> None:
     """Refuse a body (a valid JSON object) whose top level names a member twice.
 
     The decoder keeps one value per name, the last, so what it returns cannot show a
-    duplicate; but it can return each value as its raw bytes, in order. The encoder writes
-    a name in the fewest bytes JSON allows, so the body is at least as long as those names
-    and values written without spaces, and a member the decoder dropped would make it
-    longer: a body of exactly that length (what compact JSON clients send) holds no
-    duplicate, for the cost of encoding the names; nor does one that is the members with
-    Python's separators. Any other body is walked: if it is
-    exactly `{name: value, ...}` with those values one after another, it holds no other
-    member (a JSON text has one parse, so a value that looks like a member cannot fool
-    the walk).
-    """
-    members = _top_level.decode(body)
-    if not members:
-        return
-    # `[name,name]` is as long as `{name,name}`; then the values and a `:` each.
-    compact = len(_encode(list(members))) + sum(map(len, members.values())) + len(members)
-    if len(body) == compact:
-        return
-    if len(body) == compact + 2 * len(members) - 1 and body[1:-1] == b", ".join(
-            [_encode(name) + b": " + raw for name, raw in members.items()]):
-        return  # Python's json.dumps spaces `, ` and `: `
-    pos = 0
-    for raw in members.values():
-        m = _MEMBER.match(body, pos)
-        if m is None or not body.startswith(raw, m.end()):
-            break
-        pos = m.end() + len(raw)
-    else:
-        if _CLOSE.fullmatch(body, pos):
-            return
-    raise InvalidRequest("the request body names a top-level member twice",
-                         code="duplicate_key")
+    duplicate: the core reads the names once more, skipping every value, and compares
+    them as JSON means them (escapes decoded)."""
+    name = duplicate_member(body)
+    if name is not None:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise InvalidRequest(f"the request body names the top-level member {shown!r} twice",
+                             code="duplicate_key")
 
 
 def decode_chat(body: bytes) -> ChatRequest:
