@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.clock import Clock
 from tollway.config import Config, default_config
@@ -66,6 +67,40 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return Response(body, exc.status_code, headers=exc.headers, media_type="application/json")
 
 
+class GatewayApp(Starlette):
+    """Starlette, with the calls a gateway serves most taken straight to their handler.
+
+    A POST to one of ``direct`` (path -> handler) goes through the gateway's own two
+    middleware (request context, auth) to its handler, past Starlette's error layers and
+    router: the request-context middleware already turns any exception into the 500
+    envelope, the handlers raise no ``HTTPException``, and the path was matched by one
+    dict lookup. Everything else (other methods, other paths, an app mounted under a
+    prefix) takes the full stack."""
+
+    def __init__(self, *args: Any, direct: Mapping[str, ASGIApp], **kwargs: Any) -> None:
+        self.direct = dict(direct)
+        super().__init__(*args, **kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return _Direct(super().build_middleware_stack(), self.direct)
+
+
+class _Direct:
+    __slots__ = ("app", "paths")
+
+    def __init__(self, app: ASGIApp, paths: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            handler = self.paths.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     config: Config | None = None,
     *,
@@ -100,11 +135,18 @@ def create_app(
         Middleware(RequestContextMiddleware, metrics=gateway.metrics, known_paths=known),
         Middleware(AuthMiddleware, keys=gateway.keys, metrics=gateway.metrics),
     ]
-    app = Starlette(
+
+    def wrapped(handler: ASGIApp) -> ASGIApp:  # the stack above, without Starlette's layers
+        return RequestContextMiddleware(
+            AuthMiddleware(handler, keys=gateway.keys, metrics=gateway.metrics),
+            metrics=gateway.metrics, known_paths=known)
+
+    app = GatewayApp(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception},
         lifespan=lifespan,
+        direct={path: wrapped(handler) for path, handler in openai.direct(gateway).items()},
     )
     app.state.gateway = gateway
     return app

@@ -46,8 +46,14 @@ class ModelList(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 
 
-def routes(gateway: Gateway) -> list[Route]:
+def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]:
+    """The POST routes the app serves past Starlette's router (:class:`GatewayApp`)."""
     pipeline = gateway.pipeline
+    return {f"{PREFIX}/chat/completions": pipeline.chat,
+            f"{PREFIX}/embeddings": pipeline.embeddings}
+
+
+def routes(gateway: Gateway) -> list[Route]:
     created = int(gateway.started_at)
 
     async def models(request: Request) -> Response:
@@ -61,7 +67,7 @@ def routes(gateway: Gateway) -> list[Route]:
         return Response(_encode(ModelList(data=data)), media_type="application/json")
 
     return [
-        Route(f"{PREFIX}/chat/completions", _Asgi(pipeline.chat), methods=["POST"]),
-        Route(f"{PREFIX}/embeddings", _Asgi(pipeline.embeddings), methods=["POST"]),
+        *(Route(path, _Asgi(handler), methods=["POST"])
+          for path, handler in direct(gateway).items()),
         Route(f"{PREFIX}/models", models, methods=["GET"]),
     ]
