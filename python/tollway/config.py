@@ -209,6 +209,12 @@ class BreakerConfig(_Base):
     max_recovery_s: Positive = 300.0
     half_open_max_calls: Annotated[int, Meta(ge=1)] = 1
     success_threshold: Annotated[int, Meta(ge=1)] = 1  # good probes that close it
+    # With NATS, every gateway process on it shares its breakers: an open in one opens
+    # them all, and one process sends the half-open probe (tollway.events.breakers).
+    fleet: bool = True
+    # How long that process holds the probe (the others stay open meanwhile, unless its
+    # outcome arrives first): longer than a probe call takes.
+    probe_lease_s: Positive = 30.0
 
 
 class PolicyConfig(_Base):

@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 from tollway.config import EventsConfig, NatsConfig
+from tollway.events.breakers import FleetBreakers
 from tollway.events.broker import (
     EmbeddedNats,
     NatsUnavailable,
@@ -84,6 +85,8 @@ class EventsService:
             self._by_name["budget"], publisher=self.publisher, instance=self.instance,
             ttl_s=cfg.reservation_ttl_s, fail_open=cfg.budget_fail_open,
             publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics, clock=clock)
+        # Set by the app before start when the breakers are shared ([breaker] fleet).
+        self.breakers: FleetBreakers | None = None
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.last_error = ""
@@ -138,6 +141,8 @@ class EventsService:
         self.budget.nc = nc
         self.budget.runner = self.runner
         await self.runner.start()
+        if self.breakers is not None:
+            await self.breakers.start(nc)
 
     async def _keep_connecting(self) -> None:
         delay = 0.5
@@ -183,6 +188,8 @@ class EventsService:
                     await task
         self._connector = self._maintainer = None
         self.budget.close()  # idle leases given back while the publisher still runs
+        if self.breakers is not None and self.breakers.nc is not None:
+            await self.breakers.stop()
         await self.publisher.stop(timeout=self.config.publish_timeout_s + 1)
         if self.runner is not None:
             await self.runner.stop()
