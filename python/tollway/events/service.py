@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
@@ -47,6 +49,22 @@ log = logging.getLogger("tollway.events")
 
 def default_instance() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def _kv_answers(kv: KeyValue, within: float = 15.0) -> None:
+    """Wait until the bucket answers a read: on a cluster, a bucket just made by this or
+    another gateway has no leader for a second or two, and reads time out meanwhile."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await kv.get("_ready")
+            return
+        except KeyNotFoundError:
+            return
+        except (TimeoutError, NatsTimeoutError, ServiceUnavailableError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 class EventsService:
@@ -128,6 +146,7 @@ class EventsService:
             await self._ensure_stream(nc)
             self.kv = await ensure_kv(nc.jetstream(), self.config.kv_bucket,
                                       self.config.replicas)
+            await _kv_answers(self.kv)
         except Exception as exc:
             await nc.close()
             raise NatsUnavailable(f"JetStream not usable: {exc}") from exc
