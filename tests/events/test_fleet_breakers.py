@@ -18,8 +18,8 @@ from fleet import GatewayProcess, fleet_config
 from support import ADMIN_KEY, HANG_S, auth, chat_body, eventually, unlimited_acme
 from tollway.clock import SystemClock
 from tollway.events.breakers import FleetBreakers, probe_key
-from tollway.events.broker import EmbeddedNats, connect
-from tollway.events.schema import BREAKER_CHANGED, BreakerChanged, decode
+from tollway.events.broker import EmbeddedNats, connect, ensure_stream, stream_config
+from tollway.events.schema import BREAKER_CHANGED, BreakerChanged, decode, encode
 from tollway.resilience import Breakers
 from tollway.testing.upstream import FakeUpstream, Fault
 
@@ -156,6 +156,16 @@ async def test_peer_events_apply_once_and_are_not_published_again(
         assert fleet.kv is not None
         assert await fleet.kv.create(probe_key("p"), b"x")
         assert probe_key("a.b") != probe_key("a_b") and "=" in probe_key("a.b")
+        # A process that starts later finds the provider's last change in the stream.
+        js = nc.jetstream()
+        await ensure_stream(js, stream_config())
+        await js.publish(opened.subject(), encode(msgspec.structs.replace(
+            opened, event_id="e7", occurred_at=time.time())))
+        late = Breakers(["p", "q"], clock)
+        later = FleetBreakers(late, "late", lease_s=5.0)
+        await later.start(nc)
+        await later.stop()
+        assert (late.state("p"), late.state("q")) == ("open", "closed")
     finally:
         await fleet.stop()
         await nc.close()

@@ -37,7 +37,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from tollway.breaker import BreakerTransition
-from tollway.events.schema import BREAKER_CHANGED, BreakerChanged, decode
+from tollway.events.schema import BREAKER_CHANGED, STREAM, BreakerChanged, decode, subject_token
 
 if TYPE_CHECKING:
     from tollway.resilience import Breakers
@@ -70,8 +70,9 @@ class FleetBreakers:
     prober per provider when a cool-down ends (see the module docstring)."""
 
     def __init__(self, breakers: Breakers, instance: str, *, lease_s: float = 30.0,
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, stream: str = STREAM) -> None:
         self.breakers = breakers
+        self.stream = stream
         self.instance = instance
         self.lease_s = lease_s
         self.replicas = replicas
@@ -94,6 +95,18 @@ class FleetBreakers:
             log.warning("breakers: no probe lease bucket (%s); each process probes alone", exc)
         self._sub = await nc.subscribe(f"{BREAKER_CHANGED}.>", cb=self._on_msg)
         self.breakers.hooks.append(self._changed)
+        # A process that starts while a provider's breaker is open elsewhere opens its own:
+        # the last change of each provider is in the stream.
+        js = nc.jetstream()
+        for name in list(self.breakers.breakers):
+            try:
+                raw = await js.get_last_msg(self.stream,
+                                            f"{BREAKER_CHANGED}.{subject_token(name)}")
+                event = decode(raw.data or b"")
+            except Exception:  # none yet (the common case), or not readable: nothing to do
+                continue
+            if isinstance(event, BreakerChanged):
+                self.apply(event)
         # Breakers already open (the process started after they opened) get their timer too.
         for name, breaker in self.breakers.breakers.items():
             if breaker.state(self.breakers.clock.monotonic()) == "open":

@@ -39,7 +39,8 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     if config.breaker.fleet:
         svc.breakers = FleetBreakers(gateway.breakers, svc.instance,
                                      lease_s=config.breaker.probe_lease_s,
-                                     replicas=config.events.replicas)
+                                     replicas=config.events.replicas,
+                                     stream=config.events.stream)
     try:
         await svc.start()
     except BaseException:
