@@ -132,3 +132,19 @@ def test_missing_secret_refuses_to_start() -> None:
     with pytest.raises(ConfigError, match="FAKE_API_KEY"):
         create_app(cfg, env={})
     create_app(cfg, env=gateway_env())  # and starts once it is set
+
+
+def test_nats_url_is_one_url_or_a_clusters_list(tmp_path: Path) -> None:
+    for url, want in (('"embedded"', "embedded"), ('"nats://h1:4222"', "nats://h1:4222"),
+                      ('["nats://h1:4222", "h2:4222", "tls://h3:4222"]',
+                       ["nats://h1:4222", "h2:4222", "tls://h3:4222"])):
+        cfg = load_config(write(tmp_path, f"[nats]\nurl = {url}\n[events]\nreplicas = 3\n"),
+                          env={})
+        assert cfg.nats.url == want and cfg.events.replicas == 3
+    for url, path, words in (('[]', "$.nats.url", "at least one"),
+                             ('["nats://h1:4222", "embedded"]', "$.nats.url[1]", "embedded"),
+                             ('"http://h1:4222"', "$.nats.url", "not http://"),
+                             ('["nats://a:1", "redis://b:2"]', "$.nats.url[1]", "redis")):
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, f"[nats]\nurl = {url}\n"), env={})
+        assert err.value.path == path and words in str(err.value)

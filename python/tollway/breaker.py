@@ -67,7 +67,9 @@ class BreakerTransition(NamedTuple):
     from_state: BreakerState
     to_state: BreakerState
     at: float  # monotonic seconds; open -> half_open is dated at the timeout's end
-    reason: str  # failure_threshold, failure_rate, recovery_elapsed, probe_*, reset
+    # failure_threshold, failure_rate, recovery_elapsed, probe_*, reset; peer: applied
+    # from another gateway process's breaker (tollway.events.breakers), not news of ours
+    reason: str
 
 
 Listener = Callable[[BreakerTransition], None]
@@ -154,6 +156,18 @@ class CircuitBreaker:
     def reset(self, now: float | None = None) -> BreakerTransition | None:
         """Closes the breaker and forgets its history (an operator's override)."""
         return self._after(self._core.reset(now))
+
+    def force_open(self, open_for_s: float,
+                   now: float | None = None) -> BreakerTransition | None:
+        """Opens it for ``open_for_s`` because a peer's breaker for the same provider
+        opened (reason ``peer``), or, already open, moves the end of the open period to
+        ``now + open_for_s``: a peer's new cool-down, or a hold while a peer probes."""
+        return self._after(self._core.force_open(open_for_s, now))
+
+    def force_close(self, now: float | None = None) -> BreakerTransition | None:
+        """Closes it because a peer's probe succeeded (reason ``peer``); the streak of
+        opens is kept, unlike :meth:`reset`."""
+        return self._after(self._core.force_close(now))
 
     def _after(self, raw: tuple[str, str, float, str] | None) -> BreakerTransition | None:
         if self._core.pending_transitions:

@@ -71,6 +71,8 @@ class ServerConfig(_Base):
 
 
 class NatsConfig(_Base):
+    # "embedded", or a server's URL, or a cluster's as a list (tried in turn; the nodes the
+    # cluster announces are added): ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222", ...]
     url: str | list[str] = "embedded"
     data_dir: str = ".tollway"
     enabled: bool = True
@@ -209,6 +211,12 @@ class BreakerConfig(_Base):
     max_recovery_s: Positive = 300.0
     half_open_max_calls: Annotated[int, Meta(ge=1)] = 1
     success_threshold: Annotated[int, Meta(ge=1)] = 1  # good probes that close it
+    # With NATS, every gateway process on it shares its breakers: an open in one opens
+    # them all, and one process sends the half-open probe (tollway.events.breakers).
+    fleet: bool = True
+    # How long that process holds the probe (the others stay open meanwhile, unless its
+    # outcome arrives first): longer than a probe call takes.
+    probe_lease_s: Positive = 30.0
 
 
 class PolicyConfig(_Base):
@@ -386,8 +394,30 @@ def _check_http_client(name: str, source: str, path: str) -> None:
                           f"protocol suite can be chosen{why}", source=source, path=path)
 
 
+def _check_nats_url(url: str | list[str], source: str) -> None:
+    """``"embedded"``, or one server URL, or a cluster's: a list (or one string with commas);
+    a URL without a scheme is ``nats://``, as nats-py reads it."""
+    if url == "embedded":
+        return
+    urls = [url] if isinstance(url, str) else url
+    parts = [(i, p.strip()) for i, u in enumerate(urls) for p in u.split(",")]
+    if not any(p for _, p in parts):
+        raise ConfigError("url needs at least one server URL (or \"embedded\")",
+                          source=source, path="$.nats.url")
+    for i, p in parts:
+        where = "$.nats.url" if isinstance(url, str) else f"$.nats.url[{i}]"
+        if p == "embedded":
+            raise ConfigError("\"embedded\" cannot be one of several URLs", source=source,
+                              path=where)
+        scheme = p.partition("://")[0] if "://" in p else "nats"
+        if p and scheme not in ("nats", "tls", "ws", "wss"):
+            raise ConfigError(f"a NATS URL is nats://, tls://, ws:// or wss://, not {scheme}://",
+                              source=source, path=where)
+
+
 def _check(cfg: Config, file_cfg: Config, source: str) -> None:
     """Cross-references; paths point into the file where the fault is."""
+    _check_nats_url(file_cfg.nats.url, source)
     seen: set[str] = set()
     for i, p in enumerate(file_cfg.providers):
         if p.name in seen:

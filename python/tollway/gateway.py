@@ -95,10 +95,16 @@ class Gateway:
         return self.local_budget if self.events is None else self.events.budget
 
     def _breaker_changed(self, t: BreakerTransition, failures: int) -> None:
-        # The events layer, when running, publishes breaker changes (breaker.changed).
-        if self.events is not None:
+        # The events layer, when running, publishes breaker changes (breaker.changed). A
+        # change applied from another process's event (reason "peer") is not news: sent
+        # again, every peer would echo it back.
+        if self.events is not None and t.reason != "peer":
+            recovery = 0.0
+            if t.to_state == "open":
+                recovery = self.breakers[t.breaker].snapshot(t.at).recovery_timeout
             self.events.recorder.breaker_changed(t.breaker, t.from_state, t.to_state,
-                                                 failures=failures, reason=t.reason)
+                                                 failures=failures, reason=t.reason,
+                                                 recovery_s=recovery)
 
     async def not_ready_reasons(self) -> list[str]:
         if not self.ready:

@@ -59,6 +59,9 @@ pub enum Reason {
     ProbeFailed,
     /// `reset` was called (an operator's decision).
     Reset,
+    /// Another gateway process's breaker for the same provider changed
+    /// (`force_open` / `force_close`); not news to publish again.
+    Peer,
 }
 
 impl Reason {
@@ -70,6 +73,7 @@ impl Reason {
             Reason::ProbeSucceeded => "probe_succeeded",
             Reason::ProbeFailed => "probe_failed",
             Reason::Reset => "reset",
+            Reason::Peer => "peer",
         }
     }
 }
@@ -494,6 +498,42 @@ impl CircuitBreaker {
         inner.timeout = self.config.recovery_s;
         inner.failures.clear();
         inner.window.clear();
+        self.publish(&inner);
+        last
+    }
+
+    /// Opens the breaker for `open_for_s` from `now` because a peer's breaker
+    /// for the same provider did (or, already open, moves the end of the
+    /// open period to `now + open_for_s`: a peer's new cool-down, or a hold
+    /// while a peer sends the fleet's one probe). A negative or non-finite
+    /// `open_for_s` is taken as 0. Returns the transition when it was not
+    /// open (reason `Peer`).
+    pub fn force_open(&self, now: f64, open_for_s: f64) -> Option<Transition> {
+        let open_for = if open_for_s.is_finite() { open_for_s.max(0.0) } else { 0.0 };
+        let mut inner = self.lock();
+        let mut last = None;
+        self.advance(&mut inner, now, &mut last);
+        if !matches!(inner.phase, Phase::Open { .. }) {
+            self.open(&mut inner, now, Reason::Peer, &mut last);
+        }
+        inner.timeout = open_for;
+        inner.phase = Phase::Open {
+            until: now + open_for,
+        };
+        self.publish(&inner);
+        last
+    }
+
+    /// Closes the breaker because a peer's probe succeeded; unlike `reset`
+    /// it keeps the streak of opens (a relapse waits longer). Returns the
+    /// transition when it was not closed (reason `Peer`).
+    pub fn force_close(&self, now: f64) -> Option<Transition> {
+        let mut inner = self.lock();
+        let mut last = None;
+        self.advance(&mut inner, now, &mut last);
+        if !matches!(inner.phase, Phase::Closed { .. }) {
+            self.close(&mut inner, now, Reason::Peer, &mut last);
+        }
         self.publish(&inner);
         last
     }

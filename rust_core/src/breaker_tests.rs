@@ -387,3 +387,42 @@ fn names_are_stable() {
     assert_eq!(State::HalfOpen.as_str(), "half_open");
     assert_eq!(Reason::FailureThreshold.as_str(), "failure_threshold");
 }
+
+#[test]
+fn force_open_adopts_a_peers_open_and_its_cool_down() {
+    let b = CircuitBreaker::default();
+    let t = b.force_open(T0, 7.0).expect("closed -> open");
+    assert_eq!((t.from, t.to, t.at, t.reason), (State::Closed, State::Open, T0, Reason::Peer));
+    assert!(!b.allow(T0 + 6.9));
+    assert_eq!(b.snapshot(T0).opens, 1);
+    assert_eq!(b.snapshot(T0).recovery_timeout_s, 7.0);
+    // Already open: the end moves (a hold while a peer probes), no transition.
+    assert_eq!(b.force_open(T0 + 6.0, 10.0), None);
+    assert_eq!(b.state(T0 + 15.9), State::Open);
+    assert_eq!(b.snapshot(T0 + 15.9).opens, 1);
+    assert!(b.allow(T0 + 16.0), "half-open after the new end: one probe");
+    assert!(!b.allow(T0 + 16.0));
+    // From half-open: back to open, and the probe's late outcome says nothing.
+    let t = b.force_open(T0 + 16.5, 5.0).expect("half_open -> open");
+    assert_eq!((t.from, t.to, t.reason), (State::HalfOpen, State::Open, Reason::Peer));
+    assert_eq!(b.record_success(T0 + 16.6, 0.1), None);
+    assert_eq!(b.state(T0 + 16.6), State::Open);
+    // Bad lengths are taken as 0: open until now, then half-open.
+    assert_eq!(b.force_open(T0 + 17.0, f64::NAN), None);
+    assert_eq!(b.state(T0 + 17.0), State::HalfOpen);
+}
+
+#[test]
+fn force_close_keeps_the_streak() {
+    let b = CircuitBreaker::default();
+    assert_eq!(b.force_close(T0), None, "closed already");
+    trip(&b, T0);
+    let t = b.force_close(T0 + 1.0).expect("open -> closed");
+    assert_eq!((t.from, t.to, t.reason), (State::Open, State::Closed, Reason::Peer));
+    assert!(b.allow(T0 + 1.0));
+    // A relapse soon after waits twice as long: the streak was kept.
+    let t = trip(&b, T0 + 2.0);
+    assert_eq!(t.to, State::Open);
+    assert_eq!(b.retry_after(T0 + 2.0), 60.0);
+    assert_eq!(Reason::Peer.as_str(), "peer");
+}

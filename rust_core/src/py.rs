@@ -1045,6 +1045,18 @@ mod limiter_breaker {
             caught(|| self.0.reset(now).map(transition))
         }
 
+        #[pyo3(signature = (open_for_s, now = None))]
+        fn force_open(&self, open_for_s: f64, now: Option<f64>) -> PyResult<Option<TransitionTuple>> {
+            let now = now_or_clock(now)?;
+            caught(|| self.0.force_open(now, open_for_s).map(transition))
+        }
+
+        #[pyo3(signature = (now = None))]
+        fn force_close(&self, now: Option<f64>) -> PyResult<Option<TransitionTuple>> {
+            let now = now_or_clock(now)?;
+            caught(|| self.0.force_close(now).map(transition))
+        }
+
         fn drain_transitions(&self) -> PyResult<Vec<TransitionTuple>> {
             caught(|| self.0.drain_transitions().into_iter().map(transition).collect())
         }

@@ -18,12 +18,14 @@ import tollway.events.nats.bulk
 from support import panics_once
 from tollway.events.broker import (
     EmbeddedNats,
+    connect,
     ensure_kv,
     ensure_stream,
     nats_server_binary,
     stream_config,
 )
 from tollway.events.nats.bulk import Batch, BulkError, BulkReader, BulkUnavailable, Endpoint
+from tollway.events.nats.wire import PublishWire
 from tollway.events.projections import default_projections
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.replay import replay
@@ -399,3 +401,29 @@ async def test_a_panic_in_the_frame_scanner_leaves_the_views_to_nats_py(
     assert [p.view for p in runner.projections] == [
         p.view for p in pure_fold(list(enumerate(lines, 1)))]
     await runner.stop()
+
+
+async def test_the_nodes_of_a_cluster_are_tried_in_turn(nats_server: EmbeddedNats,
+                                                         nc: NatsClient) -> None:
+
+
+    with socket.socket() as s:  # a port nobody listens on: a node that is down
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    live = Endpoint.from_url(nats_server.url)
+    # The client's server first, then the rest of its pool, with its credentials.
+    client = await connect([nats_server.url, f"nats://127.0.0.1:{dead}"])
+    try:
+        eps = Endpoint.all_of_client(client)
+        assert [(e.host, e.port) for e in eps] == [(live.host, live.port), ("127.0.0.1", dead)]
+        reader = await BulkReader.connect(client)
+        await reader.close()
+    finally:
+        await client.close()
+    wire = await PublishWire.open_any([Endpoint("127.0.0.1", dead), live], timeout=5.0)
+    try:
+        assert not wire.closed and wire.server_info.get("port") == live.port
+    finally:
+        await wire.close()
+    with pytest.raises(BulkError):
+        await PublishWire.open_any([Endpoint("127.0.0.1", dead)], timeout=5.0)

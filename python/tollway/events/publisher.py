@@ -393,7 +393,15 @@ class Publisher:
             await self._spill_and_sync("nats_down")
             return False
         if self._no_stream and self.on_no_stream is not None:
-            await self.on_no_stream()
+            try:
+                await self.on_no_stream()
+            except Exception as exc:
+                # A cluster electing the stream's leader answers nothing for a moment:
+                # the events wait in the outbox and the next cycle asks again.
+                self._log(logging.WARNING, "ensure", "events: the stream cannot be checked "
+                          "(%s); events wait in the outbox", type(exc).__name__)
+                await self._spill_and_sync("nats_down")
+                return False
             self._no_stream = False
         while True:
             if self.outbox.sync_due:  # under a load that never lets the task idle
@@ -508,8 +516,8 @@ class Publisher:
             await self._close_wire()
         if not self._no_wire and time.monotonic() >= self._wire_retry_at:
             try:
-                self._wire = await PublishWire.open(
-                    Endpoint.of_client(nc), name=f"tollway publisher {self.instance}".strip(),
+                self._wire = await PublishWire.open_any(
+                    Endpoint.all_of_client(nc), name=f"tollway publisher {self.instance}".strip(),
                     timeout=self.publish_timeout_s)
                 self._wire_backoff = 0.0
                 return True
@@ -578,8 +586,8 @@ class Publisher:
 
     def _no_stream_seen(self) -> None:
         self._no_stream = True
-        self._log(logging.ERROR, "nostream", "events: no JetStream stream listens on the "
-                  "event subjects")
+        self._log(logging.WARNING, "nostream", "events: no JetStream stream answers on the "
+                  "event subjects (none, or a cluster electing its leader)")
 
     async def _publish_nats_py(self, entries: list[OutboxEntry]) -> list[int]:
         nc = self._nc

@@ -25,9 +25,9 @@ class EventRecorder:
         self._submit(rec)
 
     def breaker_changed(self, provider: str, previous: str, state: str, *,
-                        failures: int = 0, reason: str = "") -> None:
+                        failures: int = 0, reason: str = "", recovery_s: float = 0.0) -> None:
         """For the breaker's state-change hook; also never blocks."""
         self._submit(BreakerChanged(
             event_id=self.publisher.new_id(), occurred_at=time.time(),
             instance=self.publisher.instance, provider=provider, previous=previous,
-            state=state, failures=failures, reason=reason))
+            state=state, failures=failures, reason=reason, recovery_s=recovery_s))

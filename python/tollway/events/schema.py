@@ -125,6 +125,9 @@ class BreakerChanged(Event, frozen=True, kw_only=True, tag="breaker.changed"):
     state: str = ""
     failures: int = 0
     reason: str = ""
+    # How long it stays open (state "open"): every other gateway process on the NATS opens
+    # its breaker for the provider for as long (tollway.events.breakers).
+    recovery_s: float = 0.0
 
     def subject(self) -> str:
         return f"{self.subject_prefix}.{subject_token(self.provider)}"

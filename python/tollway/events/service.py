@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 from tollway.config import EventsConfig, NatsConfig
+from tollway.events.breakers import FleetBreakers
 from tollway.events.broker import (
     EmbeddedNats,
     NatsUnavailable,
@@ -46,6 +49,22 @@ log = logging.getLogger("tollway.events")
 
 def default_instance() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def _kv_answers(kv: KeyValue, within: float = 15.0) -> None:
+    """Wait until the bucket answers a read: on a cluster, a bucket just made by this or
+    another gateway has no leader for a second or two, and reads time out meanwhile."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await kv.get("_ready")
+            return
+        except KeyNotFoundError:
+            return
+        except (TimeoutError, NatsTimeoutError, ServiceUnavailableError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 class EventsService:
@@ -84,6 +103,8 @@ class EventsService:
             self._by_name["budget"], publisher=self.publisher, instance=self.instance,
             ttl_s=cfg.reservation_ttl_s, fail_open=cfg.budget_fail_open,
             publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics, clock=clock)
+        # Set by the app before start when the breakers are shared ([breaker] fleet).
+        self.breakers: FleetBreakers | None = None
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.last_error = ""
@@ -125,6 +146,7 @@ class EventsService:
             await self._ensure_stream(nc)
             self.kv = await ensure_kv(nc.jetstream(), self.config.kv_bucket,
                                       self.config.replicas)
+            await _kv_answers(self.kv)
         except Exception as exc:
             await nc.close()
             raise NatsUnavailable(f"JetStream not usable: {exc}") from exc
@@ -138,6 +160,8 @@ class EventsService:
         self.budget.nc = nc
         self.budget.runner = self.runner
         await self.runner.start()
+        if self.breakers is not None:
+            await self.breakers.start(nc)
 
     async def _keep_connecting(self) -> None:
         delay = 0.5
@@ -183,6 +207,8 @@ class EventsService:
                     await task
         self._connector = self._maintainer = None
         self.budget.close()  # idle leases given back while the publisher still runs
+        if self.breakers is not None and self.breakers.nc is not None:
+            await self.breakers.stop()
         await self.publisher.stop(timeout=self.config.publish_timeout_s + 1)
         if self.runner is not None:
             await self.runner.stop()

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tollway.errors import InvalidRequest, NotReady, PermissionDenied, error_body
+from tollway.events.breakers import FleetBreakers
 from tollway.events.schema import day_of
 from tollway.events.service import EventsService
 
@@ -35,6 +36,11 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
         return
     svc = EventsService(config.nats, config.events, registry=gateway.metrics.registry,
                         clock=gateway.clock.time)
+    if config.breaker.fleet:
+        svc.breakers = FleetBreakers(gateway.breakers, svc.instance,
+                                     lease_s=config.breaker.probe_lease_s,
+                                     replicas=config.events.replicas,
+                                     stream=config.events.stream)
     try:
         await svc.start()
     except BaseException:

@@ -29,7 +29,7 @@ import contextlib
 import os
 from bisect import bisect_right
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlparse
 
@@ -94,6 +94,25 @@ class Endpoint:
         if token is not None:
             return cls(host=u.hostname or "127.0.0.1", port=u.port or 4222, token=str(token))
         return cls._of(u.hostname, u.port, u.username, u.password)
+
+    @classmethod
+    def all_of_client(cls, nc: NatsClient) -> list[Endpoint]:
+        """The server a nats-py client is connected to, then the other servers of its pool
+        (the configured URLs and those the cluster announced), with the same credentials
+        unless a URL carries its own: what a raw connection tries in turn."""
+        first = cls.of_client(nc)
+        out = [first]
+        for u in nc.servers:
+            if u.scheme != "nats":
+                continue
+            if u.username is not None:
+                ep = cls._of(u.hostname, u.port, u.username, u.password)
+            else:
+                ep = replace(first, host=u.hostname or "127.0.0.1",
+                                         port=u.port or 4222)
+            if all((ep.host, ep.port) != (o.host, o.port) for o in out):
+                out.append(ep)
+        return out
 
     @classmethod
     def _of(cls, host: str | None, port: int | None, user: str | None,
@@ -203,18 +222,27 @@ class BulkReader:
         """A reader connected to ``target``: the server a nats-py client is connected to (with
         its credentials), a ``nats://`` URL, or an :class:`Endpoint`."""
         if isinstance(target, Endpoint):
-            ep = target
+            eps = [target]
         elif isinstance(target, str):
-            ep = Endpoint.from_url(target)
+            eps = [Endpoint.from_url(target)]
         else:
-            ep = Endpoint.of_client(target)
-        reader = cls(ep, name=name, timeout=timeout)
-        try:
-            await reader._open()
-        except BaseException:
-            await reader.close()
-            raise
-        return reader
+            # A cluster: the client's server first, then the others in turn (the one it was
+            # on may have just died, before the client noticed).
+            eps = Endpoint.all_of_client(target)
+        for i, ep in enumerate(eps):
+            reader = cls(ep, name=name, timeout=timeout)
+            try:
+                await reader._open()
+            except BulkError:
+                await reader.close()
+                if i == len(eps) - 1:
+                    raise
+                continue
+            except BaseException:
+                await reader.close()
+                raise
+            return reader
+        raise BulkError("no server to connect to")  # not reached: eps is never empty
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()

@@ -129,6 +129,21 @@ class PublishWire(asyncio.Protocol):
             wire._creds = None  # not kept around once used
         return wire
 
+    @classmethod
+    async def open_any(cls, endpoints: Sequence[Endpoint], *, name: str = "tollway publisher",
+                       timeout: float = 2.0) -> PublishWire:
+        """:meth:`open` on each of ``endpoints`` in turn (the nodes of a cluster) until one
+        answers; the last BulkError when none does."""
+        for i, ep in enumerate(endpoints):
+            try:
+                return await cls.open(ep, name=name, timeout=timeout)
+            except BulkUnavailable:
+                raise
+            except BulkError:
+                if i == len(endpoints) - 1:
+                    raise
+        raise BulkError("no server to connect to")
+
     @property
     def closed(self) -> bool:
         t = self._transport
