@@ -64,6 +64,10 @@ class AccessRecord(logging.LogRecord):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker  # under `tollway serve --workers N`: this process's number
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": round(record.created, 6),
@@ -71,6 +75,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         rid = request_id_var.get()
         if rid:
             out["request_id"] = rid
@@ -86,8 +92,10 @@ class JsonFormatter(logging.Formatter):
         return _encode(out).decode()
 
 
-def configure_logging(level: str = "info", stream: IO[str] | None = None) -> None:
-    """JSON lines on stderr for tollway (and uvicorn's own messages).
+def configure_logging(level: str = "info", stream: IO[str] | None = None, *,
+                      worker: int | None = None) -> None:
+    """JSON lines on stderr for tollway (and uvicorn's own messages); ``worker``: the
+    process's number under ``tollway serve --workers N``, on every line.
 
     Also turns off what the JSON lines never show and stdlib logging computes
     for every record (caller frame, thread, process names).
@@ -97,7 +105,7 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(worker))
     for name in ("tollway", "uvicorn", "uvicorn.error"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]

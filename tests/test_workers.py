@@ -1,0 +1,354 @@
+"""``tollway serve --workers N``: real processes on one port, the parent's embedded NATS.
+
+Each test runs the command as operators do, against the fake upstream, and
+reads what the processes say on stderr (JSON lines, each worker's carrying its
+number) and what the stream holds once they are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from events.helpers import read_stream
+from support import ACME_KEY, HANG_S, UPSTREAM_KEY, auth, chat_body, eventually
+from tollway.auth import hash_key
+from tollway.events.broker import EmbeddedNats, connect
+from tollway.events.schema import CallEvent
+from tollway.testing.upstream import FakeUpstream
+from tollway.workers import worker_count
+
+CHAT = "/api/ai/v1/chat/completions"
+
+
+def write_config(tmp_path: Path, base_url: str, *, drain_timeout_s: float = 30.0,
+                 nats: str = "embedded") -> Path:
+    cfg = tmp_path / "tollway.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [server]
+        builtin_models = false
+        builtin_providers = false
+        drain_timeout_s = {drain_timeout_s}
+        [nats]
+        url = "{nats}"
+        data_dir = "{tmp_path / 'data'}"
+        [[providers]]
+        name = "fake"
+        base_url = "{base_url}"
+        api_key_env = "FAKE_API_KEY"
+        first_byte_timeout_s = 120
+        [[models]]
+        id = "gpt-4o-mini"
+        provider = "fake"
+        input_usd_per_mtok = 0.15
+        output_usd_per_mtok = 0.60
+        [[tenants]]
+        id = "acme"
+        tier = "standard"
+        daily_usd = 1000.0
+        key_sha256 = ["{hash_key(ACME_KEY)}"]
+        [tenants.limits]
+        per_minute = 100000
+        per_hour = 1000000
+        per_day = 10000000
+        expensive_per_hour = 100000
+    """))
+    return cfg
+
+
+class Fleet:
+    """One ``tollway serve --workers N`` (the parent and its workers), its log lines kept."""
+
+    def __init__(self, cfg: Path, workers: int | str = 2) -> None:
+        self.cmd = [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
+                    "--port", "0", "--workers", str(workers)]
+        self.env = {**os.environ, "FAKE_API_KEY": UPSTREAM_KEY}
+        self.lines: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.pids: list[int] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Fleet:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        serving = eventually(lambda: self.first("serving", logger="tollway.workers")
+                             or self.proc is None or self.proc.poll() is not None)
+        assert isinstance(serving, dict), f"the fleet did not start: {self.lines[-5:]}"
+        self.port = int(serving["port"])
+        self.pids = list(serving["pids"])
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with self.proc.stderr as stderr:
+            for line in stderr:
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    self.lines.append({"msg": line.rstrip()})
+
+    def logged(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
+        return [r for r in list(self.lines)
+                if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items())]
+
+    def first(self, msg: str, **fields: Any) -> dict[str, Any] | None:
+        found = self.logged(msg, **fields)
+        return found[0] if found else None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(HANG_S)
+        if self._reader is not None:
+            self._reader.join(HANG_S)
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(HANG_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.worker_pids():  # none should be left; a test that failed may leave
+            _kill(pid)
+        if self._reader is not None:
+            self._reader.join(HANG_S)
+
+    def worker_pids(self) -> set[int]:
+        return {int(r["pid"]) for r in self.logged("worker started")}
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _instance(pid: int) -> str:
+    return f"{socket.gethostname()}-{pid}"
+
+
+async def _stream_events(data: Path) -> list[CallEvent]:
+    """The call events in the stream a stopped fleet left in ``data``."""
+    with EmbeddedNats(data) as srv:
+        nc = await connect(srv.url)
+        try:
+            return [e for _, _, e in await read_stream(nc, "tollway.call.>")
+                    if isinstance(e, CallEvent)]
+        finally:
+            await nc.close()
+
+
+def _fresh_client() -> httpx.Client:
+    # No keep-alive: every call is a new connection, which any worker may accept.
+    return httpx.Client(timeout=HANG_S, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY, record=False) as up:
+        yield up
+
+
+def test_workers_auto_is_one_per_core_and_n_is_checked() -> None:
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+    assert worker_count("3") == 3
+    assert worker_count(2) == 2
+    for bad in ("0", "many", 0):
+        with pytest.raises(Exception, match="workers"):
+            worker_count(bad)
+
+
+def test_a_bad_workers_value_is_a_config_error(tmp_path: Path, upstream: FakeUpstream) -> None:
+    cfg = write_config(tmp_path, upstream.base_url)
+    r = subprocess.run([sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
+                        "--port", "0", "--workers", "zero"], capture_output=True, text=True,
+                       env={**os.environ, "FAKE_API_KEY": UPSTREAM_KEY}, timeout=HANG_S)
+    assert r.returncode == 2
+    assert "workers must be a number or 'auto'" in r.stderr
+
+
+async def test_two_workers_share_one_port_and_each_answered_call_has_one_event(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    fleet = Fleet(write_config(tmp_path, upstream.base_url)).start()
+    answered: list[str] = []
+    try:
+        assert len(set(fleet.pids)) == 2
+        assert fleet.proc is not None and fleet.proc.pid not in fleet.pids, "no parent"
+
+        def both_answered() -> bool:
+            with _fresh_client() as c:
+                for _ in range(10):
+                    r = c.post(fleet.url + CHAT, headers=auth(), json=chat_body())
+                    assert r.status_code == 200, r.text
+                    answered.append(r.headers["x-request-id"])
+            workers = {r.get("worker") for r in fleet.logged("request", status=200)}
+            return workers == {1, 2}
+
+        assert eventually(both_answered), "both workers answer calls on the one port"
+        # Each worker's lines carry its number, and it names itself once serving.
+        for wid, pid in ((1, fleet.pids[0]), (2, fleet.pids[1])):
+            assert fleet.first("worker serving", worker=wid, pid=pid)
+        assert len(fleet.logged("embedded nats-server ready")) == 1, "one nats-server"
+    finally:
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait() == 0
+    events = await _stream_events(tmp_path / "data")
+    by_request = Counter(e.request_id for e in events)
+    assert set(by_request) == set(answered), "every answered call has its event, no other"
+    assert set(by_request.values()) == {1}, "and exactly one"
+    assert {e.instance for e in events} == {_instance(p) for p in fleet.pids}
+    outboxes = sorted(p.name for p in (tmp_path / "data" / "outbox").glob("events-*.log"))
+    assert outboxes == ["events-0.log", "events-1.log"], "an outbox file each"
+
+
+def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    fleet = Fleet(write_config(tmp_path, upstream.base_url)).start()
+    try:
+        first, other = fleet.pids
+        os.kill(first, signal.SIGKILL)
+        # The dead worker's queued connections stay with the live one: calls go on.
+        with _fresh_client() as c:
+            for _ in range(20):
+                assert c.post(fleet.url + CHAT, headers=auth(), json=chat_body()).status_code \
+                    == 200
+        exited = eventually(lambda: fleet.first("worker exited; starting another", pid=first))
+        assert exited and exited["worker"] == 1 and exited["status"] == "SIGKILL"
+        second = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving", worker=1)
+                                     if r["pid"] != first])
+        assert second, "worker 1 started again"
+        assert _alive(other), "the other worker was left alone"
+        # A crash loop backs off: the next quick crash waits twice as long.
+        os.kill(second[0], signal.SIGKILL)
+        again = eventually(lambda: fleet.first("worker exited; starting another",
+                                               pid=second[0]))
+        assert again and again["restart_in_s"] == 2 * exited["restart_in_s"] > 0
+        third = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving", worker=1)
+                                    if r["pid"] not in (first, second[0])])
+        assert third
+        with _fresh_client() as c:
+            workers = set()
+
+            def both() -> bool:
+                r = c.post(fleet.url + CHAT, headers=auth(), json=chat_body())
+                assert r.status_code == 200
+                workers.update(x.get("worker") for x in fleet.logged("request", status=200)
+                               if x.get("ts", 0) > again["ts"])
+                return workers == {1, 2}
+
+            assert eventually(both), "the restarted worker serves"
+    finally:
+        fleet.stop()
+    assert not any(_alive(p) for p in fleet.worker_pids())
+
+
+async def test_sigterm_drains_in_flight_calls_and_streams_then_stops(
+        tmp_path: Path) -> None:
+    gate = threading.Event()
+    with FakeUpstream(api_key=UPSTREAM_KEY, chunk_delay_s=0.02, reply_words=40) as up:
+        up.release = gate  # every reply waits for the test
+        fleet = Fleet(write_config(tmp_path, up.base_url)).start()
+        try:
+            async with httpx.AsyncClient(base_url=fleet.url, timeout=HANG_S) as client:
+                plain_id, stream_id = f"drain-{uuid.uuid4().hex}", f"drain-{uuid.uuid4().hex}"
+
+                async def plain() -> httpx.Response:
+                    return await client.post(CHAT, json=chat_body(), headers={
+                        **auth(), "X-Request-ID": plain_id})
+
+                async def streamed() -> tuple[int, list[str]]:
+                    async with client.stream("POST", CHAT, json=chat_body(stream=True),
+                                             headers={**auth(), "X-Request-ID": stream_id}
+                                             ) as r:
+                        return r.status_code, [x async for x in r.aiter_lines() if x]
+
+                calls = asyncio.gather(plain(), streamed())
+                await asyncio.to_thread(up.wait_for_requests, 2, HANG_S)
+                fleet.signal(signal.SIGTERM)
+                # Both workers are draining before the upstream answers.
+                assert await asyncio.to_thread(eventually, lambda: len(
+                    fleet.logged("Shutting down")) == 2)
+                gate.set()
+                done, (status, lines) = await calls
+        finally:
+            code = await asyncio.to_thread(fleet.wait)
+    assert code == 0
+    assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"]
+    assert status == 200 and lines[-1] == "data: [DONE]" and len(lines) > 40
+    assert fleet.first("workers stopped")
+    assert not any(_alive(p) for p in fleet.worker_pids())
+    # The parent stopped its nats-server only after the workers had flushed their events.
+    events = await _stream_events(tmp_path / "data")
+    assert Counter(e.request_id for e in events) == {plain_id: 1, stream_id: 1}
+    assert all(e.outcome == "completed" for e in events)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{fleet.port}/api/ai/health")
+
+
+def test_a_call_past_the_drain_deadline_does_not_keep_the_fleet_up(tmp_path: Path) -> None:
+    gate = threading.Event()
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        up.release = gate  # never set before the fleet is gone: the call outlasts the drain
+        fleet = Fleet(write_config(tmp_path, up.base_url, drain_timeout_s=0.5)).start()
+        result: list[Any] = []
+
+        def call() -> None:
+            try:
+                with _fresh_client() as c:
+                    result.append(c.post(fleet.url + CHAT, headers=auth(), json=chat_body()))
+            except httpx.HTTPError as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=call)
+        try:
+            t.start()
+            up.wait_for_requests(1, HANG_S)
+            fleet.signal(signal.SIGTERM)
+            assert fleet.wait() == 0
+        finally:
+            gate.set()
+            fleet.stop()
+            t.join(HANG_S)
+    assert fleet.logged("Cancel 1 running task(s), timeout graceful shutdown exceeded")
+    assert not any(_alive(p) for p in fleet.worker_pids())
+    assert result and not (isinstance(result[0], httpx.Response)
+                           and result[0].status_code == 200)
