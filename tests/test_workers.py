@@ -8,14 +8,10 @@ number) and what the stream holds once they are gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import uuid
 from collections import Counter
@@ -27,143 +23,12 @@ import httpx
 import pytest
 
 from events.helpers import read_stream
-from support import ACME_KEY, HANG_S, UPSTREAM_KEY, auth, chat_body, eventually
-from tollway.auth import hash_key
+from fleet_rig import CHAT, Fleet, alive, instance_of, write_config
+from support import HANG_S, UPSTREAM_KEY, auth, chat_body, eventually
 from tollway.events.broker import EmbeddedNats, connect
 from tollway.events.schema import CallEvent
 from tollway.testing.upstream import FakeUpstream
 from tollway.workers import worker_count
-
-CHAT = "/api/ai/v1/chat/completions"
-
-
-def write_config(tmp_path: Path, base_url: str, *, drain_timeout_s: float = 30.0,
-                 nats: str = "embedded") -> Path:
-    cfg = tmp_path / "tollway.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        [server]
-        builtin_models = false
-        builtin_providers = false
-        drain_timeout_s = {drain_timeout_s}
-        [nats]
-        url = "{nats}"
-        data_dir = "{tmp_path / 'data'}"
-        [[providers]]
-        name = "fake"
-        base_url = "{base_url}"
-        api_key_env = "FAKE_API_KEY"
-        first_byte_timeout_s = 120
-        [[models]]
-        id = "gpt-4o-mini"
-        provider = "fake"
-        input_usd_per_mtok = 0.15
-        output_usd_per_mtok = 0.60
-        [[tenants]]
-        id = "acme"
-        tier = "standard"
-        daily_usd = 1000.0
-        key_sha256 = ["{hash_key(ACME_KEY)}"]
-        [tenants.limits]
-        per_minute = 100000
-        per_hour = 1000000
-        per_day = 10000000
-        expensive_per_hour = 100000
-    """))
-    return cfg
-
-
-class Fleet:
-    """One ``tollway serve --workers N`` (the parent and its workers), its log lines kept."""
-
-    def __init__(self, cfg: Path, workers: int | str = 2) -> None:
-        self.cmd = [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
-                    "--port", "0", "--workers", str(workers)]
-        self.env = {**os.environ, "FAKE_API_KEY": UPSTREAM_KEY}
-        self.lines: list[dict[str, Any]] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.pids: list[int] = []
-        self._reader: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Fleet:
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        serving = eventually(lambda: self.first("serving", logger="tollway.workers")
-                             or self.proc is None or self.proc.poll() is not None)
-        assert isinstance(serving, dict), f"the fleet did not start: {self.lines[-5:]}"
-        self.port = int(serving["port"])
-        self.pids = list(serving["pids"])
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        with self.proc.stderr as stderr:
-            for line in stderr:
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    self.lines.append({"msg": line.rstrip()})
-
-    def logged(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
-        return [r for r in list(self.lines)
-                if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items())]
-
-    def first(self, msg: str, **fields: Any) -> dict[str, Any] | None:
-        found = self.logged(msg, **fields)
-        return found[0] if found else None
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self) -> int:
-        assert self.proc is not None
-        code = self.proc.wait(HANG_S)
-        if self._reader is not None:
-            self._reader.join(HANG_S)
-        return code
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(HANG_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.worker_pids():  # none should be left; a test that failed may leave
-            _kill(pid)
-        if self._reader is not None:
-            self._reader.join(HANG_S)
-
-    def worker_pids(self) -> set[int]:
-        return {int(r["pid"]) for r in self.logged("worker started")}
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
-def _instance(pid: int) -> str:
-    return f"{socket.gethostname()}-{pid}"
 
 
 async def _stream_events(data: Path) -> list[CallEvent]:
@@ -235,7 +100,7 @@ async def test_two_workers_share_one_port_and_each_answered_call_has_one_event(
     by_request = Counter(e.request_id for e in events)
     assert set(by_request) == set(answered), "every answered call has its event, no other"
     assert set(by_request.values()) == {1}, "and exactly one"
-    assert {e.instance for e in events} == {_instance(p) for p in fleet.pids}
+    assert {e.instance for e in events} == {instance_of(p) for p in fleet.pids}
     outboxes = sorted(p.name for p in (tmp_path / "data" / "outbox").glob("events-*.log"))
     assert outboxes == ["events-0.log", "events-1.log"], "an outbox file each"
 
@@ -256,7 +121,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
         second = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving", worker=1)
                                      if r["pid"] != first])
         assert second, "worker 1 started again"
-        assert _alive(other), "the other worker was left alone"
+        assert alive(other), "the other worker was left alone"
         # A crash loop backs off: the next quick crash waits twice as long.
         os.kill(second[0], signal.SIGKILL)
         again = eventually(lambda: fleet.first("worker exited; starting another",
@@ -278,7 +143,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
             assert eventually(both), "the restarted worker serves"
     finally:
         fleet.stop()
-    assert not any(_alive(p) for p in fleet.worker_pids())
+    assert not any(alive(p) for p in fleet.worker_pids())
 
 
 async def test_sigterm_drains_in_flight_calls_and_streams_then_stops(
@@ -315,7 +180,7 @@ async def test_sigterm_drains_in_flight_calls_and_streams_then_stops(
     assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"]
     assert status == 200 and lines[-1] == "data: [DONE]" and len(lines) > 40
     assert fleet.first("workers stopped")
-    assert not any(_alive(p) for p in fleet.worker_pids())
+    assert not any(alive(p) for p in fleet.worker_pids())
     # The parent stopped its nats-server only after the workers had flushed their events.
     events = await _stream_events(tmp_path / "data")
     assert Counter(e.request_id for e in events) == {plain_id: 1, stream_id: 1}
@@ -349,6 +214,6 @@ def test_a_call_past_the_drain_deadline_does_not_keep_the_fleet_up(tmp_path: Pat
             fleet.stop()
             t.join(HANG_S)
     assert fleet.logged("Cancel 1 running task(s), timeout graceful shutdown exceeded")
-    assert not any(_alive(p) for p in fleet.worker_pids())
+    assert not any(alive(p) for p in fleet.worker_pids())
     assert result and not (isinstance(result[0], httpx.Response)
                            and result[0].status_code == 200)
