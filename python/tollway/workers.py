@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from tollway.config import Config, ConfigError
+from tollway.config import Config, ConfigError, default_config, load_config
 from tollway.events.broker import EmbeddedNats, _die_with
 
 log = logging.getLogger("tollway.workers")
@@ -280,7 +280,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     import argparse
 
     from tollway.app import create_app
-    from tollway.cli import _find_config
     from tollway.logs import configure_logging, logger
     from tollway.server import serve
 
@@ -291,7 +290,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     fd = int(os.environ[ENV_FD])
     ready_fd = int(os.environ[ENV_READY_FD])
     try:
-        config = _find_config(args.config)
+        # The parent passes the file it found (--config, $TOLLWAY_CONFIG, ./tollway.toml).
+        config = load_config(args.config) if args.config else default_config()
         nats_url = os.environ.get(ENV_NATS_URL)
         if nats_url:  # the parent's embedded server: connect to it, start none
             config.nats.url = nats_url
