@@ -189,7 +189,7 @@ async def test_sigterm_drains_in_flight_calls_and_streams_then_stops(
         httpx.get(f"http://127.0.0.1:{fleet.port}/api/ai/health")
 
 
-def test_a_call_past_the_drain_deadline_does_not_keep_the_fleet_up(tmp_path: Path) -> None:
+def test_a_call_past_the_drain_deadline_is_cut_with_a_503(tmp_path: Path) -> None:
     gate = threading.Event()
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
         up.release = gate  # never set before the fleet is gone: the call outlasts the drain
@@ -215,5 +215,10 @@ def test_a_call_past_the_drain_deadline_does_not_keep_the_fleet_up(tmp_path: Pat
             t.join(HANG_S)
     assert fleet.logged("Cancel 1 running task(s), timeout graceful shutdown exceeded")
     assert not any(alive(p) for p in fleet.worker_pids())
-    assert result and not (isinstance(result[0], httpx.Response)
-                           and result[0].status_code == 200)
+    # Cut at the deadline: a 503 to retry elsewhere (not a 500), and a failed event.
+    [r] = result
+    assert isinstance(r, httpx.Response) and r.status_code == 503, r
+    assert r.json()["error"]["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+    [event] = asyncio.run(_stream_events(tmp_path / "data"))
+    assert (event.request_id, event.outcome, event.status) == (
+        r.headers["x-request-id"], "failed", 503)
