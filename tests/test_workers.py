@@ -8,6 +8,7 @@ number) and what the stream holds once they are gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -222,3 +223,22 @@ def test_a_call_past_the_drain_deadline_is_cut_with_a_503(tmp_path: Path) -> Non
     [event] = asyncio.run(_stream_events(tmp_path / "data"))
     assert (event.request_id, event.outcome, event.status) == (
         r.headers["x-request-id"], "failed", 503)
+
+
+def test_a_second_fleet_on_the_same_data_folder_says_why_it_cannot_start(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    cfg = write_config(tmp_path, upstream.base_url)
+    fleet = Fleet(cfg).start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
+                            "--port", "0", "--workers", "2"], capture_output=True, text=True,
+                           env={**os.environ, "FAKE_API_KEY": UPSTREAM_KEY}, timeout=HANG_S)
+        assert r.returncode == 1
+        [line] = [json.loads(x) for x in r.stderr.splitlines()
+                  if "cannot start the embedded nats-server" in x]
+        assert "is in use by another tollway process" in line["msg"]
+        assert "Traceback" not in r.stderr
+        with _fresh_client() as c:
+            assert c.post(fleet.url + CHAT, headers=auth(), json=chat_body()).status_code == 200
+    finally:
+        fleet.stop()

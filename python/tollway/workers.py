@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from tollway.config import Config, ConfigError, default_config, load_config
-from tollway.events.broker import EmbeddedNats, _die_with
+from tollway.events.broker import EmbeddedNats, NatsUnavailable, _die_with
 
 log = logging.getLogger("tollway.workers")
 
@@ -129,7 +129,11 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._start_nats()
+            try:
+                self._start_nats()
+            except NatsUnavailable as exc:
+                log.error("cannot start the embedded nats-server: %s", exc)
+                return 1
             for slot in self.slots:
                 self._spawn(slot)
             while not self._signals:
