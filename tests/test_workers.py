@@ -242,3 +242,25 @@ def test_a_second_fleet_on_the_same_data_folder_says_why_it_cannot_start(
             assert c.post(fleet.url + CHAT, headers=auth(), json=chat_body()).status_code == 200
     finally:
         fleet.stop()
+
+
+def test_a_killed_parent_leaves_no_worker_nor_nats_server_behind(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    fleet = Fleet(write_config(tmp_path, upstream.base_url)).start()
+    ready = fleet.first("embedded nats-server ready")
+    assert ready is not None
+    children = [*fleet.pids, int(ready["pid"])]
+    assert all(alive(p) for p in children)
+    try:
+        fleet.signal(signal.SIGKILL)  # no drain, no goodbye: the kernel tells the children
+        assert fleet.wait() == -signal.SIGKILL
+        assert eventually(lambda: not any(alive(p) for p in children)), "orphans left"
+    finally:
+        fleet.stop()
+    # The next fleet starts on the same folder (the store's lock went with the server).
+    again = Fleet(write_config(tmp_path, upstream.base_url)).start()
+    try:
+        with _fresh_client() as c:
+            assert c.post(again.url + CHAT, headers=auth(), json=chat_body()).status_code == 200
+    finally:
+        again.stop()
