@@ -106,45 +106,72 @@ async def test_two_workers_share_one_port_and_each_answered_call_has_one_event(
     assert outboxes == ["events-0.log", "events-1.log"], "an outbox file each"
 
 
-def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
-        tmp_path: Path, upstream: FakeUpstream) -> None:
-    fleet = Fleet(write_config(tmp_path, upstream.base_url)).start()
-    try:
-        first, other = fleet.pids
-        os.kill(first, signal.SIGKILL)
-        # The dead worker's queued connections stay with the live one: calls go on.
-        with _fresh_client() as c:
-            for _ in range(20):
-                assert c.post(fleet.url + CHAT, headers=auth(), json=chat_body()).status_code \
-                    == 200
-        exited = eventually(lambda: fleet.first("worker exited; starting another", pid=first))
-        assert exited and exited["worker"] == 1 and exited["status"] == "SIGKILL"
-        second = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving", worker=1)
-                                     if r["pid"] != first])
-        assert second, "worker 1 started again"
-        assert alive(other), "the other worker was left alone"
-        # A crash loop backs off: the next quick crash waits twice as long.
-        os.kill(second[0], signal.SIGKILL)
-        again = eventually(lambda: fleet.first("worker exited; starting another",
-                                               pid=second[0]))
-        assert again and again["restart_in_s"] == 2 * exited["restart_in_s"] > 0
-        third = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving", worker=1)
-                                    if r["pid"] not in (first, second[0])])
-        assert third
-        with _fresh_client() as c:
-            workers = set()
+def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(tmp_path: Path) -> None:
+    answered: list[str] = []
+    stop = threading.Event()
 
-            def both() -> bool:
-                r = c.post(fleet.url + CHAT, headers=auth(), json=chat_body())
-                assert r.status_code == 200
-                workers.update(x.get("worker") for x in fleet.logged("request", status=200)
-                               if x.get("ts", 0) > again["ts"])
-                return workers == {1, 2}
+    def load() -> None:  # calls always in flight, each on a new connection
+        with _fresh_client() as c:
+            while not stop.is_set():
+                rid = f"kill-{uuid.uuid4().hex}"
+                try:
+                    r = c.post(fleet.url + CHAT, json=chat_body(),
+                               headers={**auth(), "X-Request-ID": rid})
+                except httpx.HTTPError:
+                    continue  # on the killed worker: not answered, nothing owed
+                if r.status_code == 200 and r.json()["choices"]:
+                    answered.append(rid)
 
-            assert eventually(both), "the restarted worker serves"
-    finally:
-        fleet.stop()
+    with FakeUpstream(api_key=UPSTREAM_KEY, latency_s=0.02, record=False) as up:
+        fleet = Fleet(write_config(tmp_path, up.base_url)).start()
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            assert eventually(lambda: len(answered) > 20)
+            first, other = fleet.pids
+            os.kill(first, signal.SIGKILL)  # mid-load
+            # New connections go to the live worker: calls go on.
+            with _fresh_client() as c:
+                for _ in range(20):
+                    r = c.post(fleet.url + CHAT, headers=auth(), json=chat_body())
+                    assert r.status_code == 200
+                    answered.append(r.headers["x-request-id"])
+            exited = eventually(lambda: fleet.first("worker exited; starting another",
+                                                    pid=first))
+            assert exited and exited["worker"] == 1 and exited["status"] == "SIGKILL"
+            second = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving",
+                                                                        worker=1)
+                                         if r["pid"] != first])
+            assert second, "worker 1 started again"
+            assert alive(other), "the other worker was left alone"
+            # A crash loop backs off: the next quick crash waits twice as long.
+            os.kill(second[0], signal.SIGKILL)
+            again = eventually(lambda: fleet.first("worker exited; starting another",
+                                                   pid=second[0]))
+            assert again and again["restart_in_s"] == 2 * exited["restart_in_s"] > 0
+            third = eventually(lambda: [r["pid"] for r in fleet.logged("worker serving",
+                                                                       worker=1)
+                                        if r["pid"] not in (first, second[0])])
+            assert third
+
+            def served_by() -> set[Any]:
+                return {x.get("worker") for x in fleet.logged("request", status=200)
+                        if x.get("ts", 0) > again["ts"]}
+
+            assert eventually(lambda: served_by() == {1, 2}), "the restarted worker serves"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(HANG_S)
+            fleet.stop()
     assert not any(alive(p) for p in fleet.worker_pids())
+    # What the killed workers had answered reached the stream through their successors
+    # (each takes over the outbox file a dead one held), once.
+    events = asyncio.run(_stream_events(tmp_path / "data"))
+    by_request = Counter(e.request_id for e in events)
+    assert not set(answered) - set(by_request), "an answered call has no event"
+    assert max(by_request.values()) == 1, "a call event stored twice"
 
 
 async def test_sigterm_drains_in_flight_calls_and_streams_then_stops(
