@@ -61,7 +61,10 @@ def write_config(directory: Path, base_url: str, *, drain_timeout_s: float = 30.
 class Fleet:
     """One ``tollway serve --workers N`` (the parent and its workers), its log lines kept."""
 
-    def __init__(self, cfg: Path, workers: int | str = 2) -> None:
+    def __init__(self, cfg: Path, workers: int | str = 2, *, terminal: bool = False) -> None:
+        """``terminal``: the parent leads its own process group, as a shell's foreground
+        job does (a Ctrl-C there is SIGINT to the whole group: :meth:`ctrl_c`)."""
+        self.terminal = terminal
         self.cmd = [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
                     "--port", "0", "--workers", str(workers)]
         self.env = {**os.environ, "FAKE_API_KEY": UPSTREAM_KEY}
@@ -77,7 +80,8 @@ class Fleet:
 
     def start(self) -> Fleet:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     process_group=0 if self.terminal else None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         serving = eventually(lambda: self.first("serving", logger="tollway.workers")
@@ -107,6 +111,11 @@ class Fleet:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the parent's process group, as a terminal sends it."""
+        assert self.proc is not None and self.terminal
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def wait(self) -> int:
         assert self.proc is not None

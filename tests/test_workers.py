@@ -291,3 +291,31 @@ def test_a_killed_parent_leaves_no_worker_nor_nats_server_behind(
             assert c.post(again.url + CHAT, headers=auth(), json=chat_body()).status_code == 200
     finally:
         again.stop()
+
+
+async def test_ctrl_c_in_a_terminal_drains_in_order(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole foreground group: the workers and the
+    nats-server each lead their own, so the parent alone decides the order (workers
+    drain, then the server stops), and the held call's event is in the stream, not
+    left in an outbox for the next start."""
+    gate = threading.Event()
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        up.release = gate
+        fleet = Fleet(write_config(tmp_path, up.base_url), terminal=True).start()
+        try:
+            async with httpx.AsyncClient(base_url=fleet.url, timeout=HANG_S) as client:
+                call = asyncio.ensure_future(client.post(CHAT, json=chat_body(),
+                                                         headers=auth()))
+                await asyncio.to_thread(up.wait_for_requests, 1, HANG_S)
+                fleet.ctrl_c()
+                assert await asyncio.to_thread(eventually, lambda: len(
+                    fleet.logged("Shutting down")) == 2)
+                gate.set()
+                r = await call
+        finally:
+            gate.set()
+            code = await asyncio.to_thread(fleet.wait)
+            fleet.stop()
+    assert code == 0 and r.status_code == 200
+    [event] = await _stream_events(tmp_path / "data")
+    assert event.request_id == r.headers["x-request-id"] and event.outcome == "completed"

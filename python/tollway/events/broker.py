@@ -186,6 +186,9 @@ class EmbeddedNats:
             stderr=self._log,
             pass_fds=(self._lock.fileno(),),  # an orphaned server keeps the store locked
             preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
+            # Its own process group: a Ctrl-C in the gateway's terminal is for the gateway,
+            # which stops the server once its calls have drained and their events are sent.
+            process_group=0 if os.name == "posix" else None,
         )
         # Now, not once ready: a gateway killed while the server boots leaves its pid here.
         self._write_runtime_file()
