@@ -319,3 +319,17 @@ async def test_ctrl_c_in_a_terminal_drains_in_order(tmp_path: Path) -> None:
     assert code == 0 and r.status_code == 200
     [event] = await _stream_events(tmp_path / "data")
     assert event.request_id == r.headers["x-request-id"] and event.outcome == "completed"
+
+
+def test_server_workers_and_drain_timeout_in_the_config() -> None:
+    from tollway.config import ConfigError, parse_config
+
+    def server(**kw: Any) -> Any:
+        return parse_config({"server": kw}, source="<test>", env={}).server
+
+    assert (server().workers, server().drain_timeout_s) == (1, 30.0)
+    assert server(workers="auto").workers == "auto"
+    assert worker_count(server(workers=3, drain_timeout_s=2.5).workers) == 3
+    for bad in ({"workers": 0}, {"workers": "many"}, {"drain_timeout_s": 0}):
+        with pytest.raises(ConfigError):
+            server(**bad)
