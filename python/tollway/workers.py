@@ -52,11 +52,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from tollway.config import Config, ConfigError, default_config, load_config
-from tollway.events.broker import EmbeddedNats, NatsUnavailable, _die_with
+from tollway.events.broker import EmbeddedNats, NatsUnavailable, die_with
 
 log = logging.getLogger("tollway.workers")
 
@@ -100,7 +100,6 @@ class _Slot:
     ready: bool = False
     failures: int = 0  # exits in a row of a worker that ran less than STABLE_S
     restart_at: float = 0.0  # when the slot is empty: when to start it again
-    pids: list[int] = field(default_factory=list)  # every pid it had, oldest first
 
 
 class Supervisor:
@@ -176,10 +175,9 @@ class Supervisor:
             # Its own process group: a Ctrl-C in the terminal reaches the parent only,
             # which drains the workers in order.
             process_group=0,
-            preexec_fn=_die_with(os.getpid()) if sys.platform.startswith("linux") else None)
+            preexec_fn=die_with(os.getpid()) if sys.platform.startswith("linux") else None)
         slot.started_at = time.monotonic()
         slot.ready = False
-        slot.pids.append(slot.proc.pid)
         log.info("worker started", extra={"worker": slot.wid, "pid": slot.proc.pid})
 
     def _tick(self) -> None:
