@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from events.helpers import read_stream
 from fleet_rig import CHAT, Fleet, alive, instance_of, write_config
@@ -90,6 +91,21 @@ async def test_two_workers_share_one_port_and_each_answered_call_has_one_event(
             return workers == {1, 2}
 
         assert eventually(both_answered), "both workers answer calls on the one port"
+
+        def scraped() -> dict[str, float]:  # calls counted per worker, by one scrape
+            with _fresh_client() as c:
+                text = c.get(fleet.url + "/api/ai/metrics").text
+            by_worker: Counter[str] = Counter()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "tollway_requests_total":
+                        by_worker[sample.labels["worker"]] += sample.value
+            return by_worker
+
+        # Any worker's scrape shows both (the other's as of its last share).
+        assert eventually(lambda: scraped() == Counter(
+            str(r["worker"]) for r in fleet.logged("request", status=200)
+            if r["path"] == CHAT))
         # Each worker's lines carry its number, and it names itself once serving.
         for wid, pid in ((1, fleet.pids[0]), (2, fleet.pids[1])):
             assert fleet.first("worker serving", worker=wid, pid=pid)

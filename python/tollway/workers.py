@@ -39,7 +39,7 @@ Life cycle:
 
 Every log line of a worker carries ``"worker": <n>`` (1 to N); the parent's
 lines come from the ``tollway.workers`` logger. Metrics: each worker keeps its
-own registry (see the README, "Running a fleet").
+own registry, and a scrape shows them all, labelled by worker (:class:`SharedMetrics`).
 """
 
 from __future__ import annotations
@@ -51,9 +51,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from tollway.config import Config, ConfigError, default_config, load_config
 from tollway.events.broker import EmbeddedNats, NatsUnavailable, die_with
@@ -71,6 +79,7 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 EXIT_GRACE_S = 15.0  # past the drain: the workers' event flush and shutdown
 POLL_S = 0.05
+SHARE_EVERY_S = 5.0  # a worker's metrics as another worker's scrape shows them: this old
 
 
 def worker_count(value: int | str) -> int:
@@ -133,6 +142,7 @@ class Supervisor:
             except NatsUnavailable as exc:
                 log.error("cannot start the embedded nats-server: %s", exc)
                 return 1
+            self._clear_metrics()
             for slot in self.slots:
                 self._spawn(slot)
             while not self._signals:
@@ -150,6 +160,12 @@ class Supervisor:
         if self._stopping:  # a second signal: pass it on as it is
             for slot in self.slots:
                 self._send(slot, signum)
+
+    def _clear_metrics(self) -> None:
+        """Metrics a fleet that ran before left (perhaps with more workers than now)."""
+        directory = metrics_dir(self.config)
+        for old in directory.glob("*.prom"):
+            old.unlink(missing_ok=True)
 
     def _start_nats(self) -> None:
         nats = self.config.nats
@@ -272,6 +288,83 @@ def _status(code: int) -> str:
 
 
 # ---- a worker ------------------------------------------------------------------------------------
+class _Families:
+    """A collector of metric families already built (what ``generate_latest`` renders)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+class SharedMetrics:
+    """One scrape of the shared port shows every worker's metrics, each sample labelled
+    ``worker="<n>"``: a worker writes its exposition to ``<dir>/<n>.prom`` every
+    :data:`SHARE_EVERY_S` (from a thread; rendering takes about a millisecond, nothing
+    per call), and the worker that answers a scrape renders its own registry live with
+    the others' last files. Without it a scrape would show whichever worker accepted it,
+    and counters would jump.
+    """
+
+    def __init__(self, registry: CollectorRegistry, directory: Path, wid: int) -> None:
+        self.registry = registry
+        self.directory = directory
+        self.wid = wid
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.write()
+        self._thread = threading.Thread(target=self._run, name="tollway-metrics-share",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SHARE_EVERY_S):
+            try:
+                self.write()
+            except Exception:  # a full disk must not end the sharing for good
+                log.warning("cannot share this worker's metrics", exc_info=True)
+
+    def write(self) -> None:
+        tmp = self.directory / f".{self.wid}.prom.tmp"
+        tmp.write_bytes(generate_latest(self.registry))
+        os.replace(tmp, self.directory / f"{self.wid}.prom")
+
+    def render(self, registry: CollectorRegistry) -> bytes:
+        families: dict[str, Metric] = {}
+
+        def add(found: Iterable[Metric], wid: str) -> None:
+            for family in found:
+                into = families.get(family.name)
+                if into is None:
+                    into = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "worker": wid},
+                                    sample.value, sample.timestamp, sample.exemplar)
+
+        add(registry.collect(), str(self.wid))
+        for path in sorted(self.directory.glob("*.prom")):
+            if path.stem == str(self.wid):
+                continue
+            try:
+                add(text_string_to_metric_families(path.read_text()), path.stem)
+            except (OSError, ValueError):
+                continue  # being replaced, or unreadable: that worker is left out this once
+        return generate_latest(_Families(list(families.values())))
+
+
+def metrics_dir(config: Config) -> Path:
+    """Where the workers of a fleet share their metrics (cleared by the parent at start)."""
+    return Path(config.nats.data_dir) / "workers" / "metrics"
+
+
 def worker_id() -> int | None:
     """This process's worker number when it runs under ``tollway serve --workers``."""
     value = os.environ.get(ENV_ID)
@@ -305,6 +398,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     if not config.server.access_log:
         logger.getChild("access").disabled = True
     sock = socket.socket(fileno=fd)
+    metrics = app.state.gateway.metrics
+    shared = SharedMetrics(metrics.registry, metrics_dir(config), wid or 0)
+    shared.start()
+    metrics.exposition = shared.render
 
     def ready() -> None:
         logger.info("worker serving", extra={"pid": os.getpid()})
@@ -312,7 +409,10 @@ def worker_main(argv: list[str] | None = None) -> int:
             os.write(ready_fd, f"{wid} {os.getpid()}\n".encode())
             os.close(ready_fd)
 
-    serve(app, sock, log_level=config.server.log_level, on_ready=ready)
+    try:
+        serve(app, sock, log_level=config.server.log_level, on_ready=ready)
+    finally:
+        shared.stop()
     return 0
 
 
