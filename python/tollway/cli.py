@@ -15,35 +15,49 @@ from tollway.shadow import cli as shadow_cli
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _find_config(path: str | None) -> Config:
-    """--config, else $TOLLWAY_CONFIG, else ./tollway.toml when present, else defaults."""
+def _config_path(path: str | None) -> str | None:
+    """--config, else $TOLLWAY_CONFIG, else ./tollway.toml when present, else None."""
     path = path or os.environ.get("TOLLWAY_CONFIG")
     if path:
-        return load_config(path)
-    if Path("tollway.toml").is_file():
-        return load_config("tollway.toml")
-    return default_config()
+        return path
+    return "tollway.toml" if Path("tollway.toml").is_file() else None
+
+
+def _find_config(path: str | None) -> Config:
+    """The config file :func:`_config_path` finds, else the defaults."""
+    path = _config_path(path)
+    return load_config(path) if path else default_config()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tollway.app import create_app
     from tollway.logs import configure_logging, logger
     from tollway.server import bind, serve
+    from tollway.workers import Supervisor, worker_count
 
     try:
         config = _find_config(args.config)
         host = args.host or config.server.host
         port = config.server.port if args.port is None else args.port
+        workers = worker_count(config.server.workers if args.workers is None
+                               else args.workers)
         configure_logging(config.server.log_level)
+        # With workers, each builds its own app; the parent builds one only to refuse a
+        # config they would refuse, before it binds the port.
         app = create_app(config)
     except ConfigError as exc:
         print(f"tollway: config error: {exc}", file=sys.stderr)
         return 2
-    if not config.server.access_log:
-        logger.getChild("access").disabled = True
     if not config.tenants:
         logger.warning("no tenants configured: every API call will be refused (401)")
     sock = bind(host, port)
+    if workers > 1:
+        del app
+        path = _config_path(args.config)
+        return Supervisor(config, sock, workers,
+                          config_path=str(Path(path).resolve()) if path else None).run()
+    if not config.server.access_log:
+        logger.getChild("access").disabled = True
     real = sock.getsockname()[1]
     serve(app, sock, log_level=config.server.log_level,
           on_ready=lambda: logger.info("serving", extra={"host": host, "port": real}))
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file (default: $TOLLWAY_CONFIG or ./tollway.toml)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--workers", default=None, metavar="N",
+                   help="processes serving the port, under one parent; 'auto': one per core "
+                        "(default: [server] workers, 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="gateway + simulated upstream, with a ready key")

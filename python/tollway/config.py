@@ -68,6 +68,11 @@ class ServerConfig(_Base):
     keepalive_timeout_s: Positive = 5.0  # an idle keep-alive connection is closed after this
     # Open client connections (per process); a request on one past the cap: 503, Retry-After.
     max_connections: Annotated[int, Meta(ge=1)] = 1000
+    # `tollway serve --workers`: processes serving the port under one parent ("auto": one
+    # per core); the command line's --workers wins over it.
+    workers: Annotated[int, Meta(ge=1)] | Literal["auto"] = 1
+    # SIGTERM/SIGINT: in-flight calls and streams may finish for this long, then are cut.
+    drain_timeout_s: Positive = 30.0
 
 
 class NatsConfig(_Base):

@@ -70,6 +70,10 @@ class AccessRecord(logging.LogRecord):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker  # under `tollway serve --workers N`: this process's number
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": _micros(record.created),
@@ -77,6 +81,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         rid = request_id_var.get()
         if rid:
             out["request_id"] = rid
@@ -96,9 +102,10 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler :func:`configure_logging` installs: :class:`JsonFormatter` lines, and
     :meth:`write_line` for the access log's own (:func:`log_request`)."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], worker: int | None = None) -> None:
         super().__init__(stream)
-        self.setFormatter(JsonFormatter())
+        self.setFormatter(JsonFormatter(worker))
+        self.worker = worker
         self._flush_due = False
 
     def write_line(self, line: bytes) -> None:
@@ -143,8 +150,10 @@ def _direct_handler() -> JsonLinesHandler | None:
     return handler
 
 
-def configure_logging(level: str = "info", stream: IO[str] | None = None) -> None:
-    """JSON lines on stderr for tollway (and uvicorn's own messages).
+def configure_logging(level: str = "info", stream: IO[str] | None = None, *,
+                      worker: int | None = None) -> None:
+    """JSON lines on stderr for tollway (and uvicorn's own messages); ``worker``: the
+    process's number under ``tollway serve --workers N``, on every line.
 
     Also turns off what the JSON lines never show and stdlib logging computes
     for every record (caller frame, thread, process names).
@@ -153,7 +162,7 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = JsonLinesHandler(stream or sys.stderr)
+    handler = JsonLinesHandler(stream or sys.stderr, worker)
     for name in ("tollway", "uvicorn", "uvicorn.error"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
@@ -182,6 +191,8 @@ def log_request(info: RequestInfo, method: str, path: str, now: float) -> None:
         # JsonFormatter's line for an AccessRecord, built in place.
         line: dict[str, Any] = {"ts": _micros(time.time()), "level": _LEVELS[level],
                                 "logger": "tollway.access", "msg": "request"}
+        if direct.worker is not None:
+            line["worker"] = direct.worker
         rid = request_id_var.get()
         if rid:
             line["request_id"] = rid

@@ -11,7 +11,7 @@ prometheus-client still renders the exposition format.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -107,6 +107,9 @@ def _fmt(bound: float) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        # Under `tollway serve --workers N`: renders this registry with the other workers'
+        # (tollway.workers.SharedMetrics), so a scrape of the shared port sees them all.
+        self.exposition: Callable[[CollectorRegistry], bytes] | None = None
         self.requests = self._add(Counter(
             "tollway_requests", "Calls by tenant, model, provider and HTTP status.",
             ["tenant", "model", "provider", "status"]))
@@ -170,6 +173,8 @@ class Metrics:
             self.client_cancelled.inc((provider,))
 
     def render(self) -> bytes:
+        if self.exposition is not None:
+            return self.exposition(self.registry)
         return generate_latest(self.registry)
 
 

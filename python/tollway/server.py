@@ -51,7 +51,8 @@ def uvicorn_config(app: Any, server: ServerConfig, *, log_level: str = "info",
         "server_header": False,
         "proxy_headers": False,  # tollway does not use the client address
         "timeout_keep_alive": server.keepalive_timeout_s,
-        "timeout_graceful_shutdown": 10,
+        # SIGTERM: stop accepting, let in-flight calls and streams end, cut the rest.
+        "timeout_graceful_shutdown": server.drain_timeout_s,
         "backlog": 4096,
     }
     options.update(overrides)

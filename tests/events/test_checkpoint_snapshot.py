@@ -27,3 +27,27 @@ async def test_a_checkpoint_is_the_view_when_the_save_began(nc: NatsClient) -> N
     manifest = await checkpoint.load(kv, again)
     assert manifest is not None and manifest.seq == half
     assert usage.dump(again.view) == want != usage.dump(proj.view)
+
+
+async def test_two_gateways_saving_at_once_leave_a_loadable_checkpoint(nc: NatsClient) -> None:
+    """Workers of one fleet checkpoint the same projection: the one that loses the
+    manifest's compare-and-set must not delete the chunks of the one that won."""
+    kv = await nc.jetstream().key_value("tollway_checkpoints")
+    events = list(synthetic.events(2000))
+    first, second = usage_projection(), usage_projection()
+    for seq, e in enumerate(events, 1):
+        first.apply(seq, e)
+        if seq <= len(events) - 100:
+            second.apply(seq, e)
+    assert await checkpoint.save(kv, second)  # a manifest both read before they write
+    for seq, e in enumerate(events[-100:], len(events) - 99):
+        second.apply(seq, e)
+    for _ in range(5):  # each round: both start from the same manifest
+        first.view.last_seq += 1
+        second.view.last_seq += 1
+        saved = await asyncio.gather(checkpoint.save(kv, first), checkpoint.save(kv, second))
+        assert saved.count(True) == 1, saved
+        again = usage_projection()
+        manifest = await checkpoint.load(kv, again)
+        assert manifest is not None, "the winner's checkpoint is whole"
+        assert usage.dump(again.view) == usage.dump(first.view)

@@ -78,7 +78,7 @@ def nats_server_binary() -> str:
     )
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def die_with(parent: int) -> Callable[[], None]:
     """For the child, between fork and exec: SIGTERM when the thread that started it dies
     (Linux), and exit at once if the parent is already gone (it died before the prctl)."""
 
@@ -185,7 +185,10 @@ class EmbeddedNats:
             stdout=self._log,
             stderr=self._log,
             pass_fds=(self._lock.fileno(),),  # an orphaned server keeps the store locked
-            preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
+            preexec_fn=die_with(os.getpid()) if self.die_with_parent else None,
+            # Its own process group: a Ctrl-C in the gateway's terminal is for the gateway,
+            # which stops the server once its calls have drained and their events are sent.
+            process_group=0 if os.name == "posix" else None,
         )
         # Now, not once ready: a gateway killed while the server boots leaves its pid here.
         self._write_runtime_file()

@@ -15,6 +15,7 @@ the pipeline ends as exactly one :class:`CallRecord`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import (
     InternalError,
     InvalidRequest,
+    NotReady,
     PermissionDenied,
     TollwayError,
     spec_for,
@@ -141,6 +143,16 @@ class Pipeline:
             except Exception:
                 log.exception("pipeline error", extra={"endpoint": endpoint})
                 await self.fail(call, InternalError("internal error"), send_last)
+            except asyncio.CancelledError:
+                # The server cut the call: it outlasted the drain after SIGTERM ([server]
+                # drain_timeout_s). A call not yet answered gets a 503 to retry elsewhere
+                # (the server would answer a 500) and is recorded as failed; a stream under
+                # way has had its last word from the relay.
+                if not call.response_started:
+                    await self.fail(call, NotReady(
+                        "the gateway is shutting down; retry the call", code="shutting_down",
+                        headers={"Retry-After": "1"}), send_last)
+                raise
         finally:
             conclude()  # the call ended without a last message (the client left)
 

@@ -4,7 +4,7 @@ A checkpoint is the view's ``dump`` (msgpack), zlib-compressed and split
 into chunks small enough for any server's max payload:
 
 - ``<name>``: a JSON manifest ``{"seq", "version", "gen", "chunks", "size"}``
-- ``<name>.g<gen>.<i>``: the chunks of generation ``gen``
+- ``<name>.g<gen>.<i>``: the chunks of generation ``gen`` (random: one writer's own)
 
 Chunks are written first and the manifest last, with compare-and-set on its
 revision, so a reader never sees half a checkpoint and two gateways writing
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import zlib
 from typing import Any
 
@@ -66,7 +67,10 @@ async def save(kv: KeyValue, proj: Projection[Any], *, force: bool = False,
             and current.seq >= seq):
         return False
     data = await asyncio.to_thread(zlib.compress, snapshot, 1)
-    gen = (current.gen + 1) if current is not None else 1
+    # Random, not current.gen + 1: two gateways (workers of one host, say) saving at once
+    # from the same manifest would write the same chunk keys, and the loser's purge would
+    # delete the winner's chunks.
+    gen = int.from_bytes(os.urandom(6)) or 1
     chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
     for i, chunk in enumerate(chunks):
         await kv.put(f"{proj.name}.g{gen}.{i}", chunk)
