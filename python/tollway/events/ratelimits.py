@@ -1,0 +1,708 @@
+"""Rate limits shared by every gateway process on one NATS: allotments from one bucket.
+
+Each tenant has ONE token bucket per tier for the whole fleet (per minute,
+hour, day, expensive per hour, tokens per minute), kept in the NATS KV bucket
+``[events] rate_limit_bucket`` under ``limits.<tenant>``: the amount used per
+tier and when it was written; it refills continuously at ``limit / period``,
+as the Rust limiter's buckets do. A process never asks NATS about a call:
+
+1. **Allotments.** It takes a few requests (and expensive requests, and
+   tokens) ahead from the fleet bucket with a compare-and-set on the key's
+   revision (``Nats-Expected-Last-Subject-Sequence``, the mechanism the budget
+   leases use): read, refill, take, write back only if nobody wrote between.
+   An allotment is taken only from what the bucket has left, so the fleet can
+   never be admitted more than the bucket holds: **0 overshoot**. It is sized
+   from the process's observed rate (``rate_allotment_s`` of it), at most
+   ``1 / (2 x live processes)`` of what is left, and near the end one call's
+   worth, so the last requests of a window are decided call by call.
+2. **Calls** consume from the process's allotment in memory: a few float
+   comparisons, no await. When it runs low a background task takes the next
+   one before it runs out; a call that finds it empty awaits one
+   compare-and-set, unless the bucket is known to be empty (every write is
+   seen through a subscription on the bucket's subjects), then it is refused
+   at once with the wait until the bucket has room.
+3. **Giving back.** An allotment unused for ``idle_s`` goes back to the
+   bucket, so under-use is bounded: at most the unused allotments of the
+   other processes, each at most a half-share of what was left when taken,
+   for at most ``idle_s``.
+
+Processes announce themselves: a heartbeat every ``heartbeat_s`` on
+``members.<instance>``. When NATS becomes unreachable each process switches
+to its **share**: a local bucket with the limits divided by the live
+processes it last saw (a heartbeat within three periods), starting with its
+share of what the fleet bucket had used; its unused allotment is dropped
+(the fleet bucket counts it as used). The shares add up to the fleet bucket
+at the moment of the outage, so the fleet never exceeds the limit. When NATS
+returns, each process waits ``2 x heartbeat_s`` (so the others are back too),
+adds to the fleet bucket what it served beyond its share of the old usage,
+and takes allotments again; what it serves while that write is in flight is
+charged to its next allotment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from tollway.events.schema import subject_token
+from tollway.ratelimit import TIERS, Limits, format_reset
+
+__all__ = ["FleetDecision", "FleetLimits", "FleetState"]
+
+log = logging.getLogger("tollway.ratelimits")
+
+PERIODS = (60.0, 3600.0, 86400.0, 3600.0, 60.0)  # seconds, in TIERS order
+REQUESTS, EXPENSIVE, TOKENS = 0, 1, 2  # what an allotment holds
+KIND_TIERS = ((0, 1, 2), (3,), (4,))  # the tiers each kind is taken from
+TOLERANCE = 1e-9  # of a limit: float rounding never refuses a whole unit that is there
+INF = math.inf
+
+
+class FleetState(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The KV value of one tenant's fleet bucket."""
+
+    v: int  # +1 on every write (compare-and-set makes writes a sequence)
+    at: float  # unix seconds of the write: ``used`` is as of then
+    used: tuple[float, float, float, float, float]  # per tier, TIERS order
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(FleetState).decode
+_EMPTY = FleetState(v=0, at=0.0, used=(0.0, 0.0, 0.0, 0.0, 0.0))
+
+
+def refilled(used: tuple[float, ...] | list[float], at: float, rates: tuple[float, ...],
+             now: float) -> list[float]:
+    dt = now - at
+    if dt <= 0:
+        return list(used)
+    return [max(0.0, u - dt * r) for u, r in zip(used, rates, strict=True)]
+
+
+def _adding(caps: tuple[float, ...], served: list[float]
+            ) -> Callable[[list[float]], list[float]]:
+    def add(used: list[float]) -> list[float]:
+        return [min(cap, u + x) if cap > 0 else 0.0
+                for cap, u, x in zip(caps, used, served, strict=True)]
+    return add
+
+
+class FleetDecision:
+    """One check's answer: allowed, or refused with the wait; and the response headers."""
+
+    __slots__ = ("allowed", "denied_by", "headers", "retry_after")
+
+    def __init__(self, allowed: bool, headers: list[tuple[bytes, bytes]],
+                 retry_after: float = 0.0, denied_by: tuple[str, ...] = ()) -> None:
+        self.allowed = allowed
+        self.headers = headers
+        self.retry_after = retry_after
+        self.denied_by = denied_by
+
+
+class _Share:
+    """This process's part of a tenant's bucket while NATS is unreachable."""
+
+    __slots__ = ("admitted", "at", "base", "caps", "n", "rates", "since", "used")
+
+    def __init__(self, caps: tuple[float, ...], rates: tuple[float, ...],
+                 fleet_used: list[float], n: int, now: float) -> None:
+        self.n = n
+        self.caps = tuple(c / n for c in caps)
+        self.rates = tuple(r / n for r in rates)
+        self.base = [u / n for u in fleet_used]  # our part of the fleet's usage at the outage
+        self.used = list(self.base)
+        self.admitted = [0.0] * len(caps)  # per tier, through this share
+        self.at = now
+        self.since = now
+
+    def refill(self, now: float) -> None:
+        self.used = refilled(self.used, self.at, self.rates, now)
+        self.at = max(self.at, now)
+
+    def served_beyond_base(self, now: float) -> list[float]:
+        """Per tier, what was admitted through this share and is still in the bucket."""
+        self.refill(now)
+        base = refilled(self.base, self.since, self.rates, now)
+        return [max(0.0, u - b) for u, b in zip(self.used, base, strict=True)]
+
+
+class _Tenant:
+    __slots__ = ("caps", "free", "key", "last_used", "low", "name", "on", "rate", "rates",
+                 "share", "taken", "task", "waiting")
+
+    def __init__(self, name: str, limits: Limits, now: float) -> None:
+        self.name = name
+        self.key = f"limits.{subject_token(name)}"
+        caps = (limits.per_minute, limits.per_hour, limits.per_day,
+                limits.expensive_per_hour, limits.tokens_per_minute)
+        self.caps = tuple(float(c or 0) for c in caps)
+        self.rates = tuple(c / p for c, p in zip(self.caps, PERIODS, strict=True))
+        self.on = tuple(any(self.caps[i] > 0 for i in tiers) for tiers in KIND_TIERS)
+        # Held, already taken from the fleet bucket; a kind with no limit is infinite.
+        # Negative: served while a write-back was in flight, owed by the next allotment.
+        self.free = [0.0 if on else INF for on in self.on]
+        self.taken = [0.0, 0.0, 0.0]  # consumed since the last rate sample
+        self.rate = [0.0, 0.0, 0.0]  # observed units/s, smoothed
+        self.low = [0.0, 0.0, 0.0]  # below this, the next allotment is taken in background
+        self.last_used = now
+        self.task: asyncio.Task[None] | None = None  # the one CAS in flight for this tenant
+        self.waiting = 0  # calls awaiting an allotment
+        self.share: _Share | None = None
+
+
+class FleetLimits:
+    """The fleet-wide limiter of one gateway process (see the module doc)."""
+
+    def __init__(self, limits_of: Callable[[str], Limits], *, instance: str,
+                 bucket: str = "tollway_ratelimits", replicas: int = 1,
+                 allotment_s: float = 0.5, heartbeat_s: float = 1.0, idle_s: float = 1.0,
+                 op_timeout_s: float = 2.0, max_attempts: int = 50,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.limits_of = limits_of
+        self.instance = instance
+        self.bucket = bucket
+        self.replicas = replicas
+        self.allotment_s = allotment_s
+        self.heartbeat_s = heartbeat_s
+        self.idle_s = idle_s
+        self.op_timeout_s = op_timeout_s
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.nc: NatsClient | None = None
+        self.kv: KeyValue | None = None
+        self._sub: Subscription | None = None
+        self._tenants: dict[str, _Tenant] = {}
+        self._snaps: dict[str, FleetState] = {}  # KV key -> newest state seen
+        self._revs: dict[str, tuple[int, int]] = {}  # KV key -> (v, revision) we know
+        self.members: dict[str, float] = {}  # instance -> when its heartbeat was last seen
+        self.degraded = True  # until connected: shares of what was last seen (nothing: all)
+        self._switch: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._last_tick = clock()
+        self.writes = 0  # compare-and-sets that landed (allotments, give-backs, reconciles)
+        self.conflicts = 0  # compare-and-sets another process won
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def attach(self, nc: NatsClient) -> None:
+        """Connected (first time or again after the service reconnected from scratch)."""
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value(self.bucket)
+        except NotFoundError:
+            # One day after its last write a bucket has refilled on every tier: an entry
+            # that old says nothing, and expires.
+            kv = await js.create_key_value(KeyValueConfig(
+                bucket=self.bucket, description="tollway fleet-wide rate limits", history=1,
+                ttl=2 * 86400.0, storage=StorageType.FILE, replicas=self.replicas))
+        self.nc, self.kv = nc, kv
+        if self._sub is None:
+            # Core NATS: resubscribed by the client after every reconnect.
+            self._sub = await nc.subscribe(f"$KV.{self.bucket}.>", cb=self._on_msg)
+        await self._beat()
+        self.connected()
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_forever(), name="tollway-fleet-limits")
+
+    async def stop(self) -> None:
+        """Give back what is held and leave the fleet (before the connection closes)."""
+        for task in (self._ticker, self._switch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._switch = None
+        if not self.degraded and self._usable():
+            for t in list(self._tenants.values()):
+                if t.task is not None:
+                    with contextlib.suppress(Exception):
+                        await t.task
+                with contextlib.suppress(Exception):
+                    await self._give_back(t)
+        kv = self.kv
+        if kv is not None and self._usable():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.op_timeout_s):
+                    await kv.delete(self._member_key())
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def _usable(self) -> bool:
+        return self.nc is not None and self.nc.is_connected and self.kv is not None
+
+    def disconnected(self) -> None:
+        """NATS unreachable: every tenant to its share of what the fleet bucket last had."""
+        if self._switch is not None:
+            self._switch.cancel()
+            self._switch = None
+        if self.degraded:
+            return
+        now = self.clock()
+        n = self.live(now)
+        self.degraded = True
+        for t in self._tenants.values():
+            self._to_share(t, n, now)
+        log.warning("rate limits: NATS unreachable; each tenant's limits divided by the %d "
+                    "live process(es) last seen", n)
+
+    def connected(self) -> None:
+        """NATS back: switch to allotments once the others are back too."""
+        if not self.degraded or self._switch is not None:
+            return
+        self._switch = asyncio.create_task(self._reconcile(), name="tollway-fleet-reconcile")
+
+    def _to_share(self, t: _Tenant, n: int, now: float) -> None:
+        snap = self._snaps.get(t.key, _EMPTY)
+        fleet = refilled(snap.used, snap.at, t.rates, now)
+        t.share = _Share(t.caps, t.rates, fleet, n, now)
+        t.free = [0.0 if on else INF for on in t.on]  # still counted used by the fleet
+
+    def live(self, now: float | None = None) -> int:
+        """Processes whose heartbeat was seen within three periods, this one included."""
+        now = self.clock() if now is None else now
+        ttl = 3 * self.heartbeat_s
+        others = sum(1 for inst, seen in self.members.items()
+                     if inst != self.instance and now - seen <= ttl)
+        return others + 1
+
+    # ---- the common path ---------------------------------------------------------------------
+    def tenant(self, name: str, now: float) -> _Tenant:
+        t = self._tenants.get(name)
+        if t is None:
+            t = self._tenants[name] = _Tenant(name, self.limits_of(name), now)
+            if self.degraded:
+                self._to_share(t, self.live(now), now)
+        return t
+
+    def try_take(self, name: str, expensive: bool, tokens: int,
+                 with_tokens: bool) -> FleetDecision | None:
+        """Consume from what this process holds: the decision, or None when it takes
+        :meth:`take` (an await) to decide."""
+        now = self.clock()
+        t = self._tenants.get(name) or self.tenant(name, now)
+        if t.share is not None:
+            return self._share_take(t, expensive, tokens, now, with_tokens)
+        free = t.free
+        if free[0] >= 1 and (not expensive or free[1] >= 1) and free[2] >= tokens:
+            free[0] -= 1
+            t.taken[0] += 1
+            if expensive:
+                free[1] -= 1
+                t.taken[1] += 1
+            if tokens:
+                free[2] -= tokens
+                t.taken[2] += tokens
+            t.last_used = now
+            if t.task is None and (free[0] < t.low[0] or free[1] < t.low[1]
+                                   or free[2] < t.low[2]):
+                self._refill(t, now)
+            return FleetDecision(True, self._headers(t, now, with_tokens))
+        return None
+
+    async def take(self, name: str, expensive: bool, tokens: int,
+                   with_tokens: bool) -> FleetDecision:
+        """The uncommon path: what is held does not cover the call."""
+        now = self.clock()
+        t = self.tenant(name, now)
+        t.waiting += 1
+        try:
+            return await self._take(t, name, expensive, tokens, with_tokens, now)
+        finally:
+            t.waiting -= 1
+
+    async def _take(self, t: _Tenant, name: str, expensive: bool, tokens: int,
+                    with_tokens: bool, now: float) -> FleetDecision:
+        # Each round an allotment lands (some waiting call is served) or the bucket is
+        # seen empty (all are refused): the loop ends long before its bound.
+        for _ in range(self.max_attempts):
+            decided = self.try_take(name, expensive, tokens, with_tokens)
+            if decided is not None:
+                return decided
+            if not self._usable():
+                self.disconnected()  # before the client's callback says so: to the shares
+                continue
+            need = self._deficit(t, expensive, tokens)
+            wait, _ = self._wait(t, need, now)
+            if wait > 0:
+                break  # the bucket is known to be empty: no round trip
+            if t.task is None:
+                t.task = asyncio.create_task(self._acquire(t, need))
+            task = t.task
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+            now = self.clock()
+        return self._refusal(t, expensive, tokens, now, with_tokens)
+
+    def _deficit(self, t: _Tenant, expensive: bool, tokens: int) -> list[float]:
+        free = t.free
+        return [max(0.0, 1 - free[0]), max(0.0, 1 - free[1]) if expensive else 0.0,
+                max(0.0, tokens - free[2])]
+
+    def _available(self, t: _Tenant, used: list[float]) -> list[float]:
+        """Per kind, whole units the fleet bucket has left (INF: no limit on that kind)."""
+        out = []
+        for kind, tiers in enumerate(KIND_TIERS):
+            if not t.on[kind]:
+                out.append(INF)
+                continue
+            out.append(min(math.floor(t.caps[i] - used[i] + t.caps[i] * TOLERANCE)
+                           for i in tiers if t.caps[i] > 0))
+        return out
+
+    def _wait(self, t: _Tenant, need: list[float], now: float) -> tuple[float, tuple[str, ...]]:
+        """Seconds until the fleet bucket (as last seen) has ``need``; the tiers short."""
+        snap = self._snaps.get(t.key, _EMPTY)
+        used = refilled(snap.used, snap.at, t.rates, now)
+        return self._wait_on(t.caps, t.rates, used, need)
+
+    @staticmethod
+    def _wait_on(caps: tuple[float, ...], rates: tuple[float, ...], used: list[float],
+                 need: list[float]) -> tuple[float, tuple[str, ...]]:
+        wait = 0.0
+        short: list[str] = []
+        for kind, tiers in enumerate(KIND_TIERS):
+            amount = need[kind]
+            if amount <= 0:
+                continue
+            for i in tiers:
+                cap = caps[i]
+                if cap <= 0:
+                    continue
+                excess = used[i] + amount - cap
+                if excess > cap * TOLERANCE:
+                    short.append(TIERS[i])
+                    wait = max(wait, INF if amount > cap else excess / rates[i])
+        return wait, tuple(short)
+
+    def _refusal(self, t: _Tenant, expensive: bool, tokens: int, now: float,
+                 with_tokens: bool) -> FleetDecision:
+        share = t.share
+        if share is not None:
+            share.refill(now)
+            wait, short = self._wait_on(share.caps, share.rates, share.used,
+                                        [1.0, 1.0 if expensive else 0.0, float(tokens)])
+        else:
+            wait, short = self._wait(t, self._deficit(t, expensive, tokens), now)
+        if not short:  # the bucket had room, someone else took it first
+            short, wait = ("per_minute",), 1.0
+        return FleetDecision(False, self._headers(t, now, with_tokens),
+                             max(wait, 1e-3), short)
+
+    def _share_take(self, t: _Tenant, expensive: bool, tokens: int, now: float,
+                    with_tokens: bool) -> FleetDecision:
+        share = t.share
+        assert share is not None
+        share.refill(now)
+        need = [1.0, 1.0 if expensive else 0.0, float(tokens)]
+        wait, short = self._wait_on(share.caps, share.rates, share.used, need)
+        if short:
+            return FleetDecision(False, self._headers(t, now, with_tokens), wait, short)
+        used = share.used
+        for kind, tiers in enumerate(KIND_TIERS):
+            for i in tiers:
+                if share.caps[i] > 0:
+                    used[i] += need[kind]
+                    share.admitted[i] += need[kind]
+        t.last_used = now
+        return FleetDecision(True, self._headers(t, now, with_tokens))
+
+    def _headers(self, t: _Tenant, now: float, with_tokens: bool) -> list[tuple[bytes, bytes]]:
+        """``x-ratelimit-*``: the fleet's limit; remaining and reset as this process sees
+        the fleet bucket (what it holds counts as remaining)."""
+        share = t.share
+        caps, rates = t.caps, t.rates
+        used: tuple[float, ...] | list[float]
+        held: tuple[float, ...] | list[float]
+        if share is not None:
+            used, at, held, scale = share.used, share.at, (0.0, 0.0, 0.0), share.n
+            rates = share.rates
+        else:
+            snap = self._snaps.get(t.key, _EMPTY)
+            used, at, held, scale = snap.used, snap.at, t.free, 1
+        dt = now - at if now > at else 0.0
+        best: tuple[float, float, float] | None = None  # remaining, cap, reset
+        for i in (0, 1, 2):
+            cap = caps[i]
+            if cap <= 0:
+                continue
+            u = max(0.0, used[i] - dt * rates[i] - max(held[0], 0.0)) * scale
+            left = cap - u
+            if best is None or left < best[0]:
+                best = (left, cap, u / (rates[i] * scale))
+        out: list[tuple[bytes, bytes]] = []
+        if best is not None:
+            out += [(b"x-ratelimit-limit-requests", b"%d" % best[1]),
+                    (b"x-ratelimit-remaining-requests",
+                     b"%d" % max(0, math.floor(best[0] + best[1] * TOLERANCE))),
+                    (b"x-ratelimit-reset-requests", format_reset(best[2]).encode())]
+        if with_tokens and caps[4] > 0:
+            u = max(0.0, used[4] - dt * rates[4] - max(held[2], 0.0)) * scale
+            left = caps[4] - u
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % caps[4]),
+                    (b"x-ratelimit-remaining-tokens",
+                     b"%d" % max(0, math.floor(left + caps[4] * TOLERANCE))),
+                    (b"x-ratelimit-reset-tokens", format_reset(u / (rates[4] * scale)).encode())]
+        return out
+
+    # ---- allotments --------------------------------------------------------------------------
+    def _refill(self, t: _Tenant, now: float) -> None:
+        """Take the next allotment in background, unless the bucket is known to be empty."""
+        if not self._usable():
+            return
+        need = [1.0 if t.free[k] < t.low[k] else 0.0 for k in range(3)]
+        if self._wait(t, need, now)[0] > 0:
+            return
+        t.task = asyncio.create_task(self._acquire(t, [0.0, 0.0, 0.0]))
+
+    async def _acquire(self, t: _Tenant, need: list[float]) -> None:
+        granted: list[float] = []
+
+        def take(used: list[float]) -> list[float] | None:
+            grant = self._grant(t, used, need)
+            if grant is None:
+                return None
+            granted[:] = grant
+            return self._moved(t, used, grant, 1.0)
+
+        try:
+            if await self._write(t, take):
+                for kind in range(3):
+                    if t.on[kind]:
+                        t.free[kind] += granted[kind]
+        except Exception as exc:  # NATS failed under us: the caller decides without it
+            log.debug("rate limits: allotment for %s not taken: %s", t.name, exc)
+        finally:
+            t.task = None
+
+    def _grant(self, t: _Tenant, used: list[float], need: list[float]) -> list[float] | None:
+        """How much of each kind to take from a bucket at ``used``; None: nothing."""
+        avail = self._available(t, used)
+        n = self.live()
+        grant = [0.0, 0.0, 0.0]
+        for kind in range(3):
+            if not t.on[kind]:
+                continue
+            owed = max(0.0, -t.free[kind])  # served during a write-back: covered first
+            must = need[kind] + owed
+            if must > avail[kind]:
+                if need[kind] > 0:
+                    return None  # the call this is for cannot be admitted: take nothing
+                continue
+            if must <= 0 and t.free[kind] >= t.low[kind]:
+                continue  # enough of this kind held
+            sized = max(math.ceil(t.rate[kind] * self.allotment_s), t.waiting,
+                        math.ceil(min(t.caps[i] for i in KIND_TIERS[kind] if t.caps[i] > 0)
+                                  / (16 * n)))
+            fair = math.floor(avail[kind] / (2 * n))  # leave most of what is left to others
+            grant[kind] = min(max(must, min(sized + owed, fair)), avail[kind])
+        return grant if any(g > 0 for g in grant) else None
+
+    @staticmethod
+    def _moved(t: _Tenant, used: list[float], amounts: list[float],
+               sign: float) -> list[float]:
+        """``used`` with ``amounts`` (per kind) taken (``sign`` 1) or given back (-1)."""
+        out = list(used)
+        for kind, tiers in enumerate(KIND_TIERS):
+            for i in tiers:
+                if t.caps[i] > 0:
+                    out[i] = min(t.caps[i], max(0.0, out[i] + sign * amounts[kind]))
+        return out
+
+    async def _write(self, t: _Tenant, change: Callable[[list[float]], list[float] | None]
+                     ) -> bool:
+        """Read the tenant's bucket, refill it to now, write ``change``'s new usage back if
+        nobody wrote in between (else read again); False when ``change`` says no."""
+        kv = self.kv
+        if kv is None:
+            raise ConnectionError("no KV bucket")
+        key = t.key
+        for _ in range(self.max_attempts):
+            snap, rev = await self._current(kv, key)
+            at = max(self.clock(), snap.at)  # a peer's clock ahead: time never runs back
+            new_used = change(refilled(snap.used, snap.at, t.rates, at))
+            if new_used is None:
+                return False
+            new = FleetState(v=snap.v + 1, at=at, used=(
+                new_used[0], new_used[1], new_used[2], new_used[3], new_used[4]))
+            try:
+                async with asyncio.timeout(self.op_timeout_s):
+                    revision = await kv.update(key, _encode(new), last=rev)
+            except KeyWrongLastSequenceError:
+                self.conflicts += 1
+                self._revs.pop(key, None)
+                continue
+            self.writes += 1
+            self._revs[key] = (new.v, revision)
+            self._keep(key, new)
+            return True
+        raise RuntimeError(f"rate limits of {t.name!r} too contended")
+
+    async def _current(self, kv: KeyValue, key: str) -> tuple[FleetState, int]:
+        snap = self._snaps.get(key)
+        known = self._revs.get(key)
+        if snap is not None and known is not None and known[0] == snap.v:
+            return snap, known[1]  # nobody wrote after our own last write
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                entry = await kv.get(key)
+        except KeyNotFoundError:
+            return _EMPTY, 0
+        revision = entry.revision or 0
+        if entry.value is None:
+            return _EMPTY, revision
+        state = _decode(entry.value)
+        self._keep(key, state)
+        self._revs[key] = (state.v, revision)
+        return state, revision
+
+    def _keep(self, key: str, state: FleetState) -> None:
+        old = self._snaps.get(key)
+        if old is None or state.v > old.v:
+            self._snaps[key] = state
+
+    async def _give_back(self, t: _Tenant) -> None:
+        """Return the unused allotment (moved out first: calls meanwhile take a new one)."""
+        back = [f if on and f > 0 else 0.0 for f, on in zip(t.free, t.on, strict=True)]
+        if not any(back):
+            return
+        for kind in range(3):
+            t.free[kind] -= back[kind]
+        done = False
+        try:
+            done = await self._write(t, lambda used: self._moved(t, used, back, -1.0))
+        finally:
+            if not done:  # not given back: still ours
+                for kind in range(3):
+                    t.free[kind] += back[kind]
+
+    # ---- NATS back -----------------------------------------------------------------------------
+    async def _reconcile(self) -> None:
+        """After an outage: add what each share served to the fleet bucket, then allotments."""
+        try:
+            now = self.clock()
+            if any(t.share is not None and any(t.share.served_beyond_base(now))
+                   for t in self._tenants.values()):
+                await asyncio.sleep(2 * self.heartbeat_s)  # the others reconnect meanwhile
+            for t in list(self._tenants.values()):
+                share = t.share
+                if share is None:
+                    continue
+                served = share.served_beyond_base(self.clock())
+                marks = list(share.admitted)
+                if any(served):
+                    await self._write(t, _adding(t.caps, served))
+                # Served through the share while the write was in flight: owed.
+                after = [a - m for a, m in zip(share.admitted, marks, strict=True)]
+                t.share = None
+                for kind, tiers in enumerate(KIND_TIERS):
+                    if t.on[kind]:
+                        t.free[kind] = -max(after[i] for i in tiers)
+            self.degraded = False
+            log.info("rate limits: shared across the fleet (%d live process(es))", self.live())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("rate limits: write-back after the outage failed (%s); shares stay",
+                        exc)
+        finally:
+            if self._switch is asyncio.current_task():
+                self._switch = None
+
+    # ---- background ----------------------------------------------------------------------------
+    def _member_key(self) -> str:
+        return f"members.{subject_token(self.instance)}"
+
+    async def _beat(self) -> None:
+        kv = self.kv
+        if kv is None or not self._usable():
+            return
+        now = self.clock()
+        self.members[self.instance] = now
+        async with asyncio.timeout(self.op_timeout_s):
+            await kv.put(self._member_key(), msgspec.json.encode(
+                {"instance": self.instance, "at": now}))
+
+    async def _on_msg(self, msg: Msg) -> None:
+        key = msg.subject[len(self.bucket) + 5:]  # after "$KV.<bucket>."
+        deleted = bool(msg.headers) and (msg.headers or {}).get("KV-Operation") in (
+            "DEL", "PURGE")
+        try:
+            if key.startswith("members."):
+                who = msgspec.json.decode(msg.data)["instance"] if not deleted else None
+                token = key[len("members."):]
+                if deleted:
+                    for inst in [i for i in self.members if subject_token(i) == token]:
+                        del self.members[inst]
+                elif isinstance(who, str):
+                    self.members[who] = self.clock()
+            elif key.startswith("limits.") and not deleted:
+                self._keep(key, _decode(msg.data))
+        except (msgspec.DecodeError, KeyError, TypeError) as exc:
+            log.warning("rate limits: undecodable entry %s: %s", key, exc)
+
+    async def _tick_forever(self) -> None:
+        next_beat = 0.0
+        while True:
+            await asyncio.sleep(min(0.25, self.heartbeat_s / 2))
+            now = self.clock()
+            try:
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_s
+                    if self._usable():
+                        await self._beat()
+                self.tick(now)
+            except Exception as exc:
+                log.debug("rate limits: background step failed: %s", exc)
+
+    def tick(self, now: float | None = None) -> None:
+        """Sample the observed rates; give back allotments idle for ``idle_s``."""
+        now = self.clock() if now is None else now
+        dt = now - self._last_tick
+        if dt <= 0:
+            return
+        self._last_tick = now
+        usable = self._usable() and not self.degraded
+        for t in self._tenants.values():
+            for k in range(3):
+                sample = t.taken[k] / dt
+                t.rate[k] = sample if t.rate[k] == 0 else 0.5 * t.rate[k] + 0.5 * sample
+                t.taken[k] = 0.0
+                # Ask for the next allotment with half a period of supply left.
+                t.low[k] = t.rate[k] * self.allotment_s / 2 if t.on[k] else 0.0
+            if (usable and t.task is None and now - t.last_used >= self.idle_s
+                    and any(on and f > 0 for f, on in zip(t.free, t.on, strict=True))):
+                t.task = asyncio.create_task(self._give_back_task(t))
+
+    async def _give_back_task(self, t: _Tenant) -> None:
+        try:
+            await self._give_back(t)
+        except Exception as exc:
+            log.debug("rate limits: give-back for %s failed: %s", t.name, exc)
+        finally:
+            t.task = None
+
+    def snapshot(self, tenant: str) -> FleetState:
+        """The tenant's fleet bucket as this process last saw it."""
+        return self._snaps.get(f"limits.{subject_token(tenant)}", _EMPTY)
+
+    def summary(self) -> dict[str, Any]:
+        return {"degraded": self.degraded, "live": self.live(), "writes": self.writes,
+                "conflicts": self.conflicts,
+                "held": {t.name: list(t.free) for t in self._tenants.values()}}
