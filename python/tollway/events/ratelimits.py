@@ -142,7 +142,7 @@ class _Share:
 
 class _Tenant:
     __slots__ = ("caps", "free", "key", "last_used", "low", "name", "on", "rate", "rates",
-                 "share", "taken", "task", "waiting")
+                 "request_tiers", "share", "taken", "task", "waiting")
 
     def __init__(self, name: str, limits: Limits, now: float) -> None:
         self.name = name
@@ -152,6 +152,8 @@ class _Tenant:
         self.caps = tuple(float(c or 0) for c in caps)
         self.rates = tuple(c / p for c, p in zip(self.caps, PERIODS, strict=True))
         self.on = tuple(any(self.caps[i] > 0 for i in tiers) for tiers in KIND_TIERS)
+        self.request_tiers = tuple((i, self.caps[i], self.rates[i]) for i in KIND_TIERS[0]
+                                   if self.caps[i] > 0)
         # Held, already taken from the fleet bucket; a kind with no limit is infinite.
         # Negative: served while a write-back was in flight, owed by the next allotment.
         self.free = [0.0 if on else INF for on in self.on]
@@ -425,40 +427,45 @@ class FleetLimits:
 
     def _headers(self, t: _Tenant, now: float, with_tokens: bool) -> list[tuple[bytes, bytes]]:
         """``x-ratelimit-*``: the fleet's limit; remaining and reset as this process sees
-        the fleet bucket (what it holds counts as remaining)."""
+        the fleet bucket (what it holds counts as remaining; in a share, the share scaled
+        up to the fleet). Runs on every call: kept to a few float operations."""
         share = t.share
-        caps, rates = t.caps, t.rates
         used: tuple[float, ...] | list[float]
-        held: tuple[float, ...] | list[float]
-        if share is not None:
-            used, at, held, scale = share.used, share.at, (0.0, 0.0, 0.0), share.n
-            rates = share.rates
-        else:
+        if share is None:
             snap = self._snaps.get(t.key, _EMPTY)
-            used, at, held, scale = snap.used, snap.at, t.free, 1
-        dt = now - at if now > at else 0.0
-        best: tuple[float, float, float] | None = None  # remaining, cap, reset
-        for i in (0, 1, 2):
-            cap = caps[i]
-            if cap <= 0:
-                continue
-            u = max(0.0, used[i] - dt * rates[i] - max(held[0], 0.0)) * scale
-            left = cap - u
-            if best is None or left < best[0]:
-                best = (left, cap, u / (rates[i] * scale))
+            used, dt, scale = snap.used, now - snap.at, 1
+            held, held_tokens = t.free[0], t.free[2]
+        else:
+            used, dt, scale = share.used, now - share.at, share.n
+            held = held_tokens = 0.0
+        if dt < 0:
+            dt = 0.0
+        if held < 0:
+            held = 0.0
         out: list[tuple[bytes, bytes]] = []
-        if best is not None:
-            out += [(b"x-ratelimit-limit-requests", b"%d" % best[1]),
+        best_left = INF
+        best_cap = best_u = best_rate = 0.0
+        for i, cap, rate in t.request_tiers:
+            u = (used[i] - dt * rate / scale - held) * scale
+            if u < 0:
+                u = 0.0
+            if cap - u < best_left:
+                best_left, best_cap, best_u, best_rate = cap - u, cap, u, rate
+        if best_cap:
+            out += [(b"x-ratelimit-limit-requests", b"%d" % best_cap),
                     (b"x-ratelimit-remaining-requests",
-                     b"%d" % max(0, math.floor(best[0] + best[1] * TOLERANCE))),
-                    (b"x-ratelimit-reset-requests", format_reset(best[2]).encode())]
-        if with_tokens and caps[4] > 0:
-            u = max(0.0, used[4] - dt * rates[4] - max(held[2], 0.0)) * scale
-            left = caps[4] - u
-            out += [(b"x-ratelimit-limit-tokens", b"%d" % caps[4]),
+                     b"%d" % max(0, math.floor(best_left + best_cap * TOLERANCE))),
+                    (b"x-ratelimit-reset-requests", format_reset(best_u / best_rate).encode())]
+        cap = t.caps[4]
+        if with_tokens and cap > 0:
+            rate = t.rates[4]
+            u = (used[4] - dt * rate / scale - (held_tokens if held_tokens > 0 else 0.0)) * scale
+            if u < 0:
+                u = 0.0
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % cap),
                     (b"x-ratelimit-remaining-tokens",
-                     b"%d" % max(0, math.floor(left + caps[4] * TOLERANCE))),
-                    (b"x-ratelimit-reset-tokens", format_reset(u / (rates[4] * scale)).encode())]
+                     b"%d" % max(0, math.floor(cap - u + cap * TOLERANCE))),
+                    (b"x-ratelimit-reset-tokens", format_reset(u / rate).encode())]
         return out
 
     # ---- allotments --------------------------------------------------------------------------
