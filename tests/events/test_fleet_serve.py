@@ -21,8 +21,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import ACME_KEY, ADMIN_KEY, GLOBEX_KEY, INITECH_KEY, UPSTREAM_KEY, auth, \
-    chat_body, serving_port
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    GLOBEX_KEY,
+    INITECH_KEY,
+    UPSTREAM_KEY,
+    auth,
+    chat_body,
+    serving_port,
+)
 from tollway.auth import hash_key
 from tollway.events.broker import EmbeddedNats
 from tollway.testing.upstream import FakeUpstream

@@ -194,3 +194,14 @@ async def test_a_process_alone_on_nats_gets_the_whole_limit(nats_server: Embedde
         assert sum(a.allowed for a in answers) == 60
     finally:
         await services[0].stop()
+
+
+async def test_off_when_not_asked_for(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    # Without a gateway's limits, or with shared_rate_limits = false, each gateway keeps
+    # its own limiter (the guard's ``shared`` stays None).
+    plain = EventsService(NatsConfig(url=nats_server.url, data_dir=str(tmp_path / "a")),
+                          registry=CollectorRegistry())
+    off = EventsService(NatsConfig(url=nats_server.url, data_dir=str(tmp_path / "b")),
+                        EventsConfig(shared_rate_limits=False), registry=CollectorRegistry(),
+                        limits_of=lambda name: PER_MINUTE)
+    assert plain.ratelimits is None and off.ratelimits is None

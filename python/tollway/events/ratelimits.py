@@ -252,15 +252,17 @@ class FleetLimits:
     def disconnected(self) -> None:
         """NATS unreachable: every tenant to its share of what the fleet bucket last had."""
         if self._switch is not None:
-            self._switch.cancel()
+            self._switch.cancel()  # a tenant it switched already gets a share again below
             self._switch = None
-        if self.degraded:
-            return
         now = self.clock()
         n = self.live(now)
+        was = self.degraded
         self.degraded = True
         for t in self._tenants.values():
-            self._to_share(t, n, now)
+            if t.share is None:
+                self._to_share(t, n, now)
+        if was:
+            return
         log.warning("rate limits: NATS unreachable; each tenant's limits divided by the %d "
                     "live process(es) last seen", n)
 
@@ -603,17 +605,17 @@ class FleetLimits:
     async def _reconcile(self) -> None:
         """After an outage: add what each share served to the fleet bucket, then allotments."""
         try:
-            now = self.clock()
-            if any(t.share is not None and any(t.share.served_beyond_base(now))
+            if any(t.share is not None and any(t.share.admitted)
                    for t in self._tenants.values()):
                 await asyncio.sleep(2 * self.heartbeat_s)  # the others reconnect meanwhile
-            for t in list(self._tenants.values()):
+            # Tenants first seen while this runs get a share too: until none is left.
+            while pending := [t for t in self._tenants.values() if t.share is not None]:
+                t = pending[0]
                 share = t.share
-                if share is None:
-                    continue
+                assert share is not None
                 served = share.served_beyond_base(self.clock())
                 marks = list(share.admitted)
-                if any(served):
+                if any(marks):
                     await self._write(t, _adding(t.caps, served))
                 # Served through the share while the write was in flight: owed.
                 after = [a - m for a, m in zip(share.admitted, marks, strict=True)]
