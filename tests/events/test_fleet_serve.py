@@ -199,3 +199,21 @@ async def test_nats_stopped_the_fleet_never_exceeds_the_limit(
         # Each process kept to its quarter of what the fleet had left.
         assert served <= 60 + math.floor(elapsed * 60 / 60), (served, elapsed)
         assert served > 20, "every process still serves its share"
+        # NATS back: every process writes what its share served to the fleet's bucket and
+        # takes allotments again; the fleet still serves one limit.
+        nats_server.start()
+        for url in fleet.urls:
+            async with asyncio.timeout(60):
+                while not await _sharing(client, url):
+                    await asyncio.sleep(0.05)
+        after = await _spread(client, fleet, INITECH_KEY, 400)
+        elapsed = time.monotonic() - started
+        _check_refusals(after)
+        served += sum(r.status_code == 200 for r in after)
+        assert served <= 60 + math.floor(elapsed * 60 / 60), (served, elapsed)
+
+
+async def _sharing(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether the process takes allotments from the fleet's bucket (not its share)."""
+    text = (await client.get(f"{url}/api/ai/metrics")).text
+    return "tollway_ratelimit_shares 0.0" in text.splitlines()

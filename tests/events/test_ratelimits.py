@@ -167,6 +167,7 @@ async def test_nats_down_shares_never_exceed_the_limit_and_reconcile(
     await _until(lambda: all(f.snapshot("acme").v == last for f in limiters))
     nats_server.kill()
     await _until(lambda: all(f.degraded for f in limiters))
+    assert fleet[0].metrics.registry.get_sample_value("tollway_ratelimit_shares") == 1
     # Each process: a quarter of the limit less a quarter of what the fleet had used
     # (the allotments held count as used: dropped, not served).
     outage = await _spread(fleet, 400)
@@ -178,6 +179,8 @@ async def test_nats_down_shares_never_exceed_the_limit_and_reconcile(
     # fleet takes allotments again from what is left, and nothing more.
     nats_server.start()
     await _until(lambda: not any(f.degraded for f in limiters))
+    assert fleet[0].metrics.registry.get_sample_value("tollway_ratelimit_shares") == 0
+    assert fleet[0].metrics.registry.get_sample_value("tollway_ratelimit_writes_total")
     state = await _bucket(fleet[0])
     assert state.used[0] == pytest.approx(20 + held + served_out)
     after = await _spread(fleet, 400)

@@ -56,6 +56,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tollway.events.schema import subject_token
 from tollway.ratelimit import TIERS, Limits, format_reset
@@ -173,7 +174,8 @@ class FleetLimits:
                  bucket: str = "tollway_ratelimits", replicas: int = 1,
                  allotment_s: float = 0.5, heartbeat_s: float = 1.0, idle_s: float = 1.0,
                  op_timeout_s: float = 2.0, max_attempts: int = 50,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 registry: CollectorRegistry | None = None) -> None:
         self.limits_of = limits_of
         self.instance = instance
         self.bucket = bucket
@@ -197,6 +199,21 @@ class FleetLimits:
         self._last_tick = clock()
         self.writes = 0  # compare-and-sets that landed (allotments, give-backs, reconciles)
         self.conflicts = 0  # compare-and-sets another process won
+        reg = registry if registry is not None else CollectorRegistry()
+        Gauge("tollway_ratelimit_shares",
+              "1 while this process enforces its share of every tenant's limits (NATS "
+              "unreachable), 0 while it takes allotments from the fleet's bucket.",
+              registry=reg).set_function(lambda: 1.0 if self.degraded else 0.0)
+        Gauge("tollway_ratelimit_live_processes",
+              "Gateway processes on this NATS whose heartbeat was seen lately (this one too).",
+              registry=reg).set_function(lambda: float(self.live()))
+        self._writes = Counter(
+            "tollway_ratelimit_writes_total",
+            "Compare-and-sets on the fleet's rate-limit buckets that landed (allotments "
+            "taken, given back, outage usage written back).", registry=reg)
+        self._conflicts = Counter(
+            "tollway_ratelimit_conflicts_total",
+            "Compare-and-sets another process won (read again and retried).", registry=reg)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def attach(self, nc: NatsClient) -> None:
@@ -555,9 +572,11 @@ class FleetLimits:
                     revision = await kv.update(key, _encode(new), last=rev)
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
+                self._conflicts.inc()
                 self._revs.pop(key, None)
                 continue
             self.writes += 1
+            self._writes.inc()
             self._revs[key] = (new.v, revision)
             self._keep(key, new)
             return True

@@ -94,7 +94,8 @@ class EventsService:
             self.ratelimits = FleetLimits(
                 limits_of, instance=self.instance, bucket=cfg.rate_limit_bucket,
                 replicas=cfg.replicas, allotment_s=cfg.rate_allotment_s,
-                heartbeat_s=cfg.heartbeat_s, op_timeout_s=cfg.publish_timeout_s, clock=clock)
+                heartbeat_s=cfg.heartbeat_s, op_timeout_s=cfg.publish_timeout_s, clock=clock,
+                registry=self.metrics.registry)
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.last_error = ""
