@@ -8,15 +8,18 @@ Two legs, each against a baseline measured in the same run:
    allotment it holds (taken from a real nats-server's KV bucket before the
    timing starts), headers included. Rounds alternate; medians; the ratio
    fleet / local.
-2. ``served``: N ``tollway serve`` processes on one nats-server, one tenant
+2. ``overhead``: two ``tollway serve`` processes with events on, one with
+   fleet-wide limits and one with per-process limits (``shared_rate_limits =
+   false``): p50 at 500 calls/s and full-speed calls/s, rounds interleaved.
+3. ``served``: N ``tollway serve`` processes on one nats-server, one tenant
    with ``per_minute = L``, calls round robin as fast as an httpx client at
    concurrency 32 sends them. A token bucket admits at most
    ``L + L / 60 x elapsed``; the table gives served / that bound (1.0 = the
    whole limit served, nothing over; above 1.0 would be overshoot).
 
-    python benchmarks/fleet_limits.py [--leg micro|served|all] [--rounds 7]
+    python benchmarks/fleet_limits.py [--leg micro|overhead|served|all] [--rounds 7]
                                       [--ops 200000] [--processes 1,2,4]
-                                      [--limits 60,6000]
+                                      [--limits 60,6000] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def _oha() -> str:
     return found
 
 
-def _config(folder: Path, nats_url: str, upstream: str, per_minute: int) -> Path:
+def _config(folder: Path, nats_url: str, upstream: str, per_minute: int,
+            shared: bool = True) -> Path:
     from tollway.auth import hash_key
 
     cfg = folder / "tollway.toml"
@@ -121,6 +125,8 @@ def _config(folder: Path, nats_url: str, upstream: str, per_minute: int) -> Path
         [nats]
         url = "{nats_url}"
         data_dir = "{folder / 'data'}"
+        [events]
+        shared_rate_limits = {str(shared).lower()}
         [[providers]]
         name = "fake"
         base_url = "{upstream}"
@@ -220,6 +226,91 @@ async def _served_once(n: int, per_minute: int, calls: int) -> dict[str, Any]:
             "bound": bound, "served_over_bound": served / bound}
 
 
+# ---------------------------------------------------------------- overhead
+
+
+def _oha_run(url: str, rate: int | None, seconds: float) -> dict[str, Any]:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    cmd = [_oha(), "--no-tui", "--output-format", "json", "-m", "POST",
+           "-H", "content-type: application/json", "-H", f"authorization: Bearer {KEY}",
+           "-d", body, "-c", "16"]
+    if rate is None:
+        cmd += ["-z", f"{seconds}s", "-w"]
+    else:
+        cmd += ["-q", str(rate), "--latency-correction", "-n", str(int(rate * seconds))]
+    out = subprocess.run([*cmd, f"{url}/api/ai/v1/chat/completions"], capture_output=True,
+                         text=True, timeout=seconds * 3 + 30, check=True)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def _overhead(rounds: int, seconds: float) -> dict[str, Any]:
+    """One gateway with fleet-wide limits and one with per-process limits (events on in
+    both), side by side: p50 at 500 calls/s and full-speed calls/s, interleaved."""
+    import httpx
+
+    from tollway.events.broker import EmbeddedNats
+
+    env = {**os.environ, "TOLLWAY_ADMIN_KEY": ADMIN_KEY, "FAKE_API_KEY": UPSTREAM_KEY}
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        srv = EmbeddedNats(tmp / "nats")
+        srv.start()
+        up = subprocess.Popen([sys.executable, "-m", "tollway.testing.upstream", "--port", "0"],
+                              stdout=subprocess.PIPE, text=True)
+        procs: dict[str, subprocess.Popen[str]] = {}
+        try:
+            assert up.stdout is not None
+            upstream = up.stdout.readline().split()[-1]
+            urls = {}
+            for name, shared in (("fleet", True), ("local", False)):
+                folder = tmp / name
+                folder.mkdir()
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "tollway.cli", "serve", "--config",
+                     str(_config(folder, srv.url, upstream, 10**9, shared)), "--port", "0"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for name, p in procs.items():
+                urls[name] = f"http://127.0.0.1:{_serving_port(p)}"
+                assert p.stderr is not None
+                p.stderr.close()
+            with httpx.Client(timeout=30) as client:
+                for url in urls.values():
+                    while client.get(f"{url}/api/ai/ready").status_code != 200:
+                        time.sleep(0.05)
+            for url in urls.values():
+                _oha_run(url, None, 2.0)  # warm up
+            for r in range(rounds):
+                order = ["fleet", "local"] if r % 2 == 0 else ["local", "fleet"]
+                for name in order:
+                    fixed = _oha_run(urls[name], 500, seconds)
+                    full = _oha_run(urls[name], None, seconds)
+                    runs.append({
+                        "round": r, "variant": name,
+                        "p50_ms_at_500": fixed["latencyPercentiles"]["p50"] * 1000,
+                        "full_rps": full["summary"]["requestsPerSec"],
+                        "status": {**fixed.get("statusCodeDistribution", {})}})
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            up.terminate()
+            up.wait()
+            srv.stop()
+    out: dict[str, Any] = {"runs": runs}
+    for name in ("fleet", "local"):
+        mine = [x for x in runs if x["variant"] == name]
+        out[name] = {"p50_ms_at_500": statistics.median(x["p50_ms_at_500"] for x in mine),
+                     "full_rps": statistics.median(x["full_rps"] for x in mine)}
+    out["p50_delta_ms"] = out["fleet"]["p50_ms_at_500"] - out["local"]["p50_ms_at_500"]
+    return out
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -231,6 +322,15 @@ def _report(result: dict[str, Any]) -> str:
                   f"| local limiter (events off) | {micro['local_ns']:.0f} |",
                   f"| fleet allotment (common path) | {micro['fleet_ns']:.0f} |",
                   f"| ratio fleet / local | {micro['ratio']:.2f}x |", ""]
+    over = result.get("overhead")
+    if over:
+        lines += ["| one process, events on | p50 ms at 500/s | full speed calls/s |",
+                  "|---|---:|---:|",
+                  f"| per-process limits | {over['local']['p50_ms_at_500']:.2f} | "
+                  f"{over['local']['full_rps']:.0f} |",
+                  f"| fleet-wide limits | {over['fleet']['p50_ms_at_500']:.2f} | "
+                  f"{over['fleet']['full_rps']:.0f} |",
+                  f"| difference | {over['p50_delta_ms']:+.2f} | |", ""]
     served = result.get("served")
     if served:
         lines += ["| processes | per_minute | calls | elapsed s | served | limit + refill "
@@ -243,7 +343,9 @@ def _report(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--leg", choices=("micro", "served", "all"), default="all")
+    parser.add_argument("--leg", choices=("micro", "overhead", "served", "all"),
+                        default="all")
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", type=int, default=200_000)
     parser.add_argument("--processes", default="1,2,4")
@@ -257,6 +359,9 @@ def main() -> None:
     if args.leg in ("micro", "all"):
         print("micro ...", flush=True)
         result["micro"] = asyncio.run(_micro(args.rounds, args.ops))
+    if args.leg in ("overhead", "all"):
+        print("overhead ...", flush=True)
+        result["overhead"] = _overhead(args.rounds, args.seconds)
     if args.leg in ("served", "all"):
         result["served"] = []
         for limit in (int(x) for x in args.limits.split(",")):
