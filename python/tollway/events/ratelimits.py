@@ -247,12 +247,15 @@ class FleetLimits:
                     await task
         self._ticker = self._switch = None
         if not self.degraded and self._usable():
-            for t in list(self._tenants.values()):
+            async def give_back(t: _Tenant) -> None:
                 if t.task is not None:
-                    with contextlib.suppress(Exception):
-                        await t.task
-                with contextlib.suppress(Exception):
-                    await self._give_back(t)
+                    await asyncio.wait((t.task,))
+                await self._give_back(t)
+
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.op_timeout_s):
+                    await asyncio.gather(*(give_back(t) for t in self._tenants.values()),
+                                         return_exceptions=True)
         kv = self.kv
         if kv is not None and self._usable():
             with contextlib.suppress(Exception):
@@ -290,6 +293,9 @@ class FleetLimits:
         self._switch = asyncio.create_task(self._reconcile(), name="tollway-fleet-reconcile")
 
     def _to_share(self, t: _Tenant, n: int, now: float) -> None:
+        if t.task is not None:  # a compare-and-set NATS may never answer: calls go on
+            t.task.cancel()
+            t.task = None
         snap = self._snaps.get(t.key, _EMPTY)
         fleet = refilled(snap.used, snap.at, t.rates, now)
         t.share = _Share(t.caps, t.rates, fleet, n, now)
@@ -365,9 +371,9 @@ class FleetLimits:
                 break  # the bucket is known to be empty: no round trip
             if t.task is None:
                 t.task = asyncio.create_task(self._acquire(t, need))
-            task = t.task
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
+            # Not cancelled with this call (others wait on it too); its failure or its
+            # cancellation (NATS gone) is not this call's: it decides again.
+            await asyncio.wait((t.task,))
             now = self.clock()
         return self._refusal(t, expensive, tokens, now, with_tokens)
 
@@ -515,7 +521,8 @@ class FleetLimits:
         except Exception as exc:  # NATS failed under us: the caller decides without it
             log.debug("rate limits: allotment for %s not taken: %s", t.name, exc)
         finally:
-            t.task = None
+            if t.task is asyncio.current_task():
+                t.task = None
 
     def _grant(self, t: _Tenant, used: list[float], need: list[float]) -> list[float] | None:
         """How much of each kind to take from a bucket at ``used``; None: nothing."""
@@ -724,7 +731,8 @@ class FleetLimits:
         except Exception as exc:
             log.debug("rate limits: give-back for %s failed: %s", t.name, exc)
         finally:
-            t.task = None
+            if t.task is asyncio.current_task():
+                t.task = None
 
     def snapshot(self, tenant: str) -> FleetState:
         """The tenant's fleet bucket as this process last saw it."""
