@@ -208,3 +208,14 @@ async def test_off_when_not_asked_for(nats_server: EmbeddedNats, tmp_path: Path)
                         EventsConfig(shared_rate_limits=False), registry=CollectorRegistry(),
                         limits_of=lambda name: PER_MINUTE)
     assert plain.ratelimits is None and off.ratelimits is None
+
+
+async def test_a_tenant_first_seen_during_an_outage_gets_a_share(
+        nats_server: EmbeddedNats, fleet: list[EventsService], clock: Clock) -> None:
+    limiters = [_limits(s) for s in fleet]
+    nats_server.kill()
+    await _until(lambda: all(f.degraded for f in limiters))
+    # Long after the last heartbeats: the processes still divide by the four they saw.
+    clock.t += 60
+    answers = await _spread(fleet, 400, tenant="globex")
+    assert sum(a.allowed for a in answers) == 60

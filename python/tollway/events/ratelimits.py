@@ -194,6 +194,7 @@ class FleetLimits:
         self._revs: dict[str, tuple[int, int]] = {}  # KV key -> (v, revision) we know
         self.members: dict[str, float] = {}  # instance -> when its heartbeat was last seen
         self.degraded = True  # until connected: shares of what was last seen (nothing: all)
+        self._outage_live = 1  # live processes when NATS went: the divisor of new shares
         self._switch: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._last_tick = clock()
@@ -275,8 +276,10 @@ class FleetLimits:
             self._switch.cancel()  # a tenant it switched already gets a share again below
             self._switch = None
         now = self.clock()
-        n = self.live(now)
         was = self.degraded
+        if not was:  # heartbeats stop with NATS: the count as it was when NATS went
+            self._outage_live = self.live(now)
+        n = self._outage_live
         self.degraded = True
         for t in self._tenants.values():
             if t.share is None:
@@ -315,7 +318,7 @@ class FleetLimits:
         if t is None:
             t = self._tenants[name] = _Tenant(name, self.limits_of(name), now)
             if self.degraded:
-                self._to_share(t, self.live(now), now)
+                self._to_share(t, self._outage_live, now)
         return t
 
     def try_take(self, name: str, expensive: bool, tokens: int,
