@@ -33,10 +33,10 @@ processes it last saw (a heartbeat within three periods), starting with its
 share of what the fleet bucket had used; its unused allotment is dropped
 (the fleet bucket counts it as used). The shares add up to the fleet bucket
 at the moment of the outage, so the fleet never exceeds the limit. When NATS
-returns, each process waits ``2 x heartbeat_s`` (so the others are back too),
-adds to the fleet bucket what it served beyond its share of the old usage,
-and takes allotments again; what it serves while that write is in flight is
-charged to its next allotment.
+returns, a process whose shares admitted calls waits ``2 x heartbeat_s`` (so
+the others are back too), adds to the fleet bucket what it served beyond its
+share of the old usage, and takes allotments again; what it serves while that
+write is in flight is charged to its next allotment.
 """
 
 from __future__ import annotations
@@ -430,8 +430,9 @@ class FleetLimits:
                                         [1.0, 1.0 if expensive else 0.0, float(tokens)])
         else:
             wait, short = self._wait(t, self._deficit(t, expensive, tokens), now)
-        if not short:  # the bucket had room, someone else took it first
-            short, wait = ("per_minute",), 1.0
+        if not short:  # the bucket had room, others kept taking it first
+            short = tuple(TIERS[i] for i, _, _ in t.request_tiers[:1]) or (TIERS[0],)
+            wait = 1.0
         return FleetDecision(False, self._headers(t, now, with_tokens),
                              max(wait, 1e-3), short)
 
