@@ -63,7 +63,7 @@ async def _micro(rounds: int, ops: int) -> dict[str, Any]:
         srv = EmbeddedNats(Path(tmp) / "nats")
         srv.start()
         nc = await connect(srv.url)
-        fleet = FleetLimits(lambda name: big, instance="bench")
+        fleet = FleetLimits(lambda name: big, instance="bench", allotment_s=3600.0)
         await fleet.attach(nc)
         while fleet.degraded:
             await asyncio.sleep(0.01)

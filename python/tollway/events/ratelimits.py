@@ -142,8 +142,30 @@ class _Share:
 
 
 class _Tenant:
-    __slots__ = ("caps", "free", "key", "last_used", "low", "name", "on", "rate", "rates",
-                 "request_tiers", "share", "taken", "task", "waiting")
+    __slots__ = (
+        "back",
+        "back_at",
+        "caps",
+        "expires",
+        "free",
+        "key",
+        "landed",
+        "last_used",
+        "low",
+        "name",
+        "nxt",
+        "nxt_expires",
+        "nxt_taken_at",
+        "on",
+        "rate",
+        "rates",
+        "request_tiers",
+        "share",
+        "taken",
+        "taken_at",
+        "task",
+        "waiting",
+    )
 
     def __init__(self, name: str, limits: Limits, now: float) -> None:
         self.name = name
@@ -158,6 +180,14 @@ class _Tenant:
         # Held, already taken from the fleet bucket; a kind with no limit is infinite.
         # Negative: served while a write-back was in flight, owed by the next allotment.
         self.free = [0.0 if on else INF for on in self.on]
+        self.expires = INF  # ``free`` is not used from then on (allotment_s after its take)
+        self.nxt: list[float] | None = None  # an allotment taken while ``free`` lasts
+        self.nxt_expires = INF
+        self.back = [0.0, 0.0, 0.0]  # expired, to give back to the fleet bucket
+        # When each was taken from the bucket (the earliest, when merged): what goes back
+        # is what the bucket has not refilled since (see _give_back).
+        self.taken_at = self.nxt_taken_at = self.back_at = INF
+        self.landed = 0  # allotments landed so far
         self.taken = [0.0, 0.0, 0.0]  # consumed since the last rate sample
         self.rate = [0.0, 0.0, 0.0]  # observed units/s, smoothed
         self.low = [0.0, 0.0, 0.0]  # below this, the next allotment is taken in background
@@ -302,7 +332,11 @@ class FleetLimits:
         snap = self._snaps.get(t.key, _EMPTY)
         fleet = refilled(snap.used, snap.at, t.rates, now)
         t.share = _Share(t.caps, t.rates, fleet, n, now)
-        t.free = [0.0 if on else INF for on in t.on]  # still counted used by the fleet
+        # Held and expired allotments are dropped: the fleet counts them as used.
+        t.free = [0.0 if on else INF for on in t.on]
+        t.nxt, t.nxt_expires, t.expires = None, INF, INF
+        t.back = [0.0, 0.0, 0.0]
+        t.taken_at = t.nxt_taken_at = t.back_at = INF
 
     def live(self, now: float | None = None) -> int:
         """Processes whose heartbeat was seen within three periods, this one included."""
@@ -330,21 +364,53 @@ class FleetLimits:
         if t.share is not None:
             return self._share_take(t, expensive, tokens, now, with_tokens)
         free = t.free
-        if free[0] >= 1 and (not expensive or free[1] >= 1) and free[2] >= tokens:
-            free[0] -= 1
-            t.taken[0] += 1
-            if expensive:
-                free[1] -= 1
-                t.taken[1] += 1
-            if tokens:
-                free[2] -= tokens
-                t.taken[2] += tokens
-            t.last_used = now
-            if t.task is None and (free[0] < t.low[0] or free[1] < t.low[1]
-                                   or free[2] < t.low[2]):
-                self._refill(t, now)
-            return FleetDecision(True, self._headers(t, now, with_tokens))
-        return None
+        if now >= t.expires or not (free[0] >= 1 and (not expensive or free[1] >= 1)
+                                    and free[2] >= tokens):
+            if now < t.expires and t.nxt is None:
+                return None
+            self._roll(t, now)  # stale or short: the next allotment, if any, takes over
+            free = t.free
+            if not (free[0] >= 1 and (not expensive or free[1] >= 1) and free[2] >= tokens):
+                return None
+        free[0] -= 1
+        t.taken[0] += 1
+        if expensive:
+            free[1] -= 1
+            t.taken[1] += 1
+        if tokens:
+            free[2] -= tokens
+            t.taken[2] += tokens
+        t.last_used = now
+        if t.task is None and t.nxt is None and (
+                free[0] < t.low[0] or free[1] < t.low[1] or free[2] < t.low[2]):
+            self._refill(t, now)
+        return FleetDecision(True, self._headers(t, now, with_tokens))
+
+    def _roll(self, t: _Tenant, now: float) -> None:
+        """The next allotment takes over: added to the current one while that is fresh and
+        has requests (it lacked another kind; the earlier expiry holds for both), else what
+        is left of the current one goes back. (A debt, negative, stays for the next.)"""
+        nxt = t.nxt
+        if nxt is not None and now < t.expires and t.free[0] >= 1:
+            t.free = [f + x for f, x in zip(t.free, nxt, strict=True)]
+            t.expires = min(t.expires, t.nxt_expires)
+            t.taken_at = min(t.taken_at, t.nxt_taken_at)
+            t.nxt, t.nxt_expires, t.nxt_taken_at = None, INF, INF
+            return
+        for k in range(3):
+            if not t.on[k]:
+                continue
+            rest = t.free[k]
+            if rest > 0:
+                t.back[k] += rest
+                t.back_at = min(t.back_at, t.taken_at)
+                rest = 0.0
+            t.free[k] = rest + (nxt[k] if nxt is not None else 0.0)
+        t.expires = t.nxt_expires if nxt is not None else INF
+        t.taken_at = t.nxt_taken_at if nxt is not None else INF
+        t.nxt, t.nxt_expires, t.nxt_taken_at = None, INF, INF
+        if t.task is None and any(t.back) and self._usable() and not self.degraded:
+            t.task = asyncio.create_task(self._give_back_task(t, everything=False))
 
     async def take(self, name: str, expensive: bool, tokens: int,
                    with_tokens: bool) -> FleetDecision:
@@ -359,9 +425,11 @@ class FleetLimits:
 
     async def _take(self, t: _Tenant, name: str, expensive: bool, tokens: int,
                     with_tokens: bool, now: float) -> FleetDecision:
-        # Each round an allotment lands (some waiting call is served) or the bucket is
-        # seen empty (all are refused): the loop ends long before its bound.
-        for _ in range(self.max_attempts):
+        # Each round an allotment lands (some waiting calls are served, the bucket has
+        # less) or the bucket is seen empty (the call is refused). Rounds where nothing
+        # lands (NATS failing, every race lost) are bounded.
+        fruitless = 0
+        while fruitless < 3:
             decided = self.try_take(name, expensive, tokens, with_tokens)
             if decided is not None:
                 return decided
@@ -374,9 +442,12 @@ class FleetLimits:
                 break  # the bucket is known to be empty: no round trip
             if t.task is None:
                 t.task = asyncio.create_task(self._acquire(t, need))
+            landed = t.landed
             # Not cancelled with this call (others wait on it too); its failure or its
             # cancellation (NATS gone) is not this call's: it decides again.
             await asyncio.wait((t.task,))
+            if t.landed == landed:
+                fruitless += 1
             now = self.clock()
         return self._refusal(t, expensive, tokens, now, with_tokens)
 
@@ -518,15 +589,28 @@ class FleetLimits:
             return self._moved(t, used, grant, 1.0)
 
         try:
-            if await self._write(t, take):
-                for kind in range(3):
-                    if t.on[kind]:
-                        t.free[kind] += granted[kind]
+            at = await self._write(t, take)
+            if at is not None:
+                self._landed(t, granted, at, self.clock())
         except Exception as exc:  # NATS failed under us: the caller decides without it
             log.debug("rate limits: allotment for %s not taken: %s", t.name, exc)
         finally:
             if t.task is asyncio.current_task():
                 t.task = None
+
+    def _landed(self, t: _Tenant, granted: list[float], at: float, now: float) -> None:
+        """An allotment taken at ``at``: served until ``at + allotment_s`` at most."""
+        t.landed += 1
+        grant = [g if on else 0.0 for g, on in zip(granted, t.on, strict=True)]
+        expires = at + self.allotment_s
+        if t.nxt is not None:
+            t.nxt = [a + b for a, b in zip(t.nxt, grant, strict=True)]
+            t.nxt_expires = min(t.nxt_expires, expires)  # no token outlives its own take
+            t.nxt_taken_at = min(t.nxt_taken_at, at)
+            return
+        t.nxt, t.nxt_expires, t.nxt_taken_at = grant, expires, at
+        if now >= t.expires or t.free[0] < 1:
+            self._roll(t, now)  # the current one is spent or stale: this one is current
 
     def _grant(self, t: _Tenant, used: list[float], need: list[float]) -> list[float] | None:
         """How much of each kind to take from a bucket at ``used``; None: nothing."""
@@ -544,7 +628,8 @@ class FleetLimits:
                 continue
             if must <= 0 and t.free[kind] >= t.low[kind]:
                 continue  # enough of this kind held
-            sized = max(math.ceil(t.rate[kind] * self.allotment_s), t.waiting,
+            # Half an allotment's lifetime at the observed rate (refilled at a quarter).
+            sized = max(math.ceil(t.rate[kind] * self.allotment_s / 2), t.waiting,
                         math.ceil(min(t.caps[i] for i in KIND_TIERS[kind] if t.caps[i] > 0)
                                   / (16 * n)))
             fair = math.floor(avail[kind] / (2 * n))  # leave most of what is left to others
@@ -563,9 +648,10 @@ class FleetLimits:
         return out
 
     async def _write(self, t: _Tenant, change: Callable[[list[float]], list[float] | None]
-                     ) -> bool:
+                     ) -> float | None:
         """Read the tenant's bucket, refill it to now, write ``change``'s new usage back if
-        nobody wrote in between (else read again); False when ``change`` says no."""
+        nobody wrote in between (else read again): the time written; None when ``change``
+        says no."""
         kv = self.kv
         if kv is None:
             raise ConnectionError("no KV bucket")
@@ -575,7 +661,7 @@ class FleetLimits:
             at = max(self.clock(), snap.at)  # a peer's clock ahead: time never runs back
             new_used = change(refilled(snap.used, snap.at, t.rates, at))
             if new_used is None:
-                return False
+                return None
             new = FleetState(v=snap.v + 1, at=at, used=(
                 new_used[0], new_used[1], new_used[2], new_used[3], new_used[4]))
             try:
@@ -590,7 +676,7 @@ class FleetLimits:
             self._writes.inc()
             self._revs[key] = (new.v, revision)
             self._keep(key, new)
-            return True
+            return at
         raise RuntimeError(f"rate limits of {t.name!r} too contended")
 
     async def _current(self, kv: KeyValue, key: str) -> tuple[FleetState, int]:
@@ -616,20 +702,42 @@ class FleetLimits:
         if old is None or state.v > old.v:
             self._snaps[key] = state
 
-    async def _give_back(self, t: _Tenant) -> None:
-        """Return the unused allotment (moved out first: calls meanwhile take a new one)."""
-        back = [f if on and f > 0 else 0.0 for f, on in zip(t.free, t.on, strict=True)]
+    async def _give_back(self, t: _Tenant, everything: bool = True) -> None:
+        """Return what expired unused and, with ``everything``, what is held (moved out
+        first: calls meanwhile take a new allotment)."""
+        if everything:
+            for k in range(3):
+                if t.on[k]:
+                    t.back[k] += max(t.free[k], 0.0) + (t.nxt[k] if t.nxt is not None else 0.0)
+                    t.free[k] = min(t.free[k], 0.0)
+            t.back_at = min(t.back_at, t.taken_at, t.nxt_taken_at)
+            t.nxt, t.nxt_expires, t.nxt_taken_at = None, INF, INF
+            t.expires = t.taken_at = INF
+        back = [b if on else 0.0 for b, on in zip(t.back, t.on, strict=True)]
+        since = t.back_at
         if not any(back):
             return
-        for kind in range(3):
-            t.free[kind] -= back[kind]
-        done = False
+        t.back, t.back_at = [0.0, 0.0, 0.0], INF
+
+        def returned(used: list[float]) -> list[float]:
+            # Taken at ``since``, the units have been refilling since then as if used: a
+            # tier that refilled r x age of them since gets only the rest back (all of it
+            # back would count the refill twice once the bucket had refilled in between).
+            age = max(0.0, self.clock() - since)
+            out = list(used)
+            for kind, tiers in enumerate(KIND_TIERS):
+                for i in tiers:
+                    if t.caps[i] > 0:
+                        out[i] = max(0.0, out[i] - max(0.0, back[kind] - t.rates[i] * age))
+            return out
+
+        done: float | None = None
         try:
-            done = await self._write(t, lambda used: self._moved(t, used, back, -1.0))
+            done = await self._write(t, returned)
         finally:
-            if not done:  # not given back: still ours
-                for kind in range(3):
-                    t.free[kind] += back[kind]
+            if done is None and t.share is None:  # not given back: next time
+                t.back = [a + b for a, b in zip(t.back, back, strict=True)]
+                t.back_at = min(t.back_at, since)
 
     # ---- NATS back -----------------------------------------------------------------------------
     async def _reconcile(self) -> None:
@@ -650,6 +758,7 @@ class FleetLimits:
                 # Served through the share while the write was in flight: owed.
                 after = [a - m for a, m in zip(share.admitted, marks, strict=True)]
                 t.share = None
+                t.expires = t.taken_at = INF
                 for kind, tiers in enumerate(KIND_TIERS):
                     if t.on[kind]:
                         t.free[kind] = -max(after[i] for i in tiers)
@@ -723,15 +832,23 @@ class FleetLimits:
                 sample = t.taken[k] / dt
                 t.rate[k] = sample if t.rate[k] == 0 else 0.5 * t.rate[k] + 0.5 * sample
                 t.taken[k] = 0.0
-                # Ask for the next allotment with half a period of supply left.
-                t.low[k] = t.rate[k] * self.allotment_s / 2 if t.on[k] else 0.0
-            if (usable and t.task is None and now - t.last_used >= self.idle_s
-                    and any(on and f > 0 for f, on in zip(t.free, t.on, strict=True))):
-                t.task = asyncio.create_task(self._give_back_task(t))
+                t.low[k] = t.rate[k] * self.allotment_s / 4 if t.on[k] else 0.0
+            if not usable or t.task is not None:
+                continue
+            idle = now - t.last_used >= self.idle_s and self._held(t) > 0
+            if idle or any(t.back):
+                t.task = asyncio.create_task(self._give_back_task(t, everything=idle))
 
-    async def _give_back_task(self, t: _Tenant) -> None:
+    @staticmethod
+    def _held(t: _Tenant) -> float:
+        """Requests held (current, next and expired not yet given back)."""
+        if not t.on[0]:
+            return 0.0
+        return max(t.free[0], 0.0) + (t.nxt[0] if t.nxt is not None else 0.0) + t.back[0]
+
+    async def _give_back_task(self, t: _Tenant, everything: bool) -> None:
         try:
-            await self._give_back(t)
+            await self._give_back(t, everything)
         except Exception as exc:
             log.debug("rate limits: give-back for %s failed: %s", t.name, exc)
         finally:
@@ -745,4 +862,6 @@ class FleetLimits:
     def summary(self) -> dict[str, Any]:
         return {"degraded": self.degraded, "live": self.live(), "writes": self.writes,
                 "conflicts": self.conflicts,
-                "held": {t.name: list(t.free) for t in self._tenants.values()}}
+                "held": {t.name: [
+                    max(f, 0.0) + (t.nxt[k] if t.nxt is not None else 0.0) + t.back[k]
+                    for k, f in enumerate(t.free)] for t in self._tenants.values()}}
