@@ -180,7 +180,7 @@ class EventsConfig(_Base):
     shared_rate_limits: bool = True
     rate_limit_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = (
         "tollway_ratelimits")
-    rate_allotment_s: Annotated[float, Meta(gt=0, le=10)] = 0.5  # of the observed rate
+    rate_allotment_s: Annotated[float, Meta(gt=0, le=10)] = 0.5  # lifetime of an allotment
     heartbeat_s: Annotated[float, Meta(gt=0, le=60)] = 1.0  # live processes announce this often
 
 

@@ -10,21 +10,27 @@ as the Rust limiter's buckets do. A process never asks NATS about a call:
    tokens) ahead from the fleet bucket with a compare-and-set on the key's
    revision (``Nats-Expected-Last-Subject-Sequence``, the mechanism the budget
    leases use): read, refill, take, write back only if nobody wrote between.
-   An allotment is taken only from what the bucket has left, so the fleet can
-   never be admitted more than the bucket holds: **0 overshoot**. It is sized
-   from the process's observed rate (``rate_allotment_s`` of it), at most
+   An allotment is taken only from what the bucket has left, so the bucket
+   hands out no more than one token bucket would admit. It is sized to half
+   its lifetime (``rate_allotment_s``) at the process's observed rate, at most
    ``1 / (2 x live processes)`` of what is left, and near the end one call's
    worth, so the last requests of a window are decided call by call.
+   **Overshoot:** a unit is served at most ``rate_allotment_s`` after it was
+   taken (then what is left of the allotment goes back), so over any stretch
+   of time the fleet serves at most the limit plus the refill of that stretch
+   and of one lifetime more (``limit x rate_allotment_s / period``); from a
+   full bucket with nothing held (a burst's first call), not even that.
 2. **Calls** consume from the process's allotment in memory: a few float
    comparisons, no await. When it runs low a background task takes the next
    one before it runs out; a call that finds it empty awaits one
    compare-and-set, unless the bucket is known to be empty (every write is
    seen through a subscription on the bucket's subjects), then it is refused
    at once with the wait until the bucket has room.
-3. **Giving back.** An allotment unused for ``idle_s`` goes back to the
-   bucket, so under-use is bounded: at most the unused allotments of the
-   other processes, each at most a half-share of what was left when taken,
-   for at most ``idle_s``.
+3. **Giving back.** An allotment unused for ``idle_s``, or past its lifetime,
+   goes back to the bucket: the part the bucket has not refilled since it was
+   taken (all of it would count that refill twice). Under-use is bounded: at
+   most the unused allotments of the other processes, each at most a
+   half-share of what was left when taken, for at most its lifetime.
 
 Processes announce themselves: a heartbeat every ``heartbeat_s`` on
 ``members.<instance>``. When NATS becomes unreachable each process switches
