@@ -166,6 +166,7 @@ class _Tenant:
         "rate",
         "rates",
         "request_tiers",
+        "returning",
         "share",
         "taken",
         "taken_at",
@@ -199,6 +200,7 @@ class _Tenant:
         self.low = [0.0, 0.0, 0.0]  # below this, the next allotment is taken in background
         self.last_used = now
         self.task: asyncio.Task[None] | None = None  # the one CAS in flight for this tenant
+        self.returning: asyncio.Task[None] | None = None  # expired units going back
         self.waiting = 0  # calls awaiting an allotment
         self.share: _Share | None = None
 
@@ -332,9 +334,10 @@ class FleetLimits:
         self._switch = asyncio.create_task(self._reconcile(), name="tollway-fleet-reconcile")
 
     def _to_share(self, t: _Tenant, n: int, now: float) -> None:
-        if t.task is not None:  # a compare-and-set NATS may never answer: calls go on
-            t.task.cancel()
-            t.task = None
+        for task in (t.task, t.returning):  # compare-and-sets NATS may never answer
+            if task is not None:
+                task.cancel()
+        t.task = t.returning = None
         snap = self._snaps.get(t.key, _EMPTY)
         fleet = refilled(snap.used, snap.at, t.rates, now)
         t.share = _Share(t.caps, t.rates, fleet, n, now)
@@ -388,7 +391,8 @@ class FleetLimits:
             t.taken[2] += tokens
         t.last_used = now
         if t.task is None and t.nxt is None and (
-                free[0] < t.low[0] or free[1] < t.low[1] or free[2] < t.low[2]):
+                free[0] < t.low[0] or free[1] < t.low[1] or free[2] < t.low[2]
+                or now >= t.expires - self.allotment_s / 2):
             self._refill(t, now)
         return FleetDecision(True, self._headers(t, now, with_tokens))
 
@@ -415,8 +419,8 @@ class FleetLimits:
         t.expires = t.nxt_expires if nxt is not None else INF
         t.taken_at = t.nxt_taken_at if nxt is not None else INF
         t.nxt, t.nxt_expires, t.nxt_taken_at = None, INF, INF
-        if t.task is None and any(t.back) and self._usable() and not self.degraded:
-            t.task = asyncio.create_task(self._give_back_task(t, everything=False))
+        if t.returning is None and any(t.back) and self._usable() and not self.degraded:
+            t.returning = asyncio.create_task(self._give_back_task(t, everything=False))
 
     async def take(self, name: str, expensive: bool, tokens: int,
                    with_tokens: bool) -> FleetDecision:
@@ -622,6 +626,8 @@ class FleetLimits:
         """How much of each kind to take from a bucket at ``used``; None: nothing."""
         avail = self._available(t, used)
         n = self.live()
+        # The current allotment is past half its life: the next one, before it lapses.
+        renew = t.free[0] > 0 and self.clock() >= t.expires - self.allotment_s / 2
         grant = [0.0, 0.0, 0.0]
         for kind in range(3):
             if not t.on[kind]:
@@ -632,8 +638,8 @@ class FleetLimits:
                 if need[kind] > 0:
                     return None  # the call this is for cannot be admitted: take nothing
                 continue
-            if must <= 0 and t.free[kind] >= t.low[kind]:
-                continue  # enough of this kind held
+            if must <= 0 and t.free[kind] >= t.low[kind] and not renew:
+                continue  # enough of this kind held, for long enough
             # Half an allotment's lifetime at the observed rate (refilled at a quarter).
             sized = max(math.ceil(t.rate[kind] * self.allotment_s / 2), t.waiting,
                         math.ceil(min(t.caps[i] for i in KIND_TIERS[kind] if t.caps[i] > 0)
@@ -839,11 +845,12 @@ class FleetLimits:
                 t.rate[k] = sample if t.rate[k] == 0 else 0.5 * t.rate[k] + 0.5 * sample
                 t.taken[k] = 0.0
                 t.low[k] = t.rate[k] * self.allotment_s / 4 if t.on[k] else 0.0
-            if not usable or t.task is not None:
+            if not usable:
                 continue
-            idle = now - t.last_used >= self.idle_s and self._held(t) > 0
-            if idle or any(t.back):
-                t.task = asyncio.create_task(self._give_back_task(t, everything=idle))
+            if t.returning is None and any(t.back):
+                t.returning = asyncio.create_task(self._give_back_task(t, everything=False))
+            if t.task is None and now - t.last_used >= self.idle_s and self._held(t) > 0:
+                t.task = asyncio.create_task(self._give_back_task(t, everything=True))
 
     @staticmethod
     def _held(t: _Tenant) -> float:
@@ -860,6 +867,8 @@ class FleetLimits:
         finally:
             if t.task is asyncio.current_task():
                 t.task = None
+            if t.returning is asyncio.current_task():
+                t.returning = None
 
     def snapshot(self, tenant: str) -> FleetState:
         """The tenant's fleet bucket as this process last saw it."""
