@@ -9,7 +9,10 @@ bound (the per-call cap was applied there, as a filter on the candidates).
   every tier of the tenant (per minute, hour, day; the expensive-operations
   tier when the plan says the call is expensive; tokens per minute when
   enabled). Denied -> 429 ``rate_limit_exceeded`` with ``Retry-After``.
-  Either way the call gets the ``x-ratelimit-*`` headers.
+  Either way the call gets the ``x-ratelimit-*`` headers. While the events layer
+  runs (``[events] shared_rate_limits``), the fleet's limits decide instead
+  (:class:`SharedLimits`, ``tollway.events.ratelimits``): one set for every
+  gateway process on the NATS, from allotments held in memory.
 - :class:`BudgetGuard`: reserves the plan's largest candidate cost against the
   tenant's day (spend + open reservations) before dispatch, after bounding the
   output of candidates whose full cost what is left of the day cannot pay
