@@ -182,6 +182,13 @@ class EventsConfig(_Base):
     retention_days: Annotated[int, Meta(ge=1, le=3660)] = 90
     reservation_ttl_s: Positive = 900.0  # a budget hold lapses after this (longer than any call)
     budget_fail_open: bool = True  # NATS down: grant from this process's view (else refuse)
+    # Rate limits: one set per tenant for every gateway process on this NATS (allotments
+    # taken ahead from a KV bucket; README "Fleet-wide rate limits"). false: per process.
+    shared_rate_limits: bool = True
+    rate_limit_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = (
+        "tollway_ratelimits")
+    rate_allotment_s: Annotated[float, Meta(gt=0, le=10)] = 0.5  # lifetime of an allotment
+    heartbeat_s: Annotated[float, Meta(gt=0, le=60)] = 1.0  # live processes announce this often
 
 
 class GuardsConfig(_Base):

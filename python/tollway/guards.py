@@ -9,7 +9,10 @@ bound (the per-call cap was applied there, as a filter on the candidates).
   every tier of the tenant (per minute, hour, day; the expensive-operations
   tier when the plan says the call is expensive; tokens per minute when
   enabled). Denied -> 429 ``rate_limit_exceeded`` with ``Retry-After``.
-  Either way the call gets the ``x-ratelimit-*`` headers.
+  Either way the call gets the ``x-ratelimit-*`` headers. While the events layer
+  runs (``[events] shared_rate_limits``), the fleet's limits decide instead
+  (:class:`SharedLimits`, ``tollway.events.ratelimits``): one set for every
+  gateway process on the NATS, from allotments held in memory.
 - :class:`BudgetGuard`: reserves the plan's largest candidate cost against the
   tenant's day (spend + open reservations) before dispatch, after bounding the
   output of candidates whose full cost what is left of the day cannot pay
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from tollway.clock import Clock
@@ -52,6 +55,8 @@ __all__ = [
     "LocalReservation",
     "RateAndBudget",
     "RateLimitGuard",
+    "SharedDecision",
+    "SharedLimits",
     "build_guards",
     "limits_of",
     "rate_limit_headers",
@@ -113,10 +118,30 @@ _TIER_TEXT = {
 }
 
 
-class RateLimitGuard:
-    """Per-tenant limits on every tier, one Rust call per request."""
+class SharedDecision(Protocol):
+    allowed: bool
+    headers: list[tuple[bytes, bytes]]
+    retry_after: float
+    denied_by: tuple[str, ...]
 
-    __slots__ = ("clock", "limiter", "tpm")
+
+class SharedLimits(Protocol):
+    """Limits shared by every gateway process on one NATS (``tollway.events.ratelimits``):
+    :meth:`try_take` decides from what this process holds, or returns None and
+    :meth:`take` decides (it may await NATS)."""
+
+    def try_take(self, name: str, expensive: bool, tokens: int,
+                 with_tokens: bool) -> SharedDecision | None: ...
+
+    async def take(self, name: str, expensive: bool, tokens: int,
+                   with_tokens: bool) -> SharedDecision: ...
+
+
+class RateLimitGuard:
+    """Per-tenant limits on every tier, one Rust call per request; or, while the events
+    layer runs with ``shared_rate_limits``, the fleet's limits (:attr:`shared`)."""
+
+    __slots__ = ("clock", "limiter", "shared", "tpm")
 
     def __init__(self, tenants: list[TenantConfig], clock: Clock,
                  default: TenantLimits | None = None) -> None:
@@ -129,12 +154,19 @@ class RateLimitGuard:
             t.id for t in tenants if t.limits.tokens_per_minute)
         for t in tenants:
             self.limiter.set_limits(t.id, limits_of(t.limits), now=now)
+        # The fleet's limiter, attached by the events layer while it runs (None: this one).
+        self.shared: SharedLimits | None = None
 
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
-        self.check(call, plan)
+        pending = self.check(call, plan)
+        if pending is not None:
+            await pending
 
-    def check(self, call: Call, plan: RoutePlan) -> None:
-        """Consume one request of the tenant's tiers, or raise :class:`RateLimited`."""
+    def check(self, call: Call, plan: RoutePlan) -> Coroutine[Any, Any, None] | None:
+        """Consume one request of the tenant's tiers, or raise :class:`RateLimited`.
+
+        With shared limits, a call the allotment this process holds does not cover
+        returns a coroutine that decides it (to await); otherwise None: decided."""
         tenant = call.tenant.id
         tpm = self.tpm
         with_tokens = tpm is None or tenant in tpm
@@ -144,15 +176,32 @@ class RateLimitGuard:
             if with_tokens:
                 tokens = plan.prompt_tokens + plan.max_output_tokens
             expensive = plan.expensive
+        shared = self.shared
+        if shared is not None:
+            answer = shared.try_take(tenant, expensive, tokens, with_tokens)
+            if answer is None:
+                return self._take(call, shared, expensive, tokens, with_tokens)
+            call.headers += answer.headers
+            if not answer.allowed:
+                self._refuse(call, answer.denied_by, answer.retry_after)
+            return None
         decision = self.limiter.check(tenant, 1, expensive=expensive, tokens=tokens,
                                       now=self.clock.monotonic())
         call.headers += rate_limit_headers(decision, with_tokens)
         if decision.allowed:
-            return
-        denied = decision.denied_by
-        text = ", ".join(f"{decision.limits.as_dict()[n]} {_TIER_TEXT.get(n, n)}"
-                         for n in denied)
-        wait = decision.retry_after
+            return None
+        self._refuse(call, decision.denied_by, decision.retry_after)
+
+    async def _take(self, call: Call, shared: SharedLimits, expensive: bool, tokens: int,
+                    with_tokens: bool) -> None:
+        answer = await shared.take(call.tenant.id, expensive, tokens, with_tokens)
+        call.headers += answer.headers
+        if not answer.allowed:
+            self._refuse(call, answer.denied_by, answer.retry_after)
+
+    def _refuse(self, call: Call, denied: tuple[str, ...], wait: float) -> NoReturn:
+        limits = self.limiter.limits(call.tenant.id).as_dict()
+        text = ", ".join(f"{limits[n]} {_TIER_TEXT.get(n, n)}" for n in denied)
         call.reason = f"{call.reason}; refused: rate limit ({', '.join(denied)})"
         extra: dict[str, str] = {}
         if math.isfinite(wait):
@@ -393,7 +442,9 @@ class RateAndBudget:
         self.budget = budget
 
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
-        self.rate.check(call, plan)
+        pending = self.rate.check(call, plan)
+        if pending is not None:
+            await pending
         budget = self.budget
         book = budget.book_of()
         if type(book) is LocalBudget:

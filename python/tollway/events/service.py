@@ -42,7 +42,9 @@ from tollway.events.outbox import Outbox
 from tollway.events.projections import Projection, budget, default_projections, health, usage
 from tollway.events.projections.runner import ProjectionRunner
 from tollway.events.publisher import Publisher
+from tollway.events.ratelimits import FleetLimits
 from tollway.events.recorder import EventRecorder
+from tollway.ratelimit import Limits
 
 log = logging.getLogger("tollway.events")
 
@@ -76,8 +78,11 @@ class EventsService:
         registry: CollectorRegistry | None = None,
         instance: str | None = None,
         clock: Callable[[], float] = time.time,
+        limits_of: Callable[[str], Limits] | None = None,
     ) -> None:
-        """``clock``: unix seconds, the gateway's (its budget days and lease times)."""
+        """``clock``: unix seconds, the gateway's (its budget days and lease times).
+        ``limits_of``: a tenant's rate limits, to share them across the fleet
+        (``shared_rate_limits``; None: the gateway keeps its own)."""
         self.nats_config = nats_config or NatsConfig()
         self.config = events_config or EventsConfig()
         self.instance = instance or default_instance()
@@ -105,6 +110,13 @@ class EventsService:
             publish_timeout_s=cfg.publish_timeout_s, metrics=self.metrics, clock=clock)
         # Set by the app before start when the breakers are shared ([breaker] fleet).
         self.breakers: FleetBreakers | None = None
+        self.ratelimits: FleetLimits | None = None
+        if limits_of is not None and cfg.shared_rate_limits:
+            self.ratelimits = FleetLimits(
+                limits_of, instance=self.instance, bucket=cfg.rate_limit_bucket,
+                replicas=cfg.replicas, allotment_s=cfg.rate_allotment_s,
+                heartbeat_s=cfg.heartbeat_s, op_timeout_s=cfg.publish_timeout_s, clock=clock,
+                registry=self.metrics.registry)
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self.last_error = ""
@@ -122,6 +134,8 @@ class EventsService:
         await asyncio.to_thread(self.outbox.open)  # may scan a large file
         await self.publisher.start(None)
         self._maintainer = asyncio.create_task(self._maintain(), name="tollway-budget-leases")
+        if self.ratelimits is not None:
+            self.ratelimits.start()
         try:
             await self._connect()
         except NatsUnavailable as exc:
@@ -162,6 +176,11 @@ class EventsService:
         await self.runner.start()
         if self.breakers is not None:
             await self.breakers.start(nc)
+        if self.ratelimits is not None:
+            try:
+                await self.ratelimits.attach(nc)
+            except Exception as exc:  # the shares hold meanwhile; retried on reconnect
+                log.warning("rate limits: not shared yet (%s)", exc)
 
     async def _keep_connecting(self) -> None:
         delay = 0.5
@@ -186,10 +205,21 @@ class EventsService:
 
     async def _on_state(self, connected: bool) -> None:
         self.metrics.connected.set(1 if connected else 0)
+        limits = self.ratelimits
         if connected:
             self.publisher.kick()
             if self.runner is not None:
                 self.runner.reconnected()
+            if limits is not None and self.nc is not None:
+                if limits.kv is None:
+                    try:
+                        await limits.attach(self.nc)
+                    except Exception as exc:
+                        log.warning("rate limits: not shared yet (%s)", exc)
+                else:
+                    limits.connected()
+        elif limits is not None:
+            limits.disconnected()
 
     async def _maintain(self) -> None:
         while True:
@@ -206,6 +236,8 @@ class EventsService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._connector = self._maintainer = None
+        if self.ratelimits is not None:
+            await self.ratelimits.stop()  # allotments given back while NATS is there
         self.budget.close()  # idle leases given back while the publisher still runs
         if self.breakers is not None and self.breakers.nc is not None:
             await self.breakers.stop()

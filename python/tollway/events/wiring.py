@@ -34,8 +34,10 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     if not config.nats.enabled:
         yield
         return
+    rate = gateway.rate_guard
     svc = EventsService(config.nats, config.events, registry=gateway.metrics.registry,
-                        clock=gateway.clock.time)
+                        clock=gateway.clock.time,
+                        limits_of=rate.limiter.limits if rate is not None else None)
     if config.breaker.fleet:
         svc.breakers = FleetBreakers(gateway.breakers, svc.instance,
                                      lease_s=config.breaker.probe_lease_s,
@@ -50,9 +52,13 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     recorders.append(svc.recorder)
     gateway.events = svc
     gateway.ready_checks.append(svc.not_ready)
+    if rate is not None:
+        rate.shared = svc.ratelimits  # None unless [events] shared_rate_limits
     try:
         yield
     finally:
+        if rate is not None:
+            rate.shared = None
         # Calls still settling after shutdown began keep recording into the queue that
         # stop() drains; only then is the recorder taken out.
         await svc.stop()

@@ -1,0 +1,219 @@
+"""Fleet-wide rate limits across real ``tollway serve`` processes on one nats-server.
+
+Four gateway processes, one config, one tenant limit: calls spread over them are
+admitted as one limit would admit them. Real time runs here, so a bucket refills
+while the calls are made: every bound allows the limit plus what refilled between
+the first call sent and the last answer (limit / 60 per second for ``per_minute``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    GLOBEX_KEY,
+    INITECH_KEY,
+    UPSTREAM_KEY,
+    auth,
+    chat_body,
+    serving_port,
+)
+from tollway.auth import hash_key
+from tollway.events.broker import EmbeddedNats
+from tollway.testing.upstream import FakeUpstream
+
+PROCESSES = 4
+
+
+def _config(path: Path, nats_url: str, upstream: str) -> Path:
+    tenants = ""
+    for tenant, key, per_minute in (("acme", ACME_KEY, 60), ("globex", GLOBEX_KEY, 600),
+                                    ("initech", INITECH_KEY, 60)):
+        tenants += textwrap.dedent(f"""
+            [[tenants]]
+            id = "{tenant}"
+            tier = "standard"
+            daily_usd = 1000.0
+            key_sha256 = ["{hash_key(key)}"]
+            [tenants.limits]
+            per_minute = {per_minute}
+            per_hour = 1000000
+            per_day = 10000000
+            expensive_per_hour = 100000
+        """)
+    cfg = path / "tollway.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [server]
+        builtin_models = false
+        builtin_providers = false
+        admin_key_env = "TOLLWAY_ADMIN_KEY"
+        [nats]
+        url = "{nats_url}"
+        data_dir = "{path / 'data'}"
+        [events]
+        heartbeat_s = 0.25
+        [[providers]]
+        name = "fake"
+        base_url = "{upstream}"
+        api_key_env = "FAKE_API_KEY"
+        [[models]]
+        id = "gpt-4o-mini"
+        provider = "fake"
+        input_usd_per_mtok = 0.15
+        output_usd_per_mtok = 0.60
+    """) + tenants)
+    return cfg
+
+
+class Fleet:
+    """``tollway serve`` processes on one config (each its own data folder)."""
+
+    def __init__(self, tmp: Path, nats_url: str, upstream: str) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.urls: list[str] = []
+        env = {**os.environ, "TOLLWAY_ADMIN_KEY": ADMIN_KEY, "FAKE_API_KEY": UPSTREAM_KEY}
+        for i in range(PROCESSES):
+            folder = tmp / f"gw{i}"
+            folder.mkdir()
+            cfg = _config(folder, nats_url, upstream)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
+                 "--port", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True))
+        for proc in self.procs:
+            port = serving_port(proc, timeout=60)
+            assert port, "serve did not start"
+            self.urls.append(f"http://127.0.0.1:{port}")
+            # The rest of its log goes nowhere, so the pipe never fills up.
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(latency_s=0.0) as up:
+        yield up
+
+
+@pytest.fixture
+def fleet(nats_server: EmbeddedNats, tmp_path: Path, upstream: FakeUpstream) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, nats_server.url, upstream.base_url)
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+async def _until_all_see_each_other(client: httpx.AsyncClient, fleet: Fleet) -> None:
+    """Every process ready, and long enough for heartbeats to go round (3 periods)."""
+    for url in fleet.urls:
+        async with asyncio.timeout(60):
+            while (await client.get(f"{url}/api/ai/ready")).status_code != 200:
+                await asyncio.sleep(0.05)
+    await asyncio.sleep(3 * 0.25)
+
+
+async def _spread(client: httpx.AsyncClient, fleet: Fleet, key: str, calls: int,
+                  concurrency: int = 16) -> list[httpx.Response]:
+    """``calls`` calls round robin over the processes, ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> httpx.Response:
+        async with gate:
+            return await client.post(f"{fleet.urls[i % len(fleet.urls)]}/api/ai/v1/chat/"
+                                     "completions", json=chat_body(), headers=auth(key))
+
+    return await asyncio.gather(*(one(i) for i in range(calls)))
+
+
+def _check_refusals(answers: list[httpx.Response]) -> None:
+    for r in answers:
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(r.headers["retry-after"]) >= 1
+        assert "x-ratelimit-limit-requests" in r.headers
+        assert "x-ratelimit-remaining-requests" in r.headers
+
+
+async def test_four_processes_serve_one_limit(fleet: Fleet) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        await _until_all_see_each_other(client, fleet)
+        # 60 a minute: 1,000 calls over four processes.
+        started = time.monotonic()
+        answers = await _spread(client, fleet, ACME_KEY, 1000)
+        elapsed = time.monotonic() - started
+        ok = sum(r.status_code == 200 for r in answers)
+        _check_refusals(answers)
+        assert 60 <= ok <= 60 + math.floor(elapsed * 60 / 60), (ok, elapsed)
+        assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"60"}
+        # 600 a minute, on the same fleet: all of it served, nothing beyond.
+        started = time.monotonic()
+        answers = await _spread(client, fleet, GLOBEX_KEY, 1000)
+        elapsed = time.monotonic() - started
+        ok = sum(r.status_code == 200 for r in answers)
+        _check_refusals(answers)
+        assert 600 <= ok <= 600 + math.floor(elapsed * 600 / 60), (ok, elapsed)
+
+
+async def test_nats_stopped_the_fleet_never_exceeds_the_limit(
+        fleet: Fleet, nats_server: EmbeddedNats) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        await _until_all_see_each_other(client, fleet)
+        started = time.monotonic()
+        before = await _spread(client, fleet, INITECH_KEY, 20, concurrency=4)
+        assert all(r.status_code == 200 for r in before)
+        nats_server.stop()
+        for url in fleet.urls:  # every process has seen NATS go
+            async with asyncio.timeout(60):
+                while (await client.get(f"{url}/api/ai/ready")).status_code == 200:
+                    await asyncio.sleep(0.05)
+        during = await _spread(client, fleet, INITECH_KEY, 400)
+        elapsed = time.monotonic() - started
+        _check_refusals(during)
+        served = 20 + sum(r.status_code == 200 for r in during)
+        # Each process kept to its quarter of what the fleet had left.
+        assert served <= 60 + math.floor(elapsed * 60 / 60), (served, elapsed)
+        assert served > 20, "every process still serves its share"
+        # NATS back: every process writes what its share served to the fleet's bucket and
+        # takes allotments again; the fleet still serves one limit.
+        nats_server.start()
+        for url in fleet.urls:
+            async with asyncio.timeout(60):
+                while not await _sharing(client, url):
+                    await asyncio.sleep(0.05)
+        after = await _spread(client, fleet, INITECH_KEY, 400)
+        elapsed = time.monotonic() - started
+        _check_refusals(after)
+        served += sum(r.status_code == 200 for r in after)
+        assert served <= 60 + math.floor(elapsed * 60 / 60), (served, elapsed)
+
+
+async def _sharing(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether the process takes allotments from the fleet's bucket (not its share)."""
+    text = (await client.get(f"{url}/api/ai/metrics")).text
+    return "tollway_ratelimit_shares 0.0" in text.splitlines()
