@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from support import ACME_KEY, ADMIN_KEY, HANG_S, UPSTREAM_KEY, auth, chat_body
-from tollway.context import request_id_var
-from tollway.logs import JsonFormatter
+from tollway.context import RequestInfo, request_id_var
+from tollway.logs import JsonFormatter, _direct_handler, configure_logging, log_request
 from tollway.testing.upstream import FakeUpstream, Fault
 
 CHAT = "/api/ai/v1/chat/completions"
@@ -87,3 +90,91 @@ def test_formatter_adds_request_id_from_context() -> None:
         request_id_var.reset(token)
     assert line["request_id"] == "ctx-42" and line["msg"] == "oops a"
     assert line["extra_field"] == 5 and line["level"] == "error"
+
+
+# ---- the access line written straight to the stream (tollway.logs.JsonLinesHandler) ------
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    names = ("tollway", "uvicorn", "uvicorn.error")
+    saved = [(log, log.handlers[:], log.filters[:], log.level, log.propagate)
+             for log in map(logging.getLogger, names)]
+    yield
+    for log, handlers, filters, level, propagate in saved:
+        log.handlers[:] = handlers
+        log.filters[:] = filters
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _served_info() -> RequestInfo:
+    info = RequestInfo("req-9", time.perf_counter() - 0.0123)
+    info.upstream_s = 0.01
+    info.status = 200
+    info.route, info.model, info.provider = "auto", "gpt-4o-mini", "openai"
+    info.prompt_tokens, info.completion_tokens, info.cost_usd = 12, 7, 0.000123
+    info.reason = "auto: -> openai/gpt-4o-mini"
+    return info
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_direct_access_line_is_the_one_logging_writes(tmp_path: Path) -> None:
+    info = _served_info()
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        configure_logging("info", stream, worker=3)
+        assert _direct_handler() is not None
+        token = request_id_var.set("req-9")
+        try:
+            log_request(info, "POST", CHAT, time.perf_counter())
+            # The same record through logging: a filter on the logger takes the direct
+            # path away (an operator's filter must see every line).
+            logging.getLogger("tollway").addFilter(lambda record: True)
+            assert _direct_handler() is None
+            log_request(info, "POST", CHAT, time.perf_counter())
+        finally:
+            request_id_var.reset(token)
+        stream.flush()
+    direct, logged = (json.loads(line) for line in path.read_text().splitlines())
+    for line in (direct, logged):
+        assert abs(line.pop("ts") - time.time()) < HANG_S
+        assert abs(line.pop("latency_ms") - 12.3) < HANG_S * 1000
+        line.pop("overhead_ms")
+    assert direct == logged
+    assert list(direct) == list(logged)  # and in the same order
+    assert direct["worker"] == 3 and direct["request_id"] == "req-9"
+    assert direct["logger"] == "tollway.access" and direct["cost_usd"] == 0.000123
+
+
+class _BrokenPipe(io.TextIOBase):
+    """A stream whose reader went away: every write and flush fails."""
+
+    class _Buffer(io.RawIOBase):
+        def write(self, data: object) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    buffer = _Buffer()
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_log_stream_that_cannot_be_written_never_fails_the_request() -> None:
+    """A gateway whose stderr pipe was closed (its reader gone) keeps serving: the access
+    line is dropped, as logging drops a record its handler cannot write."""
+    configure_logging("info", _BrokenPipe())
+    assert _direct_handler() is not None
+    info = _served_info()
+    for _ in range(3):
+        log_request(info, "POST", CHAT, time.perf_counter())  # no loop: flushed at once
+
+    async def on_the_loop() -> None:
+        for _ in range(3):
+            log_request(info, "POST", CHAT, time.perf_counter())
+        await asyncio.sleep(0)  # the flush at the end of the turn fails too
+        await asyncio.sleep(0)
+
+    asyncio.run(on_the_loop())

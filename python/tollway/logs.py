@@ -20,6 +20,7 @@ formatter an operator configures still works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -107,30 +108,50 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(JsonFormatter(worker))
         self.worker = worker
         self._flush_due = False
+        self._warned = False
 
     def write_line(self, line: bytes) -> None:
         """One encoded JSON line (no newline), buffered; flushed at the end of this turn of
-        the event loop (at once off the loop)."""
+        the event loop (at once off the loop). Never raises: a line the stream cannot take
+        (a closed pipe, a full disk) is dropped, as ``logging`` drops it."""
         stream = self.stream
         buffer = getattr(stream, "buffer", None)
         with self.lock:  # type: ignore[union-attr]
-            if buffer is None:  # a text stream only (a StringIO)
-                stream.write(line.decode() + "\n")
-            else:
-                buffer.write(line + b"\n")
+            try:
+                if buffer is None:  # a text stream only (a StringIO)
+                    stream.write(line.decode() + "\n")
+                else:
+                    buffer.write(line + b"\n")
+            except Exception:
+                self._unwritable()
+                return
             if self._flush_due:
                 return
             try:
                 asyncio.get_running_loop().call_soon(self._flush_access)
             except RuntimeError:  # no loop in this thread: now
-                stream.flush()
+                self._flush_access()
                 return
             self._flush_due = True
 
     def _flush_access(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._flush_due = False
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                self._unwritable()
+
+    def _unwritable(self) -> None:
+        # What the stream held is gone with it; the next line tries again. Said once, on
+        # stderr if that is another stream (logging's own handleError says it every time).
+        if self._warned:
+            return
+        self._warned = True
+        with contextlib.suppress(Exception):
+            if sys.stderr is not self.stream:
+                sys.stderr.write("tollway: the log stream cannot be written; access lines "
+                                 "are dropped while it cannot\n")
 
 
 _LEVELS = {logging.INFO: "info", logging.WARNING: "warning"}
