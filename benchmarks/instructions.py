@@ -12,7 +12,10 @@ and the count is dumped:
         --python old=/path/to/old-checkout/venv/bin/python --calls 2000
 
 What it does not see: time in the kernel (system calls, the loopback's wake-ups) and the
-embedded nats-server (a child process, not traced). ``load.py`` measures those with the
+embedded nats-server (a child process, not traced). What a gateway does per second rather
+than per call (heartbeats, the fleet's rate-limit allotments) counts here per call in
+proportion to how slowly the traced gateway runs (some 50 times slower): compare variants
+that share it, or switch it off. ``load.py`` measures those with the
 rest; this script tells which code costs more instructions, and by how much, with no noise.
 Results go to ``benchmarks/results/instructions-<UTC timestamp>.json``.
 """
