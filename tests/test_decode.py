@@ -85,3 +85,16 @@ def test_a_body_naming_a_member_twice_is_refused(
         decode_chat(render(members, style, names))
     if name in extra:  # for model or messages, a wrong type may be what is refused first
         assert refused.value.code == "duplicate_key"
+
+
+def test_a_body_of_many_members_is_checked_in_one_pass() -> None:
+    """Unknown members pass through to the provider, so a caller can send any number of
+    them: the duplicate check compares each name once (a set past a few), not with every
+    other (100,000 members would then take minutes on the loop)."""
+    extra = "".join(f'"x{i}": {i}, ' for i in range(100_000))
+    body = '{"model": "gpt-4o-mini", ' + extra + '"messages": [{"role": "user", "content": "x"}]}'
+    assert decode_chat(body.encode()).model == "gpt-4o-mini"
+    with pytest.raises(InvalidRequest) as refused:
+        decode_chat((body[:-1] + ', "x99999": 0}').encode())
+    assert refused.value.code == "duplicate_key"
+    assert "x99999" in refused.value.message

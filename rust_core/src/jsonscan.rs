@@ -10,6 +10,10 @@
 //! that are not a JSON object the answer is `None` (nothing to say), never a panic.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
+
+/// Names compared in a list up to this many; a set holds them past it.
+const SET_FROM: usize = 16;
 
 /// The first member name that the top-level object of `body` holds twice; `Some(None)`
 /// when every name is distinct; `None` when `body` is not a JSON object.
@@ -20,7 +24,10 @@ pub fn duplicate_member(body: &[u8]) -> Option<Option<String>> {
         return None;
     }
     s.i += 1;
-    let mut names: Vec<Cow<'_, [u8]>> = Vec::new();
+    // A request has a dozen members; a hostile one may have a hundred thousand: a list
+    // scanned while short, a set past that (each name compared once either way).
+    let mut few: Vec<Cow<'_, [u8]>> = Vec::new();
+    let mut many: HashSet<Cow<'_, [u8]>> = HashSet::new();
     s.ws();
     if s.peek()? == b'}' {
         return Some(None);
@@ -28,10 +35,21 @@ pub fn duplicate_member(body: &[u8]) -> Option<Option<String>> {
     loop {
         s.ws();
         let name = s.string()?;
-        if names.contains(&name) {
+        let seen = if many.is_empty() && few.len() < SET_FROM {
+            let seen = few.contains(&name);
+            if !seen {
+                few.push(name.clone());
+            }
+            seen
+        } else {
+            if many.is_empty() {
+                many.extend(few.drain(..));
+            }
+            !many.insert(name.clone())
+        };
+        if seen {
             return Some(Some(String::from_utf8_lossy(&name).into_owned()));
         }
-        names.push(name);
         s.ws();
         if s.peek()? != b':' {
             return None;
@@ -233,6 +251,20 @@ mod tests {
         let body = r#"{"a":"\",\"a\":1","b":["}",{"a":"]"}],"c":-1.5e3,"d":null,"e":true}"#;
         assert_eq!(dup(body), Some(None));
         assert_eq!(dup(r#"{"x":"\\","x":1}"#), Some(Some("x".into())));
+    }
+
+    #[test]
+    fn many_members_are_checked_by_set() {
+        let mut body = String::from("{");
+        for i in 0..100_000 {
+            body.push_str(&format!("\"m{i}\":{i},"));
+        }
+        let unique = format!("{}\"last\":0}}", body);
+        assert_eq!(dup(&unique), Some(None));
+        let twice = format!("{}\"m77777\":0}}", body);
+        assert_eq!(dup(&twice), Some(Some("m77777".into())));
+        let early = String::from("{\"a\":1,\"b\":2,\"a\":3}");
+        assert_eq!(dup(&early), Some(Some("a".into())));
     }
 
     #[test]

@@ -1152,8 +1152,13 @@ mod json_scan {
     /// The first name the top-level object of `body` holds twice, else None (also when
     /// `body` is not a JSON object): see `jsonscan::duplicate_member`.
     #[pyfunction]
-    fn duplicate_member(body: &[u8]) -> PyResult<Option<String>> {
-        caught(|| crate::jsonscan::duplicate_member(body).flatten())
+    fn duplicate_member(py: Python<'_>, body: &[u8]) -> PyResult<Option<String>> {
+        let check = || caught(|| crate::jsonscan::duplicate_member(body).flatten());
+        if body.len() >= 1 << 20 {
+            py.detach(check) // a large body: other threads may run meanwhile
+        } else {
+            check()
+        }
     }
 
     /// Where `body` stops being UTF-8 (the offset of the first bad byte), else None; the
