@@ -227,20 +227,35 @@ mod tests {
 
     #[test]
     fn distinct_names_pass() {
-        assert_eq!(dup(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#), Some(None));
+        assert_eq!(
+            dup(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+            Some(None)
+        );
         assert_eq!(dup(" { } "), Some(None));
-        assert_eq!(dup(r#"{"a": {"a": 1, "a": 2}, "b": [1, {"a": 3}]}"#), Some(None));
+        assert_eq!(
+            dup(r#"{"a": {"a": 1, "a": 2}, "b": [1, {"a": 3}]}"#),
+            Some(None)
+        );
     }
 
     #[test]
     fn a_name_twice_is_found_whatever_the_spacing() {
-        assert_eq!(dup(r#"{"model":"a","model":"b"}"#), Some(Some("model".into())));
-        assert_eq!(dup("{ \"a\" : 1 ,\n\t\"b\":2, \"a\" :3 }"), Some(Some("a".into())));
+        assert_eq!(
+            dup(r#"{"model":"a","model":"b"}"#),
+            Some(Some("model".into()))
+        );
+        assert_eq!(
+            dup("{ \"a\" : 1 ,\n\t\"b\":2, \"a\" :3 }"),
+            Some(Some("a".into()))
+        );
     }
 
     #[test]
     fn names_compare_as_json_means_them() {
-        assert_eq!(dup(r#"{"model":1,"\u006dodel":2}"#), Some(Some("model".into())));
+        assert_eq!(
+            dup(r#"{"model":1,"\u006dodel":2}"#),
+            Some(Some("model".into()))
+        );
         assert_eq!(dup(r#"{"a\"b":1,"a\u0022b":2}"#), Some(Some("a\"b".into())));
         assert_eq!(dup(r#"{"\ud83d\ude00":1,"😀":2}"#), Some(Some("😀".into())));
         assert_eq!(dup(r#"{"a\\":1,"a":2}"#), Some(None));
@@ -269,8 +284,20 @@ mod tests {
 
     #[test]
     fn not_an_object_says_nothing_and_does_not_panic() {
-        for body in ["", "[]", "1", "\"a\"", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "{\"a\\",
-                     "{\"a\":[1,", "{\"\\u12\":1}", "{\"a\":1 \"b\":2}"] {
+        for body in [
+            "",
+            "[]",
+            "1",
+            "\"a\"",
+            "{",
+            "{\"a\"",
+            "{\"a\":",
+            "{\"a\":1",
+            "{\"a\\",
+            "{\"a\":[1,",
+            "{\"\\u12\":1}",
+            "{\"a\":1 \"b\":2}",
+        ] {
             assert_eq!(dup(body), None, "{body:?}");
         }
     }
