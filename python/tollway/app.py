@@ -136,10 +136,10 @@ def create_app(
         Middleware(AuthMiddleware, keys=gateway.keys, metrics=gateway.metrics),
     ]
 
-    def wrapped(handler: ASGIApp) -> ASGIApp:  # the stack above, without Starlette's layers
-        return RequestContextMiddleware(
-            AuthMiddleware(handler, keys=gateway.keys, metrics=gateway.metrics),
-            metrics=gateway.metrics, known_paths=known)
+    def wrapped(handler: ASGIApp) -> ASGIApp:  # the list above, without Starlette's layers
+        for m in reversed(middleware):
+            handler = m.cls(handler, *m.args, **m.kwargs)
+        return handler
 
     app = GatewayApp(
         routes=routes,
