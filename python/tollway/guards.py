@@ -344,20 +344,26 @@ class BudgetGuard:
         call.estimated_cost_nanousd = plan.max_cost_nanousd
         return plan.max_cost_nanousd
 
+    @staticmethod
+    def _whole(call: Call, plan: PolicyPlan, book: BudgetBook, hold: Any) -> bool:
+        """Keep ``hold``, the book's grant of the call's whole cost (None: refused), if any.
+
+        Tried first: most calls fit whole in what is left, and then what :meth:`_amount`
+        reads of the book to bound the output would lower nothing."""
+        if hold is None:
+            return False
+        call.estimated_cost_nanousd = plan.max_cost_nanousd
+        call.reservation = (book, hold)
+        return True
+
     def hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget) -> None:
         """:meth:`hold` for this process's own book, which decides without awaiting."""
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
         request_id, now = call.info.request_id, call.occurred_at
-        # Most calls fit whole in what is left of the day: held as they are, unbounded,
-        # without reading the book twice (what _amount would find lowers nothing then).
-        if isinstance(plan, PolicyPlan):
-            hold = book.try_reserve(tenant, plan.max_cost_nanousd, limit,
-                                    request_id=request_id, now=now)
-            if hold is not None:
-                call.estimated_cost_nanousd = plan.max_cost_nanousd
-                call.reservation = (book, hold)
-                return
+        if isinstance(plan, PolicyPlan) and self._whole(call, plan, book, book.try_reserve(
+                tenant, plan.max_cost_nanousd, limit, request_id=request_id, now=now)):
+            return
         amount = self._amount(call, plan, book, limit)
         hold = book.try_reserve(tenant, amount, limit, request_id=request_id, now=now)
         if hold is None:
@@ -369,16 +375,10 @@ class BudgetGuard:
         limit = self.daily.get(tenant, self.default_daily)
         now = call.occurred_at  # the call's day, which its event will carry too
         grant = getattr(book, "try_grant", None)
-        # Most calls fit whole in a lease this gateway holds: granted as they are, unbounded,
-        # with no look at the rest of the book (a lease with room for the whole call means
-        # _amount would lower nothing).
-        if grant is not None and isinstance(plan, PolicyPlan):
-            hold = grant(tenant, plan.max_cost_nanousd, request_id=call.info.request_id,
-                         now=now)
-            if hold is not None:
-                call.estimated_cost_nanousd = plan.max_cost_nanousd
-                call.reservation = (book, hold)
-                return
+        if grant is not None and isinstance(plan, PolicyPlan) and self._whole(
+                call, plan, book, grant(tenant, plan.max_cost_nanousd,
+                                        request_id=call.info.request_id, now=now)):
+            return
         # Holds taken while this one awaits a lease (other calls, other gateways) can leave
         # it no room: the lease is measured against the limit and refused, and the call
         # looks once more at what is left, which may pay a lower output bound.
