@@ -53,8 +53,20 @@ async def _fleet(url: str, tmp_path: Path, clock: Clock, n: int = 4,
         await svc.start()
         out.append(svc)
     limiters = [_limits(s) for s in out]
-    # Every process has seen every other's heartbeat and shares the bucket.
-    await _until(lambda: all(f.live() == n and not f.degraded for f in limiters))
+
+    def everyone_seen() -> bool:
+        # A process beats when the clock passes its next beat: this clock stands still
+        # unless moved, so it is moved here (before any call) until each process has seen
+        # a beat of every other since it subscribed (the first ones may precede that).
+        clock.t += 0.05
+        return all(f.live() == n and not f.degraded for f in limiters)
+
+    try:
+        await _until(everyone_seen)
+    except BaseException:
+        for svc in out:
+            await svc.stop()
+        raise
     return out
 
 
