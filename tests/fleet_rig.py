@@ -23,8 +23,10 @@ CHAT = "/api/ai/v1/chat/completions"
 def write_config(directory: Path, base_url: str, *, drain_timeout_s: float = 30.0,
                  nats: str = "embedded", data_dir: Path | None = None,
                  daily_usd: float = 1000.0, input_usd_per_mtok: float = 0.15,
-                 output_usd_per_mtok: float = 0.60, name: str = "tollway.toml") -> Path:
-    """A config for the fake upstream and the tenant acme (no rate limit in the way)."""
+                 output_usd_per_mtok: float = 0.60, per_minute: int = 100000,
+                 name: str = "tollway.toml") -> Path:
+    """A config for the fake upstream and the tenant acme (by default no rate limit in the
+    way: ``per_minute`` sets one)."""
     cfg = directory / name
     cfg.write_text(textwrap.dedent(f"""
         [server]
@@ -50,7 +52,7 @@ def write_config(directory: Path, base_url: str, *, drain_timeout_s: float = 30.
         daily_usd = {daily_usd!r}
         key_sha256 = ["{hash_key(ACME_KEY)}"]
         [tenants.limits]
-        per_minute = 100000
+        per_minute = {per_minute}
         per_hour = 1000000
         per_day = 10000000
         expensive_per_hour = 100000

@@ -1,9 +1,10 @@
 """Fleet-wide rate limits across real ``tollway serve`` processes on one nats-server.
 
-Four gateway processes, one config, one tenant limit: calls spread over them are
-admitted as one limit would admit them. Real time runs here, so a bucket refills
-while the calls are made: every bound allows the limit plus what refilled between
-the first call sent and the last answer (limit / 60 per second for ``per_minute``).
+Four gateway processes (four ``tollway serve``, or two ``tollway serve --workers 2``),
+one tenant limit: calls spread over them are admitted as one limit would admit them.
+Real time runs here, so a bucket refills while the calls are made: every bound allows
+the limit plus what refilled between the first call sent and the last answer (limit /
+60 per second for ``per_minute``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fleet_rig import CHAT, write_config
+from fleet_rig import Fleet as Workers
 from support import (
     ACME_KEY,
     ADMIN_KEY,
@@ -29,6 +32,7 @@ from support import (
     UPSTREAM_KEY,
     auth,
     chat_body,
+    eventually,
     serving_port,
 )
 from tollway.auth import hash_key
@@ -217,3 +221,52 @@ async def _sharing(client: httpx.AsyncClient, url: str) -> bool:
     """Whether the process takes allotments from the fleet's bucket (not its share)."""
     text = (await client.get(f"{url}/api/ai/metrics")).text
     return "tollway_ratelimit_shares 0.0" in text.splitlines()
+
+
+SHARED = "rate limits: shared across the fleet"
+
+
+async def test_two_instances_of_two_workers_serve_one_limit(
+        tmp_path: Path, nats_server: EmbeddedNats, upstream: FakeUpstream) -> None:
+    # The acceptance fleet: 2 instances x 2 workers, 4 processes, tenant at 60 a minute.
+    fleets: list[Workers] = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            fleets.append(Workers(write_config(tmp_path / name, upstream.base_url,
+                                               nats=nats_server.url, per_minute=60)).start())
+
+        def sharing(fleet: Workers) -> set[int]:
+            return {r["worker"] for r in list(fleet.lines)
+                    if str(r.get("msg", "")).startswith(SHARED)}
+
+        # Every worker takes allotments from the fleet's bucket (until then it would
+        # enforce a share of what it last saw: nothing yet, so the whole limit).
+        assert eventually(lambda: all(sharing(f) == {1, 2} for f in fleets)), \
+            [sharing(f) for f in fleets]
+        # A new connection for every call, so the kernel hands them to both workers.
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            gate = asyncio.Semaphore(64)
+
+            async def one(i: int) -> httpx.Response:
+                async with gate:
+                    return await client.post(fleets[i % 2].url + CHAT, json=chat_body(),
+                                             headers=auth(ACME_KEY))
+
+            started = time.monotonic()
+            answers = await asyncio.gather(*(one(i) for i in range(1000)))
+            elapsed = time.monotonic() - started
+    finally:
+        for fleet in fleets:
+            fleet.stop()
+    _check_refusals(answers)
+    ok = sum(r.status_code == 200 for r in answers)
+    print(f"2 x 2 workers, 60/min: {ok} of 1,000 served in {elapsed:.1f} s")
+    # A token bucket from full: the limit, plus 1 a second refilled while the calls ran.
+    assert 60 <= ok <= 60 + math.floor(elapsed * 60 / 60), (ok, elapsed)
+    assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"60"}
+    # All four processes took part: each worker of each instance answered calls.
+    for fleet in fleets:
+        assert {r.get("worker") for r in fleet.logged("request")
+                if r.get("path") == CHAT} == {1, 2}
