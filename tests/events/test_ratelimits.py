@@ -14,11 +14,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.api import KeyValueConfig
 from prometheus_client import CollectorRegistry
 
 from support import HANG_S
 from tollway.config import EventsConfig, NatsConfig
-from tollway.events.broker import EmbeddedNats
+from tollway.events.broker import EmbeddedNats, connect
 from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState
 from tollway.events.service import EventsService
 from tollway.ratelimit import Limits
@@ -236,3 +237,46 @@ async def test_an_allotment_is_not_served_after_its_lifetime(fleet: list[EventsS
     clock.t += 60  # the fleet bucket is full again
     answers = await _spread(fleet, 1000)
     assert sum(a.allowed for a in answers) == 60
+
+
+async def _stream_max_msg_size(url: str, bucket: str, size: int) -> None:
+    """The KV bucket's stream refuses messages bigger than ``size`` (-1: none): every put
+    fails at once, as the server answers; gets still work."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(f"KV_{bucket}")
+        info.config.max_msg_size = size
+        await js.update_stream(info.config)
+    finally:
+        await nc.close()
+
+
+async def test_a_failed_first_attach_is_retried_while_nats_is_up(
+        nats_server: EmbeddedNats, tmp_path: Path, clock: Clock) -> None:
+    # The bucket exists but refuses writes (as a cluster's bucket does before it has a
+    # leader): the first heartbeat fails, the processes keep their shares. Once the
+    # bucket takes writes, they join the fleet without NATS ever dropping.
+    nc = await connect(nats_server.url)
+    await nc.jetstream().create_key_value(KeyValueConfig(bucket="tollway_ratelimits",
+                                                         history=1, max_value_size=8))
+    await nc.close()
+    services = []
+    try:
+        for i in range(2):
+            svc = EventsService(NatsConfig(url=nats_server.url,
+                                           data_dir=str(tmp_path / f"gw{i}")),
+                                EventsConfig(heartbeat_s=0.2), registry=CollectorRegistry(),
+                                instance=f"gw{i}", clock=clock,
+                                limits_of=lambda name: PER_MINUTE)
+            await svc.start()
+            services.append(svc)
+        limiters = [_limits(s) for s in services]
+        assert all(f.degraded and f.nc is not None and f.nc.is_connected for f in limiters)
+        await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", -1)
+        await _until(lambda: all(f.live() == 2 and not f.degraded for f in limiters))
+        answers = await _spread(services, 200)
+        assert sum(a.allowed for a in answers) == 60
+    finally:
+        for svc in services:
+            await svc.stop()

@@ -76,6 +76,7 @@ REQUESTS, EXPENSIVE, TOKENS = 0, 1, 2  # what an allotment holds
 KIND_TIERS = ((0, 1, 2), (3,), (4,))  # the tiers each kind is taken from
 TOLERANCE = 1e-9  # of a limit: float rounding never refuses a whole unit that is there
 INF = math.inf
+MAX_RETRY_S = 30.0  # the longest back-off between tries to get back on the fleet's bucket
 
 
 class FleetState(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -235,6 +236,10 @@ class FleetLimits:
         self._outage_live = 1  # live processes when NATS went: the divisor of new shares
         self._switch: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        self._opened_on: NatsClient | None = None  # the connection ``kv`` belongs to
+        self._retry_s = heartbeat_s  # after a failed switch back, the ticker's next try in
+        self._retry_at = 0.0  # time.monotonic()
         self._last_tick = clock()
         self.writes = 0  # compare-and-sets that landed (allotments, give-backs, reconciles)
         self.conflicts = 0  # compare-and-sets another process won
@@ -256,22 +261,34 @@ class FleetLimits:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def attach(self, nc: NatsClient) -> None:
-        """Connected (first time or again after the service reconnected from scratch)."""
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value(self.bucket)
-        except NotFoundError:
-            # One day after its last write a bucket has refilled on every tier: an entry
-            # that old says nothing, and expires.
-            kv = await js.create_key_value(KeyValueConfig(
-                bucket=self.bucket, description="tollway fleet-wide rate limits", history=1,
-                ttl=2 * 86400.0, storage=StorageType.FILE, replicas=self.replicas))
-        self.nc, self.kv = nc, kv
-        if self._sub is None:
-            # Core NATS: resubscribed by the client after every reconnect.
-            self._sub = await nc.subscribe(f"$KV.{self.bucket}.>", cb=self._on_msg)
-        await self._beat()
+        """Connected (first time or again after the service reconnected from scratch):
+        the bucket opened, a first heartbeat, then allotments. If that fails, the ticker
+        tries again (with a back-off) for as long as the connection is up."""
+        self.nc = nc
+        await self._open(nc)
         self.connected()
+
+    async def _open(self, nc: NatsClient) -> None:
+        """The bucket (made if missing), the subscription and a first heartbeat; ``kv`` is
+        set only once the heartbeat has landed: until then the process keeps its shares."""
+        async with self._opening:
+            if self.kv is not None and self._opened_on is nc:
+                return  # opened meanwhile (attach and the ticker's retry at once)
+            js = nc.jetstream()
+            try:
+                kv = await js.key_value(self.bucket)
+            except NotFoundError:
+                # One day after its last write a bucket has refilled on every tier: an
+                # entry that old says nothing, and expires.
+                kv = await js.create_key_value(KeyValueConfig(
+                    bucket=self.bucket, description="tollway fleet-wide rate limits",
+                    history=1, ttl=2 * 86400.0, storage=StorageType.FILE,
+                    replicas=self.replicas))
+            if self._sub is None:
+                # Core NATS: resubscribed by the client after every reconnect.
+                self._sub = await nc.subscribe(f"$KV.{self.bucket}.>", cb=self._on_msg)
+            await self._beat(kv)
+            self.kv, self._opened_on = kv, nc
 
     def start(self) -> None:
         if self._ticker is None:
@@ -331,6 +348,7 @@ class FleetLimits:
         """NATS back: switch to allotments once the others are back too."""
         if not self.degraded or self._switch is not None:
             return
+        self._retry_at = time.monotonic() + self._retry_s  # the ticker's next try, if needed
         self._switch = asyncio.create_task(self._reconcile(), name="tollway-fleet-reconcile")
 
     def _to_share(self, t: _Tenant, n: int, now: float) -> None:
@@ -755,6 +773,10 @@ class FleetLimits:
     async def _reconcile(self) -> None:
         """After an outage: add what each share served to the fleet bucket, then allotments."""
         try:
+            if self.kv is None:  # the bucket not opened yet (a first attach failed)
+                if self.nc is None:
+                    raise ConnectionError("no NATS connection")
+                await self._open(self.nc)
             if any(t.share is not None and any(t.share.admitted)
                    for t in self._tenants.values()):
                 await asyncio.sleep(2 * self.heartbeat_s)  # the others reconnect meanwhile
@@ -775,12 +797,16 @@ class FleetLimits:
                     if t.on[kind]:
                         t.free[kind] = -max(after[i] for i in tiers)
             self.degraded = False
+            self._retry_s = self.heartbeat_s
             log.info("rate limits: shared across the fleet (%d live process(es))", self.live())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("rate limits: write-back after the outage failed (%s); shares stay",
-                        exc)
+            # The ticker tries again while NATS is connected, less often each time.
+            (log.warning if self._retry_s <= self.heartbeat_s else log.debug)(
+                "rate limits: not back on the fleet's bucket (%s); shares stay, retried in "
+                "%.1fs", exc, self._retry_s)
+            self._retry_s = min(2 * self._retry_s, MAX_RETRY_S)
         finally:
             if self._switch is asyncio.current_task():
                 self._switch = None
@@ -789,9 +815,9 @@ class FleetLimits:
     def _member_key(self) -> str:
         return f"members.{subject_token(self.instance)}"
 
-    async def _beat(self) -> None:
-        kv = self.kv
-        if kv is None or not self._usable():
+    async def _beat(self, kv: KeyValue | None = None) -> None:
+        kv = kv or self.kv
+        if kv is None or self.nc is None or not self.nc.is_connected:
             return
         now = self.clock()
         self.members[self.instance] = now
@@ -828,6 +854,11 @@ class FleetLimits:
                     if self._usable():
                         await self._beat()
                 self.tick(now)
+                # Shares while NATS is connected (a first attach, a write-back or a KV
+                # operation failed): back to the fleet's bucket, retried with a back-off.
+                if (self.degraded and self._switch is None and self.nc is not None
+                        and self.nc.is_connected and time.monotonic() >= self._retry_at):
+                    self.connected()
             except Exception as exc:
                 log.debug("rate limits: background step failed: %s", exc)
 
