@@ -15,7 +15,9 @@ Each worker is a fresh interpreter (``python -m tollway.workers``, not a fork of
 the parent), so nothing the parent built is shared: its event ids, NATS
 connection, outbox file (the first free ``events-<n>.log``, locked while it
 lives), budget leases and metrics registry are its own, and its instance name is
-``<host>-<pid>`` as for any gateway process. With ``[nats] url = "embedded"``
+``<host>-<pid>`` as for any gateway process. Each knows N (``$TOLLWAY_WORKER_COUNT``):
+until it has seen the fleet's heartbeats on NATS it enforces 1/N of each shared rate
+limit. With ``[nats] url = "embedded"``
 the parent runs the one nats-server (on the data folder, as a single process
 would) and the workers connect to it as to any ``nats://`` URL; the parent stops
 it after the last worker has exited.
@@ -70,6 +72,7 @@ log = logging.getLogger("tollway.workers")
 
 # Environment of a worker, set by the parent.
 ENV_ID = "TOLLWAY_WORKER_ID"  # 1..N
+ENV_COUNT = "TOLLWAY_WORKER_COUNT"  # N
 ENV_FD = "TOLLWAY_WORKER_FD"  # the listening socket, inherited
 ENV_READY_FD = "TOLLWAY_WORKER_READY_FD"  # a pipe: "<id> <pid>\n" once serving
 ENV_NATS_URL = "TOLLWAY_WORKER_NATS_URL"  # the parent's embedded server, when it runs one
@@ -181,7 +184,8 @@ class Supervisor:
         return cmd
 
     def _spawn(self, slot: _Slot) -> None:
-        env = {**os.environ, ENV_ID: str(slot.wid), ENV_FD: str(self.sock.fileno()),
+        env = {**os.environ, ENV_ID: str(slot.wid), ENV_COUNT: str(len(self.slots)),
+               ENV_FD: str(self.sock.fileno()),
                ENV_READY_FD: str(self._ready_w)}
         if self.nats_url:
             env[ENV_NATS_URL] = self.nats_url
@@ -369,6 +373,13 @@ def worker_id() -> int | None:
     """This process's worker number when it runs under ``tollway serve --workers``."""
     value = os.environ.get(ENV_ID)
     return int(value) if value and value.isdigit() else None
+
+
+def worker_total() -> int:
+    """N under ``tollway serve --workers N``, else 1: until it has seen the fleet's
+    heartbeats, a worker enforces 1/N of each shared rate limit, not all of it."""
+    value = os.environ.get(ENV_COUNT) if worker_id() is not None else None
+    return max(1, int(value)) if value and value.isdigit() else 1
 
 
 def worker_main(argv: list[str] | None = None) -> int:

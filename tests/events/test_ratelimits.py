@@ -23,6 +23,7 @@ from tollway.events.broker import EmbeddedNats, connect
 from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState
 from tollway.events.service import EventsService
 from tollway.ratelimit import Limits
+from tollway.workers import worker_total
 
 T0 = 1_800_000_000.0
 PER_MINUTE = Limits(per_minute=60, per_hour=100_000, per_day=1_000_000,
@@ -280,3 +281,19 @@ async def test_a_failed_first_attach_is_retried_while_nats_is_up(
     finally:
         for svc in services:
             await svc.stop()
+
+
+async def test_before_first_contact_a_worker_takes_its_share_of_the_workers(
+        monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
+    # NATS not reached yet: a worker of ``tollway serve --workers 4`` admits a quarter of
+    # the limit, not all of it (four workers alone would serve four times the limit).
+    monkeypatch.setenv("TOLLWAY_WORKER_ID", "2")
+    monkeypatch.setenv("TOLLWAY_WORKER_COUNT", "4")
+    assert worker_total() == 4
+    limiters = [FleetLimits(lambda name: PER_MINUTE, instance=f"w{i}", clock=clock,
+                            expected=worker_total()) for i in range(4)]
+    answers = [f.try_take("acme", False, 0, True) for f in limiters for _ in range(100)]
+    assert all(a is not None for a in answers)
+    assert sum(a.allowed for a in answers if a is not None) == 60
+    monkeypatch.delenv("TOLLWAY_WORKER_ID")
+    assert worker_total() == 1  # not a worker: alone until it sees the fleet

@@ -212,7 +212,7 @@ class FleetLimits:
     def __init__(self, limits_of: Callable[[str], Limits], *, instance: str,
                  bucket: str = "tollway_ratelimits", replicas: int = 1,
                  allotment_s: float = 0.5, heartbeat_s: float = 1.0, idle_s: float = 1.0,
-                 op_timeout_s: float = 2.0, max_attempts: int = 50,
+                 op_timeout_s: float = 2.0, max_attempts: int = 50, expected: int = 1,
                  clock: Callable[[], float] = time.time,
                  registry: CollectorRegistry | None = None) -> None:
         self.limits_of = limits_of
@@ -232,8 +232,10 @@ class FleetLimits:
         self._snaps: dict[str, FleetState] = {}  # KV key -> newest state seen
         self._revs: dict[str, tuple[int, int]] = {}  # KV key -> (v, revision) we know
         self.members: dict[str, float] = {}  # instance -> when its heartbeat was last seen
-        self.degraded = True  # until connected: shares of what was last seen (nothing: all)
-        self._outage_live = 1  # live processes when NATS went: the divisor of new shares
+        self.degraded = True  # until connected: shares of what was last seen
+        # Live processes when NATS went: the divisor of new shares. Before any contact, the
+        # processes this one knows of (``tollway serve --workers N``: N), else itself alone.
+        self._outage_live = max(1, expected)
         self._switch: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._opening = asyncio.Lock()
