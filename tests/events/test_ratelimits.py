@@ -297,3 +297,29 @@ async def test_before_first_contact_a_worker_takes_its_share_of_the_workers(
     assert sum(a.allowed for a in answers if a is not None) == 60
     monkeypatch.delenv("TOLLWAY_WORKER_ID")
     assert worker_total() == 1  # not a worker: alone until it sees the fleet
+
+
+async def test_a_failing_bucket_is_not_a_refusal_the_shares_decide(
+        nats_server: EmbeddedNats, fleet: list[EventsService], clock: Clock) -> None:
+    # NATS is up but the bucket refuses every write (as when its stream has lost its
+    # leader or quorum): calls under the limits are served through the shares, never
+    # refused as if the tenant had used up its limits.
+    limiters = [_limits(s) for s in fleet]
+    await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", 8)
+    answers = await _spread(fleet, 40, tenant="globex")
+    assert all(a.allowed for a in answers)
+    assert all(f.degraded and f.nc is not None and f.nc.is_connected for f in limiters)
+    # The shares hold: the fleet admits no more than the limit. (Each starts from its
+    # part of what the bucket was last seen to hold: the refused writes were delivered to
+    # the subscribers all the same, so somewhat less than 60 in all.)
+    answers = await _spread(fleet, 200, tenant="globex")
+    served = 40 + sum(a.allowed for a in answers)
+    assert 40 < served <= 60
+    refused = [a for a in answers if not a.allowed]
+    assert all(a.denied_by == ("per_minute",) for a in refused)
+    # The bucket takes writes again: back on it, what the shares served written back.
+    await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", -1)
+    await _until(lambda: not any(f.degraded for f in limiters))
+    assert (await _bucket(fleet[0], "globex")).used[0] == served
+    answers = await _spread(fleet, 200, tenant="globex")
+    assert served + sum(a.allowed for a in answers) <= 60

@@ -327,7 +327,13 @@ class FleetLimits:
     def _usable(self) -> bool:
         return self.nc is not None and self.nc.is_connected and self.kv is not None
 
-    def disconnected(self) -> None:
+    def _fail(self, why: str) -> None:
+        """The fleet's bucket failed while the connection is up: to the shares, as if NATS
+        had gone (never a refusal the limits did not make); the ticker tries again."""
+        self._retry_at = time.monotonic() + self._retry_s
+        self.disconnected(f"the fleet's bucket failed ({why})")
+
+    def disconnected(self, why: str = "NATS unreachable") -> None:
         """NATS unreachable: every tenant to its share of what the fleet bucket last had."""
         if self._switch is not None:
             self._switch.cancel()  # a tenant it switched already gets a share again below
@@ -343,8 +349,8 @@ class FleetLimits:
                 self._to_share(t, n, now)
         if was:
             return
-        log.warning("rate limits: NATS unreachable; each tenant's limits divided by the %d "
-                    "live process(es) last seen", n)
+        log.warning("rate limits: %s; each tenant's limits divided by the %d live "
+                    "process(es) last seen", why, n)
 
     def connected(self) -> None:
         """NATS back: switch to allotments once the others are back too."""
@@ -456,10 +462,10 @@ class FleetLimits:
     async def _take(self, t: _Tenant, name: str, expensive: bool, tokens: int,
                     with_tokens: bool, now: float) -> FleetDecision:
         # Each round an allotment lands (some waiting calls are served, the bucket has
-        # less) or the bucket is seen empty (the call is refused). Rounds where nothing
-        # lands (NATS failing, every race lost) are bounded.
+        # less) or the bucket is seen empty (the call is refused). A round that fails
+        # (NATS failing, every race lost) puts the process on its shares, which decide.
         fruitless = 0
-        while fruitless < 3:
+        while True:
             decided = self.try_take(name, expensive, tokens, with_tokens)
             if decided is not None:
                 return decided
@@ -478,6 +484,8 @@ class FleetLimits:
             await asyncio.wait((t.task,))
             if t.landed == landed:
                 fruitless += 1
+                if fruitless >= 3:  # the bucket had room, yet nothing landed
+                    self._fail(f"no allotment for {t.name!r} in {fruitless} tries")
             now = self.clock()
         return self._refusal(t, expensive, tokens, now, with_tokens)
 
@@ -619,11 +627,16 @@ class FleetLimits:
             return self._moved(t, used, grant, 1.0)
 
         try:
-            at = await self._write(t, take)
+            # Bounded: a bucket that does not answer (no leader, quorum lost) or is too
+            # contended is a failure, and calls are decided by the shares meanwhile.
+            async with asyncio.timeout(2 * self.op_timeout_s):
+                at = await self._write(t, take)
             if at is not None:
                 self._landed(t, granted, at, self.clock())
-        except Exception as exc:  # NATS failed under us: the caller decides without it
-            log.debug("rate limits: allotment for %s not taken: %s", t.name, exc)
+        except Exception as exc:  # NATS failed under us: the shares decide without it
+            if t.task is asyncio.current_task():
+                t.task = None
+            self._fail(f"allotment for {t.name!r} not taken: {exc or type(exc).__name__}")
         finally:
             if t.task is asyncio.current_task():
                 t.task = None
