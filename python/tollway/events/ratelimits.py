@@ -864,8 +864,9 @@ class FleetLimits:
             await asyncio.sleep(min(0.25, self.heartbeat_s / 2))
             now = self.clock()
             try:
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_s
+                # On the monotonic clock: the gateway's may stand still or jump back.
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_s
                     if self._usable():
                         await self._beat()
                 self.tick(now)
