@@ -323,3 +323,15 @@ async def test_a_failing_bucket_is_not_a_refusal_the_shares_decide(
     assert (await _bucket(fleet[0], "globex")).used[0] == served
     answers = await _spread(fleet, 200, tenant="globex")
     assert served + sum(a.allowed for a in answers) <= 60
+
+
+async def test_members_gone_for_three_heartbeats_are_forgotten(fleet: list[EventsService],
+                                                               clock: Clock) -> None:
+    # Every restarted worker is a new instance (host-pid): the old ones are dropped, not
+    # kept (and counted over on every grant) for ever.
+    f = _limits(fleet[0])
+    f.members["gw-restarted-1"] = clock.t - 10 * f.heartbeat_s
+    assert f.live() == 4
+    f.tick(clock.t + 1e-3)
+    assert "gw-restarted-1" not in f.members
+    assert set(f.members) >= {"gw1", "gw2", "gw3"} and f.live() == 4

@@ -231,7 +231,8 @@ class FleetLimits:
         self._tenants: dict[str, _Tenant] = {}
         self._snaps: dict[str, FleetState] = {}  # KV key -> newest state seen
         self._revs: dict[str, tuple[int, int]] = {}  # KV key -> (v, revision) we know
-        self.members: dict[str, float] = {}  # instance -> when its heartbeat was last seen
+        # Other instances -> when their heartbeat was last seen; pruned by tick().
+        self.members: dict[str, float] = {}
         self.degraded = True  # until connected: shares of what was last seen
         # Live processes when NATS went: the divisor of new shares. Before any contact, the
         # processes this one knows of (``tollway serve --workers N``: N), else itself alone.
@@ -377,7 +378,8 @@ class FleetLimits:
         """Processes whose heartbeat was seen within three periods, this one included."""
         now = self.clock() if now is None else now
         ttl = 3 * self.heartbeat_s
-        others = sum(1 for inst, seen in self.members.items()
+        # A copy first: the metrics thread calls this while the loop adds members.
+        others = sum(1 for inst, seen in list(self.members.items())
                      if inst != self.instance and now - seen <= ttl)
         return others + 1
 
@@ -835,7 +837,6 @@ class FleetLimits:
         if kv is None or self.nc is None or not self.nc.is_connected:
             return
         now = self.clock()
-        self.members[self.instance] = now
         async with asyncio.timeout(self.op_timeout_s):
             await kv.put(self._member_key(), msgspec.json.encode(
                 {"instance": self.instance, "at": now}))
@@ -885,6 +886,9 @@ class FleetLimits:
         if dt <= 0:
             return
         self._last_tick = now
+        ttl = 3 * self.heartbeat_s  # what live() no longer counts (a restarted worker's
+        for inst in [i for i, seen in self.members.items() if now - seen > ttl]:  # old pid)
+            del self.members[inst]
         usable = self._usable() and not self.degraded
         for t in self._tenants.values():
             for k in range(3):
