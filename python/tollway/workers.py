@@ -82,6 +82,7 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 EXIT_GRACE_S = 15.0  # past the drain: the workers' event flush and shutdown
 POLL_S = 0.05
+NATS_BOOT_S = 15.0  # the embedded nats-server started again: ready within this, or stopped
 SHARE_EVERY_S = 5.0  # a worker's metrics as another worker's scrape shows them: this old
 
 
@@ -134,6 +135,11 @@ class Supervisor:
         os.set_blocking(self._ready_r, False)
         self._ready_buf = b""
         self._announced = False
+        # The embedded nats-server (when it is ours): its restart back-off, as a slot's.
+        self._nats_up_since: float | None = None
+        self._nats_booting: float | None = None  # spawned again at, not ready yet
+        self._nats_restart_at: float | None = None  # down: when to start it again
+        self._nats_failures = 0
 
     # ---- running -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -176,6 +182,7 @@ class Supervisor:
             return
         self.embedded = EmbeddedNats(nats.data_dir)
         self.nats_url = self.embedded.start()
+        self._nats_up_since = time.monotonic()
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "tollway.workers"]
@@ -200,9 +207,9 @@ class Supervisor:
         slot.ready = False
         log.info("worker started", extra={"worker": slot.wid, "pid": slot.proc.pid})
 
-    def _tick(self) -> None:
+    def _tick(self, now: float | None = None) -> None:
         self._read_ready()
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         for slot in self.slots:
             proc = slot.proc
             if proc is not None:
@@ -220,10 +227,52 @@ class Supervisor:
                     "ran_s": round(ran, 3), "restart_in_s": delay})
             elif now >= slot.restart_at:
                 self._spawn(slot)
-        if self.embedded is not None and not self.embedded.running:
-            log.error("the embedded nats-server exited; starting it again")
-            with contextlib.suppress(Exception):
-                self.embedded.start()
+        self._tend_nats(now)
+
+    def _tend_nats(self, now: float) -> None:
+        """The embedded nats-server, started again when it exits, without blocking this
+        loop (it reaps and restarts workers, and sees signals, meanwhile) and with the
+        workers' back-off when it keeps failing."""
+        emb = self.embedded
+        if emb is None:
+            return
+        if self._nats_booting is not None:  # spawned: ready yet?
+            try:
+                if emb.ready():
+                    self._nats_booting, self._nats_up_since = None, now
+                    log.info("embedded nats-server ready again", extra={"url": emb.url})
+                    return
+                if now - self._nats_booting < NATS_BOOT_S:
+                    return
+                raise NatsUnavailable(f"nats-server not ready after {NATS_BOOT_S:.0f}s")
+            except NatsUnavailable as exc:
+                emb.stop(release=False)
+                self._nats_booting = None
+                self._nats_down(now, str(exc))
+            return
+        if emb.running:
+            return
+        if self._nats_restart_at is None:  # just found exited
+            self._nats_down(now, "exited")
+        if now < (self._nats_restart_at or 0.0):
+            return
+        self._nats_restart_at = None
+        log.error("the embedded nats-server is down; starting it again")
+        try:
+            emb.spawn()
+            self._nats_booting = now
+        except (OSError, NatsUnavailable) as exc:
+            self._nats_down(now, str(exc))
+
+    def _nats_down(self, now: float, why: str) -> None:
+        ran = now - self._nats_up_since if self._nats_up_since is not None else 0.0
+        self._nats_up_since = None
+        self._nats_failures = 0 if ran >= STABLE_S else self._nats_failures + 1
+        delay = 0.0 if self._nats_failures == 0 else min(
+            MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (self._nats_failures - 1))
+        self._nats_restart_at = now + delay
+        log.error("the embedded nats-server is down", extra={
+            "error": why, "ran_s": round(ran, 3), "restart_in_s": delay})
 
     def _read_ready(self) -> None:
         try:
