@@ -315,6 +315,16 @@ class FleetLimits:
                 async with asyncio.timeout(self.op_timeout_s):
                     await asyncio.gather(*(give_back(t) for t in self._tenants.values()),
                                          return_exceptions=True)
+        # What is still in flight (a give-back NATS did not answer in time): cancelled and
+        # awaited here, not left pending when the connection closes.
+        pending = [task for t in self._tenants.values() for task in (t.task, t.returning)
+                   if task is not None and not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:  # bounded: stopping never hangs on NATS
+            await asyncio.wait(pending, timeout=self.op_timeout_s)
+        for t in self._tenants.values():
+            t.task = t.returning = None
         kv = self.kv
         if kv is not None and self._usable():
             with contextlib.suppress(Exception):
