@@ -38,11 +38,20 @@ to its **share**: a local bucket with the limits divided by the live
 processes it last saw (a heartbeat within three periods), starting with its
 share of what the fleet bucket had used; its unused allotment is dropped
 (the fleet bucket counts it as used). The shares add up to the fleet bucket
-at the moment of the outage, so the fleet never exceeds the limit. When NATS
-returns, a process whose shares admitted calls waits ``2 x heartbeat_s`` (so
-the others are back too), adds to the fleet bucket what it served beyond its
-share of the old usage, and takes allotments again; what it serves while that
-write is in flight is charged to its next allotment.
+at the moment of the outage, so when every process loses NATS together the
+fleet does not exceed the limit; a process cut off alone (the others still
+on the bucket) serves its share on top of what they admit. Before it has seen
+the fleet, a process divides by the processes it knows of (``expected``: a
+worker of ``tollway serve --workers N``, N), else by 1. A bucket that fails
+while the connection is up (operations time out or are refused, 50
+compare-and-sets lost in a row) is treated as an outage: an allotment waits at
+most ``2 x op_timeout_s``, then the process takes its shares, and the ticker
+tries the bucket again with a back-off. When NATS returns, a process whose
+shares admitted calls waits ``2 x heartbeat_s`` (so the others are back too),
+adds to the fleet bucket what it served beyond its share of the old usage, and
+takes allotments again; what it serves while that write is in flight is
+charged to its next allotment. If that write fails, the shares stay and the
+ticker tries again.
 """
 
 from __future__ import annotations
