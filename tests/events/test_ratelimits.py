@@ -157,6 +157,9 @@ async def test_unused_allotments_go_back_to_the_bucket(fleet: list[EventsService
     await _until(lambda: f.summary()["held"]["globex"][0] == 0)
     # (What the bucket refilled meanwhile, 0.1, is not given back: it counts as refilled.)
     assert (await _bucket(fleet[0], "globex")).used[0] == pytest.approx(1, abs=1e-4)
+    # One count of the writes: the metric's.
+    assert f.summary()["writes"] == fleet[0].metrics.registry.get_sample_value(
+        "tollway_ratelimit_writes_total") >= 2
 
 
 async def test_nats_down_shares_never_exceed_the_limit_and_reconcile(

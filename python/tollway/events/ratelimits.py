@@ -253,8 +253,6 @@ class FleetLimits:
         self._retry_s = heartbeat_s  # after a failed switch back, the ticker's next try in
         self._retry_at = 0.0  # time.monotonic()
         self._last_tick = clock()
-        self.writes = 0  # compare-and-sets that landed (allotments, give-backs, reconciles)
-        self.conflicts = 0  # compare-and-sets another process won
         reg = registry if registry is not None else CollectorRegistry()
         Gauge("tollway_ratelimit_shares",
               "1 while this process enforces its share of every tenant's limits (NATS "
@@ -270,6 +268,16 @@ class FleetLimits:
         self._conflicts = Counter(
             "tollway_ratelimit_conflicts_total",
             "Compare-and-sets another process won (read again and retried).", registry=reg)
+
+    @property
+    def writes(self) -> int:
+        """Compare-and-sets that landed (allotments, give-backs, reconciles): the counter's."""
+        return int(self._writes._value.get())
+
+    @property
+    def conflicts(self) -> int:
+        """Compare-and-sets another process won: the counter's."""
+        return int(self._conflicts._value.get())
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def attach(self, nc: NatsClient) -> None:
@@ -734,11 +742,9 @@ class FleetLimits:
                 async with asyncio.timeout(self.op_timeout_s):
                     revision = await kv.update(key, _encode(new), last=rev)
             except KeyWrongLastSequenceError:
-                self.conflicts += 1
                 self._conflicts.inc()
                 self._revs.pop(key, None)
                 continue
-            self.writes += 1
             self._writes.inc()
             self._revs[key] = (new.v, revision)
             self._keep(key, new)
