@@ -67,12 +67,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tollway.config import Config, ConfigError, default_config, load_config
 from tollway.events.broker import EmbeddedNats, NatsUnavailable, die_with
+from tollway.events.ratelimits import ENV_WORKER_COUNT
 
 log = logging.getLogger("tollway.workers")
 
 # Environment of a worker, set by the parent.
 ENV_ID = "TOLLWAY_WORKER_ID"  # 1..N
-ENV_COUNT = "TOLLWAY_WORKER_COUNT"  # N
+ENV_COUNT = ENV_WORKER_COUNT  # N: a worker's shared rate limits divided by it at first
 ENV_FD = "TOLLWAY_WORKER_FD"  # the listening socket, inherited
 ENV_READY_FD = "TOLLWAY_WORKER_READY_FD"  # a pipe: "<id> <pid>\n" once serving
 ENV_NATS_URL = "TOLLWAY_WORKER_NATS_URL"  # the parent's embedded server, when it runs one
@@ -422,13 +423,6 @@ def worker_id() -> int | None:
     """This process's worker number when it runs under ``tollway serve --workers``."""
     value = os.environ.get(ENV_ID)
     return int(value) if value and value.isdigit() else None
-
-
-def worker_total() -> int:
-    """N under ``tollway serve --workers N``, else 1: until it has seen the fleet's
-    heartbeats, a worker enforces 1/N of each shared rate limit, not all of it."""
-    value = os.environ.get(ENV_COUNT) if worker_id() is not None else None
-    return max(1, int(value)) if value and value.isdigit() else 1
 
 
 def worker_main(argv: list[str] | None = None) -> int:

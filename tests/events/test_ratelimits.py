@@ -20,10 +20,9 @@ from prometheus_client import CollectorRegistry
 from support import HANG_S
 from tollway.config import EventsConfig, NatsConfig
 from tollway.events.broker import EmbeddedNats, connect
-from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState
+from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState, worker_total
 from tollway.events.service import EventsService
 from tollway.ratelimit import Limits
-from tollway.workers import worker_total
 
 T0 = 1_800_000_000.0
 PER_MINUTE = Limits(per_minute=60, per_hour=100_000, per_day=1_000_000,
@@ -290,7 +289,6 @@ async def test_before_first_contact_a_worker_takes_its_share_of_the_workers(
         monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
     # NATS not reached yet: a worker of ``tollway serve --workers 4`` admits a quarter of
     # the limit, not all of it (four workers alone would serve four times the limit).
-    monkeypatch.setenv("TOLLWAY_WORKER_ID", "2")
     monkeypatch.setenv("TOLLWAY_WORKER_COUNT", "4")
     assert worker_total() == 4
     limiters = [FleetLimits(lambda name: PER_MINUTE, instance=f"w{i}", clock=clock,
@@ -298,7 +296,7 @@ async def test_before_first_contact_a_worker_takes_its_share_of_the_workers(
     answers = [f.try_take("acme", False, 0, True) for f in limiters for _ in range(100)]
     assert all(a is not None for a in answers)
     assert sum(a.allowed for a in answers if a is not None) == 60
-    monkeypatch.delenv("TOLLWAY_WORKER_ID")
+    monkeypatch.delenv("TOLLWAY_WORKER_COUNT")
     assert worker_total() == 1  # not a worker: alone until it sees the fleet
 
 

@@ -60,6 +60,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +77,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from tollway.events.schema import subject_token
 from tollway.ratelimit import TIERS, Limits, format_reset
 
-__all__ = ["FleetDecision", "FleetLimits", "FleetState"]
+__all__ = ["FleetDecision", "FleetLimits", "FleetState", "worker_total"]
 
 log = logging.getLogger("tollway.ratelimits")
 
@@ -85,7 +86,15 @@ REQUESTS, EXPENSIVE, TOKENS = 0, 1, 2  # what an allotment holds
 KIND_TIERS = ((0, 1, 2), (3,), (4,))  # the tiers each kind is taken from
 TOLERANCE = 1e-9  # of a limit: float rounding never refuses a whole unit that is there
 INF = math.inf
+ENV_WORKER_COUNT = "TOLLWAY_WORKER_COUNT"  # set by ``tollway serve --workers N`` for its workers
 MAX_RETRY_S = 30.0  # the longest back-off between tries to get back on the fleet's bucket
+
+
+def worker_total() -> int:
+    """N under ``tollway serve --workers N``, else 1: until it has seen the fleet's
+    heartbeats, a worker enforces 1/N of each shared rate limit, not all of it."""
+    value = os.environ.get(ENV_WORKER_COUNT)
+    return max(1, int(value)) if value and value.isdigit() else 1
 
 
 class FleetState(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -18,9 +18,9 @@ from starlette.routing import BaseRoute, Route
 
 from tollway.errors import InvalidRequest, NotReady, PermissionDenied, error_body
 from tollway.events.breakers import FleetBreakers
+from tollway.events.ratelimits import worker_total
 from tollway.events.schema import day_of
 from tollway.events.service import EventsService
-from tollway.workers import worker_total
 
 if TYPE_CHECKING:
     from tollway.gateway import Gateway
