@@ -11,9 +11,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,10 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from events.helpers import read_stream
 from fleet_rig import CHAT, Fleet, alive, instance_of, write_config
 from support import HANG_S, UPSTREAM_KEY, auth, chat_body, eventually
+from tollway.config import default_config
 from tollway.events.broker import EmbeddedNats, connect
 from tollway.events.schema import CallEvent
 from tollway.testing.upstream import FakeUpstream
-from tollway.workers import worker_count
+from tollway.workers import MIN_BACKOFF_S, NATS_BOOT_S, Supervisor, worker_count
 
 
 async def _stream_events(data: Path) -> list[CallEvent]:
@@ -349,3 +352,49 @@ def test_server_workers_and_drain_timeout_in_the_config() -> None:
     for bad in ({"workers": 0}, {"workers": "many"}, {"drain_timeout_s": 0}):
         with pytest.raises(ConfigError):
             server(**bad)
+
+
+def test_the_embedded_nats_server_restarts_with_a_back_off_and_never_stalls_the_parent(
+        tmp_path: Path) -> None:
+    # The parent's loop also reaps and restarts workers and sees signals: starting the
+    # nats-server again must not hold it (before, each 50 ms tick blocked up to 15 s in
+    # start(), and a server that would not start was retried on every tick).
+    config = default_config()
+    config.nats.url = "embedded"
+    config.nats.data_dir = str(tmp_path / "data")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sup = Supervisor(config, sock, 0)  # no workers: the parent's handling of NATS only
+    sup._start_nats()
+    emb = sup.embedded
+    assert emb is not None
+    try:
+        hang = tmp_path / "never-ready"  # a server that starts and never serves
+        hang.write_text("#!/bin/sh\nexec sleep 600\n")
+        hang.chmod(0o755)
+        emb.binary = str(hang)
+        emb.kill()
+        t = emb_down = time.monotonic()
+        sup._tick(t)  # found down: it ran less than STABLE_S, so after a back-off
+        assert not emb.running
+        sup._tick(t + MIN_BACKOFF_S / 2)
+        assert not emb.running
+        t = emb_down + MIN_BACKOFF_S
+        sup._tick(t)  # started, and the tick returns while it boots
+        assert emb.running and sup._nats_booting == t
+        sup._tick(t + 1)
+        assert emb.running and sup._nats_booting == t
+        t += NATS_BOOT_S
+        sup._tick(t)  # not ready in time: stopped, and the next try waits twice as long
+        assert not emb.running
+        sup._tick(t + MIN_BACKOFF_S)
+        assert not emb.running
+        emb.binary = None  # the real server again
+        t += 2 * MIN_BACKOFF_S
+        sup._tick(t)
+        assert emb.running
+        assert eventually(lambda: (sup._tick(t + 1), sup._nats_booting is None)[1])
+        assert emb.ready() and emb.url == sup.nats_url  # the workers' URL still
+    finally:
+        sup._close()

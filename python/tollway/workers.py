@@ -15,7 +15,9 @@ Each worker is a fresh interpreter (``python -m tollway.workers``, not a fork of
 the parent), so nothing the parent built is shared: its event ids, NATS
 connection, outbox file (the first free ``events-<n>.log``, locked while it
 lives), budget leases and metrics registry are its own, and its instance name is
-``<host>-<pid>`` as for any gateway process. With ``[nats] url = "embedded"``
+``<host>-<pid>`` as for any gateway process. Each knows N (``$TOLLWAY_WORKER_COUNT``):
+until it has seen the fleet's heartbeats on NATS it enforces 1/N of each shared rate
+limit. With ``[nats] url = "embedded"``
 the parent runs the one nats-server (on the data folder, as a single process
 would) and the workers connect to it as to any ``nats://`` URL; the parent stops
 it after the last worker has exited.
@@ -65,11 +67,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tollway.config import Config, ConfigError, default_config, load_config
 from tollway.events.broker import EmbeddedNats, NatsUnavailable, die_with
+from tollway.events.ratelimits import ENV_WORKER_COUNT
 
 log = logging.getLogger("tollway.workers")
 
 # Environment of a worker, set by the parent.
 ENV_ID = "TOLLWAY_WORKER_ID"  # 1..N
+ENV_COUNT = ENV_WORKER_COUNT  # N: a worker's shared rate limits divided by it at first
 ENV_FD = "TOLLWAY_WORKER_FD"  # the listening socket, inherited
 ENV_READY_FD = "TOLLWAY_WORKER_READY_FD"  # a pipe: "<id> <pid>\n" once serving
 ENV_NATS_URL = "TOLLWAY_WORKER_NATS_URL"  # the parent's embedded server, when it runs one
@@ -79,6 +83,7 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 EXIT_GRACE_S = 15.0  # past the drain: the workers' event flush and shutdown
 POLL_S = 0.05
+NATS_BOOT_S = 15.0  # the embedded nats-server started again: ready within this, or stopped
 SHARE_EVERY_S = 5.0  # a worker's metrics as another worker's scrape shows them: this old
 
 
@@ -131,6 +136,11 @@ class Supervisor:
         os.set_blocking(self._ready_r, False)
         self._ready_buf = b""
         self._announced = False
+        # The embedded nats-server (when it is ours): its restart back-off, as a slot's.
+        self._nats_up_since: float | None = None
+        self._nats_booting: float | None = None  # spawned again at, not ready yet
+        self._nats_restart_at: float | None = None  # down: when to start it again
+        self._nats_failures = 0
 
     # ---- running -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -173,6 +183,7 @@ class Supervisor:
             return
         self.embedded = EmbeddedNats(nats.data_dir)
         self.nats_url = self.embedded.start()
+        self._nats_up_since = time.monotonic()
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "tollway.workers"]
@@ -181,7 +192,8 @@ class Supervisor:
         return cmd
 
     def _spawn(self, slot: _Slot) -> None:
-        env = {**os.environ, ENV_ID: str(slot.wid), ENV_FD: str(self.sock.fileno()),
+        env = {**os.environ, ENV_ID: str(slot.wid), ENV_COUNT: str(len(self.slots)),
+               ENV_FD: str(self.sock.fileno()),
                ENV_READY_FD: str(self._ready_w)}
         if self.nats_url:
             env[ENV_NATS_URL] = self.nats_url
@@ -196,9 +208,9 @@ class Supervisor:
         slot.ready = False
         log.info("worker started", extra={"worker": slot.wid, "pid": slot.proc.pid})
 
-    def _tick(self) -> None:
+    def _tick(self, now: float | None = None) -> None:
         self._read_ready()
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         for slot in self.slots:
             proc = slot.proc
             if proc is not None:
@@ -216,10 +228,52 @@ class Supervisor:
                     "ran_s": round(ran, 3), "restart_in_s": delay})
             elif now >= slot.restart_at:
                 self._spawn(slot)
-        if self.embedded is not None and not self.embedded.running:
-            log.error("the embedded nats-server exited; starting it again")
-            with contextlib.suppress(Exception):
-                self.embedded.start()
+        self._tend_nats(now)
+
+    def _tend_nats(self, now: float) -> None:
+        """The embedded nats-server, started again when it exits, without blocking this
+        loop (it reaps and restarts workers, and sees signals, meanwhile) and with the
+        workers' back-off when it keeps failing."""
+        emb = self.embedded
+        if emb is None:
+            return
+        if self._nats_booting is not None:  # spawned: ready yet?
+            try:
+                if emb.ready():
+                    self._nats_booting, self._nats_up_since = None, now
+                    log.info("embedded nats-server ready again", extra={"url": emb.url})
+                    return
+                if now - self._nats_booting < NATS_BOOT_S:
+                    return
+                raise NatsUnavailable(f"nats-server not ready after {NATS_BOOT_S:.0f}s")
+            except NatsUnavailable as exc:
+                emb.stop(release=False)
+                self._nats_booting = None
+                self._nats_down(now, str(exc))
+            return
+        if emb.running:
+            return
+        if self._nats_restart_at is None:  # just found exited
+            self._nats_down(now, "exited")
+        if now < (self._nats_restart_at or 0.0):
+            return
+        self._nats_restart_at = None
+        log.error("the embedded nats-server is down; starting it again")
+        try:
+            emb.spawn()
+            self._nats_booting = now
+        except (OSError, NatsUnavailable) as exc:
+            self._nats_down(now, str(exc))
+
+    def _nats_down(self, now: float, why: str) -> None:
+        ran = now - self._nats_up_since if self._nats_up_since is not None else 0.0
+        self._nats_up_since = None
+        self._nats_failures = 0 if ran >= STABLE_S else self._nats_failures + 1
+        delay = 0.0 if self._nats_failures == 0 else min(
+            MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (self._nats_failures - 1))
+        self._nats_restart_at = now + delay
+        log.error("the embedded nats-server is down", extra={
+            "error": why, "ran_s": round(ran, 3), "restart_in_s": delay})
 
     def _read_ready(self) -> None:
         try:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.api import KeyValueConfig
 from prometheus_client import CollectorRegistry
 
 from support import HANG_S
 from tollway.config import EventsConfig, NatsConfig
-from tollway.events.broker import EmbeddedNats
-from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState
+from tollway.events.broker import EmbeddedNats, connect
+from tollway.events.ratelimits import FleetDecision, FleetLimits, FleetState, worker_total
 from tollway.events.service import EventsService
 from tollway.ratelimit import Limits
 
@@ -167,6 +168,9 @@ async def test_unused_allotments_go_back_to_the_bucket(fleet: list[EventsService
     await _until(lambda: f.summary()["held"]["globex"][0] == 0)
     # (What the bucket refilled meanwhile, 0.1, is not given back: it counts as refilled.)
     assert (await _bucket(fleet[0], "globex")).used[0] == pytest.approx(1, abs=1e-4)
+    # One count of the writes: the metric's.
+    assert f.summary()["writes"] == fleet[0].metrics.registry.get_sample_value(
+        "tollway_ratelimit_writes_total") >= 2
 
 
 async def test_nats_down_shares_never_exceed_the_limit_and_reconcile(
@@ -248,3 +252,99 @@ async def test_an_allotment_is_not_served_after_its_lifetime(fleet: list[EventsS
     clock.t += 60  # the fleet bucket is full again
     answers = await _spread(fleet, 1000)
     assert sum(a.allowed for a in answers) == 60
+
+
+async def _stream_max_msg_size(url: str, bucket: str, size: int) -> None:
+    """The KV bucket's stream refuses messages bigger than ``size`` (-1: none): every put
+    fails at once, as the server answers; gets still work."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(f"KV_{bucket}")
+        info.config.max_msg_size = size
+        await js.update_stream(info.config)
+    finally:
+        await nc.close()
+
+
+async def test_a_failed_first_attach_is_retried_while_nats_is_up(
+        nats_server: EmbeddedNats, tmp_path: Path, clock: Clock) -> None:
+    # The bucket exists but refuses writes (as a cluster's bucket does before it has a
+    # leader): the first heartbeat fails, the processes keep their shares. Once the
+    # bucket takes writes, they join the fleet without NATS ever dropping.
+    nc = await connect(nats_server.url)
+    await nc.jetstream().create_key_value(KeyValueConfig(bucket="tollway_ratelimits",
+                                                         history=1, max_value_size=8))
+    await nc.close()
+    services = []
+    try:
+        for i in range(2):
+            svc = EventsService(NatsConfig(url=nats_server.url,
+                                           data_dir=str(tmp_path / f"gw{i}")),
+                                EventsConfig(heartbeat_s=0.2), registry=CollectorRegistry(),
+                                instance=f"gw{i}", clock=clock,
+                                limits_of=lambda name: PER_MINUTE)
+            await svc.start()
+            services.append(svc)
+        limiters = [_limits(s) for s in services]
+        assert all(f.degraded and f.nc is not None and f.nc.is_connected for f in limiters)
+        await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", -1)
+        await _until(lambda: all(f.live() == 2 and not f.degraded for f in limiters))
+        answers = await _spread(services, 200)
+        assert sum(a.allowed for a in answers) == 60
+    finally:
+        for svc in services:
+            await svc.stop()
+
+
+async def test_before_first_contact_a_worker_takes_its_share_of_the_workers(
+        monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
+    # NATS not reached yet: a worker of ``tollway serve --workers 4`` admits a quarter of
+    # the limit, not all of it (four workers alone would serve four times the limit).
+    monkeypatch.setenv("TOLLWAY_WORKER_COUNT", "4")
+    assert worker_total() == 4
+    limiters = [FleetLimits(lambda name: PER_MINUTE, instance=f"w{i}", clock=clock,
+                            expected=worker_total()) for i in range(4)]
+    answers = [f.try_take("acme", False, 0, True) for f in limiters for _ in range(100)]
+    assert all(a is not None for a in answers)
+    assert sum(a.allowed for a in answers if a is not None) == 60
+    monkeypatch.delenv("TOLLWAY_WORKER_COUNT")
+    assert worker_total() == 1  # not a worker: alone until it sees the fleet
+
+
+async def test_a_failing_bucket_is_not_a_refusal_the_shares_decide(
+        nats_server: EmbeddedNats, fleet: list[EventsService], clock: Clock) -> None:
+    # NATS is up but the bucket refuses every write (as when its stream has lost its
+    # leader or quorum): calls under the limits are served through the shares, never
+    # refused as if the tenant had used up its limits.
+    limiters = [_limits(s) for s in fleet]
+    await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", 8)
+    answers = await _spread(fleet, 40, tenant="globex")
+    assert all(a.allowed for a in answers)
+    assert all(f.degraded and f.nc is not None and f.nc.is_connected for f in limiters)
+    # The shares hold: the fleet admits no more than the limit. (Each starts from its
+    # part of what the bucket was last seen to hold: the refused writes were delivered to
+    # the subscribers all the same, so somewhat less than 60 in all.)
+    answers = await _spread(fleet, 200, tenant="globex")
+    served = 40 + sum(a.allowed for a in answers)
+    assert 40 < served <= 60
+    refused = [a for a in answers if not a.allowed]
+    assert all(a.denied_by == ("per_minute",) for a in refused)
+    # The bucket takes writes again: back on it, what the shares served written back.
+    await _stream_max_msg_size(nats_server.url, "tollway_ratelimits", -1)
+    await _until(lambda: not any(f.degraded for f in limiters))
+    assert (await _bucket(fleet[0], "globex")).used[0] == served
+    answers = await _spread(fleet, 200, tenant="globex")
+    assert served + sum(a.allowed for a in answers) <= 60
+
+
+async def test_members_gone_for_three_heartbeats_are_forgotten(fleet: list[EventsService],
+                                                               clock: Clock) -> None:
+    # Every restarted worker is a new instance (host-pid): the old ones are dropped, not
+    # kept (and counted over on every grant) for ever.
+    f = _limits(fleet[0])
+    f.members["gw-restarted-1"] = clock.t - 10 * f.heartbeat_s
+    assert f.live() == 4
+    f.tick(clock.t + 1e-3)
+    assert "gw-restarted-1" not in f.members
+    assert set(f.members) >= {"gw1", "gw2", "gw3"} and f.live() == 4

@@ -294,6 +294,14 @@ class EmbeddedNats:
         log.info("embedded nats-server ready", extra={"url": self.url, "pid": self.proc_pid})
         return self.url
 
+    def spawn(self) -> None:
+        """Start the server without waiting for it: :meth:`ready` says when it serves."""
+        self._spawn()
+
+    def ready(self) -> bool:
+        """True once the server accepts clients; NatsUnavailable if it has exited."""
+        return self._poll_ready()
+
     @property
     def proc_pid(self) -> int | None:
         return self.proc.pid if self.proc else None

@@ -38,11 +38,20 @@ to its **share**: a local bucket with the limits divided by the live
 processes it last saw (a heartbeat within three periods), starting with its
 share of what the fleet bucket had used; its unused allotment is dropped
 (the fleet bucket counts it as used). The shares add up to the fleet bucket
-at the moment of the outage, so the fleet never exceeds the limit. When NATS
-returns, a process whose shares admitted calls waits ``2 x heartbeat_s`` (so
-the others are back too), adds to the fleet bucket what it served beyond its
-share of the old usage, and takes allotments again; what it serves while that
-write is in flight is charged to its next allotment.
+at the moment of the outage, so when every process loses NATS together the
+fleet does not exceed the limit; a process cut off alone (the others still
+on the bucket) serves its share on top of what they admit. Before it has seen
+the fleet, a process divides by the processes it knows of (``expected``: a
+worker of ``tollway serve --workers N``, N), else by 1. A bucket that fails
+while the connection is up (operations time out or are refused, 50
+compare-and-sets lost in a row) is treated as an outage: an allotment waits at
+most ``2 x op_timeout_s``, then the process takes its shares, and the ticker
+tries the bucket again with a back-off. When NATS returns, a process whose
+shares admitted calls waits ``2 x heartbeat_s`` (so the others are back too),
+adds to the fleet bucket what it served beyond its share of the old usage, and
+takes allotments again; what it serves while that write is in flight is
+charged to its next allotment. If that write fails, the shares stay and the
+ticker tries again.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +77,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from tollway.events.schema import subject_token
 from tollway.ratelimit import TIERS, Limits, format_reset
 
-__all__ = ["FleetDecision", "FleetLimits", "FleetState"]
+__all__ = ["FleetDecision", "FleetLimits", "FleetState", "worker_total"]
 
 log = logging.getLogger("tollway.ratelimits")
 
@@ -76,6 +86,15 @@ REQUESTS, EXPENSIVE, TOKENS = 0, 1, 2  # what an allotment holds
 KIND_TIERS = ((0, 1, 2), (3,), (4,))  # the tiers each kind is taken from
 TOLERANCE = 1e-9  # of a limit: float rounding never refuses a whole unit that is there
 INF = math.inf
+ENV_WORKER_COUNT = "TOLLWAY_WORKER_COUNT"  # set by ``tollway serve --workers N`` for its workers
+MAX_RETRY_S = 30.0  # the longest back-off between tries to get back on the fleet's bucket
+
+
+def worker_total() -> int:
+    """N under ``tollway serve --workers N``, else 1: until it has seen the fleet's
+    heartbeats, a worker enforces 1/N of each shared rate limit, not all of it."""
+    value = os.environ.get(ENV_WORKER_COUNT)
+    return max(1, int(value)) if value and value.isdigit() else 1
 
 
 class FleetState(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -211,7 +230,7 @@ class FleetLimits:
     def __init__(self, limits_of: Callable[[str], Limits], *, instance: str,
                  bucket: str = "tollway_ratelimits", replicas: int = 1,
                  allotment_s: float = 0.5, heartbeat_s: float = 1.0, idle_s: float = 1.0,
-                 op_timeout_s: float = 2.0, max_attempts: int = 50,
+                 op_timeout_s: float = 2.0, max_attempts: int = 50, expected: int = 1,
                  clock: Callable[[], float] = time.time,
                  registry: CollectorRegistry | None = None) -> None:
         self.limits_of = limits_of
@@ -230,14 +249,19 @@ class FleetLimits:
         self._tenants: dict[str, _Tenant] = {}
         self._snaps: dict[str, FleetState] = {}  # KV key -> newest state seen
         self._revs: dict[str, tuple[int, int]] = {}  # KV key -> (v, revision) we know
-        self.members: dict[str, float] = {}  # instance -> when its heartbeat was last seen
-        self.degraded = True  # until connected: shares of what was last seen (nothing: all)
-        self._outage_live = 1  # live processes when NATS went: the divisor of new shares
+        # Other instances -> when their heartbeat was last seen; pruned by tick().
+        self.members: dict[str, float] = {}
+        self.degraded = True  # until connected: shares of what was last seen
+        # Live processes when NATS went: the divisor of new shares. Before any contact, the
+        # processes this one knows of (``tollway serve --workers N``: N), else itself alone.
+        self._outage_live = max(1, expected)
         self._switch: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        self._opened_on: NatsClient | None = None  # the connection ``kv`` belongs to
+        self._retry_s = heartbeat_s  # after a failed switch back, the ticker's next try in
+        self._retry_at = 0.0  # time.monotonic()
         self._last_tick = clock()
-        self.writes = 0  # compare-and-sets that landed (allotments, give-backs, reconciles)
-        self.conflicts = 0  # compare-and-sets another process won
         reg = registry if registry is not None else CollectorRegistry()
         Gauge("tollway_ratelimit_shares",
               "1 while this process enforces its share of every tenant's limits (NATS "
@@ -254,24 +278,46 @@ class FleetLimits:
             "tollway_ratelimit_conflicts_total",
             "Compare-and-sets another process won (read again and retried).", registry=reg)
 
+    @property
+    def writes(self) -> int:
+        """Compare-and-sets that landed (allotments, give-backs, reconciles): the counter's."""
+        return int(self._writes._value.get())
+
+    @property
+    def conflicts(self) -> int:
+        """Compare-and-sets another process won: the counter's."""
+        return int(self._conflicts._value.get())
+
     # ---- lifecycle ---------------------------------------------------------------------------
     async def attach(self, nc: NatsClient) -> None:
-        """Connected (first time or again after the service reconnected from scratch)."""
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value(self.bucket)
-        except NotFoundError:
-            # One day after its last write a bucket has refilled on every tier: an entry
-            # that old says nothing, and expires.
-            kv = await js.create_key_value(KeyValueConfig(
-                bucket=self.bucket, description="tollway fleet-wide rate limits", history=1,
-                ttl=2 * 86400.0, storage=StorageType.FILE, replicas=self.replicas))
-        self.nc, self.kv = nc, kv
-        if self._sub is None:
-            # Core NATS: resubscribed by the client after every reconnect.
-            self._sub = await nc.subscribe(f"$KV.{self.bucket}.>", cb=self._on_msg)
-        await self._beat()
+        """Connected (first time or again after the service reconnected from scratch):
+        the bucket opened, a first heartbeat, then allotments. If that fails, the ticker
+        tries again (with a back-off) for as long as the connection is up."""
+        self.nc = nc
+        await self._open(nc)
         self.connected()
+
+    async def _open(self, nc: NatsClient) -> None:
+        """The bucket (made if missing), the subscription and a first heartbeat; ``kv`` is
+        set only once the heartbeat has landed: until then the process keeps its shares."""
+        async with self._opening:
+            if self.kv is not None and self._opened_on is nc:
+                return  # opened meanwhile (attach and the ticker's retry at once)
+            js = nc.jetstream()
+            try:
+                kv = await js.key_value(self.bucket)
+            except NotFoundError:
+                # One day after its last write a bucket has refilled on every tier: an
+                # entry that old says nothing, and expires.
+                kv = await js.create_key_value(KeyValueConfig(
+                    bucket=self.bucket, description="tollway fleet-wide rate limits",
+                    history=1, ttl=2 * 86400.0, storage=StorageType.FILE,
+                    replicas=self.replicas))
+            if self._sub is None:
+                # Core NATS: resubscribed by the client after every reconnect.
+                self._sub = await nc.subscribe(f"$KV.{self.bucket}.>", cb=self._on_msg)
+            await self._beat(kv)
+            self.kv, self._opened_on = kv, nc
 
     def start(self) -> None:
         if self._ticker is None:
@@ -295,6 +341,16 @@ class FleetLimits:
                 async with asyncio.timeout(self.op_timeout_s):
                     await asyncio.gather(*(give_back(t) for t in self._tenants.values()),
                                          return_exceptions=True)
+        # What is still in flight (a give-back NATS did not answer in time): cancelled and
+        # awaited here, not left pending when the connection closes.
+        pending = [task for t in self._tenants.values() for task in (t.task, t.returning)
+                   if task is not None and not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:  # bounded: stopping never hangs on NATS
+            await asyncio.wait(pending, timeout=self.op_timeout_s)
+        for t in self._tenants.values():
+            t.task = t.returning = None
         kv = self.kv
         if kv is not None and self._usable():
             with contextlib.suppress(Exception):
@@ -308,7 +364,13 @@ class FleetLimits:
     def _usable(self) -> bool:
         return self.nc is not None and self.nc.is_connected and self.kv is not None
 
-    def disconnected(self) -> None:
+    def _fail(self, why: str) -> None:
+        """The fleet's bucket failed while the connection is up: to the shares, as if NATS
+        had gone (never a refusal the limits did not make); the ticker tries again."""
+        self._retry_at = time.monotonic() + self._retry_s
+        self.disconnected(f"the fleet's bucket failed ({why})")
+
+    def disconnected(self, why: str = "NATS unreachable") -> None:
         """NATS unreachable: every tenant to its share of what the fleet bucket last had."""
         if self._switch is not None:
             self._switch.cancel()  # a tenant it switched already gets a share again below
@@ -324,13 +386,14 @@ class FleetLimits:
                 self._to_share(t, n, now)
         if was:
             return
-        log.warning("rate limits: NATS unreachable; each tenant's limits divided by the %d "
-                    "live process(es) last seen", n)
+        log.warning("rate limits: %s; each tenant's limits divided by the %d live "
+                    "process(es) last seen", why, n)
 
     def connected(self) -> None:
         """NATS back: switch to allotments once the others are back too."""
         if not self.degraded or self._switch is not None:
             return
+        self._retry_at = time.monotonic() + self._retry_s  # the ticker's next try, if needed
         self._switch = asyncio.create_task(self._reconcile(), name="tollway-fleet-reconcile")
 
     def _to_share(self, t: _Tenant, n: int, now: float) -> None:
@@ -351,7 +414,8 @@ class FleetLimits:
         """Processes whose heartbeat was seen within three periods, this one included."""
         now = self.clock() if now is None else now
         ttl = 3 * self.heartbeat_s
-        others = sum(1 for inst, seen in self.members.items()
+        # A copy first: the metrics thread calls this while the loop adds members.
+        others = sum(1 for inst, seen in list(self.members.items())
                      if inst != self.instance and now - seen <= ttl)
         return others + 1
 
@@ -436,8 +500,10 @@ class FleetLimits:
     async def _take(self, t: _Tenant, name: str, expensive: bool, tokens: int,
                     with_tokens: bool, now: float) -> FleetDecision:
         # Each round an allotment lands (some waiting calls are served, the bucket has
-        # less) or the bucket is seen empty (the call is refused). Rounds where nothing
-        # lands (NATS failing, every race lost) are bounded.
+        # less) or the bucket is seen empty (the call is refused). An allotment that
+        # fails (NATS failing, every race lost) puts the process on its shares, which
+        # decide; rounds where nothing lands and nothing fails (others took what the
+        # bucket had first) are bounded.
         fruitless = 0
         while fruitless < 3:
             decided = self.try_take(name, expensive, tokens, with_tokens)
@@ -599,11 +665,16 @@ class FleetLimits:
             return self._moved(t, used, grant, 1.0)
 
         try:
-            at = await self._write(t, take)
+            # Bounded: a bucket that does not answer (no leader, quorum lost) or is too
+            # contended is a failure, and calls are decided by the shares meanwhile.
+            async with asyncio.timeout(2 * self.op_timeout_s):
+                at = await self._write(t, take)
             if at is not None:
                 self._landed(t, granted, at, self.clock())
-        except Exception as exc:  # NATS failed under us: the caller decides without it
-            log.debug("rate limits: allotment for %s not taken: %s", t.name, exc)
+        except Exception as exc:  # NATS failed under us: the shares decide without it
+            if t.task is asyncio.current_task():
+                t.task = None
+            self._fail(f"allotment for {t.name!r} not taken: {exc or type(exc).__name__}")
         finally:
             if t.task is asyncio.current_task():
                 t.task = None
@@ -680,11 +751,9 @@ class FleetLimits:
                 async with asyncio.timeout(self.op_timeout_s):
                     revision = await kv.update(key, _encode(new), last=rev)
             except KeyWrongLastSequenceError:
-                self.conflicts += 1
                 self._conflicts.inc()
                 self._revs.pop(key, None)
                 continue
-            self.writes += 1
             self._writes.inc()
             self._revs[key] = (new.v, revision)
             self._keep(key, new)
@@ -755,6 +824,10 @@ class FleetLimits:
     async def _reconcile(self) -> None:
         """After an outage: add what each share served to the fleet bucket, then allotments."""
         try:
+            if self.kv is None:  # the bucket not opened yet (a first attach failed)
+                if self.nc is None:
+                    raise ConnectionError("no NATS connection")
+                await self._open(self.nc)
             if any(t.share is not None and any(t.share.admitted)
                    for t in self._tenants.values()):
                 await asyncio.sleep(2 * self.heartbeat_s)  # the others reconnect meanwhile
@@ -775,12 +848,16 @@ class FleetLimits:
                     if t.on[kind]:
                         t.free[kind] = -max(after[i] for i in tiers)
             self.degraded = False
+            self._retry_s = self.heartbeat_s
             log.info("rate limits: shared across the fleet (%d live process(es))", self.live())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("rate limits: write-back after the outage failed (%s); shares stay",
-                        exc)
+            # The ticker tries again while NATS is connected, less often each time.
+            (log.warning if self._retry_s <= self.heartbeat_s else log.debug)(
+                "rate limits: not back on the fleet's bucket (%s); shares stay, retried in "
+                "%.1fs", exc, self._retry_s)
+            self._retry_s = min(2 * self._retry_s, MAX_RETRY_S)
         finally:
             if self._switch is asyncio.current_task():
                 self._switch = None
@@ -789,12 +866,11 @@ class FleetLimits:
     def _member_key(self) -> str:
         return f"members.{subject_token(self.instance)}"
 
-    async def _beat(self) -> None:
-        kv = self.kv
-        if kv is None or not self._usable():
+    async def _beat(self, kv: KeyValue | None = None) -> None:
+        kv = kv or self.kv
+        if kv is None or self.nc is None or not self.nc.is_connected:
             return
         now = self.clock()
-        self.members[self.instance] = now
         async with asyncio.timeout(self.op_timeout_s):
             await kv.put(self._member_key(), msgspec.json.encode(
                 {"instance": self.instance, "at": now}))
@@ -823,11 +899,17 @@ class FleetLimits:
             await asyncio.sleep(min(0.25, self.heartbeat_s / 2))
             now = self.clock()
             try:
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_s
+                # On the monotonic clock: the gateway's may stand still or jump back.
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_s
                     if self._usable():
                         await self._beat()
                 self.tick(now)
+                # Shares while NATS is connected (a first attach, a write-back or a KV
+                # operation failed): back to the fleet's bucket, retried with a back-off.
+                if (self.degraded and self._switch is None and self.nc is not None
+                        and self.nc.is_connected and time.monotonic() >= self._retry_at):
+                    self.connected()
             except Exception as exc:
                 log.debug("rate limits: background step failed: %s", exc)
 
@@ -838,6 +920,9 @@ class FleetLimits:
         if dt <= 0:
             return
         self._last_tick = now
+        ttl = 3 * self.heartbeat_s  # what live() no longer counts (a restarted worker's
+        for inst in [i for i, seen in self.members.items() if now - seen > ttl]:  # old pid)
+            del self.members[inst]
         usable = self._usable() and not self.degraded
         for t in self._tenants.values():
             for k in range(3):

@@ -79,10 +79,13 @@ class EventsService:
         instance: str | None = None,
         clock: Callable[[], float] = time.time,
         limits_of: Callable[[str], Limits] | None = None,
+        processes: int = 1,
     ) -> None:
         """``clock``: unix seconds, the gateway's (its budget days and lease times).
         ``limits_of``: a tenant's rate limits, to share them across the fleet
-        (``shared_rate_limits``; None: the gateway keeps its own)."""
+        (``shared_rate_limits``; None: the gateway keeps its own). ``processes``: how many
+        gateway processes this one knows to share them with before it has seen the fleet
+        (its workers' count under ``tollway serve --workers``)."""
         self.nats_config = nats_config or NatsConfig()
         self.config = events_config or EventsConfig()
         self.instance = instance or default_instance()
@@ -115,7 +118,8 @@ class EventsService:
             self.ratelimits = FleetLimits(
                 limits_of, instance=self.instance, bucket=cfg.rate_limit_bucket,
                 replicas=cfg.replicas, allotment_s=cfg.rate_allotment_s,
-                heartbeat_s=cfg.heartbeat_s, op_timeout_s=cfg.publish_timeout_s, clock=clock,
+                heartbeat_s=cfg.heartbeat_s, op_timeout_s=cfg.publish_timeout_s,
+                expected=processes, clock=clock,
                 registry=self.metrics.registry)
         self._connector: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from tollway.errors import InvalidRequest, NotReady, PermissionDenied, error_body
 from tollway.events.breakers import FleetBreakers
+from tollway.events.ratelimits import worker_total
 from tollway.events.schema import day_of
 from tollway.events.service import EventsService
 
@@ -37,7 +38,8 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     rate = gateway.rate_guard
     svc = EventsService(config.nats, config.events, registry=gateway.metrics.registry,
                         clock=gateway.clock.time,
-                        limits_of=rate.limiter.limits if rate is not None else None)
+                        limits_of=rate.limiter.limits if rate is not None else None,
+                        processes=worker_total())
     if config.breaker.fleet:
         svc.breakers = FleetBreakers(gateway.breakers, svc.instance,
                                      lease_s=config.breaker.probe_lease_s,
