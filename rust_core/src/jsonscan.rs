@@ -194,7 +194,7 @@ fn unescape(raw: &[u8]) -> Option<Vec<u8>> {
                 let mut code = hex4(raw, k)?;
                 k += 4;
                 if (0xD800..0xDC00).contains(&code) {
-                    // A high surrogate: the pair's low half follows as `\uXXXX`.
+                    // A high surrogate: the low half of the pair follows as its own `\u` escape.
                     if raw.get(k) == Some(&b'\\') && raw.get(k + 1) == Some(&b'u') {
                         if let Some(low) = hex4(raw, k + 2) {
                             if (0xDC00..0xE000).contains(&low) {
