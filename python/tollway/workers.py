@@ -219,9 +219,7 @@ class Supervisor:
                     continue
                 ran = now - slot.started_at
                 slot.proc = None
-                slot.failures = 0 if ran >= STABLE_S else slot.failures + 1
-                delay = 0.0 if slot.failures == 0 else min(
-                    MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (slot.failures - 1))
+                slot.failures, delay = _backoff(slot.failures, ran)
                 slot.restart_at = now + delay
                 log.error("worker exited; starting another", extra={
                     "worker": slot.wid, "pid": proc.pid, "status": _status(code),
@@ -268,9 +266,7 @@ class Supervisor:
     def _nats_down(self, now: float, why: str) -> None:
         ran = now - self._nats_up_since if self._nats_up_since is not None else 0.0
         self._nats_up_since = None
-        self._nats_failures = 0 if ran >= STABLE_S else self._nats_failures + 1
-        delay = 0.0 if self._nats_failures == 0 else min(
-            MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (self._nats_failures - 1))
+        self._nats_failures, delay = _backoff(self._nats_failures, ran)
         self._nats_restart_at = now + delay
         log.error("the embedded nats-server is down", extra={
             "error": why, "ran_s": round(ran, 3), "restart_in_s": delay})
@@ -332,6 +328,15 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.sock.close()
+
+
+def _backoff(failures: int, ran_s: float) -> tuple[int, float]:
+    """After a process (a worker, the embedded nats-server) exited having run ``ran_s``:
+    its count of quick failures and the wait before it is started again (none after a
+    stable run; 0.5 s doubling to 30 s while it keeps failing)."""
+    failures = 0 if ran_s >= STABLE_S else failures + 1
+    delay = 0.0 if failures == 0 else min(MAX_BACKOFF_S, MIN_BACKOFF_S * 2 ** (failures - 1))
+    return failures, delay
 
 
 def _status(code: int) -> str:
