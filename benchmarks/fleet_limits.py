@@ -39,7 +39,10 @@ import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tollway.events.broker import EmbeddedNats
 
 HERE = Path(__file__).resolve().parent
 ADMIN_KEY = "tw-bench-admin-0000"
@@ -159,6 +162,21 @@ def _serving_port(proc: subprocess.Popen[str]) -> int:
     raise SystemExit("tollway serve did not start")
 
 
+def _stop_all(gateways: list[subprocess.Popen[str]], upstream: subprocess.Popen[Any],
+              nats: EmbeddedNats) -> None:
+    """Stop the gateways (SIGTERM, then SIGKILL after 15 s), the upstream, then NATS."""
+    for p in gateways:
+        p.terminate()
+    for p in gateways:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    upstream.terminate()
+    upstream.wait()
+    nats.stop()
+
+
 async def _served_once(n: int, per_minute: int, calls: int) -> dict[str, Any]:
     import httpx
 
@@ -207,16 +225,7 @@ async def _served_once(n: int, per_minute: int, calls: int) -> dict[str, Any]:
                 for code, count in (json.loads(out).get("statusCodeDistribution") or {}).items():
                     codes[str(code)] = codes.get(str(code), 0) + int(count)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            up.terminate()
-            up.wait()
-            srv.stop()
+            _stop_all(procs, up, srv)
     served = codes.get("200", 0)
     bound = per_minute + per_minute / 60 * elapsed
     return {"processes": n, "per_minute": per_minute, "calls": calls // n * n,
@@ -292,16 +301,7 @@ def _overhead(rounds: int, seconds: float) -> dict[str, Any]:
                         "full_rps": full["summary"]["requestsPerSec"],
                         "status": {**fixed.get("statusCodeDistribution", {})}})
         finally:
-            for p in procs.values():
-                p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            up.terminate()
-            up.wait()
-            srv.stop()
+            _stop_all(list(procs.values()), up, srv)
     out: dict[str, Any] = {"runs": runs}
     for name in ("fleet", "local"):
         mine = [x for x in runs if x["variant"] == name]
