@@ -175,13 +175,17 @@ async def test_four_processes_serve_one_limit(fleet: Fleet) -> None:
         _check_refusals(answers)
         assert 60 <= ok <= 60 + math.floor(elapsed * 60 / 60), (ok, elapsed)
         assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"60"}
-        # 600 a minute, on the same fleet: all of it served, nothing beyond.
+        # 600 a minute, on the same fleet: nothing beyond. Some may go unserved: an
+        # allotment another process held unused goes back less what the bucket refilled
+        # meanwhile, at most limit x rate_allotment_s / period each (README, Fleet-wide
+        # rate limits: under-use); seen once in CI, 596 served.
         started = time.monotonic()
         answers = await _spread(client, fleet, GLOBEX_KEY, 1000)
         elapsed = time.monotonic() - started
         ok = sum(r.status_code == 200 for r in answers)
         _check_refusals(answers)
-        assert 600 <= ok <= 600 + math.floor(elapsed * 600 / 60), (ok, elapsed)
+        under_use = PROCESSES * 600 * 0.5 / 60
+        assert 600 - under_use <= ok <= 600 + math.floor(elapsed * 600 / 60), (ok, elapsed)
 
 
 async def test_nats_stopped_the_fleet_never_exceeds_the_limit(
