@@ -122,7 +122,8 @@ async def test_four_processes_admit_exactly_the_limit(fleet: list[EventsService]
     assert all(_limits(s).summary()["held"]["acme"][0] == 0 for s in fleet)
     refused = [a for a in answers if not a.allowed]
     assert all(a.denied_by == ("per_minute",) and 0 < a.retry_after <= 1.0 for a in refused)
-    assert dict(refused[0].headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    # Whatever this process last saw of the others' takes, a refusal never shows room.
+    assert {dict(a.headers)[b"x-ratelimit-remaining-requests"] for a in refused} == {b"0"}
     assert dict(allowed[0].headers)[b"x-ratelimit-limit-requests"] == b"60"
     state = await _bucket(fleet[0])
     assert state.used[0] == 60
@@ -144,6 +145,7 @@ async def test_expensive_and_token_tiers_are_fleet_wide(nats_server: EmbeddedNat
         assert sum(a.allowed for a in answers) == 10_000 // 700
         denied = [a for a in answers if not a.allowed]
         assert denied and all(a.denied_by == ("tokens_per_minute",) for a in denied)
+        assert all(int(dict(a.headers)[b"x-ratelimit-remaining-tokens"]) < 700 for a in denied)
     finally:
         for svc in services:
             await svc.stop()

@@ -580,7 +580,7 @@ class FleetLimits:
         if not short:  # the bucket had room, others kept taking it first
             short = tuple(TIERS[i] for i, _, _ in t.request_tiers[:1]) or (TIERS[0],)
             wait = 1.0
-        return FleetDecision(False, self._headers(t, now, with_tokens),
+        return FleetDecision(False, self._refused_headers(t, now, with_tokens, short, tokens),
                              max(wait, 1e-3), short)
 
     def _share_take(self, t: _Tenant, expensive: bool, tokens: int, now: float,
@@ -591,7 +591,8 @@ class FleetLimits:
         need = [1.0, 1.0 if expensive else 0.0, float(tokens)]
         wait, short = self._wait_on(share.caps, share.rates, share.used, need)
         if short:
-            return FleetDecision(False, self._headers(t, now, with_tokens), wait, short)
+            return FleetDecision(False, self._refused_headers(t, now, with_tokens, short, tokens),
+                                 wait, short)
         used = share.used
         for kind, tiers in enumerate(KIND_TIERS):
             for i in tiers:
@@ -600,6 +601,20 @@ class FleetLimits:
                     share.admitted[i] += need[kind]
         t.last_used = now
         return FleetDecision(True, self._headers(t, now, with_tokens))
+
+    def _refused_headers(self, t: _Tenant, now: float, with_tokens: bool,
+                         short: tuple[str, ...], tokens: int) -> list[tuple[bytes, bytes]]:
+        """A refusal's headers never show room for the call just refused: this process's
+        view of the fleet bucket can lag the other processes' takes, so the tier that
+        refused reads as less than the call needed."""
+        out = self._headers(t, now, with_tokens)
+        requests = any(name in short for name in TIERS[:3])
+        for k, (name, value) in enumerate(out):
+            if requests and name == b"x-ratelimit-remaining-requests":
+                out[k] = (name, b"0")
+            elif TIERS[4] in short and name == b"x-ratelimit-remaining-tokens":
+                out[k] = (name, b"%d" % min(int(value), max(0, tokens - 1)))
+        return out
 
     def _headers(self, t: _Tenant, now: float, with_tokens: bool) -> list[tuple[bytes, bytes]]:
         """``x-ratelimit-*``: the fleet's limit; remaining and reset as this process sees
