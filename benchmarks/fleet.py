@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,43 @@ def _pids(gw: Proc, workers: int, timeout: float = 60.0) -> list[int]:
     raise SystemExit(f"{gw.name}: no 'serving' line naming the workers:\n{gw.tail()}")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy so far (Linux ``/proc/stat``: everything but idle
+    and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int, name: str) -> list[int]:
+    """Processes under ``pid`` whose command is ``name`` (the embedded nats-server)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                todo.append(child)
+                try:
+                    if Path(f"/proc/{child}/comm").read_text().strip() == name:
+                        found.append(child)
+                except OSError:
+                    pass
+    return found
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(sum(c) for c in map(process_cpu_s, pids) if c)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def workers_legs(oha: str, rounds: int, seconds: float, connections: int,
                  prompt_tokens: int) -> dict[str, Any]:
     """(c) ``--workers 1`` vs ``--workers 2`` and (d) ``--workers 1`` with prompts of
@@ -139,30 +177,43 @@ def workers_legs(oha: str, rounds: int, seconds: float, connections: int,
         workdir = Path(tmp)
         upstream, upstream_base = start_upstream(workdir, 20)
         procs.append(upstream)
-        gateways: dict[str, tuple[str, list[int]]] = {}
+        gateways: dict[str, tuple[str, list[int], list[int]]] = {}
         for variant, workers in (("fleet-w1", 1), ("fleet-w2", 2)):
             gw, base = start_gateway(workdir, variant, upstream_base)
             procs.append(gw)
-            gateways[variant] = (f"{base}/chat/completions", _pids(gw, workers))
+            gateways[variant] = (f"{base}/chat/completions", _pids(gw, workers),
+                                 descendants(gw.popen.pid, "nats-server"))
         for variant, body in targets.values():  # warm-up, discarded
             run_oha(oha, gateways[variant][0], TENANT_KEY, body, rate=None, duration=2.0,
                     connections=connections)
         for r in range(rounds):
             for name in rotated(list(targets), r):
                 variant, body = targets[name]
-                url, pids = gateways[variant]
+                url, pids, nats = gateways[variant]
                 cpu0 = [process_cpu_s(p) for p in pids]
+                others0 = (_cpu([upstream.popen.pid]), _cpu(nats), _children_cpu(),
+                           machine_busy_s(), time.monotonic())
                 doc = run_oha(oha, url, TENANT_KEY, body, rate=None, duration=seconds,
                               connections=connections)
+                others1 = (_cpu([upstream.popen.pid]), _cpu(nats), _children_cpu(),
+                           machine_busy_s(), time.monotonic())
                 cpu1 = [process_cpu_s(p) for p in pids]
                 leg = parse_oha(doc, Leg(r, "plain", "max", name))
                 cpu = [round(sum(b) - sum(a), 2) if a and b else None
                        for a, b in zip(cpu0, cpu1, strict=True)]
+                # Cores each part kept busy during the leg: the split of the machine.
+                wall = others1[4] - others0[4]
+                upstream_c, nats_c, oha_c, machine_c = (
+                    round((b - a) / wall, 2) for a, b in zip(others0[:4], others1[:4],
+                                                            strict=True))
+                cores = {"gateway": round(sum(c or 0.0 for c in cpu) / wall, 2),
+                         "upstream": upstream_c, "nats": nats_c, "oha": oha_c,
+                         "machine": machine_c}
                 legs.append({"round": r, "target": name, "rps": leg.rps, "p50_ms": leg.p50_ms,
                              "p99_ms": leg.p99_ms, "status": leg.status, "errors": leg.errors,
-                             "cpu_s_per_process": cpu})
+                             "cpu_s_per_process": cpu, "cores": cores})
                 print(f"round {r + 1}/{rounds} {name:17} {leg.rps:7.0f} calls/s "
-                      f"p50 {leg.p50_ms:5.2f} ms cpu s/process {cpu}",
+                      f"p50 {leg.p50_ms:5.2f} ms cpu s/process {cpu} cores {cores}",
                       file=sys.stderr, flush=True)
         for p in procs:
             if p.popen.poll() is not None:
@@ -178,6 +229,8 @@ def workers_legs(oha: str, rounds: int, seconds: float, connections: int,
             "p50_ms": statistics.median(x["p50_ms"] for x in mine),
             "non_200": sum(n for x in mine for code, n in x["status"].items() if code != "200")
             + sum(sum(x["errors"].values()) for x in mine),
+            "cores": {part: statistics.median(x["cores"][part] for x in mine)
+                      for part in mine[0]["cores"]},
         }
     # The ratio of the medians, and the median of each round's ratio (same-round noise).
     out["ratio"] = out["workers-2"]["rps"] / out["workers-1"]["rps"]
@@ -185,6 +238,21 @@ def workers_legs(oha: str, rounds: int, seconds: float, connections: int,
     out["ratio_by_round"] = statistics.median(
         by_round[(r, "workers-2")] / by_round[(r, "workers-1")] for r in range(rounds))
     return out
+
+
+def ceiling(w: dict[str, Any]) -> float:
+    """The most ``--workers 2`` can serve over ``--workers 1`` on this machine, from the
+    CPU each call cost in the one-worker legs: the gateway's ``g`` and the rest's ``r``
+    (upstream, NATS, oha). One worker serves at most ``1/g`` calls/s (one core), two at
+    most ``2/g``, and neither more than ``cpus / (g + r)``, as every call also costs the
+    rest: on 2 cores the ratio is at most ``2g / (g + r)``."""
+    c, rps = w["workers-1"]["cores"], w["workers-1"]["rps"]
+    gateway = c["gateway"] / rps
+    rest = (c["upstream"] + c["nats"] + c["oha"]) / rps
+    cpus = os.cpu_count() or 1
+    one = min(1 / gateway, cpus / (gateway + rest))
+    two = min(2 / gateway, cpus / (gateway + rest))
+    return float(two / one)
 
 
 # ---------------------------------------------------------------- report
@@ -217,7 +285,7 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         line(w["ratio"] >= BAR_WORKERS_RATIO,
              f"(c) --workers 2 / --workers 1 at full speed: {w['ratio']:.2f}x "
              f"({w['workers-2']['rps']:.0f} / {w['workers-1']['rps']:.0f} calls/s; "
-             f"bar {BAR_WORKERS_RATIO}x)")
+             f"bar {BAR_WORKERS_RATIO}x; this machine's ceiling {ceiling(w):.2f}x)")
         d = w["workers-1-prompt"]
         line(d["rps"] >= BAR_PROMPT_RPS,
              f"(d) one process, events and guards, {w['prompt_tokens']}-token prompts: "
@@ -246,6 +314,16 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{w[name]['p50_ms']:.2f} |")
         lines.append(f"| ratio 2 / 1 worker(s) | | {w['ratio']:.2f}x "
                      f"(by round {w['ratio_by_round']:.2f}x) | |")
+        lines += ["", "Cores kept busy during the legs (medians; the machine has "
+                  f"{os.cpu_count()}):", "",
+                  "| gateway | gateway | upstream | NATS | oha | whole machine |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in ("workers-1", "workers-2", "workers-1-prompt"):
+            c = w[name]["cores"]
+            lines.append(f"| {name} | {c['gateway']:.2f} | {c['upstream']:.2f} | "
+                         f"{c['nats']:.2f} | {c['oha']:.2f} | {c['machine']:.2f} |")
+        lines += ["", f"What 2 workers can reach here: {ceiling(w):.2f}x one worker (see "
+                  "``ceiling``)."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--prompt-bytes", type=int, default=0,
+                        help="pad the user message to about this many bytes (load.py's)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant")
     parser.add_argument("--keep", metavar="DIR", help="copy each variant's callgrind dump here "
                         "(read it with callgrind_annotate)")
@@ -131,7 +133,7 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
     oha = load.find_oha()
-    plain, stream = load.make_bodies(0)
+    plain, stream = load.make_bodies(args.prompt_bytes)
     body = plain if args.mode == "plain" else stream
     variants = [v for v in args.variants.split(",") if v]
     started = datetime.now(UTC)
@@ -162,7 +164,8 @@ def main() -> None:
         path.write_text(json.dumps({
             "started": started.isoformat(), "argv": sys.argv[1:],
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-            "mode": args.mode, "connections": args.connections, "rows": rows,
+            "mode": args.mode, "connections": args.connections,
+            "prompt_bytes": args.prompt_bytes, "rows": rows,
         }, indent=2))
         print(f"\nwritten {path}")
 
