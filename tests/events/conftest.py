@@ -21,6 +21,8 @@ def contents(p: Any) -> Any:
         return v.spend, {rid: (h.amount, h.pending, h.used) for rid, h in v.holds.items()}
     if p.name == "health":
         return v.providers
+    if p.name == "directory":
+        return v.tenants, v.keys, v.by_hash
     return v.rows
 
 

@@ -39,6 +39,9 @@ BREAKER_CHANGED = "tollway.breaker.changed"
 BUDGET_RESERVED = "tollway.budget.reserved"
 BUDGET_SETTLED = "tollway.budget.settled"
 BUDGET_RELEASED = "tollway.budget.released"
+# Admin changes (the directory of tenants and keys): tollway.admin.<kind>.<id>, the id being
+# the tenant's or the key's.
+ADMIN = "tollway.admin"
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
@@ -214,6 +217,84 @@ class ShadowCompared(Event, frozen=True, kw_only=True, tag="shadow.compared"):
     agreed: bool = False  # agreement >= agreement_threshold
 
 
+class AdminEvent(Event, frozen=True, kw_only=True):
+    """A change an operator made through the admin API (``tollway.directory``); ``tenant``
+    is the tenant it concerns. Every gateway on the stream folds these into the directory
+    it authenticates against."""
+
+    admin: str = ""  # the admin key that made it: "sha256:" and the first 12 hex of its hash
+
+
+class TenantLimitSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A run-time tenant's rate limits (0: that tier off; tokens_per_minute None: none)."""
+
+    per_minute: int = 60
+    per_hour: int = 1000
+    per_day: int = 10000
+    expensive_per_hour: int = 10
+    tokens_per_minute: int | None = None
+
+
+class TenantSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A run-time tenant's settings, whole (each change carries them all)."""
+
+    tier: str = "standard"
+    limits: TenantLimitSettings = TenantLimitSettings()
+    daily_usd: float | None = None
+    models: tuple[str, ...] | None = None
+    max_sensitivity: str | None = None
+    disabled: bool = False
+
+
+class TenantCreated(AdminEvent, frozen=True, kw_only=True, tag="tenant.created"):
+    subject_prefix: ClassVar[str] = f"{ADMIN}.tenant.created"
+    settings: TenantSettings
+
+
+class TenantChanged(AdminEvent, frozen=True, kw_only=True, tag="tenant.changed"):
+    """The tenant's settings after the change (disabling is ``disabled = true``)."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.tenant.changed"
+    settings: TenantSettings
+
+
+class KeyCreated(AdminEvent, frozen=True, kw_only=True, tag="key.created"):
+    """A key for ``tenant``: only its SHA-256 is kept; the key itself was shown once."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.key.created"
+    key_id: str
+    key_sha256: str
+    prefix: str = ""  # the key's first characters, to tell keys apart in a list
+    name: str = ""
+    expires_at: float | None = None  # unix seconds; None: never
+    models: tuple[str, ...] | None = None  # within the tenant's; None: the tenant's
+    rotated_from: str = ""  # the key this one replaces (``key.rotated``)
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.key_id)}"
+
+
+class KeyRevoked(AdminEvent, frozen=True, kw_only=True, tag="key.revoked"):
+    subject_prefix: ClassVar[str] = f"{ADMIN}.key.revoked"
+    key_id: str
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.key_id)}"
+
+
+class KeyRotated(AdminEvent, frozen=True, kw_only=True, tag="key.rotated"):
+    """``key_id`` keeps working until ``expires_at`` (the overlap), ``new_key_id`` (its
+    ``key.created`` comes first) takes over."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.key.rotated"
+    key_id: str
+    new_key_id: str
+    expires_at: float
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.key_id)}"
+
+
 AnyEvent = (
     CallCompleted
     | CallFailed
@@ -223,6 +304,11 @@ AnyEvent = (
     | BudgetSettled
     | BudgetReleased
     | ShadowCompared
+    | TenantCreated
+    | TenantChanged
+    | KeyCreated
+    | KeyRevoked
+    | KeyRotated
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     CallCompleted,
@@ -233,6 +319,11 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetSettled,
     BudgetReleased,
     ShadowCompared,
+    TenantCreated,
+    TenantChanged,
+    KeyCreated,
+    KeyRevoked,
+    KeyRotated,
 )
 CALL_EVENT_TYPES: dict[str, type[CallEvent]] = {
     "completed": CallCompleted,

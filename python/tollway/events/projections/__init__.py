@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from tollway.events.projections import budget, health, usage
+from tollway.events.projections import budget, directory, health, usage
 from tollway.events.schema import Event
 from tollway.events.seen import PRUNE, RETENTION_DAYS, SKIP, Seen
 from tollway.shadow import projection as shadow
@@ -196,10 +196,22 @@ def shadow_projection(retention_days: int = RETENTION_DAYS) -> Projection[shadow
                       _kept(shadow.load, shadow.prune, retention_days), prune=shadow.prune)
 
 
+def directory_projection(retention_days: int = RETENTION_DAYS
+                         ) -> Projection[directory.DirectoryView]:
+    """Run-time tenants and keys (``tollway.directory``); keeps every change, whatever
+    its age."""
+    def new() -> directory.DirectoryView:
+        return directory.new(retention_days)
+    return Projection("directory", 1, new(), directory.apply, new, directory.dump,
+                      _kept(directory.load, _nothing_by_day, retention_days),
+                      skipped=directory.skipped)
+
+
 def default_projections(retention_days: int = RETENTION_DAYS) -> list[Projection[Any]]:
     """The views, keeping ``retention_days`` days of events (``[events] retention_days``)."""
     return [usage_projection(retention_days), budget_projection(retention_days),
-            health_projection(retention_days), shadow_projection(retention_days)]
+            health_projection(retention_days), shadow_projection(retention_days),
+            directory_projection(retention_days)]
 
 
 __all__ = [
@@ -207,6 +219,8 @@ __all__ = [
     "budget",
     "budget_projection",
     "default_projections",
+    "directory",
+    "directory_projection",
     "fold_event",
     "fold_events",
     "health",

@@ -1,0 +1,160 @@
+"""The directory: run-time tenants and keys, folded from the admin events.
+
+A pure fold like the other views (see usage.py). Every admin change is an event on
+the stream (``tollway.admin.<kind>.<id>``); every gateway folds them in stream order,
+so all of them authenticate against the same directory a few milliseconds after a
+change. The fold is idempotent: an event folded twice (a resend, a replay of days
+the view no longer remembers ids for) leaves the view as it was, so it also folds
+what ``seen`` skips.
+
+Rules:
+- ``tenant.created`` for an id that exists already changes nothing (the admin API
+  publishes it with "no earlier message on this subject", so only one is ever
+  stored; a fold that meets a second anyway keeps the first).
+- ``tenant.changed`` carries the tenant's settings whole; the last in the stream wins.
+- ``key.created`` adds a key by its SHA-256; ``key.revoked`` marks it revoked for good;
+  ``key.rotated`` sets the old key's expiry to the end of the overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tollway.events.schema import (
+    Event,
+    KeyCreated,
+    KeyRevoked,
+    KeyRotated,
+    TenantChanged,
+    TenantCreated,
+    TenantSettings,
+)
+from tollway.events.seen import RETENTION_DAYS, Seen
+
+
+class TenantEntry(msgspec.Struct):
+    settings: TenantSettings
+    created_at: float = 0.0
+    changed_at: float = 0.0
+    created_by: str = ""
+
+
+class KeyEntry(msgspec.Struct):
+    tenant: str
+    key_sha256: str
+    prefix: str = ""
+    name: str = ""
+    created_at: float = 0.0
+    created_by: str = ""
+    expires_at: float | None = None
+    models: tuple[str, ...] | None = None
+    revoked_at: float | None = None
+    rotated_to: str = ""
+    rotated_from: str = ""
+
+
+class DirectoryView(msgspec.Struct):
+    last_seq: int = 0
+    tenants: dict[str, TenantEntry] = msgspec.field(default_factory=dict)
+    keys: dict[str, KeyEntry] = msgspec.field(default_factory=dict)  # key id -> entry
+    by_hash: dict[str, str] = msgspec.field(default_factory=dict)  # sha256 -> key id
+    # Bumped by every change: the gateway rebuilds what it derives from the view when
+    # this moves (tollway.directory).
+    version: int = 0
+    seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+
+
+def new(keep_days: int = RETENTION_DAYS) -> DirectoryView:
+    return DirectoryView(seen=Seen(keep_days))
+
+
+def apply(view: DirectoryView, seq: int, event: Event) -> DirectoryView:
+    if seq <= view.last_seq:
+        return view
+    view.last_seq = seq
+    _fold(view, event)
+    return view
+
+
+def skipped(view: DirectoryView, seq: int, event: Event) -> None:
+    """An event ``seen`` skips (folded before, or older than the days it remembers ids
+    for) still folds: folding it again changes nothing, and a tenant made a year ago
+    must exist after a replay."""
+    _fold(view, event)
+
+
+def _fold(view: DirectoryView, event: Event) -> None:
+    if isinstance(event, TenantCreated):
+        if event.tenant not in view.tenants:
+            view.tenants[event.tenant] = TenantEntry(
+                event.settings, event.occurred_at, event.occurred_at, event.admin)
+            view.version += 1
+    elif isinstance(event, TenantChanged):
+        entry = view.tenants.get(event.tenant)
+        if entry is None:
+            view.tenants[event.tenant] = TenantEntry(
+                event.settings, event.occurred_at, event.occurred_at, event.admin)
+        elif entry.settings != event.settings or entry.changed_at != event.occurred_at:
+            entry.settings = event.settings
+            entry.changed_at = event.occurred_at
+        else:
+            return
+        view.version += 1
+    elif isinstance(event, KeyCreated):
+        if event.key_id in view.keys:
+            return
+        view.keys[event.key_id] = KeyEntry(
+            event.tenant, event.key_sha256, event.prefix, event.name, event.occurred_at,
+            event.admin, event.expires_at, event.models, rotated_from=event.rotated_from)
+        view.by_hash.setdefault(event.key_sha256, event.key_id)
+        view.version += 1
+    elif isinstance(event, KeyRevoked):
+        key = view.keys.get(event.key_id)
+        if key is not None and key.revoked_at is None:
+            key.revoked_at = event.occurred_at
+            view.version += 1
+    elif isinstance(event, KeyRotated):
+        key = view.keys.get(event.key_id)
+        if key is not None:
+            key.rotated_to = event.new_key_id
+            if key.expires_at is None or event.expires_at < key.expires_at:
+                key.expires_at = event.expires_at
+            view.version += 1
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(DirectoryView)
+
+
+def dump(view: DirectoryView) -> bytes:
+    return _enc.encode(view)
+
+
+def load(data: bytes) -> DirectoryView:
+    return _dec.decode(data)
+
+
+def tenant_json(tenant_id: str, entry: TenantEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": tenant_id, "source": "admin"}
+    out.update(msgspec.to_builtins(entry.settings))
+    out.update(created_at=entry.created_at, changed_at=entry.changed_at,
+               created_by=entry.created_by)
+    return out
+
+
+def key_json(key_id: str, key: KeyEntry, now: float, last_used: float | None = None
+             ) -> dict[str, Any]:
+    """A key as the admin API lists it: never the key, never its hash."""
+    if key.revoked_at is not None:
+        state = "revoked"
+    elif key.expires_at is not None and key.expires_at <= now:
+        state = "expired"
+    else:
+        state = "active"
+    return {"id": key_id, "object": "key", "tenant": key.tenant, "prefix": key.prefix,
+            "name": key.name, "created_at": key.created_at, "created_by": key.created_by,
+            "expires_at": key.expires_at, "models": key.models, "revoked_at": key.revoked_at,
+            "rotated_to": key.rotated_to or None, "rotated_from": key.rotated_from or None,
+            "last_used_at": last_used, "state": state}
