@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tollway import admin_cli
 from tollway.config import Config, ConfigError, default_config, load_config, missing_secrets
 from tollway.events import cli as events_cli
 from tollway.shadow import cli as shadow_cli
@@ -123,9 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command",
                                                                  required=True)
-    p = keys.add_parser("create", help="print a new key and its hash for the config")
-    p.add_argument("--tenant", required=True)
-    p.set_defaults(func=cmd_keys_create)
+    admin_cli.add_key_commands(keys, cmd_keys_create)
+    admin_cli.add_tenant_commands(sub)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("path")
