@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tollway.auth import SignInThrottle
 from tollway.clock import Clock
 from tollway.config import Config, default_config
 from tollway.errors import envelope
@@ -29,7 +30,7 @@ from tollway.events import wiring as events
 from tollway.gateway import Gateway
 from tollway.middleware import AuthMiddleware, RequestContextMiddleware
 from tollway.record import Recorder
-from tollway.routes import admin, health, openai
+from tollway.routes import admin, directory, health, openai
 from tollway.routes import openapi as openapi_document
 from tollway.shadow import wiring as shadow
 
@@ -128,12 +129,15 @@ def create_app(
         *health.routes(gateway),
         *openapi_document.routes(),
         *admin.routes(gateway),
+        *directory.routes(gateway),
         *(route for layer in LAYERS for route in layer.routes(gateway)),
     ]
     known = frozenset(r.path for r in routes if isinstance(r, Route) and "{" not in r.path)
     middleware = [
         Middleware(RequestContextMiddleware, metrics=gateway.metrics, known_paths=known),
-        Middleware(AuthMiddleware, keys=gateway.keys, metrics=gateway.metrics),
+        Middleware(AuthMiddleware, keys=gateway.keys, metrics=gateway.metrics,
+                   throttle=SignInThrottle(
+                       gateway.config.server.admin_sign_in_failures_per_minute)),
     ]
 
     def wrapped(handler: ASGIApp) -> ASGIApp:  # the list above, without Starlette's layers

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
-from typing import Final
+import time
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
 from urllib.parse import parse_qsl
 
 from tollway.config import Config, TenantConfig
@@ -72,24 +73,80 @@ def key_in_query(query: bytes, keys: KeyIndex) -> str | None:
     return None
 
 
+class SignInThrottle:
+    """Failed sign-ins on the admin paths, per client address: after ``limit`` failures
+    within ``window_s``, the address is refused until that window ends, whatever key it
+    sends next (a guessing client learns nothing more). Bounded: past ``max_clients``
+    addresses, the oldest windows are dropped."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self.max_clients = max_clients
+        self._windows: dict[str, list[float]] = {}  # host -> [window start, failures]
+
+    def retry_after(self, host: str) -> float:
+        """Seconds this address must wait, 0 when it may try."""
+        w = self._windows.get(host)
+        if w is None or w[1] < self.limit:
+            return 0.0
+        left = w[0] + self.window_s - self.clock()
+        if left <= 0:
+            del self._windows[host]
+            return 0.0
+        return left
+
+    def failed(self, host: str) -> None:
+        now = self.clock()
+        w = self._windows.get(host)
+        if w is None or now - w[0] >= self.window_s:
+            if len(self._windows) >= self.max_clients:
+                for old in sorted(self._windows, key=lambda h: self._windows[h][0])[
+                        :self.max_clients // 10 or 1]:
+                    del self._windows[old]
+            self._windows[host] = [now, 1.0]
+        else:
+            w[1] += 1
+
+
 class Principal:
-    """Who is calling: a tenant, or the operator holding the admin key."""
+    """Who is calling: a tenant, or the operator holding the admin key.
 
-    __slots__ = ("admin", "tenant")
+    ``key_id``: the directory key used (empty for config keys and the admin key);
+    ``refusal``: why this key is refused (revoked, expired, tenant disabled), else None;
+    ``admin_id``: for the admin key, how admin events name it."""
 
-    def __init__(self, tenant: TenantConfig | None, admin: bool = False) -> None:
+    __slots__ = ("admin", "admin_id", "expires_at", "key_id", "refusal", "tenant")
+
+    def __init__(self, tenant: TenantConfig | None, admin: bool = False, *,
+                 key_id: str = "", expires_at: float | None = None,
+                 admin_id: str = "") -> None:
         self.tenant = tenant
         self.admin = admin
+        self.key_id = key_id
+        self.expires_at = expires_at
+        self.refusal: Exception | None = None
+        self.admin_id = admin_id
 
     @property
     def tenant_id(self) -> str:
         return self.tenant.id if self.tenant is not None else ""
 
 
-class KeyIndex:
-    """Resolves a presented key to a Principal; built once per app."""
+class Directory(Protocol):
+    """Run-time keys (``tollway.directory.Directory``)."""
 
-    __slots__ = ("_admin", "_admin_hash", "_by_hash")
+    def resolve(self, digest: str) -> tuple[str, Principal] | None: ...
+
+
+class KeyIndex:
+    """Resolves a presented key to a Principal; built once per app. Config keys first, then
+    the directory's (run-time keys, when the events layer runs)."""
+
+    __slots__ = ("_admin", "_admin_hash", "_by_hash", "directory")
 
     def __init__(self, config: Config, env: Mapping[str, str]) -> None:
         self._by_hash: dict[str, tuple[str, Principal]] = {}
@@ -99,7 +156,10 @@ class KeyIndex:
                 self._by_hash[digest] = (digest, principal)
         admin_key = env.get(config.server.admin_key_env) if config.server.admin_key_env else None
         self._admin_hash = hash_key(admin_key) if admin_key else None
-        self._admin = Principal(None, admin=True)
+        # Events name the admin key that made a change by its hash's first 12 hex digits.
+        self._admin = Principal(None, admin=True,
+                                admin_id=f"sha256:{(self._admin_hash or '')[:12]}")
+        self.directory: Directory | None = None
 
     @property
     def admin_enabled(self) -> bool:
@@ -110,6 +170,8 @@ class KeyIndex:
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
             return self._admin
         hit = self._by_hash.get(digest)
+        if hit is None and self.directory is not None:
+            hit = self.directory.resolve(digest)
         if hit is not None and hmac.compare_digest(hit[0], digest):
             return hit[1]
         return None

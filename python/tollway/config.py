@@ -52,6 +52,9 @@ class ServerConfig(_Base):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     admin_key_env: str = "TOLLWAY_ADMIN_KEY"
+    # Failed sign-ins on the admin paths one client address may make in a minute; past
+    # them it is refused (429) until the minute ends, whatever key it sends.
+    admin_sign_in_failures_per_minute: Annotated[int, Meta(ge=1)] = 10
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True  # one JSON line per request on the "tollway.access" logger
@@ -151,6 +154,8 @@ class TenantConfig(_Base):
     limits: TenantLimits = field(default_factory=TenantLimits)
     daily_usd: NonNegative | None = None  # overrides the tier's daily budget
     models: list[Name] | None = None  # model ids / aliases allowed; None = all
+    # The highest X-Tollway-Sensitivity its calls may declare; None: any.
+    max_sensitivity: Literal["public", "internal", "confidential", "restricted"] | None = None
 
 
 class EventsConfig(_Base):

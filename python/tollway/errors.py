@@ -70,6 +70,10 @@ class ModelNotFound(NotFound):
     """`model` is neither a configured model nor a route alias."""
 
 
+class Conflict(TollwayError):
+    """The change conflicts with what exists (an admin change: the tenant exists already)."""
+
+
 class MethodNotAllowed(TollwayError):
     pass
 
@@ -151,6 +155,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     NotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
     ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
     MethodNotAllowed: ErrorSpec(405, "invalid_request_error", "method_not_allowed"),
+    Conflict: ErrorSpec(409, "invalid_request_error", "conflict"),
     RequestTimeout: ErrorSpec(408, "invalid_request_error", "request_timeout"),
     BodyTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large"),
     UrlTooLong: ErrorSpec(414, "invalid_request_error", "url_too_long"),

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from tollway.auth import KeyIndex
 from tollway.breaker import BreakerOptions, BreakerTransition
 from tollway.clock import Clock, SystemClock
-from tollway.config import Config, ConfigError, missing_secrets
+from tollway.config import Config, ConfigError, TenantConfig, missing_secrets
+from tollway.directory import Directory
 from tollway.guards import BudgetBook, LocalBudget, build_guards
 from tollway.metrics import Metrics
 from tollway.parts import GatewayParts
@@ -84,10 +85,20 @@ class Gateway:
         self.pipeline.finishers[:] = finishers
         if recorder is not None:
             self.pipeline.recorders.append(recorder)
+        # Run-time tenants and keys (the admin API), read while the events layer runs.
+        self.directory = Directory(config, self.clock.time)
+        self.keys.directory = self.directory
+        for guard in (self.rate_guard, self.budget_guard):
+            if guard is not None:
+                self.directory.listeners.append(guard.set_tenant)
         self.ready = False
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []
         self.started_at = time.time()
+
+    def tenant(self, tenant_id: str) -> TenantConfig | None:
+        """A tenant of the config file or of the directory."""
+        return self.directory.tenant(tenant_id)
 
     def budget_book(self) -> BudgetBook:
         """Where budget holds go: the events layer's shared view when it runs (every

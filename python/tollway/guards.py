@@ -136,6 +136,8 @@ class SharedLimits(Protocol):
     async def take(self, name: str, expensive: bool, tokens: int,
                    with_tokens: bool) -> SharedDecision: ...
 
+    def set_limits(self, name: str) -> None: ...
+
 
 class RateLimitGuard:
     """Per-tenant limits on every tier, one Rust call per request; or, while the events
@@ -156,6 +158,18 @@ class RateLimitGuard:
             self.limiter.set_limits(t.id, limits_of(t.limits), now=now)
         # The fleet's limiter, attached by the events layer while it runs (None: this one).
         self.shared: SharedLimits | None = None
+
+    def set_tenant(self, tenant: TenantConfig) -> None:
+        """A run-time tenant was made or changed (``tollway.directory``): its limits from now."""
+        self.limiter.set_limits(tenant.id, limits_of(tenant.limits), now=self.clock.monotonic())
+        if self.tpm is not None:
+            has = tenant.limits.tokens_per_minute
+            if has and tenant.id not in self.tpm:
+                self.tpm = self.tpm | {tenant.id}
+            elif not has and tenant.id in self.tpm:
+                self.tpm = self.tpm - {tenant.id}
+        if self.shared is not None:
+            self.shared.set_limits(tenant.id)
 
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
         pending = self.check(call, plan)
@@ -307,16 +321,21 @@ class BudgetGuard:
     the gateway's clock), the day its event carries.
     """
 
-    __slots__ = ("book_of", "daily", "default_daily")
+    __slots__ = ("book_of", "daily", "default_daily", "tiers")
 
     def __init__(self, config: Config, book_of: Callable[[], BudgetBook]) -> None:
         self.book_of = book_of  # resolved per call: the events view appears at startup
-        tiers = config.tiers
+        self.tiers = config.tiers
         self.daily: dict[str, int] = {}
         for t in config.tenants:
-            usd = t.daily_usd if t.daily_usd is not None else tiers[t.tier].daily_usd
-            self.daily[t.id] = round(usd * NANO)
+            self.set_tenant(t)
         self.default_daily = 0  # a tenant this config does not know gets nothing
+
+    def set_tenant(self, tenant: TenantConfig) -> None:
+        """A tenant's daily budget: its own, else its tier's (also for run-time tenants)."""
+        usd = tenant.daily_usd if tenant.daily_usd is not None else (
+            self.tiers[tenant.tier].daily_usd)
+        self.daily[tenant.id] = round(usd * NANO)
 
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
         book = self.book_of()

@@ -57,6 +57,20 @@ class Live:
         self.upstream = upstream
         self.session = requests.Session()
         self.statuses: Counter[tuple[str, int]] = Counter()
+        self.made: dict[str, str] = {}
+
+
+def _directory_entries(live: Live) -> dict[str, str]:
+    """A run-time tenant and two keys the admin operations' paths can name."""
+    def post(path: str, body: dict[str, Any]) -> Any:
+        r = live.session.post(live.url + path, json=body, headers=auth(ADMIN_KEY), timeout=30)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    post("/api/ai/admin/tenants", {"id": "fuzzed"})
+    return {"tenant": "fuzzed",
+            "revoke": post("/api/ai/admin/keys", {"tenant": "acme"})["id"],
+            "rotate": post("/api/ai/admin/keys", {"tenant": "acme"})["id"]}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +79,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
         cfg = make_config(
             up.base_url, nats={"url": "embedded", "data_dir": str(data)},
-            tenants=unlimited_acme(tier="premium", daily_usd=10**6))
+            tenants=unlimited_acme(tier="premium", daily_usd=10**6),
+            # negative cases send broken keys: the admin paths must not lock the fuzzer out
+            server={"builtin_providers": False, "builtin_models": False,
+                    "admin_sign_in_failures_per_minute": 10**6})
         with Server(create_app(cfg, env=gateway_env())) as server:
             it = Live(server, up)
+            it.made = _directory_entries(it)
             try:
                 yield it
             finally:
@@ -98,12 +116,15 @@ def _keys(op: Operation) -> st.SearchStrategy[dict[str, str]]:
 _INTEGERS = ("n", "max_tokens", "max_completion_tokens", "dimensions")
 
 
-def _use_known_names(case: Any, stream: bool) -> None:
+def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
     """What the config allows, where the document can only say "a string" (a model, a
-    provider, a tier, data the remote provider may see), so that valid calls reach the
-    provider rather than end in a refusal; chat calls streamed or not, half and half."""
+    provider, a tier, data the remote provider may see, a tenant or key that exists), so
+    that valid calls reach the provider or the directory rather than end in a refusal;
+    chat calls streamed or not, half and half."""
     body = case.body
-    if isinstance(body, dict):
+    if case.path.startswith("/api/ai/admin/"):
+        _known_admin_names(case, made)
+    elif isinstance(body, dict):
         body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
         if "messages" in body:
             body["stream"] = stream
@@ -122,6 +143,25 @@ def _use_known_names(case: Any, stream: bool) -> None:
                         ("X-Tollway-Sensitivity", "internal")):
         if name in headers:
             headers[name] = value
+
+
+def _known_admin_names(case: Any, made: dict[str, str]) -> None:
+    body = case.body
+    if isinstance(body, dict):
+        if "tier" in body:
+            body["tier"] = "standard"
+        for name in ("models", "expires_at"):
+            body.pop(name, None)
+        if "tenant" in body:
+            body["tenant"] = "acme"
+        if "overlap_s" in body:
+            body["overlap_s"] = 3600.0
+    params = case.path_parameters
+    if params and "id" in params:
+        if case.path.startswith("/api/ai/admin/tenants/"):
+            params["id"] = made["tenant"]
+        else:
+            params["id"] = made["rotate" if case.path.endswith("/rotate") else "revoke"]
 
 
 def _plain(value: object) -> bool:
@@ -159,7 +199,7 @@ def test_every_answer_conforms_and_none_is_a_5xx(
     @given(case=strategy, keys=_keys(op), known=st.booleans(), stream=st.booleans())
     def check(case: Any, keys: dict[str, str], known: bool, stream: bool) -> None:
         if known and mode.is_positive:
-            _use_known_names(case, stream)
+            _use_known_names(case, stream, live.made)
         response = case.call(base_url=live.url, session=live.session, headers=keys)
         live.statuses[(key, response.status_code)] += 1
         if _refused_by_the_http_parser(case, response):

@@ -196,16 +196,10 @@ class _Tenant:
     def __init__(self, name: str, limits: Limits, now: float) -> None:
         self.name = name
         self.key = f"limits.{subject_token(name)}"
-        caps = (limits.per_minute, limits.per_hour, limits.per_day,
-                limits.expensive_per_hour, limits.tokens_per_minute)
-        self.caps = tuple(float(c or 0) for c in caps)
-        self.rates = tuple(c / p for c, p in zip(self.caps, PERIODS, strict=True))
-        self.on = tuple(any(self.caps[i] > 0 for i in tiers) for tiers in KIND_TIERS)
-        self.request_tiers = tuple((i, self.caps[i], self.rates[i]) for i in KIND_TIERS[0]
-                                   if self.caps[i] > 0)
         # Held, already taken from the fleet bucket; a kind with no limit is infinite.
         # Negative: served while a write-back was in flight, owed by the next allotment.
-        self.free = [0.0 if on else INF for on in self.on]
+        self.free: list[float] = []
+        self.set_limits(limits)
         self.expires = INF  # ``free`` is not used from then on (allotment_s after its take)
         self.nxt: list[float] | None = None  # an allotment taken while ``free`` lasts
         self.nxt_expires = INF
@@ -222,6 +216,20 @@ class _Tenant:
         self.returning: asyncio.Task[None] | None = None  # expired units going back
         self.waiting = 0  # calls awaiting an allotment
         self.share: _Share | None = None
+
+    def set_limits(self, limits: Limits) -> None:
+        """Take (new) limits: the caps change at once; what is held stays held, and a kind
+        whose limit comes or goes starts from nothing held or unlimited."""
+        caps = (limits.per_minute, limits.per_hour, limits.per_day,
+                limits.expensive_per_hour, limits.tokens_per_minute)
+        self.caps = tuple(float(c or 0) for c in caps)
+        self.rates = tuple(c / p for c, p in zip(self.caps, PERIODS, strict=True))
+        was = self.free
+        self.on = tuple(any(self.caps[i] > 0 for i in tiers) for tiers in KIND_TIERS)
+        self.request_tiers = tuple((i, self.caps[i], self.rates[i]) for i in KIND_TIERS[0]
+                                   if self.caps[i] > 0)
+        self.free = [(was[k] if was and was[k] != INF else 0.0) if on else INF
+                     for k, on in enumerate(self.on)]
 
 
 class FleetLimits:
@@ -427,6 +435,12 @@ class FleetLimits:
             if self.degraded:
                 self._to_share(t, self._outage_live, now)
         return t
+
+    def set_limits(self, name: str) -> None:
+        """The tenant's limits changed (an admin change): read them again."""
+        t = self._tenants.get(name)
+        if t is not None:
+            t.set_limits(self.limits_of(name))
 
     def try_take(self, name: str, expensive: bool, tokens: int,
                  with_tokens: bool) -> FleetDecision | None:

@@ -275,6 +275,11 @@ class EventsService:
             return "projections catching up"
         return None
 
+    def projection(self, name: str) -> Projection[Any]:
+        """One of the views by name (``usage``, ``budget``, ``health``, ``shadow``,
+        ``directory``)."""
+        return self._by_name[name]
+
     @property
     def usage_view(self) -> usage.UsageView:
         view: usage.UsageView = self._by_name["usage"].view

@@ -53,6 +53,7 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     recorders = gateway.pipeline.recorders
     recorders.append(svc.recorder)
     gateway.events = svc
+    gateway.directory.attach(svc)
     gateway.ready_checks.append(svc.not_ready)
     if rate is not None:
         rate.shared = svc.ratelimits  # None unless [events] shared_rate_limits
@@ -64,6 +65,7 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
         # Calls still settling after shutdown began keep recording into the queue that
         # stop() drains; only then is the recorder taken out.
         await svc.stop()
+        gateway.directory.detach()
         gateway.ready_checks.remove(svc.not_ready)
         recorders.remove(svc.recorder)
         gateway.events = None
@@ -145,7 +147,7 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         try:
             svc = service()
             tenant_id = _target_tenant(request, required=True)
-            tenant = gateway.config.tenant(tenant_id or "")
+            tenant = gateway.tenant(tenant_id or "")
             if tenant is None:
                 raise InvalidRequest(f"no tenant {tenant_id!r}", param="tenant")
         except Exception as exc:

@@ -7,22 +7,33 @@ The presented key is never logged or echoed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tollway.asgi import Receive, Scope, Send, send_error
-from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS, KeyIndex, bearer, key_in_query
+from tollway.auth import (
+    ADMIN_PREFIXES,
+    PUBLIC_PATHS,
+    KeyIndex,
+    Principal,
+    SignInThrottle,
+    bearer,
+    key_in_query,
+)
 from tollway.context import SCOPE_KEY, RequestInfo
-from tollway.errors import AuthenticationFailed, PermissionDenied
+from tollway.errors import AuthenticationFailed, PermissionDenied, RateLimited, TollwayError
 from tollway.metrics import Metrics
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
 
 
 class AuthMiddleware:
-    def __init__(self, app: Any, keys: KeyIndex, metrics: Metrics) -> None:
+    def __init__(self, app: Any, keys: KeyIndex, metrics: Metrics,
+                 throttle: SignInThrottle | None = None) -> None:
         self.app = app
         self.keys = keys
         self.metrics = metrics
+        self.throttle = throttle or SignInThrottle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Before the public paths: a key in a URL has leaked wherever the URL goes.
@@ -38,6 +49,26 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        if scope["path"].startswith(ADMIN_PREFIXES):
+            found = self._admin_sign_in(scope)
+        else:
+            found = self._sign_in(scope)
+        if not isinstance(found, Principal):
+            await send_error(send, found, _CHALLENGE if isinstance(
+                found, AuthenticationFailed) else None)
+            return
+        if found.refusal is not None:  # a directory key: revoked, expired, disabled tenant
+            self.metrics.rejections.inc((getattr(found.refusal, "code", None)
+                                         or "invalid_api_key",))
+            await send_error(send, found.refusal, _CHALLENGE if isinstance(
+                found.refusal, AuthenticationFailed) else None)
+            return
+        info: RequestInfo = scope[SCOPE_KEY]
+        info.principal = found
+        await self.app(scope, receive, send)
+
+    def _sign_in(self, scope: Scope) -> Principal | TollwayError:
+        """The caller's principal, or the refusal to send."""
         auth = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -46,20 +77,32 @@ class AuthMiddleware:
         key = bearer(auth)
         if key is None:
             self.metrics.rejections.inc(("missing_api_key",))
-            await send_error(send, AuthenticationFailed(
+            return AuthenticationFailed(
                 "missing API key: send it as 'Authorization: Bearer <key>'",
-                code="missing_api_key"), _CHALLENGE)
-            return
+                code="missing_api_key")
         principal = self.keys.resolve(key)
         if principal is None:
             self.metrics.rejections.inc(("invalid_api_key",))
-            await send_error(send, AuthenticationFailed("invalid API key"), _CHALLENGE)
-            return
-        if not principal.admin and scope["path"].startswith(ADMIN_PREFIXES):
+            return AuthenticationFailed("invalid API key")
+        return principal
+
+    def _admin_sign_in(self, scope: Scope) -> Principal | TollwayError:
+        """:meth:`_sign_in` for the admin paths: only the admin key passes, and an address
+        that keeps failing is refused for a while (:class:`SignInThrottle`)."""
+        client = scope.get("client")
+        host = client[0] if client else ""
+        wait = self.throttle.retry_after(host)
+        if wait > 0:
+            self.metrics.rejections.inc(("too_many_failed_sign_ins",))
+            return RateLimited(
+                "too many failed sign-ins from this address: wait before trying again",
+                code="too_many_failed_sign_ins",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        found = self._sign_in(scope)
+        if not isinstance(found, Principal):
+            self.throttle.failed(host)
+            return found
+        if not found.admin:  # a valid tenant key: not a guess at the admin key
             self.metrics.rejections.inc(("admin_required",))
-            await send_error(send, PermissionDenied("this endpoint needs the admin key",
-                                                    code="admin_required"))
-            return
-        info: RequestInfo = scope[SCOPE_KEY]
-        info.principal = principal
-        await self.app(scope, receive, send)
+            return PermissionDenied("this endpoint needs the admin key", code="admin_required")
+        return found

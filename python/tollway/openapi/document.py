@@ -33,13 +33,15 @@ _SECURITY: dict[Access, list[dict[str, list[str]]]] = {
 _ERRORS = {
     400: "invalid request (bad JSON, wrong types, a bad hint header) or a call over the "
          "tier's per-call cost cap",
-    401: "missing or unknown API key, or a key in the URL's query string",
+    401: "missing, unknown, revoked or expired API key, or a key in the URL's query string",
     403: "a valid key that may not do this: the admin key on a tenant route, a tenant key "
          "on an admin route, a model or data sensitivity the policy forbids",
     404: "no such model, route alias or resource",
+    409: "an admin change that conflicts with what exists (the tenant exists, it is the "
+         "config file's, the key is no longer active)",
     413: "request body larger than `[server] max_body_bytes`",
     429: "the tenant's rate limit (`rate_limit_exceeded`, with `Retry-After`) or daily "
-         "budget (`insufficient_quota`)",
+         "budget (`insufficient_quota`), or too many failed admin sign-ins",
     502: "the provider failed or sent an unreadable reply",
     503: "nothing can serve the call now (breakers open, provider rate-limited; "
          "`Retry-After` when known), or a part of the gateway is not ready",

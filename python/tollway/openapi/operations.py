@@ -15,6 +15,7 @@ from typing import Any, Literal
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.routes import directory as admin_api
 from tollway.routes.health import Health, Readiness
 from tollway.routes.openai import PREFIX, ModelList
 
@@ -88,6 +89,10 @@ HINTS = (
 # 404 unknown model, 413 body, 429 rate limit or budget) and upstream failures.
 _CALL_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
 
+_ID = Param("id", "path", {"type": "string"}, "the tenant's or the key's id", required=True)
+_ADMIN_ERRORS = (400, 401, 403, 404, 409, 429, 503)
+_ADMIN = "/api/ai/admin"
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "post", f"{PREFIX}/chat/completions", "Create a chat completion (OpenAI schema)",
@@ -136,4 +141,39 @@ OPERATIONS: tuple[Operation, ...] = (
         "get", "/api/ai/shadow", "Shadow comparisons and A/B arms, per route", "admin", "admin",
         (Reply(200, "the report over the chosen days", views.ShadowReport),), (400, 401, 403),
         params=(Param("route", "query", {"type": "string"}, "one route alias only"), *_DAYS)),
+    Operation(
+        "get", f"{_ADMIN}/tenants", "Every tenant: the config file's and the directory's",
+        "admin", "admin", (Reply(200, "the tenants", admin_api.TenantList),), (401, 403, 429)),
+    Operation(
+        "post", f"{_ADMIN}/tenants", "Create a tenant (an admin event every gateway folds)",
+        "admin", "admin", (Reply(201, "the tenant", admin_api.TenantView),), _ADMIN_ERRORS,
+        admin_api.TenantCreate),
+    Operation(
+        "get", f"{_ADMIN}/tenants/{{id}}", "One tenant", "admin", "admin",
+        (Reply(200, "the tenant", admin_api.TenantView),), (401, 403, 404, 429),
+        params=(_ID,)),
+    Operation(
+        "patch", f"{_ADMIN}/tenants/{{id}}", "Change a tenant's tier, limits, budget, models, "
+        "sensitivity, or disable it", "admin", "admin",
+        (Reply(200, "the tenant after the change", admin_api.TenantView),), _ADMIN_ERRORS,
+        admin_api.TenantPatch, (_ID,)),
+    Operation(
+        "delete", f"{_ADMIN}/tenants/{{id}}", "Disable a tenant (its keys are refused)",
+        "admin", "admin", (Reply(200, "the tenant, disabled", admin_api.TenantView),),
+        _ADMIN_ERRORS, params=(_ID,)),
+    Operation(
+        "get", f"{_ADMIN}/keys", "The directory's keys (never the keys themselves)", "admin",
+        "admin", (Reply(200, "the keys", admin_api.KeyList),), (401, 403, 429),
+        params=(Param("tenant", "query", {"type": "string"}, "one tenant's keys only"),)),
+    Operation(
+        "post", f"{_ADMIN}/keys", "Create a key for a tenant: the answer shows it, once",
+        "admin", "admin", (Reply(201, "the key", admin_api.NewKey),), _ADMIN_ERRORS,
+        admin_api.KeyCreate),
+    Operation(
+        "delete", f"{_ADMIN}/keys/{{id}}", "Revoke a key, on every gateway", "admin", "admin",
+        (Reply(200, "the key, revoked", admin_api.KeyView),), _ADMIN_ERRORS, params=(_ID,)),
+    Operation(
+        "post", f"{_ADMIN}/keys/{{id}}/rotate", "A new key in place of this one, which works "
+        "for the overlap", "admin", "admin", (Reply(201, "the new key", admin_api.NewKey),),
+        _ADMIN_ERRORS, admin_api.KeyRotate, (_ID,)),
 )

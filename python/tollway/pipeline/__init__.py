@@ -55,6 +55,7 @@ log = logging.getLogger("tollway.pipeline")
 
 TASKS = frozenset({"chat", "draft", "summarize", "classify", "extract", "code", "embed"})
 SENSITIVITIES = frozenset({"public", "internal", "confidential", "restricted"})
+SENSITIVITY_RANK = {"public": 0, "internal": 1, "confidential": 2, "restricted": 3}
 LATENCIES = frozenset({"interactive", "standard", "batch"})
 _HINTS = {
     b"x-tollway-task": ("task", TASKS),
@@ -171,6 +172,8 @@ class Pipeline:
                 content_length = value
             elif name.startswith(b"x-tollway-"):
                 self._hint(call, name, value)
+        if call.sensitivity and call.tenant.max_sensitivity is not None:
+            self._sensitivity_cap(call)
         call.body = await read_body(receive, self.max_body, content_length)
         if call.endpoint == CHAT:
             chat = decode_chat(call.body)
@@ -181,6 +184,16 @@ class Pipeline:
         else:
             call.request = decode_embeddings(call.body)
         call.info.stream = call.stream
+
+    @staticmethod
+    def _sensitivity_cap(call: Call) -> None:
+        cap = call.tenant.max_sensitivity
+        if cap is not None and SENSITIVITY_RANK[call.sensitivity] > SENSITIVITY_RANK[cap]:
+            call.reason = f"refused: {call.sensitivity} data above the tenant's {cap}"
+            raise PermissionDenied(
+                f"this tenant may send data up to {cap!r}; the request declares "
+                f"{call.sensitivity!r}", param="x-tollway-sensitivity",
+                code="sensitivity_not_allowed")
 
     def _hint(self, call: Call, name: bytes, raw: bytes) -> None:
         if name == b"x-tollway-user":  # a caller-given user id: case kept, not validated

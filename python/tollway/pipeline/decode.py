@@ -84,7 +84,8 @@ _MISSING = re.compile(r"missing required field `([^`]+)`")
 _UNREADABLE = (msgspec.MsgspecError, UnicodeDecodeError)
 
 
-def _invalid(exc: Exception) -> InvalidRequest:
+def invalid_request(exc: Exception) -> InvalidRequest:
+    """The 400 for a body msgspec could not decode into its struct, naming the field."""
     if isinstance(exc, UnicodeDecodeError):
         return InvalidRequest("request body is not valid UTF-8", code="invalid_json")
     msg = str(exc)
@@ -114,7 +115,7 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         req = decoder.decode(body)
         _unique_members(body)
     except _UNREADABLE as exc:
-        raise _invalid(exc) from None
+        raise invalid_request(exc) from None
     except RecursionError:
         # msgspec stops at the interpreter's recursion limit (~1,000)
         raise InvalidRequest("request body nests too deeply", code="nesting_too_deep") from None
@@ -181,7 +182,7 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool,
     except _UNREADABLE as exc:
         # The decoders skip the members they do not type without reading them; this reads
         # every key (and those of stream_options), so it alone sees bad UTF-8 in them.
-        raise _invalid(exc) from None
+        raise invalid_request(exc) from None
 
 
 def _rewritten(body: bytes, model: str | None, include_usage: bool,

@@ -80,12 +80,12 @@ class Catalog:
         self._plans: dict[str, tuple[Deployment, ...]] = {
             **{mid: (d,) for mid, d in self.models.items()}, **self.routes
         }
-        self._allowed: dict[str, frozenset[str] | None] = {
-            t.id: frozenset(t.models) if t.models is not None else None for t in config.tenants
-        }
 
-    def allowed(self, tenant: TenantConfig, name: str) -> bool:
-        allow = self._allowed.get(tenant.id)
+    @staticmethod
+    def allowed(tenant: TenantConfig, name: str) -> bool:
+        """Whether the tenant (as its key sees it: a directory key may allow fewer models)
+        may use a model id or alias."""
+        allow = tenant.models
         return allow is None or name in allow
 
     def listing(self, tenant: TenantConfig) -> list[tuple[str, str]]:

@@ -1,0 +1,308 @@
+"""Tenants and keys at run time (issue 15): the admin API, its events, and two gateways on
+one NATS that authenticate against the same directory."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    UPSTREAM_KEY,
+    Server,
+    auth,
+    chat_body,
+    eventually,
+    gateway_env,
+    make_raw_config,
+)
+from tollway.app import create_app
+from tollway.config import parse_config
+from tollway.events.broker import EmbeddedNats
+from tollway.events.projections import directory as directory_view
+from tollway.events.schema import KeyCreated, KeyRevoked, TenantChanged, TenantCreated, decode
+from tollway.testing.upstream import FakeUpstream
+
+ADMIN = auth(ADMIN_KEY)
+PROPAGATION_S = 1.0  # the issue's bound for a change to reach another gateway
+
+
+class Pair:
+    """Two in-process gateways (own data folders and instance names) on one nats-server."""
+
+    def __init__(self, a: Server, b: Server, upstream: FakeUpstream) -> None:
+        self.a, self.b = httpx.Client(base_url=a.url), httpx.Client(base_url=b.url)
+        self.upstream = upstream
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def _config(url: str, nats_url: str, data: Path, **extra: Any) -> Any:
+    raw = make_raw_config(url, nats={"url": nats_url, "data_dir": str(data)}, **extra)
+    raw["tiers"] = {"standard": {"max_call_usd": 0.05, "daily_usd": 5.0},
+                    "low": {"max_call_usd": 0.01, "daily_usd": 1.0}}
+    return parse_config(raw, source="<test>", env=gateway_env())
+
+
+@pytest.fixture
+def pair(nats_server: EmbeddedNats, tmp_path: Path) -> Iterator[Pair]:
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(FakeUpstream(api_key=UPSTREAM_KEY))
+        a, b = (stack.enter_context(Server(create_app(
+            _config(up.base_url, nats_server.url, tmp_path / name), env=gateway_env())))
+            for name in "ab")
+        p = Pair(a, b, up)
+        try:
+            yield p
+        finally:
+            p.close()
+
+
+def _chat(client: httpx.Client, key: str, **kw: Any) -> httpx.Response:
+    return client.post("/api/ai/v1/chat/completions", headers=auth(key),
+                       json=chat_body(**kw))
+
+
+def _within(check: Any, seconds: float = PROPAGATION_S) -> float:
+    """Seconds until ``check()`` holds; fails past ``seconds``."""
+    t0 = time.monotonic()
+    assert eventually(check, timeout=seconds + 5), "never held"
+    took = time.monotonic() - t0
+    assert took <= seconds, f"took {took:.2f} s"
+    return took
+
+
+def test_a_key_made_on_one_gateway_works_on_the_other_and_its_revocation_too(pair: Pair) -> None:
+    r = pair.a.post("/api/ai/admin/tenants", headers=ADMIN,
+                    json={"id": "initech", "tier": "low", "daily_usd": 2.5,
+                          "limits": {"per_minute": 100}})
+    assert r.status_code == 201, r.text
+    tenant = r.json()
+    assert tenant["source"] == "admin" and tenant["tier"] == "low"
+    assert tenant["limits"]["per_minute"] == 100 and tenant["limits"]["per_hour"] == 1000
+    assert tenant["created_by"].startswith("sha256:")
+
+    made = pair.a.post("/api/ai/admin/keys", headers=ADMIN,
+                       json={"tenant": "initech", "name": "ci"})
+    assert made.status_code == 201, made.text
+    key = made.json()
+    secret = key["key"]
+    assert secret.startswith("tw-") and key["prefix"] == secret[:8] and key["state"] == "active"
+    # Read-your-write on the gateway that made it; within a second on the other one.
+    assert _chat(pair.a, secret).status_code == 200
+    _within(lambda: _chat(pair.b, secret).status_code == 200)
+    call = pair.upstream.requests[-1]
+    assert call.path == "/v1/chat/completions"
+
+    # The listing never shows the key nor its hash; it shows the last use.
+    listed = pair.a.get("/api/ai/admin/keys", params={"tenant": "initech"}, headers=ADMIN)
+    assert listed.status_code == 200
+    (row,) = listed.json()["data"]
+    assert row["id"] == key["id"] and row["last_used_at"] is not None
+    assert secret not in listed.text and "sha256" not in row
+
+    # Revoked through b: refused on a within a second, with a clear code.
+    revoked = pair.b.delete(f"/api/ai/admin/keys/{key['id']}", headers=ADMIN)
+    assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
+    _within(lambda: _chat(pair.a, secret).status_code == 401)
+    refused = _chat(pair.a, secret)
+    assert refused.json()["error"]["code"] == "revoked_api_key"
+
+
+def test_the_tenant_s_settings_apply_limits_budget_models_and_sensitivity(pair: Pair) -> None:
+    assert pair.a.post("/api/ai/admin/tenants", headers=ADMIN, json={
+        "id": "hooli", "limits": {"per_minute": 2}, "models": ["fast"],
+        "max_sensitivity": "internal"}).status_code == 201
+    secret = pair.a.post("/api/ai/admin/keys", headers=ADMIN,
+                         json={"tenant": "hooli"}).json()["key"]
+    denied = _chat(pair.a, secret, model="gpt-4o-mini")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    assert _chat(pair.a, secret, model="fast").status_code == 200
+    above = pair.a.post("/api/ai/v1/chat/completions", json=chat_body(model="fast"),
+                        headers={**auth(secret), "X-Tollway-Sensitivity": "confidential"})
+    assert above.status_code == 403
+    assert above.json()["error"]["code"] == "sensitivity_not_allowed"
+    assert _chat(pair.a, secret, model="fast").status_code == 200
+    limited = _chat(pair.a, secret, model="fast")
+    assert limited.status_code == 429 and limited.headers["x-ratelimit-limit-requests"] == "2"
+
+    # Raised at run time: the next calls pass, on both gateways.
+    r = pair.b.patch("/api/ai/admin/tenants/hooli", headers=ADMIN,
+                     json={"limits": {"per_minute": 1000}, "models": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["limits"]["per_minute"] == 1000 and r.json()["models"] is None
+    _within(lambda: _chat(pair.a, secret, model="gpt-4o-mini").status_code == 200)
+
+    budget = pair.a.get("/api/ai/budget", params={"tenant": "hooli"}, headers=ADMIN)
+    assert budget.status_code == 200 and budget.json()["daily_usd"] == 5.0  # its tier's
+
+    # Disabled: every key of the tenant is refused (403), on both gateways.
+    assert pair.a.delete("/api/ai/admin/tenants/hooli", headers=ADMIN).json()["disabled"]
+    _within(lambda: _chat(pair.b, secret, model="fast").status_code == 403)
+    assert _chat(pair.b, secret).json()["error"]["code"] == "tenant_disabled"
+
+
+def test_rotation_keeps_the_old_key_for_the_overlap_and_expiry_ends_a_key(pair: Pair) -> None:
+    old = pair.a.post("/api/ai/admin/keys", headers=ADMIN,
+                      json={"tenant": "acme", "name": "svc"}).json()
+    rotated = pair.a.post(f"/api/ai/admin/keys/{old['id']}/rotate", headers=ADMIN,
+                          json={"overlap_s": 0.5})
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()
+    assert new["key"] != old["key"] and new["rotated_from"] == old["id"]
+    assert new["previous"]["rotated_to"] == new["id"] and new["name"] == "svc"
+    assert _chat(pair.a, new["key"]).status_code == 200
+    assert _chat(pair.a, old["key"]).status_code == 200  # the overlap
+    assert eventually(lambda: _chat(pair.a, old["key"]).status_code == 401, timeout=5)
+    assert _chat(pair.a, old["key"]).json()["error"]["code"] == "expired_api_key"
+    # Config keys keep working beside directory keys of the same tenant.
+    assert _chat(pair.a, ACME_KEY).status_code == 200
+    again = pair.a.post(f"/api/ai/admin/keys/{old['id']}/rotate", headers=ADMIN, json={})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "key_not_active"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/api/ai/admin/tenants", {"id": "bad.id"}, "id"),
+    ("/api/ai/admin/tenants", {"id": "a>b"}, "id"),
+    ("/api/ai/admin/tenants", {"id": "x" * 65}, "id"),
+    ("/api/ai/admin/tenants", {"id": "ok", "tier": "gold"}, "tier"),
+    ("/api/ai/admin/tenants", {"id": "ok", "models": ["gpt-9"]}, "models"),
+    ("/api/ai/admin/tenants", {"id": "ok", "limits": {"per_minute": -1}}, "limits.per_minute"),
+    ("/api/ai/admin/tenants", {"id": "ok", "daily_usd": "lots"}, "daily_usd"),
+    ("/api/ai/admin/tenants", {"id": "ok", "max_sensitivity": "secret"}, "max_sensitivity"),
+    ("/api/ai/admin/tenants", {"id": "ok", "owner": "me"}, None),
+    ("/api/ai/admin/keys", {"tenant": "acme", "expires_at": 1.0}, "expires_at"),
+    ("/api/ai/admin/keys", {"tenant": "acme", "limits": {"per_minute": 1}}, None),
+    ("/api/ai/admin/keys", {}, "tenant"),
+])
+def test_bad_admin_input_is_a_400_naming_the_field(pair: Pair, path: str, body: Any,
+                                                   param: str | None) -> None:
+    r = pair.a.post(path, headers=ADMIN, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+    else:
+        assert "unknown field" in error["message"].lower() or "limits" in error["message"]
+
+
+def test_who_may_change_what(pair: Pair) -> None:
+    # A tenant key is not an admin key.
+    r = pair.a.post("/api/ai/admin/tenants", headers=auth(ACME_KEY), json={"id": "evil"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    # The config file's tenants are the config's.
+    r = pair.a.patch("/api/ai/admin/tenants/acme", headers=ADMIN, json={"tier": "low"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "tenant_in_config"
+    assert pair.a.get("/api/ai/admin/tenants/acme", headers=ADMIN).json()["source"] == "config"
+    # One tenant per id, whichever gateway is asked.
+    assert pair.a.post("/api/ai/admin/tenants", headers=ADMIN,
+                       json={"id": "umbrella"}).status_code == 201
+    twice = pair.b.post("/api/ai/admin/tenants", headers=ADMIN, json={"id": "umbrella"})
+    assert twice.status_code == 409
+    assert pair.b.get("/api/ai/admin/tenants/nobody", headers=ADMIN).status_code == 404
+    assert pair.b.delete("/api/ai/admin/keys/key_nope", headers=ADMIN).status_code == 404
+    ids = [t["id"] for t in pair.b.get("/api/ai/admin/tenants", headers=ADMIN).json()["data"]]
+    assert {"acme", "globex", "umbrella"} <= set(ids)
+
+
+def test_repeated_failed_admin_sign_ins_are_refused_for_a_while(pair: Pair) -> None:
+    codes = [pair.a.get("/api/ai/admin/tenants", headers=auth(f"tw-guess-{i}")).status_code
+             for i in range(12)]
+    assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
+    blocked = pair.a.get("/api/ai/admin/tenants", headers=ADMIN)  # even the right key, now
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    # Other paths and the other gateway are not affected.
+    assert pair.b.get("/api/ai/admin/tenants", headers=ADMIN).status_code == 200
+    assert _chat(pair.a, ACME_KEY).status_code == 200
+
+
+def test_every_change_is_an_event_naming_the_admin_key(pair: Pair,
+                                                       nats_server: EmbeddedNats) -> None:
+    import asyncio
+
+    import nats
+
+    pair.a.post("/api/ai/admin/tenants", headers=ADMIN, json={"id": "stark"})
+    pair.a.patch("/api/ai/admin/tenants/stark", headers=ADMIN, json={"daily_usd": 1.0})
+    key = pair.a.post("/api/ai/admin/keys", headers=ADMIN, json={"tenant": "stark"}).json()
+    pair.a.delete(f"/api/ai/admin/keys/{key['id']}", headers=ADMIN)
+
+    async def read() -> list[Any]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            sub = await js.subscribe("tollway.admin.>", ordered_consumer=True)
+            out = []
+            for _ in range(4):
+                msg = await sub.next_msg(timeout=5)
+                out.append((msg.subject, decode(msg.data)))
+            return out
+        finally:
+            await nc.close()
+
+    events = asyncio.run(read())
+    kinds = [type(e) for _, e in events]
+    assert kinds == [TenantCreated, TenantChanged, KeyCreated, KeyRevoked]
+    assert events[0][0] == "tollway.admin.tenant.created.stark"
+    assert events[2][0] == f"tollway.admin.key.created.{key['id']}"
+    assert len({e.admin for _, e in events}) == 1 and events[0][1].admin.startswith("sha256:")
+    assert key["key"] not in str(events)  # only the hash travels
+
+
+def test_the_fold_is_idempotent_and_keeps_the_first_create() -> None:
+    from tollway.events.schema import TenantSettings
+
+    view = directory_view.new()
+    first = TenantCreated(event_id="e1", occurred_at=1.0, tenant="t",
+                          settings=TenantSettings(tier="low"))
+    second = TenantCreated(event_id="e2", occurred_at=2.0, tenant="t",
+                           settings=TenantSettings(tier="standard"))
+    key = KeyCreated(event_id="e3", occurred_at=3.0, tenant="t", key_id="k",
+                     key_sha256="ab" * 32)
+    revoke = KeyRevoked(event_id="e4", occurred_at=4.0, tenant="t", key_id="k")
+    for seq, event in enumerate((first, second, key, revoke), 1):
+        directory_view.apply(view, seq, event)
+    snapshot = directory_view.dump(view)
+    for event in (first, second, key, revoke):  # replayed past what seen remembers
+        directory_view.skipped(view, 0, event)
+    assert directory_view.dump(view) == snapshot
+    assert view.tenants["t"].settings.tier == "low" and view.keys["k"].revoked_at == 4.0
+    assert directory_view.load(snapshot) == view
+
+
+def test_the_command_line_drives_the_admin_api(pair: Pair, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tollway.cli import main
+
+    monkeypatch.setenv("TOLLWAY_ADMIN_KEY", ADMIN_KEY)
+    url = ["--url", str(pair.a.base_url)]
+    assert main(["tenants", "create", "wayne", "--tier", "low", "--per-minute", "7", *url]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["id"] == "wayne" and made["limits"]["per_minute"] == 7
+    assert main(["keys", "create", "--tenant", "wayne", "--name", "cli", *url]) == 0
+    key = json.loads(capsys.readouterr().out)
+    _within(lambda: _chat(pair.b, key["key"]).status_code == 200)
+    assert main(["keys", "list", "--tenant", "wayne", *url]) == 0
+    assert [k["name"] for k in json.loads(capsys.readouterr().out)["data"]] == ["cli"]
+    assert main(["keys", "revoke", key["id"], *url]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "revoked"
+    assert main(["tenants", "update", "wayne", "--disable", *url]) == 0
+    assert json.loads(capsys.readouterr().out)["disabled"] is True
+    # An error is the gateway's message and exit code 1; the key never on the command line.
+    assert main(["tenants", "create", "wayne", *url]) == 1
+    assert "409" in capsys.readouterr().err
+    monkeypatch.delenv("TOLLWAY_ADMIN_KEY")
+    assert main(["tenants", "list", *url]) == 1
+    assert "TOLLWAY_ADMIN_KEY" in capsys.readouterr().err
