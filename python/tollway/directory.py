@@ -19,6 +19,7 @@ directory and can be revoked there.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -34,9 +35,17 @@ from tollway.errors import (
     NotReady,
     PermissionDenied,
 )
-from tollway.events.projections.directory import DirectoryView, KeyEntry, key_json, tenant_json
+from tollway.events.projections.directory import (
+    DirectoryView,
+    KeyEntry,
+    flag_json,
+    key_json,
+    tenant_json,
+)
 from tollway.events.schema import (
     AdminEvent,
+    FlagChanged,
+    FlagSettings,
     KeyCreated,
     KeyRevoked,
     KeyRotated,
@@ -49,6 +58,7 @@ from tollway.events.schema import (
 if TYPE_CHECKING:
     from tollway.events.projections import Projection
     from tollway.events.service import EventsService
+    from tollway.pipeline.plan import Catalog, Deployment
 
 log = logging.getLogger("tollway.directory")
 
@@ -56,6 +66,36 @@ PREFIX_CHARS = 8  # of a key shown in lists: "tw-" and 5 more
 WRITE_TIMEOUT_S = 5.0  # the stream's ack and this gateway's fold of a change
 
 TenantListener = Callable[[TenantConfig], None]
+
+
+def rollout_bucket(flag: str, tenant: str) -> float:
+    """Where a tenant falls in a flag's rollout, in [0, 100): the same for a flag and a
+    tenant on every gateway and after every restart, and independent between flags."""
+    digest = hashlib.sha256(f"{flag}\0{tenant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
+
+
+class Rollout:
+    """One enabled route flag, ready for the calls: who is in, and where they go."""
+
+    __slots__ = ("candidates", "members", "name", "percent", "tenants")
+
+    def __init__(self, name: str, settings: FlagSettings,
+                 candidates: tuple[Deployment, ...]) -> None:
+        self.name = name
+        self.candidates = candidates
+        self.percent = settings.percent
+        self.tenants = frozenset(settings.tenants)
+        self.members: dict[str, bool] = {}  # tenant -> in (a cache of rollout_bucket)
+
+    def includes(self, tenant: str) -> bool:
+        hit = self.members.get(tenant)
+        if hit is None:
+            if len(self.members) > 100_000:
+                self.members.clear()
+            hit = self.members[tenant] = (tenant in self.tenants
+                                          or rollout_bucket(self.name, tenant) < self.percent)
+        return hit
 
 def _tenant_config(tenant_id: str, s: TenantSettings) -> TenantConfig:
     lim = s.limits
@@ -91,6 +131,8 @@ class Directory:
         self._principals: dict[str, tuple[str, Principal]] = {}
         self._tenants: dict[str, TenantConfig] = {}
         self.last_used: dict[str, float] = {}  # key id -> unix time, this process's calls
+        self.catalog: Catalog | None = None  # set by the gateway: flags name deployments
+        self._rollouts: dict[str, list[Rollout]] = {}  # route -> its enabled flags
 
     # ---- attached by the events layer ------------------------------------------------------
     def attach(self, events: EventsService) -> None:
@@ -136,6 +178,16 @@ class Directory:
             principals[key.key_sha256] = (key.key_sha256, p)
         self._principals = principals
         self._tenants = tenants
+        rollouts: dict[str, list[Rollout]] = {}
+        catalog = self.catalog
+        for name, flag in sorted(view.flags.items()):
+            s = flag.settings
+            if not s.enabled or catalog is None:
+                continue
+            deps = tuple(catalog.models[m] for m in s.candidates if m in catalog.models)
+            if deps:
+                rollouts.setdefault(s.route, []).append(Rollout(name, s, deps))
+        self._rollouts = rollouts
         self._view, self._version = view, view.version
         for tid, t in tenants.items():
             if old.get(tid) != t:
@@ -159,6 +211,17 @@ class Directory:
             if p.key_id:
                 self.last_used[p.key_id] = now
         return hit
+
+    def rollout(self, route: str, tenant: str) -> tuple[str, tuple[Deployment, ...]] | None:
+        """(flag, candidates) when a flag moves this tenant's calls to ``route``, else None
+        (the first flag by name, when several cover the route)."""
+        if self.projection is None:
+            return None
+        self._current()
+        for r in self._rollouts.get(route, ()):
+            if r.includes(tenant):
+                return r.name, r.candidates
+        return None
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         """A tenant of the config or the directory (disabled ones too)."""
@@ -292,6 +355,25 @@ class Directory:
                                      new_key_id=new["id"], expires_at=now + overlap_s))
         new["previous"] = self.get_key(key_id)
         return new
+
+    def list_flags(self) -> list[dict[str, Any]]:
+        view = self._current()
+        return [flag_json(n, f) for n, f in sorted(view.flags.items())] if view else []
+
+    def get_flag(self, name: str) -> dict[str, Any]:
+        view = self._current()
+        flag = view.flags.get(name) if view is not None else None
+        if flag is None:
+            raise NotFound(f"no flag {name!r}", code="flag_not_found")
+        return flag_json(name, flag)
+
+    async def put_flag(self, name: str, settings: FlagSettings, admin: str) -> dict[str, Any]:
+        view = self._view_or_unavailable()
+        flag = view.flags.get(name)
+        if flag is None or flag.settings != settings:
+            await self._write(FlagChanged(event_id=_event_id(), occurred_at=self.clock(),
+                                          admin=admin, flag=name, settings=settings))
+        return self.get_flag(name)
 
     # ---- writing --------------------------------------------------------------------------
     async def _write(self, event: AdminEvent, *, first_on_subject: bool = False) -> None:

@@ -88,6 +88,8 @@ class Gateway:
         # Run-time tenants and keys (the admin API), read while the events layer runs.
         self.directory = Directory(config, self.clock.time)
         self.keys.directory = self.directory
+        self.directory.catalog = self.catalog
+        self.policy.rollouts = self.directory.rollout
         for guard in (self.rate_guard, self.budget_guard):
             if guard is not None:
                 self.directory.listeners.append(guard.set_tenant)

@@ -31,7 +31,7 @@ an expensive one), so the prompt is counted once per call.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tollway.clock import Clock
@@ -121,6 +121,9 @@ class Policy:
         """Settings come from ``config.policy`` and ``config.guards``; keywords override."""
         pc, gc = config.policy, config.guards
         self.catalog = catalog
+        # Gradual rollouts (feature flags of the directory): (flag, candidates) that take a
+        # route for this tenant, else None; set by the gateway.
+        self.rollouts: Callable[[str, str], tuple[str, tuple[Deployment, ...]] | None] | None = None
         self.estimator = estimator
         self.breakers = breakers
         self.latency = latency
@@ -238,6 +241,13 @@ class Policy:
             route = self.task_routes[task]
             candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
             notes.append(f"task {task} -> route {route}")
+        rollouts = self.rollouts
+        if rollouts is not None:
+            hit = rollouts(route, call.tenant.id)
+            if hit is not None:
+                flag, candidates = hit
+                call.flags += (flag,)
+                notes.append(f"flag {flag}")
 
         # 1. sensitivity
         sensitivity = call.sensitivity

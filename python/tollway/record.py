@@ -54,6 +54,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # tier's cap or the day's remaining budget could not pay the full output; None: the
     # request's own bound (or none) stood.
     max_tokens_bound: int | None = None
+    flags: tuple[str, ...] = ()  # the feature flags (rollouts) that applied to the call
 
 
 class Recorder(Protocol):

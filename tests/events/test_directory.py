@@ -39,6 +39,7 @@ class Pair:
 
     def __init__(self, a: Server, b: Server, upstream: FakeUpstream) -> None:
         self.a, self.b = httpx.Client(base_url=a.url), httpx.Client(base_url=b.url)
+        self.gateways = (a.app.state.gateway, b.app.state.gateway)
         self.upstream = upstream
 
     def close(self) -> None:
@@ -306,3 +307,78 @@ def test_the_command_line_drives_the_admin_api(pair: Pair, monkeypatch: pytest.M
     monkeypatch.delenv("TOLLWAY_ADMIN_KEY")
     assert main(["tenants", "list", *url]) == 1
     assert "TOLLWAY_ADMIN_KEY" in capsys.readouterr().err
+
+
+def _members(gateway: Any, tenants: list[str]) -> set[str]:
+    return {t for t in tenants if gateway.directory.rollout("auto", t) is not None}
+
+
+def test_a_rollout_takes_a_sticky_share_of_tenants_and_the_call_event_names_it(
+        pair: Pair, nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    import asyncio
+
+    import nats
+
+    put = pair.a.put("/api/ai/admin/flags/auto-fast", headers=ADMIN, json={
+        "route": "auto", "candidates": ["fast"], "percent": 10})
+    assert put.status_code == 200, put.text
+    assert put.json()["percent"] == 10 and put.json()["changed_by"].startswith("sha256:")
+    synthetic = [f"tenant-{i}" for i in range(1000)]
+    ga, gb = pair.gateways
+    ten = _members(ga, synthetic)
+    assert 80 <= len(ten) <= 120, len(ten)  # 10 % of 1,000, give or take 2 %
+    _within(lambda: _members(gb, synthetic) == ten)  # the same tenants on every gateway
+    pair.b.put("/api/ai/admin/flags/auto-fast", headers=ADMIN, json={
+        "route": "auto", "candidates": ["fast"], "percent": 50})
+    half = _members(gb, synthetic)
+    assert 450 <= len(half) <= 550 and ten < half  # who was in stays in
+
+    # A gateway started afterwards (a restart) folds the flag from the stream: same tenants.
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up, Server(create_app(
+            _config(up.base_url, nats_server.url, tmp_path / "c"), env=gateway_env())) as c:
+        fresh = c.app.state.gateway
+        assert eventually(lambda: _members(fresh, synthetic) == half)
+
+    # Listed tenants are in whatever the percent: acme's calls to auto go to `fast`, and
+    # the call event says which flag moved them.
+    pair.a.put("/api/ai/admin/flags/auto-fast", headers=ADMIN, json={
+        "route": "auto", "candidates": ["fast"], "percent": 0, "tenants": ["acme"]})
+    served = _chat(pair.a, ACME_KEY, model="auto")
+    assert served.status_code == 200 and served.headers["x-tollway-model"] == "fast"
+    listed = pair.a.get("/api/ai/admin/flags", headers=ADMIN).json()["data"]
+    assert [f["name"] for f in listed] == ["auto-fast"] and listed[0]["tenants"] == ["acme"]
+    pair.a.put("/api/ai/admin/flags/auto-fast", headers=ADMIN, json={
+        "route": "auto", "candidates": ["fast"], "tenants": ["acme"], "enabled": False})
+    assert _chat(pair.a, ACME_KEY, model="auto").headers["x-tollway-model"] == "gpt-4o-mini"
+
+    async def flags_of_acme_calls() -> list[tuple[str, ...]]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            sub = await nc.jetstream().subscribe("tollway.call.completed.acme",
+                                                 ordered_consumer=True)
+            out = []
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    return out
+                out.append(decode(msg.data).flags)  # type: ignore[union-attr]
+        finally:
+            await nc.close()
+
+    assert eventually(lambda: asyncio.run(flags_of_acme_calls()) == [("auto-fast",), ()])
+
+
+@pytest.mark.parametrize(("name", "body", "param"), [
+    ("ok", {"route": "nope", "candidates": ["fast"]}, "route"),
+    ("ok", {"route": "auto", "candidates": ["auto"]}, "candidates"),
+    ("ok", {"route": "auto", "candidates": []}, "candidates"),
+    ("ok", {"route": "auto", "candidates": ["fast"], "percent": 101}, "percent"),
+    ("ok", {"route": "auto", "candidates": ["fast"], "tenants": ["a.b"]}, "tenants[0]"),
+    ("bad.name", {"route": "auto", "candidates": ["fast"]}, "name"),
+])
+def test_bad_flags_are_a_400_naming_the_field(pair: Pair, name: str, body: Any,
+                                              param: str) -> None:
+    r = pair.a.put(f"/api/ai/admin/flags/{name}", headers=ADMIN, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

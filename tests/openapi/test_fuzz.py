@@ -68,7 +68,10 @@ def _directory_entries(live: Live) -> dict[str, str]:
         return r.json()
 
     post("/api/ai/admin/tenants", {"id": "fuzzed"})
-    return {"tenant": "fuzzed",
+    flag = live.session.put(live.url + "/api/ai/admin/flags/fuzzflag", headers=auth(ADMIN_KEY),
+                            json={"route": "auto", "candidates": ["gpt-4o-mini"]}, timeout=30)
+    assert flag.status_code == 200, flag.text
+    return {"tenant": "fuzzed", "flag": "fuzzflag",
             "revoke": post("/api/ai/admin/keys", {"tenant": "acme"})["id"],
             "rotate": post("/api/ai/admin/keys", {"tenant": "acme"})["id"]}
 
@@ -133,7 +136,7 @@ def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
         for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not
             if isinstance(body.get(name), float):
                 body[name] = 8
-    if case.path_parameters and "name" in case.path_parameters:
+    if case.path_parameters and "name" in case.path_parameters and "/admin/" not in case.path:
         case.path_parameters["name"] = "fake"
     headers = case.headers or {}
     for name, value in headers.items():
@@ -156,7 +159,12 @@ def _known_admin_names(case: Any, made: dict[str, str]) -> None:
             body["tenant"] = "acme"
         if "overlap_s" in body:
             body["overlap_s"] = 3600.0
+        if "candidates" in body:
+            body.update(route="auto", candidates=["gpt-4o-mini"])
+            body.pop("tenants", None)
     params = case.path_parameters
+    if params and "name" in params:
+        params["name"] = made["flag"]
     if params and "id" in params:
         if case.path.startswith("/api/ai/admin/tenants/"):
             params["id"] = made["tenant"]

@@ -96,6 +96,8 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # tier's per-call cap or the tenant's remaining daily budget could not pay the
     # model's full output or the max_tokens asked; None when the request's own stood.
     max_tokens_bound: int | None = None
+    # The feature flags (gradual rollouts, ``flag.changed``) that applied to the call.
+    flags: tuple[str, ...] = ()
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -295,6 +297,31 @@ class KeyRotated(AdminEvent, frozen=True, kw_only=True, tag="key.rotated"):
         return f"{self.subject_prefix}.{subject_token(self.key_id)}"
 
 
+class FlagSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A gradual rollout: calls to ``route`` (an alias or model id) of the tenants in it go
+    to ``candidates`` instead. A tenant is in it when listed in ``tenants``, or when its
+    sticky bucket (a hash of the flag's name and the tenant id, 0-100) is below
+    ``percent``: the same tenants at 10 % stay in at 50 %, across restarts."""
+
+    kind: Literal["route"] = "route"
+    route: str
+    candidates: tuple[str, ...]
+    percent: float = 0.0
+    tenants: tuple[str, ...] = ()
+    enabled: bool = True
+
+
+class FlagChanged(AdminEvent, frozen=True, kw_only=True, tag="flag.changed"):
+    """A flag made or changed (its settings whole); ``tenant`` is empty."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.flag.changed"
+    flag: str
+    settings: FlagSettings
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.flag)}"
+
+
 AnyEvent = (
     CallCompleted
     | CallFailed
@@ -309,6 +336,7 @@ AnyEvent = (
     | KeyCreated
     | KeyRevoked
     | KeyRotated
+    | FlagChanged
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     CallCompleted,
@@ -324,6 +352,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     KeyCreated,
     KeyRevoked,
     KeyRotated,
+    FlagChanged,
 )
 CALL_EVENT_TYPES: dict[str, type[CallEvent]] = {
     "completed": CallCompleted,
@@ -449,6 +478,7 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         reason=rec.reason,
         reservation_id=rec.reservation_id,
         max_tokens_bound=rec.max_tokens_bound,
+        flags=rec.flags,
     )
 
 

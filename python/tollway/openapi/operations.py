@@ -90,6 +90,8 @@ HINTS = (
 _CALL_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
 
 _ID = Param("id", "path", {"type": "string"}, "the tenant's or the key's id", required=True)
+_FLAG = Param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+              "the flag's name", required=True)
 _ADMIN_ERRORS = (400, 401, 403, 404, 409, 429, 503)
 _ADMIN = "/api/ai/admin"
 
@@ -176,4 +178,15 @@ OPERATIONS: tuple[Operation, ...] = (
         "post", f"{_ADMIN}/keys/{{id}}/rotate", "A new key in place of this one, which works "
         "for the overlap", "admin", "admin", (Reply(201, "the new key", admin_api.NewKey),),
         _ADMIN_ERRORS, admin_api.KeyRotate, (_ID,)),
+    Operation(
+        "get", f"{_ADMIN}/flags", "Feature flags: gradual rollouts of a route's candidates",
+        "admin", "admin", (Reply(200, "the flags", admin_api.FlagList),), (401, 403, 429)),
+    Operation(
+        "get", f"{_ADMIN}/flags/{{name}}", "One flag", "admin", "admin",
+        (Reply(200, "the flag", admin_api.FlagView),), (400, 401, 403, 404, 429),
+        params=(_FLAG,)),
+    Operation(
+        "put", f"{_ADMIN}/flags/{{name}}", "Make or change a flag (its settings whole)",
+        "admin", "admin", (Reply(200, "the flag", admin_api.FlagView),), _ADMIN_ERRORS,
+        admin_api.FlagPut, (_FLAG,)),
 )

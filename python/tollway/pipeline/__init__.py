@@ -354,6 +354,7 @@ class Pipeline:
             reason=call.reason,
             reservation_id=call.hold_id,
             max_tokens_bound=call.output_bound or None,
+            flags=call.flags,
         )
         for recorder in self.recorders:
             try:

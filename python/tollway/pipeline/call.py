@@ -19,7 +19,8 @@ EMBEDDINGS = "embeddings"
 class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
-        "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "headers",
+        "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "flags",
+        "headers",
         "hold_id", "include_usage", "info", "latency_class", "occurred_at", "output_bound",
         "plan",
         "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
@@ -41,6 +42,7 @@ class Call:
         self.tier = tenant.tier
         self.task = ""
         self.sensitivity = ""
+        self.flags: tuple[str, ...] = ()  # feature flags (rollouts) that applied
         self.latency_class = ""
         self.body = b""
         self.request: Any = None  # ChatRequest | EmbeddingsRequest once decoded

@@ -9,6 +9,7 @@ publishes and the fuzzing test holds the handlers to.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal, cast
 
@@ -21,7 +22,7 @@ from starlette.routing import Route
 from tollway.config import Name, TenantId
 from tollway.context import info_of
 from tollway.errors import InvalidRequest, error_body
-from tollway.events.schema import TenantLimitSettings, TenantSettings
+from tollway.events.schema import FlagSettings, TenantLimitSettings, TenantSettings
 from tollway.gateway import Gateway
 from tollway.pipeline.decode import invalid_request
 
@@ -74,6 +75,20 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
 class KeyRotate(msgspec.Struct, forbid_unknown_fields=True):
     # How long the old key keeps working beside the new one.
     overlap_s: Annotated[float, Meta(ge=0, le=MAX_OVERLAP_S)] = 3600.0
+
+
+class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
+    """A gradual rollout: calls to ``route`` of the tenants in it go to ``candidates``."""
+
+    route: Name  # a route alias or model id the callers ask for
+    candidates: Annotated[list[Name], Meta(min_length=1, max_length=32)]  # model ids
+    percent: Annotated[float, Meta(ge=0, le=100)] = 0.0  # of tenants, sticky by a hash
+    tenants: Annotated[list[TenantId], Meta(max_length=10_000)] = []  # in, whatever percent
+    enabled: bool = True
+    kind: Literal["route"] = "route"
+
+
+FLAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 # ---- answers (the OpenAPI document's schemas) ----------------------------------------------
@@ -131,6 +146,24 @@ class NewKey(KeyView):
 
     key: str
     previous: KeyView | None = None  # rotate: the old key, working until its expires_at
+
+
+class FlagView(msgspec.Struct):
+    name: str
+    object: Literal["flag"]
+    kind: Literal["route"]
+    route: str
+    candidates: list[str]
+    percent: float
+    tenants: list[str]
+    enabled: bool
+    changed_at: float
+    changed_by: str
+
+
+class FlagList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[FlagView]
 
 
 class KeyList(msgspec.Struct):
@@ -275,8 +308,45 @@ def routes(gateway: Gateway) -> list[Route]:
         except Exception as exc:
             return _error(exc)
 
+    async def list_flags(request: Request) -> Response:
+        return _answer({"object": "list", "data": directory.list_flags()})
+
+    def flag_name(request: Request) -> str:
+        name: str = request.path_params["name"]
+        if not FLAG_NAME.fullmatch(name):
+            raise InvalidRequest("a flag name is 1-64 letters, digits, '_' or '-'",
+                                 param="name")
+        return name
+
+    async def get_flag(request: Request) -> Response:
+        try:
+            return _answer(directory.get_flag(flag_name(request)))
+        except Exception as exc:
+            return _error(exc)
+
+    async def put_flag(request: Request) -> Response:
+        try:
+            name = flag_name(request)
+            body: FlagPut = await body_of(request, FlagPut)
+            catalog = gateway.catalog
+            if body.route not in catalog.models and body.route not in catalog.routes:
+                raise InvalidRequest(f"no model or route alias {body.route!r}", param="route")
+            for m in body.candidates:
+                if m not in gateway.catalog.models:
+                    raise InvalidRequest(f"no model {m!r} (candidates are model ids)",
+                                         param="candidates")
+            settings = FlagSettings(kind=body.kind, route=body.route,
+                                    candidates=tuple(body.candidates), percent=body.percent,
+                                    tenants=tuple(body.tenants), enabled=body.enabled)
+            return _answer(await directory.put_flag(name, settings, admin_of(request)))
+        except Exception as exc:
+            return _error(exc)
+
     base = "/api/ai/admin"
     return [
+        Route(f"{base}/flags", list_flags, methods=["GET"]),
+        Route(f"{base}/flags/{{name}}", get_flag, methods=["GET"]),
+        Route(f"{base}/flags/{{name}}", put_flag, methods=["PUT"]),
         Route(f"{base}/tenants", list_tenants, methods=["GET"]),
         Route(f"{base}/tenants", create_tenant, methods=["POST"]),
         Route(f"{base}/tenants/{{id}}", get_tenant, methods=["GET"]),

@@ -14,6 +14,7 @@ Rules:
 - ``tenant.changed`` carries the tenant's settings whole; the last in the stream wins.
 - ``key.created`` adds a key by its SHA-256; ``key.revoked`` marks it revoked for good;
   ``key.rotated`` sets the old key's expiry to the end of the overlap.
+- ``flag.changed`` carries the flag's settings whole; the last in the stream wins.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import msgspec
 
 from tollway.events.schema import (
     Event,
+    FlagChanged,
+    FlagSettings,
     KeyCreated,
     KeyRevoked,
     KeyRotated,
@@ -55,11 +58,18 @@ class KeyEntry(msgspec.Struct):
     rotated_from: str = ""
 
 
+class FlagEntry(msgspec.Struct):
+    settings: FlagSettings
+    changed_at: float = 0.0
+    changed_by: str = ""
+
+
 class DirectoryView(msgspec.Struct):
     last_seq: int = 0
     tenants: dict[str, TenantEntry] = msgspec.field(default_factory=dict)
     keys: dict[str, KeyEntry] = msgspec.field(default_factory=dict)  # key id -> entry
     by_hash: dict[str, str] = msgspec.field(default_factory=dict)  # sha256 -> key id
+    flags: dict[str, FlagEntry] = msgspec.field(default_factory=dict)
     # Bumped by every change: the gateway rebuilds what it derives from the view when
     # this moves (tollway.directory).
     version: int = 0
@@ -115,6 +125,12 @@ def _fold(view: DirectoryView, event: Event) -> None:
         if key is not None and key.revoked_at is None:
             key.revoked_at = event.occurred_at
             view.version += 1
+    elif isinstance(event, FlagChanged):
+        flag = view.flags.get(event.flag)
+        if flag is not None and flag.settings == event.settings:
+            return
+        view.flags[event.flag] = FlagEntry(event.settings, event.occurred_at, event.admin)
+        view.version += 1
     elif isinstance(event, KeyRotated):
         key = view.keys.get(event.key_id)
         if key is not None:
@@ -158,3 +174,10 @@ def key_json(key_id: str, key: KeyEntry, now: float, last_used: float | None = N
             "expires_at": key.expires_at, "models": key.models, "revoked_at": key.revoked_at,
             "rotated_to": key.rotated_to or None, "rotated_from": key.rotated_from or None,
             "last_used_at": last_used, "state": state}
+
+
+def flag_json(name: str, flag: FlagEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "object": "flag"}
+    out.update(msgspec.to_builtins(flag.settings))
+    out.update(changed_at=flag.changed_at, changed_by=flag.changed_by)
+    return out
