@@ -51,6 +51,7 @@ from tollway.events.schema import (
     KeyRotated,
     TenantChanged,
     TenantCreated,
+    TenantLimitSettings,
     TenantSettings,
     encode,
 )
@@ -66,6 +67,7 @@ PREFIX_CHARS = 8  # of a key shown in lists: "tw-" and 5 more
 WRITE_TIMEOUT_S = 5.0  # the stream's ack and this gateway's fold of a change
 
 TenantListener = Callable[[TenantConfig], None]
+LimitsListener = Callable[[str, TenantLimits], None]  # a key's own limits, by limiter identity
 
 
 def rollout_bucket(flag: str, tenant: str) -> float:
@@ -97,13 +99,15 @@ class Rollout:
                                           or rollout_bucket(self.name, tenant) < self.percent)
         return hit
 
+def _limits(lim: TenantLimitSettings) -> TenantLimits:
+    return TenantLimits(per_minute=lim.per_minute, per_hour=lim.per_hour, per_day=lim.per_day,
+                        expensive_per_hour=lim.expensive_per_hour,
+                        tokens_per_minute=lim.tokens_per_minute)
+
+
 def _tenant_config(tenant_id: str, s: TenantSettings) -> TenantConfig:
-    lim = s.limits
     return TenantConfig(
-        id=tenant_id, tier=s.tier,
-        limits=TenantLimits(per_minute=lim.per_minute, per_hour=lim.per_hour,
-                            per_day=lim.per_day, expensive_per_hour=lim.expensive_per_hour,
-                            tokens_per_minute=lim.tokens_per_minute),
+        id=tenant_id, tier=s.tier, limits=_limits(s.limits),
         daily_usd=s.daily_usd, models=list(s.models) if s.models is not None else None,
         max_sensitivity=s.max_sensitivity)  # type: ignore[arg-type]
 
@@ -126,6 +130,8 @@ class Directory:
         self.projection: Projection[DirectoryView] | None = None
         self.events: EventsService | None = None
         self.listeners: list[TenantListener] = []
+        self.limits_listeners: list[LimitsListener] = []
+        self._key_limits: dict[str, TenantLimits] = {}
         self._version = -1
         self._view: DirectoryView | None = None
         self._principals: dict[str, tuple[str, Principal]] = {}
@@ -164,11 +170,15 @@ class Directory:
             if entry.settings.disabled:
                 disabled.add(tid)
         principals: dict[str, tuple[str, Principal]] = {}
+        key_limits: dict[str, TenantLimits] = {}
         for key_id, key in view.keys.items():
             tenant = self.config_tenants.get(key.tenant) or tenants.get(key.tenant)
             if tenant is None:
                 continue
             p = Principal(_key_tenant(tenant, key), key_id=key_id, expires_at=key.expires_at)
+            if key.limits is not None:
+                p.limit_scope = f"{key.tenant}/{key_id}"
+                key_limits[p.limit_scope] = _limits(key.limits)
             if key.revoked_at is not None:
                 p.refusal = AuthenticationFailed("this API key was revoked",
                                                  code="revoked_api_key")
@@ -196,6 +206,14 @@ class Directory:
                         listener(t)
                     except Exception:
                         log.exception("directory: applying tenant %s failed", tid)
+        old_limits, self._key_limits = self._key_limits, key_limits
+        for scope, limits in key_limits.items():
+            if old_limits.get(scope) != limits:
+                for on_limits in self.limits_listeners:
+                    try:
+                        on_limits(scope, limits)
+                    except Exception:
+                        log.exception("directory: applying the limits of %s failed", scope)
 
     def resolve(self, digest: str) -> tuple[str, Principal] | None:
         """(stored digest, principal) of a key by its SHA-256, from the directory."""
@@ -303,6 +321,7 @@ class Directory:
     async def create_key(self, tenant_id: str, admin: str, *, name: str = "",
                          expires_at: float | None = None,
                          models: tuple[str, ...] | None = None,
+                         limits: TenantLimitSettings | None = None,
                          rotated_from: str = "") -> dict[str, Any]:
         """A new key for the tenant: the answer holds the key, the only time it is shown."""
         self._view_or_unavailable()
@@ -314,7 +333,7 @@ class Directory:
         await self._write(KeyCreated(
             event_id=_event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
             key_id=key_id, key_sha256=hash_key(key), prefix=key[:PREFIX_CHARS], name=name,
-            expires_at=expires_at, models=models, rotated_from=rotated_from),
+            expires_at=expires_at, models=models, rotated_from=rotated_from, limits=limits),
             first_on_subject=True)
         out = self.get_key(key_id)
         out["key"] = key
@@ -349,7 +368,7 @@ class Directory:
                            code="key_not_active")
         new = await self.create_key(key.tenant, admin, name=key.name,
                                     expires_at=key.expires_at, models=key.models,
-                                    rotated_from=key_id)
+                                    limits=key.limits, rotated_from=key_id)
         await self._write(KeyRotated(event_id=_event_id(), occurred_at=now,
                                      tenant=key.tenant, admin=admin, key_id=key_id,
                                      new_key_id=new["id"], expires_at=now + overlap_s))

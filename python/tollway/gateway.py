@@ -93,6 +93,8 @@ class Gateway:
         for guard in (self.rate_guard, self.budget_guard):
             if guard is not None:
                 self.directory.listeners.append(guard.set_tenant)
+        if self.rate_guard is not None:
+            self.directory.limits_listeners.append(self.rate_guard.set_limits)
         self.ready = False
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []

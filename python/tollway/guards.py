@@ -161,15 +161,19 @@ class RateLimitGuard:
 
     def set_tenant(self, tenant: TenantConfig) -> None:
         """A run-time tenant was made or changed (``tollway.directory``): its limits from now."""
-        self.limiter.set_limits(tenant.id, limits_of(tenant.limits), now=self.clock.monotonic())
+        self.set_limits(tenant.id, tenant.limits)
+
+    def set_limits(self, name: str, limits: TenantLimits) -> None:
+        """The limits of a tenant, or of a key with its own (``<tenant>/<key id>``)."""
+        self.limiter.set_limits(name, limits_of(limits), now=self.clock.monotonic())
         if self.tpm is not None:
-            has = tenant.limits.tokens_per_minute
-            if has and tenant.id not in self.tpm:
-                self.tpm = self.tpm | {tenant.id}
-            elif not has and tenant.id in self.tpm:
-                self.tpm = self.tpm - {tenant.id}
+            has = limits.tokens_per_minute
+            if has and name not in self.tpm:
+                self.tpm = self.tpm | {name}
+            elif not has and name in self.tpm:
+                self.tpm = self.tpm - {name}
         if self.shared is not None:
-            self.shared.set_limits(tenant.id)
+            self.shared.set_limits(name)
 
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
         pending = self.check(call, plan)
@@ -177,13 +181,32 @@ class RateLimitGuard:
             await pending
 
     def check(self, call: Call, plan: RoutePlan) -> Coroutine[Any, Any, None] | None:
-        """Consume one request of the tenant's tiers, or raise :class:`RateLimited`.
+        """Consume one request of the tenant's tiers, or raise :class:`RateLimited`; first
+        of the key's own, when the key has limits (a directory key's ``limits``).
 
         With shared limits, a call the allotment this process holds does not cover
         returns a coroutine that decides it (to await); otherwise None: decided."""
-        tenant = call.tenant.id
+        scope = call.limit_scope
+        if not scope:
+            return self._check(call, plan, call.tenant.id, True)
+        pending = self._check(call, plan, scope, False)
+        if pending is None:
+            return self._check(call, plan, call.tenant.id, True)
+        return self._then_tenant(pending, call, plan)
+
+    async def _then_tenant(self, pending: Coroutine[Any, Any, None], call: Call,
+                           plan: RoutePlan) -> None:
+        await pending
+        more = self._check(call, plan, call.tenant.id, True)
+        if more is not None:
+            await more
+
+    def _check(self, call: Call, plan: RoutePlan, name: str, headers: bool
+               ) -> Coroutine[Any, Any, None] | None:
+        """One limiter identity: the tenant (its ``x-ratelimit-*`` headers go out) or a
+        key's own limits (they refuse, but the headers stay the tenant's)."""
         tpm = self.tpm
-        with_tokens = tpm is None or tenant in tpm
+        with_tokens = tpm is None or name in tpm
         tokens = 0
         expensive = False
         if isinstance(plan, PolicyPlan):
@@ -192,37 +215,41 @@ class RateLimitGuard:
             expensive = plan.expensive
         shared = self.shared
         if shared is not None:
-            answer = shared.try_take(tenant, expensive, tokens, with_tokens)
+            answer = shared.try_take(name, expensive, tokens, with_tokens)
             if answer is None:
-                return self._take(call, shared, expensive, tokens, with_tokens)
-            call.headers += answer.headers
+                return self._take(call, shared, name, headers, expensive, tokens, with_tokens)
+            if headers:
+                call.headers += answer.headers
             if not answer.allowed:
-                self._refuse(call, answer.denied_by, answer.retry_after)
+                self._refuse(call, name, answer.denied_by, answer.retry_after)
             return None
-        decision = self.limiter.check(tenant, 1, expensive=expensive, tokens=tokens,
+        decision = self.limiter.check(name, 1, expensive=expensive, tokens=tokens,
                                       now=self.clock.monotonic())
-        call.headers += rate_limit_headers(decision, with_tokens)
+        if headers:
+            call.headers += rate_limit_headers(decision, with_tokens)
         if decision.allowed:
             return None
-        self._refuse(call, decision.denied_by, decision.retry_after)
+        self._refuse(call, name, decision.denied_by, decision.retry_after)
 
-    async def _take(self, call: Call, shared: SharedLimits, expensive: bool, tokens: int,
-                    with_tokens: bool) -> None:
-        answer = await shared.take(call.tenant.id, expensive, tokens, with_tokens)
-        call.headers += answer.headers
+    async def _take(self, call: Call, shared: SharedLimits, name: str, headers: bool,
+                    expensive: bool, tokens: int, with_tokens: bool) -> None:
+        answer = await shared.take(name, expensive, tokens, with_tokens)
+        if headers:
+            call.headers += answer.headers
         if not answer.allowed:
-            self._refuse(call, answer.denied_by, answer.retry_after)
+            self._refuse(call, name, answer.denied_by, answer.retry_after)
 
-    def _refuse(self, call: Call, denied: tuple[str, ...], wait: float) -> NoReturn:
-        limits = self.limiter.limits(call.tenant.id).as_dict()
+    def _refuse(self, call: Call, name: str, denied: tuple[str, ...], wait: float) -> NoReturn:
+        limits = self.limiter.limits(name).as_dict()
         text = ", ".join(f"{limits[n]} {_TIER_TEXT.get(n, n)}" for n in denied)
         call.reason = f"{call.reason}; refused: rate limit ({', '.join(denied)})"
         extra: dict[str, str] = {}
         if math.isfinite(wait):
             extra["Retry-After"] = str(max(1, math.ceil(wait)))
             text += f"; retry in {extra['Retry-After']} s"
-        raise RateLimited(f"rate limit reached for tenant {call.tenant.id!r}: {text}",
-                          headers=extra)
+        whose = (f"tenant {name!r}" if name == call.tenant.id
+                 else f"this key ({name.partition('/')[2]})")
+        raise RateLimited(f"rate limit reached for {whose}: {text}", headers=extra)
 
 
 # ---- budget -------------------------------------------------------------------------------------

@@ -182,7 +182,9 @@ def test_rotation_keeps_the_old_key_for_the_overlap_and_expiry_ends_a_key(pair: 
     ("/api/ai/admin/tenants", {"id": "ok", "max_sensitivity": "secret"}, "max_sensitivity"),
     ("/api/ai/admin/tenants", {"id": "ok", "owner": "me"}, None),
     ("/api/ai/admin/keys", {"tenant": "acme", "expires_at": 1.0}, "expires_at"),
-    ("/api/ai/admin/keys", {"tenant": "acme", "limits": {"per_minute": 1}}, None),
+    ("/api/ai/admin/keys", {"tenant": "acme", "daily_usd": 1}, None),
+    ("/api/ai/admin/keys", {"tenant": "acme", "limits": {"per_minute": "x"}},
+     "limits.per_minute"),
     ("/api/ai/admin/keys", {}, "tenant"),
 ])
 def test_bad_admin_input_is_a_400_naming_the_field(pair: Pair, path: str, body: Any,
@@ -382,3 +384,20 @@ def test_bad_flags_are_a_400_naming_the_field(pair: Pair, name: str, body: Any,
     r = pair.a.put(f"/api/ai/admin/flags/{name}", headers=ADMIN, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_key_s_own_limits_hold_beside_the_tenant_s(pair: Pair) -> None:
+    made = pair.a.post("/api/ai/admin/keys", headers=ADMIN,
+                       json={"tenant": "acme", "limits": {"per_minute": 2}})
+    assert made.status_code == 201, made.text
+    key = made.json()
+    assert key["limits"]["per_minute"] == 2 and key["limits"]["per_hour"] == 0
+    assert [_chat(pair.a, key["key"]).status_code for _ in range(3)] == [200, 200, 429]
+    refused = _chat(pair.a, key["key"])
+    assert "this key" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    # The tenant's other keys are not held back by this key's limit.
+    assert _chat(pair.a, ACME_KEY).status_code == 200
+    # A rotated key keeps the limits.
+    new = pair.a.post(f"/api/ai/admin/keys/{key['id']}/rotate", headers=ADMIN, json={})
+    assert new.json()["limits"] == key["limits"]

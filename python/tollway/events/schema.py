@@ -271,6 +271,9 @@ class KeyCreated(AdminEvent, frozen=True, kw_only=True, tag="key.created"):
     expires_at: float | None = None  # unix seconds; None: never
     models: tuple[str, ...] | None = None  # within the tenant's; None: the tenant's
     rotated_from: str = ""  # the key this one replaces (``key.rotated``)
+    # The key's own rate limits, checked before the tenant's (0: that tier off); None:
+    # only the tenant's.
+    limits: TenantLimitSettings | None = None
 
     def subject(self) -> str:
         return f"{self.subject_prefix}.{subject_token(self.key_id)}"

@@ -163,7 +163,9 @@ class Pipeline:
         principal = info.principal
         if principal is None or principal.tenant is None:
             return None
-        return Call(endpoint, info, principal.tenant, self.parts.clock.time())
+        call = Call(endpoint, info, principal.tenant, self.parts.clock.time())
+        call.limit_scope = principal.limit_scope
+        return call
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
         content_length = None

@@ -20,8 +20,8 @@ class Call:
     __slots__ = (
         "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
         "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "flags",
-        "headers",
-        "hold_id", "include_usage", "info", "latency_class", "occurred_at", "output_bound",
+        "headers", "hold_id", "include_usage", "info", "latency_class", "limit_scope",
+        "occurred_at", "output_bound",
         "plan",
         "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
         "response_started", "sensitivity",
@@ -43,6 +43,9 @@ class Call:
         self.task = ""
         self.sensitivity = ""
         self.flags: tuple[str, ...] = ()  # feature flags (rollouts) that applied
+        # The key's own rate limits (a directory key with ``limits``): its limiter
+        # identity, "<tenant>/<key id>"; empty when only the tenant's apply.
+        self.limit_scope = ""
         self.latency_class = ""
         self.body = b""
         self.request: Any = None  # ChatRequest | EmbeddingsRequest once decoded

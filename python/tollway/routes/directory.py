@@ -70,6 +70,9 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: KeyName = ""
     expires_at: Annotated[float, Meta(gt=0)] | None = None  # unix seconds; None: never
     models: list[Name] | None = None  # within the tenant's; None: the tenant's
+    # The key's own rate limits, on top of the tenant's; a tier left out is not limited
+    # for the key. Per-key budgets are not supported: the tenant's daily budget holds.
+    limits: LimitsBody | None = None
 
 
 class KeyRotate(msgspec.Struct, forbid_unknown_fields=True):
@@ -137,6 +140,7 @@ class KeyView(msgspec.Struct):
     revoked_at: float | None
     rotated_to: str | None
     rotated_from: str | None
+    limits: TenantLimitsView | None  # the key's own, on top of the tenant's
     last_used_at: float | None  # by this gateway process's calls
     state: Literal["active", "expired", "revoked"]
 
@@ -287,9 +291,13 @@ def routes(gateway: Gateway) -> list[Route]:
             check_models(body.models)
             if body.expires_at is not None and body.expires_at <= time.time():
                 raise InvalidRequest("expires_at is in the past", param="expires_at")
+            limits = None if body.limits is None else _settings_limits(
+                body.limits, TenantLimitSettings(per_minute=0, per_hour=0, per_day=0,
+                                                 expensive_per_hour=0))
             return _answer(await directory.create_key(
                 body.tenant, admin_of(request), name=body.name, expires_at=body.expires_at,
-                models=tuple(body.models) if body.models is not None else None), 201)
+                models=tuple(body.models) if body.models is not None else None,
+                limits=limits), 201)
         except Exception as exc:
             return _error(exc)
 

@@ -32,6 +32,7 @@ from tollway.events.schema import (
     KeyRotated,
     TenantChanged,
     TenantCreated,
+    TenantLimitSettings,
     TenantSettings,
 )
 from tollway.events.seen import RETENTION_DAYS, Seen
@@ -56,6 +57,7 @@ class KeyEntry(msgspec.Struct):
     revoked_at: float | None = None
     rotated_to: str = ""
     rotated_from: str = ""
+    limits: TenantLimitSettings | None = None
 
 
 class FlagEntry(msgspec.Struct):
@@ -117,7 +119,8 @@ def _fold(view: DirectoryView, event: Event) -> None:
             return
         view.keys[event.key_id] = KeyEntry(
             event.tenant, event.key_sha256, event.prefix, event.name, event.occurred_at,
-            event.admin, event.expires_at, event.models, rotated_from=event.rotated_from)
+            event.admin, event.expires_at, event.models, rotated_from=event.rotated_from,
+            limits=event.limits)
         view.by_hash.setdefault(event.key_sha256, event.key_id)
         view.version += 1
     elif isinstance(event, KeyRevoked):
@@ -173,6 +176,7 @@ def key_json(key_id: str, key: KeyEntry, now: float, last_used: float | None = N
             "name": key.name, "created_at": key.created_at, "created_by": key.created_by,
             "expires_at": key.expires_at, "models": key.models, "revoked_at": key.revoked_at,
             "rotated_to": key.rotated_to or None, "rotated_from": key.rotated_from or None,
+            "limits": msgspec.to_builtins(key.limits) if key.limits is not None else None,
             "last_used_at": last_used, "state": state}
 
 
