@@ -20,8 +20,10 @@ from tollway.config import Config, TenantConfig
 # Paths anyone may call; everything else needs a key (deny by default).
 # The OpenAPI document is public too: it says nothing the source does not, and clients and
 # tools (SDK generators, fuzzers) load it before they hold a key.
+# The dashboard's page and assets too: they hold no data, and ask for the admin key.
 PUBLIC_PATHS: Final = frozenset({"/api/ai/health", "/api/ai/ready", "/api/ai/metrics",
-                                 "/api/ai/openapi.json"})
+                                 "/api/ai/openapi.json", "/api/ai/dashboard",
+                                 "/api/ai/dashboard/app.js", "/api/ai/dashboard/app.css"})
 # Paths that need the admin key; /api/ai/admin/ before its routes exist (DESIGN.md, round 2),
 # so none of them can be added open to tenants.
 ADMIN_PREFIXES: Final = ("/api/ai/providers", "/api/ai/shadow", "/api/ai/admin/")

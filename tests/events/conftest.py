@@ -23,6 +23,8 @@ def contents(p: Any) -> Any:
         return v.providers
     if p.name == "directory":
         return v.tenants, v.keys, v.by_hash
+    if p.name == "recent":
+        return [(e.type, e.tenant, e.occurred_at, e.summary) for e in v.entries]
     return v.rows
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.routes import dashboard
 from tollway.routes import directory as admin_api
 from tollway.routes.health import Health, Readiness
 from tollway.routes.openai import PREFIX, ModelList
@@ -189,4 +190,21 @@ OPERATIONS: tuple[Operation, ...] = (
         "put", f"{_ADMIN}/flags/{{name}}", "Make or change a flag (its settings whole)",
         "admin", "admin", (Reply(200, "the flag", admin_api.FlagView),), _ADMIN_ERRORS,
         admin_api.FlagPut, (_FLAG,)),
+    Operation(
+        "get", f"{_ADMIN}/events", "The newest events on the stream (the dashboard's tail)",
+        "admin", "admin", (Reply(200, "events after `after`, oldest first", dashboard.Tail),),
+        (400, 401, 403, 429, 503),
+        params=(Param("after", "query", {"type": "integer", "minimum": 0},
+                      "only events after this stream sequence"),
+                Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 200},
+                      "at most this many (100)"))),
+    Operation(
+        "get", dashboard.PAGE, "The operators' dashboard (sign in with the admin key)",
+        "operations", "public", (Reply(200, "the page", media="text/html"),), (401,)),
+    Operation(
+        "get", f"{dashboard.PAGE}/app.js", "The dashboard's script", "operations", "public",
+        (Reply(200, "the script", media="text/javascript"),), (401,)),
+    Operation(
+        "get", f"{dashboard.PAGE}/app.css", "The dashboard's style sheet", "operations",
+        "public", (Reply(200, "the style sheet", media="text/css"),), (401,)),
 )

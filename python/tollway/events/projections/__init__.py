@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from tollway.events.projections import budget, directory, health, usage
+from tollway.events.projections import budget, directory, health, recent, usage
 from tollway.events.schema import Event
 from tollway.events.seen import PRUNE, RETENTION_DAYS, SKIP, Seen
 from tollway.shadow import projection as shadow
@@ -207,11 +207,19 @@ def directory_projection(retention_days: int = RETENTION_DAYS
                       skipped=directory.skipped)
 
 
+def recent_projection(retention_days: int = RETENTION_DAYS) -> Projection[recent.RecentView]:
+    """The last events, for the dashboard's live tail."""
+    def new() -> recent.RecentView:
+        return recent.new(retention_days)
+    return Projection("recent", 1, new(), recent.apply, new, recent.dump,
+                      _kept(recent.load, _nothing_by_day, retention_days))
+
+
 def default_projections(retention_days: int = RETENTION_DAYS) -> list[Projection[Any]]:
     """The views, keeping ``retention_days`` days of events (``[events] retention_days``)."""
     return [usage_projection(retention_days), budget_projection(retention_days),
             health_projection(retention_days), shadow_projection(retention_days),
-            directory_projection(retention_days)]
+            directory_projection(retention_days), recent_projection(retention_days)]
 
 
 __all__ = [
@@ -227,6 +235,8 @@ __all__ = [
     "health_projection",
     "link",
     "linked",
+    "recent",
+    "recent_projection",
     "shadow_projection",
     "usage",
     "usage_projection",
