@@ -12,7 +12,7 @@ from tollway.breaker import BreakerOptions, BreakerTransition
 from tollway.clock import Clock, SystemClock
 from tollway.config import Config, ConfigError, missing_secrets
 from tollway.guards import BudgetBook, LocalBudget, build_guards
-from tollway.metrics import Metrics
+from tollway.metrics import BudgetGauges, Metrics
 from tollway.parts import GatewayParts
 from tollway.pipeline import Pipeline
 from tollway.pipeline.plan import Catalog
@@ -74,6 +74,9 @@ class Gateway:
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)
+        if self.budget_guard is not None:
+            self.metrics.registry.register(BudgetGauges(
+                self.budget_guard.daily, lambda tenant: self.budget_book().spent_today(tenant)))
         # What the pipeline, the dispatcher and shadow mode use: they never see the gateway.
         self.parts = GatewayParts(
             config=config, clock=self.clock, catalog=self.catalog, metrics=self.metrics,
