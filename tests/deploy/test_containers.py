@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from support import HANG_S
+from support import HANG_S, Server
 from tollway.config import load_config
 
 from .conftest import DEPLOY, ROOT, tool
@@ -141,3 +143,30 @@ def test_dockerfile_builds_the_wheel_and_runs_it_unprivileged() -> None:
     assert users and not users[-1].startswith(("0", "root"))
     health = re.search(r"^HEALTHCHECK .*\n(?:.*\n)*?\s*CMD .*", runtime, re.M)
     assert health and "/api/ai/health" in health.group(0)
+
+
+def healthcheck_code() -> str:
+    """The Python the image's HEALTHCHECK runs (its ``CMD ["python", "-c", CODE]``)."""
+    text = DOCKERFILE.read_text()
+    m = re.search(r'^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$', text, re.M)
+    assert m, "HEALTHCHECK ... CMD [exec form] not found"
+    argv = json.loads(m.group(1))
+    assert argv[:2] == ["python", "-c"]
+    code: str = argv[2]
+    return code
+
+
+def test_the_healthcheck_passes_on_a_serving_gateway_and_fails_without_one(
+        gateway: Server) -> None:
+    code = healthcheck_code()
+    assert "http://127.0.0.1:8080/api/ai/health" in code
+    live = code.replace("http://127.0.0.1:8080", gateway.url)
+    done = subprocess.run([sys.executable, "-c", live], capture_output=True, text=True,
+                          timeout=HANG_S)
+    assert done.returncode == 0, done.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        dead = code.replace("127.0.0.1:8080", f"127.0.0.1:{s.getsockname()[1]}")
+        done = subprocess.run([sys.executable, "-c", dead], capture_output=True, text=True,
+                              timeout=HANG_S)
+    assert done.returncode != 0
