@@ -13,7 +13,7 @@ from tollway.clock import Clock, SystemClock
 from tollway.config import Config, ConfigError, TenantConfig, missing_secrets
 from tollway.directory import Directory
 from tollway.guards import BudgetBook, LocalBudget, build_guards
-from tollway.metrics import Metrics
+from tollway.metrics import BudgetGauges, Metrics
 from tollway.parts import GatewayParts
 from tollway.pipeline import Pipeline
 from tollway.pipeline.plan import Catalog
@@ -75,6 +75,9 @@ class Gateway:
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)
+        if self.budget_guard is not None:
+            self.metrics.registry.register(BudgetGauges(
+                self.budget_guard.daily, lambda tenant: self.budget_book().spent_today(tenant)))
         # What the pipeline, the dispatcher and shadow mode use: they never see the gateway.
         self.parts = GatewayParts(
             config=config, clock=self.clock, catalog=self.catalog, metrics=self.metrics,

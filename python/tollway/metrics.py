@@ -100,6 +100,38 @@ class Gauge(Collector):
         yield GaugeMetricFamily(self.name, self.doc, value=self.value)
 
 
+class BudgetGauges(Collector):
+    """Each configured tenant's daily budget and what it has spent today, read when scraped
+    (nothing per call): the alerts at 80% and 100% of a budget divide one by the other.
+
+    ``daily`` is the budget guard's map (tenant -> nano-USD a day); ``spent_today(tenant)``
+    the book's folded spend for the current UTC day (the events layer's shared view when it
+    runs: the same fleet-wide figure on every process). The scrape may run in the metrics
+    thread (``--workers``): both reads are single dict look-ups.
+    """
+
+    def __init__(self, daily: dict[str, int], spent_today: Callable[[str], int]) -> None:
+        self.daily = daily
+        self.spent_today = spent_today
+
+    def collect(self) -> Iterator[Metric]:
+        limit = GaugeMetricFamily(
+            "tollway_budget_daily_limit_usd", "Daily budget of each configured tenant, in USD.",
+            labels=["tenant"])
+        spent = GaugeMetricFamily(
+            "tollway_budget_spent_today_usd",
+            "Spend folded for each configured tenant's current UTC day, in USD (open "
+            "reservations not included).", labels=["tenant"])
+        for tenant, nano in list(self.daily.items()):
+            limit.add_metric([tenant], nano / NANO)
+            try:
+                spent.add_metric([tenant], self.spent_today(tenant) / NANO)
+            except Exception:  # the book not ready yet: the tenant has no spend sample
+                continue
+        yield limit
+        yield spent
+
+
 def _fmt(bound: float) -> str:
     return repr(float(bound))
 
@@ -117,8 +149,9 @@ class Metrics:
             "tollway_http_requests", "HTTP requests by route path and status.",
             ["path", "status"]))
         self.latency = self._add(Histogram(
-            "tollway_request_duration_seconds", "Whole call as the gateway saw it.",
-            ["endpoint", "provider"], LATENCY_BUCKETS))
+            "tollway_request_duration_seconds",
+            "Whole call as the gateway saw it, by endpoint, provider and task hint (empty: none).",
+            ["endpoint", "provider", "task"], LATENCY_BUCKETS))
         self.overhead = self._add(Histogram(
             "tollway_gateway_overhead_seconds",
             "Time spent in the gateway itself (latency minus time waiting on providers).",
@@ -155,7 +188,7 @@ class Metrics:
         if rec.outcome == "rejected":
             self.rejections.inc((rec.error_code or rec.error_type or "rejected",))
             return
-        self.latency.observe((rec.endpoint, provider), rec.latency_s)
+        self.latency.observe((rec.endpoint, provider, rec.task), rec.latency_s)
         self.overhead.observe((rec.endpoint,), rec.overhead_s)
         if rec.ttft_s is not None:
             self.ttft.observe((provider, model), rec.ttft_s)

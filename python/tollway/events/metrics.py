@@ -76,6 +76,13 @@ class EventMetrics:
             ["projection"],
             registry=reg,
         )
+        self.projection_pending = Gauge(
+            "tollway_projection_pending_events",
+            "Events in the stream the projections have not folded yet (the server's count at "
+            "the last delivery); -1 while they do not follow the stream.",
+            registry=reg,
+        )
+        self.projection_pending.set(-1)
         self.budget_leases = Counter(
             "tollway_budget_leases_total",
             "Budget leases taken through the stream (each one compare-and-set publish).",

@@ -90,6 +90,7 @@ class EventsService:
         self.config = events_config or EventsConfig()
         self.instance = instance or default_instance()
         self.metrics = EventMetrics(registry)
+        self.metrics.projection_pending.set_function(self._projection_pending)
         self.data_dir = Path(self.nats_config.data_dir)
         self.embedded: EmbeddedNats | None = None
         self.nc: NatsClient | None = None
@@ -267,6 +268,10 @@ class EventsService:
         await self.stop()
 
     # ---- reading the views -------------------------------------------------------------------
+    def _projection_pending(self) -> float:
+        runner = self.runner
+        return -1.0 if runner is None else float(runner.pending)
+
     async def not_ready(self) -> str | None:
         """None when NATS is reachable and the projections have caught up, else why not."""
         if self.nc is None or not self.nc.is_connected:

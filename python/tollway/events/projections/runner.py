@@ -463,6 +463,16 @@ class ProjectionRunner:
         return self._following and reader is not None and bool(reader.consumer)
 
     @property
+    def pending(self) -> int:
+        """Messages in the stream after the last one folded, as the server counted them at
+        the last delivery; -1 while not following the stream."""
+        if self._sub is not None:
+            return self._pending
+        if not self._following or self._reader is None:
+            return -1
+        return self._reader.pending
+
+    @property
     def caught_up(self) -> bool:
         """The views have reached where the stream was at start, and nothing is pending."""
         if self._sub is not None:
