@@ -139,6 +139,7 @@ class Directory:
         self.last_used: dict[str, float] = {}  # key id -> unix time, this process's calls
         self.catalog: Catalog | None = None  # set by the gateway: flags name deployments
         self._rollouts: dict[str, list[Rollout]] = {}  # route -> its enabled flags
+        self._shadows: dict[str, list[Rollout]] = {}  # shadow route -> its enabled flags
 
     # ---- attached by the events layer ------------------------------------------------------
     def attach(self, events: EventsService) -> None:
@@ -189,15 +190,20 @@ class Directory:
         self._principals = principals
         self._tenants = tenants
         rollouts: dict[str, list[Rollout]] = {}
+        shadows: dict[str, list[Rollout]] = {}
         catalog = self.catalog
         for name, flag in sorted(view.flags.items()):
             s = flag.settings
             if not s.enabled or catalog is None:
                 continue
+            if s.kind == "shadow":
+                shadows.setdefault(s.route, []).append(Rollout(name, s, ()))
+                continue
             deps = tuple(catalog.models[m] for m in s.candidates if m in catalog.models)
             if deps:
                 rollouts.setdefault(s.route, []).append(Rollout(name, s, deps))
         self._rollouts = rollouts
+        self._shadows = shadows
         self._view, self._version = view, view.version
         for tid, t in tenants.items():
             if old.get(tid) != t:
@@ -240,6 +246,18 @@ class Directory:
             if r.includes(tenant):
                 return r.name, r.candidates
         return None
+
+    def shadow_gate(self, route: str, tenant: str) -> bool | None:
+        """Whether shadow mode samples this tenant's calls to a ``[[shadow]]`` route: None
+        when no shadow flag covers the route (every tenant's calls are sampled), else
+        whether a flag has the tenant in."""
+        if self.projection is None:
+            return None
+        self._current()
+        flags = self._shadows.get(route)
+        if not flags:
+            return None
+        return any(r.includes(tenant) for r in flags)
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         """A tenant of the config or the directory (disabled ones too)."""
