@@ -435,3 +435,24 @@ def test_a_shadow_flag_samples_only_the_tenants_in_it(nats_server: EmbeddedNats,
             bad = client.put("/api/ai/admin/flags/x", headers=ADMIN, json={
                 "kind": "shadow", "route": "fast"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "route"
+
+
+def test_a_guard_flag_sets_the_per_call_cap_of_the_tenants_in_it(pair: Pair) -> None:
+    from support import GLOBEX_KEY
+
+    r = pair.a.put("/api/ai/admin/flags/tight-cap", headers=ADMIN, json={
+        "kind": "guard", "route": "*", "max_call_usd": 0.0000001, "tenants": ["acme"]})
+    assert r.status_code == 200, r.text
+    refused = _chat(pair.a, ACME_KEY, model="fast")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "cost_limit_exceeded"
+    assert _chat(pair.a, GLOBEX_KEY, model="fast").status_code == 200  # not in it
+    pair.b.put("/api/ai/admin/flags/tight-cap", headers=ADMIN, json={
+        "kind": "guard", "route": "*", "max_call_usd": 0.0000001, "tenants": ["acme"],
+        "enabled": False})
+    _within(lambda: _chat(pair.a, ACME_KEY, model="fast").status_code == 200)
+    for body, param in (({"kind": "guard", "route": "*"}, "max_call_usd"),
+                        ({"kind": "route", "route": "auto", "candidates": ["fast"],
+                          "max_call_usd": 1.0}, "max_call_usd")):
+        bad = pair.a.put("/api/ai/admin/flags/x", headers=ADMIN, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
