@@ -80,7 +80,7 @@ def rollout_bucket(flag: str, tenant: str) -> float:
 class Rollout:
     """One enabled route flag, ready for the calls: who is in, and where they go."""
 
-    __slots__ = ("candidates", "members", "name", "percent", "tenants")
+    __slots__ = ("candidates", "cap", "members", "name", "percent", "tenants")
 
     def __init__(self, name: str, settings: FlagSettings,
                  candidates: tuple[Deployment, ...]) -> None:
@@ -88,6 +88,8 @@ class Rollout:
         self.candidates = candidates
         self.percent = settings.percent
         self.tenants = frozenset(settings.tenants)
+        # A guard flag's per-call cap, nano-USD.
+        self.cap = round((settings.max_call_usd or 0.0) * 1_000_000_000)
         self.members: dict[str, bool] = {}  # tenant -> in (a cache of rollout_bucket)
 
     def includes(self, tenant: str) -> bool:
@@ -139,6 +141,8 @@ class Directory:
         self.last_used: dict[str, float] = {}  # key id -> unix time, this process's calls
         self.catalog: Catalog | None = None  # set by the gateway: flags name deployments
         self._rollouts: dict[str, list[Rollout]] = {}  # route -> its enabled flags
+        self._shadows: dict[str, list[Rollout]] = {}  # shadow route -> its enabled flags
+        self._guards: dict[str, list[Rollout]] = {}  # route or "*" -> guard flags
 
     # ---- attached by the events layer ------------------------------------------------------
     def attach(self, events: EventsService) -> None:
@@ -189,15 +193,26 @@ class Directory:
         self._principals = principals
         self._tenants = tenants
         rollouts: dict[str, list[Rollout]] = {}
+        shadows: dict[str, list[Rollout]] = {}
+        guards: dict[str, list[Rollout]] = {}
         catalog = self.catalog
         for name, flag in sorted(view.flags.items()):
             s = flag.settings
             if not s.enabled or catalog is None:
                 continue
+            if s.kind == "shadow":
+                shadows.setdefault(s.route, []).append(Rollout(name, s, ()))
+                continue
+            if s.kind == "guard":
+                if s.max_call_usd is not None:
+                    guards.setdefault(s.route, []).append(Rollout(name, s, ()))
+                continue
             deps = tuple(catalog.models[m] for m in s.candidates if m in catalog.models)
             if deps:
                 rollouts.setdefault(s.route, []).append(Rollout(name, s, deps))
         self._rollouts = rollouts
+        self._shadows = shadows
+        self._guards = guards
         self._view, self._version = view, view.version
         for tid, t in tenants.items():
             if old.get(tid) != t:
@@ -240,6 +255,30 @@ class Directory:
             if r.includes(tenant):
                 return r.name, r.candidates
         return None
+
+    def call_cap(self, route: str, tenant: str) -> tuple[str, int] | None:
+        """(flag, nano-USD) when a guard flag sets this tenant's per-call cost cap for
+        ``route``, else None (its tier's cap holds)."""
+        if self.projection is None or not self._guards:
+            return None
+        self._current()
+        for key in (route, "*"):
+            for r in self._guards.get(key, ()):
+                if r.includes(tenant):
+                    return r.name, r.cap
+        return None
+
+    def shadow_gate(self, route: str, tenant: str) -> bool | None:
+        """Whether shadow mode samples this tenant's calls to a ``[[shadow]]`` route: None
+        when no shadow flag covers the route (every tenant's calls are sampled), else
+        whether a flag has the tenant in."""
+        if self.projection is None:
+            return None
+        self._current()
+        flags = self._shadows.get(route)
+        if not flags:
+            return None
+        return any(r.includes(tenant) for r in flags)
 
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         """A tenant of the config or the directory (disabled ones too)."""

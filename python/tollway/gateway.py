@@ -93,6 +93,7 @@ class Gateway:
         self.keys.directory = self.directory
         self.directory.catalog = self.catalog
         self.policy.rollouts = self.directory.rollout
+        self.policy.call_caps = self.directory.call_cap
         for guard in (self.rate_guard, self.budget_guard):
             if guard is not None:
                 self.directory.listeners.append(guard.set_tenant)

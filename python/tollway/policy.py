@@ -124,6 +124,8 @@ class Policy:
         # Gradual rollouts (feature flags of the directory): (flag, candidates) that take a
         # route for this tenant, else None; set by the gateway.
         self.rollouts: Callable[[str, str], tuple[str, tuple[Deployment, ...]] | None] | None = None
+        # Guard flags: (flag, per-call cap in nano-USD) for this route and tenant, else None.
+        self.call_caps: Callable[[str, str], tuple[str, int] | None] | None = None
         self.estimator = estimator
         self.breakers = breakers
         self.latency = latency
@@ -158,6 +160,11 @@ class Policy:
         if self.estimate:
             prompt_tokens, max_output, fits = self._estimate(call, req, candidates)
             cap = self.caps.get(call.tier)
+            flagged = self.call_caps(route, call.tenant.id) if self.call_caps else None
+            if flagged is not None:
+                flag, cap = flagged
+                call.flags += (flag,)
+                notes.append(f"flag {flag}: cap {_usd(cap)} USD")
         else:
             prompt_tokens, max_output = 0, 0
             fits = [Fit(0, None, 0, 1) for _ in candidates]

@@ -401,3 +401,58 @@ def test_a_key_s_own_limits_hold_beside_the_tenant_s(pair: Pair) -> None:
     # A rotated key keeps the limits.
     new = pair.a.post(f"/api/ai/admin/keys/{key['id']}/rotate", headers=ADMIN, json={})
     assert new.json()["limits"] == key["limits"]
+
+
+def test_a_shadow_flag_samples_only_the_tenants_in_it(nats_server: EmbeddedNats,
+                                                      tmp_path: Path) -> None:
+    from support import GLOBEX_KEY
+    from tollway.auth import hash_key
+
+    def sampled(client: httpx.Client) -> float:
+        text = client.get("/api/ai/metrics").text
+        for line in text.splitlines():
+            if line.startswith('tollway_shadow_sampled_total{route="auto"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        cfg = _config(up.base_url, nats_server.url, tmp_path / "s",
+                      tenants=[{"id": t, "key_sha256": [hash_key(k)]}
+                               for t, k in (("acme", ACME_KEY), ("globex", GLOBEX_KEY))],
+                      shadow=[{"route": "auto", "candidates": ["fast"], "fraction": 1.0}])
+        with Server(create_app(cfg, env=gateway_env())) as server, \
+                httpx.Client(base_url=server.url, timeout=30) as client:
+            assert _chat(client, ACME_KEY, model="auto").status_code == 200
+            assert eventually(lambda: sampled(client) == 1)  # no flag: every tenant's calls
+            r = client.put("/api/ai/admin/flags/shadow-globex", headers=ADMIN, json={
+                "kind": "shadow", "route": "auto", "tenants": ["globex"]})
+            assert r.status_code == 200, r.text
+            for _ in range(3):
+                assert _chat(client, ACME_KEY, model="auto").status_code == 200
+            assert _chat(client, GLOBEX_KEY, model="auto").status_code == 200
+            assert eventually(lambda: sampled(client) == 2)
+            assert sampled(client) == 2  # acme's three were not sampled
+            bad = client.put("/api/ai/admin/flags/x", headers=ADMIN, json={
+                "kind": "shadow", "route": "fast"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "route"
+
+
+def test_a_guard_flag_sets_the_per_call_cap_of_the_tenants_in_it(pair: Pair) -> None:
+    from support import GLOBEX_KEY
+
+    r = pair.a.put("/api/ai/admin/flags/tight-cap", headers=ADMIN, json={
+        "kind": "guard", "route": "*", "max_call_usd": 0.0000001, "tenants": ["acme"]})
+    assert r.status_code == 200, r.text
+    refused = _chat(pair.a, ACME_KEY, model="fast")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "cost_limit_exceeded"
+    assert _chat(pair.a, GLOBEX_KEY, model="fast").status_code == 200  # not in it
+    pair.b.put("/api/ai/admin/flags/tight-cap", headers=ADMIN, json={
+        "kind": "guard", "route": "*", "max_call_usd": 0.0000001, "tenants": ["acme"],
+        "enabled": False})
+    _within(lambda: _chat(pair.a, ACME_KEY, model="fast").status_code == 200)
+    for body, param in (({"kind": "guard", "route": "*"}, "max_call_usd"),
+                        ({"kind": "route", "route": "auto", "candidates": ["fast"],
+                          "max_call_usd": 1.0}, "max_call_usd")):
+        bad = pair.a.put("/api/ai/admin/flags/x", headers=ADMIN, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param

@@ -301,14 +301,19 @@ class KeyRotated(AdminEvent, frozen=True, kw_only=True, tag="key.rotated"):
 
 
 class FlagSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """A gradual rollout: calls to ``route`` (an alias or model id) of the tenants in it go
-    to ``candidates`` instead. A tenant is in it when listed in ``tenants``, or when its
-    sticky bucket (a hash of the flag's name and the tenant id, 0-100) is below
-    ``percent``: the same tenants at 10 % stay in at 50 %, across restarts."""
+    """A gradual rollout, for the tenants in it. ``kind = "route"``: their calls to
+    ``route`` (an alias or model id) go to ``candidates`` instead. ``kind = "shadow"``:
+    the ``[[shadow]]`` route ``route`` samples their calls only (its ``fraction`` of
+    them), nobody else's. ``kind = "guard"``: their calls to ``route`` (``*``: any) have
+    ``max_call_usd`` as the per-call cost cap instead of their tier's. A tenant is in it
+    when listed in ``tenants``, or when its sticky bucket (a hash of the flag's name and
+    the tenant id, 0-100) is below ``percent``: the same tenants at 10 % stay in at 50 %,
+    across restarts."""
 
-    kind: Literal["route"] = "route"
+    kind: Literal["route", "shadow", "guard"] = "route"
     route: str
-    candidates: tuple[str, ...]
+    candidates: tuple[str, ...] = ()
+    max_call_usd: float | None = None
     percent: float = 0.0
     tenants: tuple[str, ...] = ()
     enabled: bool = True

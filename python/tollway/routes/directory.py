@@ -83,12 +83,17 @@ class KeyRotate(msgspec.Struct, forbid_unknown_fields=True):
 class FlagPut(msgspec.Struct, forbid_unknown_fields=True):
     """A gradual rollout: calls to ``route`` of the tenants in it go to ``candidates``."""
 
-    route: Name  # a route alias or model id the callers ask for
-    candidates: Annotated[list[Name], Meta(min_length=1, max_length=32)]  # model ids
+    route: Name  # a route alias or model id the callers ask for ([[shadow]] route: shadow)
+    # model ids (kind route: at least one; kind shadow: none)
+    candidates: Annotated[list[Name], Meta(max_length=32)] = []
     percent: Annotated[float, Meta(ge=0, le=100)] = 0.0  # of tenants, sticky by a hash
     tenants: Annotated[list[TenantId], Meta(max_length=10_000)] = []  # in, whatever percent
     enabled: bool = True
-    kind: Literal["route"] = "route"
+    # route: the tenants' calls go to `candidates`; shadow: the [[shadow]] route samples
+    # the tenants' calls only; guard: their calls to `route` ("*": any) have
+    # `max_call_usd` as the per-call cost cap
+    kind: Literal["route", "shadow", "guard"] = "route"
+    max_call_usd: Usd | None = None
 
 
 FLAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -155,12 +160,13 @@ class NewKey(KeyView):
 class FlagView(msgspec.Struct):
     name: str
     object: Literal["flag"]
-    kind: Literal["route"]
+    kind: Literal["route", "shadow", "guard"]
     route: str
     candidates: list[str]
     percent: float
     tenants: list[str]
     enabled: bool
+    max_call_usd: float | None
     changed_at: float
     changed_by: str
 
@@ -337,7 +343,29 @@ def routes(gateway: Gateway) -> list[Route]:
             name = flag_name(request)
             body: FlagPut = await body_of(request, FlagPut)
             catalog = gateway.catalog
-            if body.route not in catalog.models and body.route not in catalog.routes:
+            if body.kind != "guard" and body.max_call_usd is not None:
+                raise InvalidRequest("max_call_usd is a guard flag's setting",
+                                     param="max_call_usd")
+            if body.kind == "guard":
+                if body.max_call_usd is None:
+                    raise InvalidRequest("a guard flag sets max_call_usd", param="max_call_usd")
+                if body.candidates:
+                    raise InvalidRequest("a guard flag takes no candidates", param="candidates")
+                if (body.route != "*" and body.route not in catalog.models
+                        and body.route not in catalog.routes):
+                    raise InvalidRequest(f"no model or route alias {body.route!r} (or '*')",
+                                         param="route")
+            elif body.kind == "shadow":
+                if all(e.route != body.route or e.mode != "shadow" for e in config.shadow):
+                    raise InvalidRequest(f"no [[shadow]] route {body.route!r} in the config",
+                                         param="route")
+                if body.candidates:
+                    raise InvalidRequest("a shadow flag takes no candidates (the [[shadow]] "
+                                         "route's are compared)", param="candidates")
+            elif not body.candidates:
+                raise InvalidRequest("a route flag needs at least one candidate",
+                                     param="candidates")
+            elif body.route not in catalog.models and body.route not in catalog.routes:
                 raise InvalidRequest(f"no model or route alias {body.route!r}", param="route")
             for m in body.candidates:
                 if m not in gateway.catalog.models:
@@ -345,7 +373,8 @@ def routes(gateway: Gateway) -> list[Route]:
                                          param="candidates")
             settings = FlagSettings(kind=body.kind, route=body.route,
                                     candidates=tuple(body.candidates), percent=body.percent,
-                                    tenants=tuple(body.tenants), enabled=body.enabled)
+                                    tenants=tuple(body.tenants), enabled=body.enabled,
+                                    max_call_usd=body.max_call_usd)
             return _answer(await directory.put_flag(name, settings, admin_of(request)))
         except Exception as exc:
             return _error(exc)

@@ -162,6 +162,9 @@ class ShadowRunner:
                                 functools.partial(others, e.route) if others else None)
             self.routes[e.route] = _Route(
                 e, tuple(catalog.models[c] for c in e.candidates), spend)
+        # Shadow flags (tollway.directory.Directory.shadow_gate): False keeps a tenant's
+        # calls out of a route's sampling; set by the app.
+        self.gate: Callable[[str, str], bool | None] | None = None
         self.local_only = parts.policy.local_only
         self.default_max_output = parts.estimator.default_max_output_tokens
         self.sampled = Counter("tollway_shadow_sampled", "Live calls picked for shadowing.",
@@ -195,6 +198,9 @@ class ShadowRunner:
             r = self.routes.get(plan.route)
             if r is None:
                 return
+        gate = self.gate
+        if gate is not None and gate(r.cfg.route, call.tenant.id) is False:
+            return  # a shadow flag covers the route, and not this tenant
         if not r.sampler():
             return
         try:

@@ -62,6 +62,7 @@ async def shadow_lifespan(gateway: Gateway,
     svc = ShadowService(gateway.parts, sink, entries, events)
     pipeline = gateway.pipeline
     registry = gateway.metrics.registry
+    svc.runner.gate = gateway.directory.shadow_gate
     on_call = svc.runner.on_call
     if svc.runner.routes:
         pipeline.finishers.append(on_call)
