@@ -89,7 +89,10 @@ def _plain(block: bytes) -> bool:
     if block.find(b"[DONE]") >= 0 or block.find(b'"error"') >= 0:
         return False
     usage = block.count(b'"usage"')
-    return not usage or usage == block.count(b'"usage":null') + block.count(b'"usage": null')
+    if not usage:
+        return True
+    nulls = block.count(b'"usage":null')
+    return usage == nulls or usage == nulls + block.count(b'"usage": null')
 
 
 class SseTap:
@@ -174,12 +177,37 @@ class SseTap:
             return
         self._held = []
         self._held_bytes = 0
-        for events in held:
-            for event in events.split(b"\n\n"):
-                payload = _payload(event) if event else b""
-                if payload and payload != b"[DONE]":
+        lines: list[bytes] = []  # one-line payloads, decoded together
+        chunks: list[_Chunk] = []
+        for event in b"".join(held).split(b"\n\n"):
+            if event.startswith(b"data: ") and event.find(b"\n") < 0:
+                lines.append(event[6:])
+            elif event:
+                payload = _payload(event)
+                if payload.find(b"\n") < 0:
+                    if payload:
+                        lines.append(payload)
+                else:  # several data lines: a payload with newlines, decoded alone
+                    self._flush(lines, chunks)
                     with contextlib.suppress(msgspec.MsgspecError):  # relayed as sent
-                        self._text_of(_chunk.decode(payload))
+                        chunks.append(_chunk.decode(payload))
+        self._flush(lines, chunks)
+        for chunk in chunks:
+            self._text_of(chunk)
+
+    @staticmethod
+    def _flush(lines: list[bytes], chunks: list[_Chunk]) -> None:
+        """Decode the payloads in ``lines`` into ``chunks`` (in one call, each line one JSON
+        document, as when decoded alone); a payload that is not a chunk is skipped."""
+        if not lines:
+            return
+        try:
+            chunks.extend(_chunk.decode_lines(b"\n".join(lines)))
+        except msgspec.MsgspecError:  # one is not a chunk (relayed as sent): one by one
+            for line in lines:
+                with contextlib.suppress(msgspec.MsgspecError):
+                    chunks.append(_chunk.decode(line))
+        lines.clear()
 
     def _text_of(self, chunk: _Chunk) -> bool:
         """Add the chunk's text to the parts; whether it had any."""
