@@ -65,8 +65,10 @@ class _Chunk(msgspec.Struct):
 _chunk = msgspec.json.Decoder(_Chunk)
 DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1 << 20  # one event held until its end comes: ~250k tokens of text
-# Forwarded bytes held for their text at most; past it they are decoded into text.
-HELD_TEXT_BYTES = 256 << 10
+# Forwarded bytes held for their text at most; past it they are decoded into text. A
+# chunk is ~250 bytes for a token or two: ~250 chunks, 64 KiB a stream at most (2,000
+# streams: 128 MB), where the decoded text of as many chunks takes about a quarter.
+HELD_TEXT_BYTES = 64 << 10
 
 
 def _payload(event: bytes) -> bytes:
