@@ -400,3 +400,27 @@ async def test_an_abandoned_stream_frees_its_connection(rig: Rig, script: list[o
     await rig.own()
     conns = [r.connection for r in rig.up.requests]
     assert conns[0] != conns[1]
+
+
+async def test_next_gives_what_arrived_joined_then_none(rig: Rig, script: list[object]) -> None:
+    """``next()``, the relay's read: each call the bytes that arrived since the last (several
+    pieces joined), None at the end; the connection is reused after a whole body."""
+    body = b"".join(b"data: %d\n\n" % i for i in range(50))
+    script.append([lambda req: chunked(body, size=5)])
+    async with await rig.client.stream("POST", URL(rig.up.url()), b"{}", HEADERS) as stream:
+        got = b""
+        while (data := await stream.next()) is not None:
+            assert data
+            got += data
+        assert got == body
+        assert await stream.next() is None
+    await rig.own()
+    assert rig.up.connections == 1
+
+
+async def test_next_raises_when_the_body_is_broken_off(rig: Rig, script: list[object]) -> None:
+    script.append([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 10, RESET])
+    async with await rig.client.stream("POST", URL(rig.up.url()), b"{}", HEADERS) as stream:
+        with pytest.raises(UpstreamError):
+            while await stream.next() is not None:
+                pass

@@ -532,3 +532,63 @@ def test_command_line_serves_in_its_own_process() -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "Warning" not in err
+
+
+# ---- paced streams (the long-stream benchmark), n > 1, refusals
+
+
+def test_paced_streams_arrive_whole_in_order_and_stamped() -> None:
+    with (
+        FakeUpstream(chunk_interval_s=0.002, stamp=True, reply_words=5) as up,
+        httpx.Client(base_url=up.base_url, headers=AUTH, timeout=5.0) as c,
+    ):
+        bodies = []
+        for _ in range(3):  # the same connection: paced streams end with keep-alive
+            r = c.post("/chat/completions", json=chat(stream=True))
+            bodies.append(r.text)
+    for body in bodies:
+        events = [e for e in body.split("\n\n") if e]
+        assert len(events) == 8  # role, 5 words, finish, [DONE]
+        stamps = [int(e.split("\n", 1)[0].removeprefix(": t=")) for e in events]
+        assert all(e.startswith(": t=") for e in events) and stamps == sorted(stamps)
+        data = [e.split("\n", 1)[1] for e in events]
+        assert data[-1] == "data: [DONE]"
+        words = [json.loads(d[6:])["choices"][0]["delta"].get("content") for d in data[1:-2]]
+        assert "".join(words) == "the quick brown fox jumps"
+    assert up.connections_opened == 1
+
+
+def test_a_client_leaving_a_paced_stream_is_noted() -> None:
+    with FakeUpstream(chunk_interval_s=0.05, reply_words=40) as up:
+        with httpx.Client(base_url=up.base_url, headers=AUTH, timeout=5.0) as c, \
+                c.stream("POST", "/chat/completions", json=chat(stream=True)) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content":"the"' in line:
+                    break
+        (aborted,) = up.wait_for_aborted(1)
+    assert 1 <= aborted.events_sent < aborted.events_total == 43
+
+
+def test_n_choices_stream_one_chunk_per_choice_and_count_every_choice(
+        client: httpx.Client) -> None:
+    r = client.post("/chat/completions", json=chat(
+        "a b c", n=2, stream=True, stream_options={"include_usage": True}))
+    *deltas, usage = chunks(r.text)
+    assert [c["choices"][0]["index"] for c in deltas] == [0, 1] * 5
+    texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in deltas
+                     if c["choices"][0]["index"] == i) for i in (0, 1)]
+    assert texts == ["a b c", "a b c"]
+    one = client.post("/chat/completions", json=chat("a b c")).json()["usage"]
+    assert usage["usage"]["completion_tokens"] == 2 * one["completion_tokens"]
+    plain = client.post("/chat/completions", json=chat("a b c", n=2)).json()
+    assert [c["index"] for c in plain["choices"]] == [0, 1]
+
+
+def test_a_refusal_comes_in_refusal_deltas(up: FakeUpstream, client: httpx.Client) -> None:
+    up.replies.refusal = "I can't help with that."
+    r = client.post("/chat/completions", json=chat(stream=True))
+    deltas = [c["choices"][0]["delta"] for c in chunks(r.text)]
+    assert "".join(d.get("refusal") or "" for d in deltas) == "I can't help with that."
+    assert not any(d.get("content") for d in deltas)
+    message = client.post("/chat/completions", json=chat()).json()["choices"][0]["message"]
+    assert (message["content"], message["refusal"]) == (None, "I can't help with that.")

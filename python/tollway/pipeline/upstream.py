@@ -23,20 +23,18 @@ log = logging.getLogger("tollway.pipeline")
 class HeldStream:
     """A reply being read; ``ended`` once its body was read to the end."""
 
-    __slots__ = ("_chunks", "ended", "reply")
+    __slots__ = ("ended", "reply")
 
     def __init__(self, reply: StreamReply) -> None:
         self.reply = reply
-        self._chunks = aiter(reply.chunks())
         self.ended = False
 
     async def next(self) -> bytes | None:
-        """The next piece of the body; None at its end."""
-        try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
+        """What arrived of the body since the last call; None at its end."""
+        data = await self.reply.next()
+        if data is None:
             self.ended = True
-            return None
+        return data
 
     async def read(self) -> bytes:
         """The whole remaining body (an error reply)."""

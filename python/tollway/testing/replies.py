@@ -200,6 +200,8 @@ class Replies:
         self.reply_words = reply_words  # None: echo the last user message
         # Real providers stop at max_tokens; a test may make this one ignore it.
         self.honour_max_tokens = True
+        # When set, chat replies refuse with this text (``refusal`` instead of ``content``).
+        self.refusal: str | None = None
         # Per model, the most output tokens a request may ask for (OpenAI's 400 past it).
         self.output_limits: dict[str, int] = {}
         self._ids = itertools.count(1)
@@ -299,18 +301,29 @@ class Replies:
                 200, _encode(self._completion(cid, created, model, message, "tool_calls", usage))
             )
         words, finish = self._reply_words(prompt, body)
+        field = "content"
+        if self.refusal is not None:
+            words, finish, field = self.refusal.split(), "stop", "refusal"
         text = " ".join(words)
         fmt = body.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        if field == "content" and isinstance(fmt, dict) and fmt.get("type") in (
+                "json_object", "json_schema"):
             text = _encode({"echo": text}).decode()
             words = [text]
-        usage = self._usage(prompt_tokens, count_tokens(text))
+        # n choices, each the same answer (OpenAI's n > 1: one chunk per choice and step).
+        n = body.get("n")
+        n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128 else 1
+        usage = self._usage(prompt_tokens, n * count_tokens(text))
         if stream:
             return self._text_stream(
-                cid, created, model, words, finish, usage if include_usage else None
+                cid, created, model, words, finish, usage if include_usage else None, field, n
             )
         message = {"role": "assistant", "content": text, "refusal": None}
-        return Full(200, _encode(self._completion(cid, created, model, message, finish, usage)))
+        if field == "refusal":
+            message = {"role": "assistant", "content": None, "refusal": text}
+        done = self._completion(cid, created, model, message, finish, usage)
+        done["choices"] = [{**done["choices"][0], "index": i} for i in range(n)]
+        return Full(200, _encode(done))
 
     def _refuse_bound(self, model: str, body: dict[str, Any]) -> Full | None:
         """OpenAI's 400s for an output bound the model does not take: max_tokens to a
@@ -375,6 +388,7 @@ class Replies:
         model: str,
         deltas: Iterable[tuple[dict[str, Any], str | None]],
         usage: dict[str, int] | None,
+        choices: int = 1,
     ) -> Stream:
         base = {
             "id": cid,
@@ -385,12 +399,13 @@ class Replies:
         }
         # The chunks differ only in their delta and finish_reason: encode the frame once
         # and splice (the zero-latency upstream must stream far faster than the gateway).
-        head = b"data: " + _encode(base)[:-1] + b',"choices":[{"index":0,"delta":'
+        head = b"data: " + _encode(base)[:-1] + b',"choices":[{"index":'
         tail = b',"usage":null}\n\n' if usage is not None else b"}\n\n"
         events = [
-            b'%b%b,"logprobs":null,"finish_reason":%b}]%b'
-            % (head, _encode(delta), _encode(finish), tail)
+            b'%b%d,"delta":%b,"logprobs":null,"finish_reason":%b}]%b'
+            % (head, index, _encode(delta), _encode(finish), tail)
             for delta, finish in deltas
+            for index in range(choices)
         ]
         if usage is not None:
             events.append(b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n")
@@ -405,13 +420,16 @@ class Replies:
         words: list[str],
         finish: str,
         usage: dict[str, int] | None,
+        field: str = "content",
+        choices: int = 1,
     ) -> Stream:
-        deltas: list[tuple[dict[str, Any], str | None]] = [
-            ({"role": "assistant", "content": "", "refusal": None}, None)
-        ]
-        deltas.extend(({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words))
+        first = {"role": "assistant", "content": "", "refusal": None}
+        if field == "refusal":
+            first = {"role": "assistant", "content": None, "refusal": ""}
+        deltas: list[tuple[dict[str, Any], str | None]] = [(first, None)]
+        deltas.extend(({field: w if i == 0 else " " + w}, None) for i, w in enumerate(words))
         deltas.append(({}, finish))
-        return self._events(cid, created, model, deltas, usage)
+        return self._events(cid, created, model, deltas, usage, choices)
 
     def _tool_stream(
         self,

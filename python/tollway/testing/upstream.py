@@ -23,6 +23,14 @@ In-process (tests)::
 As its own process (demo, benchmarks)::
 
     python -m tollway.testing.upstream --host 127.0.0.1 --port 9001 --latency-ms 0
+
+Streams at an LLM's pace for the long-stream benchmark: ``chunk_interval_s``
+(``--chunk-interval-ms``) sends each stream's events that far apart, from a
+random phase, all streams driven by one timer (a coroutine per stream would
+cost the upstream more CPU than the gateway it measures), and ``stamp``
+(``--stamp``) starts each event with a comment line ``: t=<ns>`` holding
+``time.monotonic_ns()`` as it is written, so a client on the same host can
+tell how long the event took to reach it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import contextlib
 import dataclasses
 import http
 import itertools
+import math
 import random
 import signal
 import socket
@@ -287,6 +296,91 @@ def _chunk(event: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(event), event)
 
 
+_TICK_S = 0.001  # the pacer's resolution
+
+
+class _Paced:
+    """One stream the pacer is sending."""
+
+    __slots__ = ("conn", "done", "events", "keep_alive", "progress")
+
+    def __init__(self, conn: _Connection, events: list[bytes], keep_alive: bool,
+                 done: asyncio.Future[None]) -> None:
+        self.conn = conn
+        self.events = events
+        self.keep_alive = keep_alive
+        self.done = done
+        self.progress = conn.streaming = [0, len(events)]
+
+
+class _Pacer:
+    """Sends the events of every paced stream ``interval`` apart from one timer."""
+
+    def __init__(self, interval: float, stamp: bool, seed: int | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.interval = interval
+        self.stamp = stamp
+        self.rng = random.Random(seed)
+        self.due: dict[int, list[_Paced]] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.handle_slot = 0
+
+    async def send(self, conn: _Connection, events: list[bytes], keep_alive: bool) -> None:
+        """Send ``events`` on ``conn``, the first after a random share of the interval."""
+        done = self.loop.create_future()
+        paced = _Paced(conn, events, keep_alive, done)
+        self._put(paced, self.loop.time() + self.rng.random() * self.interval)
+        await done
+
+    def _put(self, paced: _Paced, at: float) -> None:
+        slot = math.ceil(at / _TICK_S)
+        found = self.due.get(slot)
+        if found is None:
+            self.due[slot] = [paced]
+        else:
+            found.append(paced)
+        if self.handle is None or slot < self.handle_slot:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.handle_slot = slot
+            self.handle = self.loop.call_at(slot * _TICK_S, self._run)
+
+    def _run(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        current = math.floor(now / _TICK_S + 1e-9)
+        for slot in sorted(s for s in self.due if s <= current):
+            for paced in self.due.pop(slot):
+                self._step(paced, slot * _TICK_S, now)
+        if self.due and self.handle is None:
+            self.handle_slot = min(self.due)
+            self.handle = self.loop.call_at(self.handle_slot * _TICK_S, self._run)
+
+    def _step(self, paced: _Paced, at: float, now: float) -> None:
+        conn = paced.conn
+        if conn.closed:
+            if not paced.done.done():
+                paced.done.set_result(None)
+            return
+        if conn._write_paused:  # the client is slow: try again on the next tick
+            self._put(paced, now + _TICK_S)
+            return
+        progress = paced.progress
+        event = paced.events[progress[0]]
+        if self.stamp:
+            event = b": t=%d\n%b" % (time.monotonic_ns(), event)
+        conn.write(_chunk(event))
+        progress[0] += 1
+        if progress[0] < progress[1]:
+            self._put(paced, max(at + self.interval, now))
+            return
+        conn.streaming = None
+        conn.write(b"0\r\n\r\n")
+        conn.end(paced.keep_alive)
+        if not paced.done.done():
+            paced.done.set_result(None)
+
+
 class FakeUpstream:
     """A simulated OpenAI-compatible provider on 127.0.0.1 (see the module docstring)."""
 
@@ -296,6 +390,8 @@ class FakeUpstream:
         *,
         latency_s: float = 0.0,
         chunk_delay_s: float = 0.0,
+        chunk_interval_s: float = 0.0,
+        stamp: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
         require_auth: bool = True,
@@ -310,6 +406,11 @@ class FakeUpstream:
         self.replies = Replies(name, models, reply_words)
         self.latency_s = latency_s  # before the first byte of every reply
         self.chunk_delay_s = chunk_delay_s  # between two SSE events of a stream
+        # Streams paced by one timer (see the module docstring); chunk_delay_s comes first.
+        self.chunk_interval_s = chunk_interval_s
+        self.stamp = stamp  # a ": t=<monotonic ns>" line opens each paced event
+        self._seed = seed
+        self._pacer: _Pacer | None = None
         # A test's gate: while it is an unset Event, replies wait for it (a candidate that
         # answers when the test says so, not after a delay a loaded machine may outlast).
         self.release: threading.Event | None = None
@@ -477,6 +578,7 @@ class FakeUpstream:
     ) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._pacer = None  # a pacer belongs to one loop
         self._stop = asyncio.Event()
         server = await loop.create_server(
             lambda: _Connection(self), self.host, self.port, backlog=2048, reuse_address=True
@@ -532,7 +634,7 @@ class FakeUpstream:
             and not (fault and fault.delay_s)
             and self.latency_s <= 0
             and self.release is None
-            and (not stream or self.chunk_delay_s <= 0)
+            and (not stream or (self.chunk_delay_s <= 0 and self.chunk_interval_s <= 0))
         ):
             self._reply(conn, req, fault)
             return None
@@ -599,6 +701,17 @@ class FakeUpstream:
         if conn.closed:
             return
         stream = isinstance(req.body, dict) and req.body.get("stream") is True
+        if stream and fault is None and self.chunk_delay_s <= 0 < self.chunk_interval_s:
+            reply = self.replies.route(req.method, req.path, req.body)
+            if isinstance(reply, Full):
+                conn.send_full(reply, req.keep_alive)
+                return
+            if self._pacer is None:
+                self._pacer = _Pacer(self.chunk_interval_s, self.stamp, self._seed)
+            self._pacer.interval, self._pacer.stamp = self.chunk_interval_s, self.stamp
+            conn.write(self._stream_head(req.keep_alive))
+            await self._pacer.send(conn, reply.events, req.keep_alive)
+            return
         if (
             self.chunk_delay_s <= 0
             or not stream
@@ -692,6 +805,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--chunk-delay-ms", type=float, default=0.0, help="delay between two stream events"
     )
     parser.add_argument(
+        "--chunk-interval-ms",
+        type=float,
+        default=0.0,
+        help="send stream events this far apart, every stream from one timer (benchmarks)",
+    )
+    parser.add_argument(
+        "--stamp",
+        action="store_true",
+        help="open each paced event with ': t=<monotonic ns>' (the long-stream benchmark)",
+    )
+    parser.add_argument(
         "--reply-words",
         type=int,
         default=None,
@@ -714,6 +838,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port,
         latency_s=args.latency_ms / 1000.0,
         chunk_delay_s=args.chunk_delay_ms / 1000.0,
+        chunk_interval_s=args.chunk_interval_ms / 1000.0,
+        stamp=args.stamp,
         reply_words=args.reply_words,
         api_key=args.api_key,
         require_auth=not args.no_auth,

@@ -42,6 +42,12 @@ class StreamReply(Protocol):
         """Body bytes as they arrive."""
         ...
 
+    async def next(self) -> bytes | None:
+        """The body bytes that arrived since the last call, joined (waiting until some
+        have); None once the body ended. The same bytes as :meth:`chunks`, one call a
+        read."""
+        ...
+
     async def read(self) -> bytes:
         """The whole (remaining) body, e.g. an error reply."""
         ...

@@ -67,15 +67,20 @@ class RawStream:
         self.status = conn.status
         self.headers: Mapping[str, str] = conn.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def next(self) -> bytes | None:
+        """What arrived since the last call (every piece, joined), waiting for something;
+        None at the body's end. The relay reads a stream with this: no generator between
+        it and the connection."""
         conn = self._conn
-        while True:
-            if conn.chunks:
-                yield conn.take()
-                continue
+        while not conn.chunks:
             if conn.state == DONE:
-                return
+                return None
             await conn.wait()
+        return conn.take()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (data := await self.next()) is not None:
+            yield data
 
     async def read(self) -> bytes:
         conn = self._conn
