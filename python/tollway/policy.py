@@ -36,10 +36,10 @@ from typing import Any
 
 from tollway.clock import Clock
 from tollway.config import Config, ConfigError
-from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
+from tollway.errors import CostLimitExceeded, InvalidRequest, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.bound import MIN_REPLY_TOKENS, Fit
-from tollway.pipeline.call import CHAT, Call
-from tollway.pipeline.decode import ChatRequest
+from tollway.pipeline.call import EMBEDDINGS, Call
+from tollway.pipeline.decode import EmbeddingsRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
 from tollway.pipeline.prompt import prompt_bound
 from tollway.resilience import Breakers, LatencyTracker
@@ -239,6 +239,17 @@ class Policy:
             candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
             notes.append(f"task {task} -> route {route}")
 
+        # 0. the API: only providers that speak it (or that it translates to)
+        surface = call.surface
+        served = tuple(d for d in candidates if surface.wire(d.provider_kind) is not None)
+        if not served:
+            call.reason = f"{route}: refused, no provider of it serves {call.endpoint}"
+            raise InvalidRequest(f"`{asked}` is not served on the {call.endpoint} API",
+                                 param="model", code="model_not_supported")
+        if len(served) < len(candidates):
+            notes.append(f"{call.endpoint}: {len(served)}/{len(candidates)} serve it")
+            candidates = served
+
         # 1. sensitivity
         sensitivity = call.sensitivity
         if sensitivity in self.local_only:
@@ -263,9 +274,7 @@ class Policy:
                   candidates: tuple[Deployment, ...]) -> tuple[int, int, list[Fit]]:
         """(prompt tokens of the first candidate, typical output tokens, each candidate's
         fit)."""
-        chat = isinstance(req, ChatRequest)
-        asked = (req.max_completion_tokens or req.max_tokens or 0) if chat else 0
-        n = max(1, req.n or 1) if chat else 1
+        chat, asked, n = _output_asked(req)
         fits = [self._fit(call, dep, chat, asked, n) for dep in candidates]
         typical = (asked or self.default_max_output) * n if chat else 0
         return (fits[0].prompt_tokens if fits else 0), typical, fits
@@ -273,11 +282,7 @@ class Policy:
     def fit(self, call: Call, dep: Deployment) -> Fit:
         """``dep``'s cost bound for ``call``: its prompt (counted once per encoding) and,
         per choice, the caller's output bound or the model's full output."""
-        req = call.request
-        if not isinstance(req, ChatRequest):
-            return self._fit(call, dep, False, 0, 1)
-        return self._fit(call, dep, True, req.max_completion_tokens or req.max_tokens or 0,
-                         max(1, req.n or 1))
+        return self._fit(call, dep, *_output_asked(call.request))
 
     def _fit(self, call: Call, dep: Deployment, chat: bool, asked: int, n: int) -> Fit:
         full = (min(asked, dep.max_output_tokens) if asked else dep.max_output_tokens
@@ -314,8 +319,19 @@ class Policy:
         return self.objectives.get(task)
 
 
+def _output_asked(req: Any) -> tuple[bool, int, int]:
+    """(whether the request generates output, the output per choice it asks for at most
+    (0: unbounded), choices): chat, legacy completions (``best_of`` generated and billed
+    too) and Anthropic's messages generate; embeddings do not."""
+    if isinstance(req, EmbeddingsRequest):
+        return False, 0, 1
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or 0
+    choices = max(1, getattr(req, "n", None) or 1, getattr(req, "best_of", None) or 1)
+    return True, asked, choices
+
+
 def _default_task(call: Call) -> str:
-    return "chat" if call.endpoint == CHAT else "embed"
+    return "embed" if call.endpoint == EMBEDDINGS else "chat"
 
 
 def _usd(nano: int) -> str:

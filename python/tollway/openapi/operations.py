@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
+from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
 from tollway.routes.health import Health, Readiness
 from tollway.routes.openai import PREFIX, ModelList
@@ -96,6 +97,14 @@ OPERATIONS: tuple[Operation, ...] = (
                "stream of chunks ending in `data: [DONE]`", wire.ChatCompletion,
                events=wire.ChatCompletionChunk, served=True),),
         _CALL_ERRORS, ChatRequest, HINTS),
+    Operation(
+        "post", f"{PREFIX}/completions",
+        "Create a legacy completion (OpenAI schema; `suffix` for fill-in-the-middle)",
+        "openai", "tenant",
+        (Reply(200, "the provider's completion, passed through; with `stream: true` a "
+               "server-sent event stream ending in `data: [DONE]`", wire.Completion,
+               events=wire.Completion, served=True),),
+        _CALL_ERRORS, CompletionRequest, HINTS),
     Operation(
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
         (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),

@@ -69,6 +69,26 @@ class ChatCompletionChunk(msgspec.Struct):
     usage: Usage | None = None
 
 
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class Completion(msgspec.Struct):
+    """A legacy completion, as the provider sent it; streamed, each `data:` event is one
+    of these (`choices[].text` a piece of the text) and the stream ends as a chat stream
+    does (`data: [DONE]`, usage only when `stream_options.include_usage` asked)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class Embedding(msgspec.Struct):
     index: int
     embedding: list[float] | str  # a string when encoding_format is base64

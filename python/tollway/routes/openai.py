@@ -50,6 +50,7 @@ def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Await
     """The POST routes the app serves past Starlette's router (:class:`GatewayApp`)."""
     pipeline = gateway.pipeline
     return {f"{PREFIX}/chat/completions": pipeline.chat,
+            f"{PREFIX}/completions": pipeline.completions,
             f"{PREFIX}/embeddings": pipeline.embeddings}
 
 

@@ -209,6 +209,8 @@ class Replies:
         path = path.rstrip("/")
         if path == "/v1/chat/completions":
             return self._chat(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/completions":
+            return self._legacy(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
             return self._embeddings(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models":
@@ -445,6 +447,55 @@ class Replies:
             deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
         deltas.append(({}, "tool_calls"))
         return self._events(cid, created, model, deltas, usage)
+
+    # ---- legacy completions
+    def _legacy(self, body: Any) -> Full | Stream:
+        """``/v1/completions`` as OpenAI and vLLM answer it: the reply echoes the prompt
+        (or filler words); ``suffix`` counts as prompt; ``echo`` repeats the prompt."""
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", param="model")
+        raw = body.get("prompt")
+        if isinstance(raw, str):
+            prompt = raw
+        elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+            prompt = " ".join(raw)
+        else:
+            return error(400, "'prompt' must be a string or an array of strings",
+                         param="prompt")
+        suffix = body.get("suffix")
+        prompt_tokens = count_tokens(prompt) + (
+            count_tokens(suffix) if isinstance(suffix, str) else 0)
+        words, finish = self._reply_words(prompt, body)
+        text = " ".join(words)
+        if body.get("echo") is True:
+            text = prompt + text
+        usage = self._usage(prompt_tokens, count_tokens(text))
+        cid = f"cmpl-{next(self._ids):012x}"
+        created = int(time.time())
+        base = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        if body.get("stream") is not True:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            return Full(200, _encode({**base, "choices": [choice], "usage": usage}))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        events = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            choice = {"text": piece, "index": 0, "logprobs": None,
+                      "finish_reason": finish if last else None}
+            chunk: dict[str, Any] = {**base, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            events.append(b"data: " + _encode(chunk) + b"\n\n")
+        if include_usage:
+            events.append(b"data: " + _encode({**base, "choices": [], "usage": usage})
+                          + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return Stream(events)
 
     # ---- embeddings
     def _embeddings(self, body: Any) -> Full:
