@@ -43,4 +43,8 @@ class SurfaceCase:
 
 
 COMPLETIONS = SurfaceCase("completions", "/api/ai/v1/completions", "/v1/completions", "openai")
-SURFACES = [COMPLETIONS]
+MESSAGES = SurfaceCase("messages", "/api/ai/v1/messages", "/v1/messages", "anthropic")
+# The Messages API to an OpenAI-compatible provider: translated to chat completions.
+MESSAGES_TRANSLATED = SurfaceCase("messages-translated", "/api/ai/v1/messages",
+                                  "/v1/chat/completions", "openai")
+SURFACES = [COMPLETIONS, MESSAGES, MESSAGES_TRANSLATED]

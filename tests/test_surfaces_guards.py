@@ -43,6 +43,7 @@ def test_rate_limit_refuses_past_the_limit_and_sends_nothing(case: SurfaceCase) 
         rec = r.recorder.wait(3)[-1]
         assert rec.outcome == "rejected" and rec.error_code == "rate_limit_exceeded"
         assert rec.endpoint == case.path.rsplit("/", 1)[-1]
+        assert rec.stream is False
 
 
 @pytest.mark.parametrize("case", CASES)

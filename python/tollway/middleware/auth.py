@@ -14,6 +14,10 @@ from tollway.auth import ADMIN_PREFIXES, PUBLIC_PATHS, KeyIndex, bearer, key_in_
 from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import AuthenticationFailed, PermissionDenied
 from tollway.metrics import Metrics
+from tollway.pipeline.anthropic import send_anthropic_error
+
+# Anthropic's API: its clients read its error shape, and send the key as x-api-key.
+_ANTHROPIC_PATHS = frozenset({"/api/ai/v1/messages"})
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
 
@@ -39,27 +43,37 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         auth = None
+        api_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 auth = value
                 break
-        key = bearer(auth)
+            if name == b"x-api-key":  # Anthropic's clients send the key so
+                api_key = value
+        key = bearer(auth) if auth is not None else _plain(api_key)
+        refuse = (send_anthropic_error if scope["path"] in _ANTHROPIC_PATHS
+                  else send_error)
         if key is None:
             self.metrics.rejections.inc(("missing_api_key",))
-            await send_error(send, AuthenticationFailed(
-                "missing API key: send it as 'Authorization: Bearer <key>'",
+            await refuse(send, AuthenticationFailed(
+                "missing API key: send it as 'Authorization: Bearer <key>' (or x-api-key)",
                 code="missing_api_key"), _CHALLENGE)
             return
         principal = self.keys.resolve(key)
         if principal is None:
             self.metrics.rejections.inc(("invalid_api_key",))
-            await send_error(send, AuthenticationFailed("invalid API key"), _CHALLENGE)
+            await refuse(send, AuthenticationFailed("invalid API key"), _CHALLENGE)
             return
         if not principal.admin and scope["path"].startswith(ADMIN_PREFIXES):
             self.metrics.rejections.inc(("admin_required",))
-            await send_error(send, PermissionDenied("this endpoint needs the admin key",
-                                                    code="admin_required"))
+            await refuse(send, PermissionDenied("this endpoint needs the admin key",
+                                                code="admin_required"))
             return
         info: RequestInfo = scope[SCOPE_KEY]
         info.principal = principal
         await self.app(scope, receive, send)
+
+
+def _plain(value: bytes | None) -> str | None:
+    """The key of an ``x-api-key`` header value (the key alone), else None."""
+    return bearer(b"Bearer " + value) if value else None

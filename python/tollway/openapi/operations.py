@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
+from tollway.pipeline.anthropic import MessagesRequest
 from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
 from tollway.routes.health import Health, Readiness
@@ -58,6 +59,8 @@ class Operation:
     errors: tuple[int, ...] = ()  # statuses answered with the error envelope
     request: type | None = None
     params: tuple[Param, ...] = ()
+    # The body of its errors (and a broken stream's last event); None: OpenAI's envelope.
+    error_body: type | None = None
 
 
 _DAY = {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
@@ -105,6 +108,21 @@ OPERATIONS: tuple[Operation, ...] = (
                "server-sent event stream ending in `data: [DONE]`", wire.Completion,
                events=wire.Completion, served=True),),
         _CALL_ERRORS, CompletionRequest, HINTS),
+    Operation(
+        "post", f"{PREFIX}/messages",
+        "Create a message (Anthropic's Messages API; key as x-api-key or bearer)",
+        "anthropic", "tenant",
+        (Reply(200, "the message: an Anthropic provider's, passed through, or an "
+               "OpenAI-compatible provider's completion translated; with `stream: true` "
+               "Anthropic's server-sent events, message_start to message_stop",
+               wire.AnthropicMessage, events=wire.AnthropicStreamEvent, served=True),),
+        _CALL_ERRORS, MessagesRequest,
+        (*HINTS,
+         Param("anthropic-version", "header", {"type": "string"},
+               "passed on to Anthropic providers"),
+         Param("anthropic-beta", "header", {"type": "string"},
+               "passed on to Anthropic providers")),
+        error_body=wire.AnthropicError),
     Operation(
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
         (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),

@@ -100,3 +100,47 @@ class EmbeddingList(msgspec.Struct):
     data: list[Embedding]
     model: str
     usage: Usage | None = None
+
+
+class AnthropicUsage(msgspec.Struct):
+    """Anthropic's usage: input tokens not from the prompt cache, and those read from and
+    written to it, each billed at its own price."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class AnthropicMessage(msgspec.Struct):
+    """A message of Anthropic's Messages API: the provider's own (anthropic providers) or
+    translated from a chat completion (OpenAI-compatible ones)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]  # text, tool_use (and thinking) blocks
+    stop_reason: str | None
+    usage: AnthropicUsage
+    stop_sequence: str | None = None
+
+
+class AnthropicStreamEvent(msgspec.Struct):
+    """One event of a streamed message (`event:` names its `type`): message_start,
+    content_block_start / _delta / _stop, message_delta (stop reason, usage),
+    message_stop, ping, or error."""
+
+    type: str
+
+
+class AnthropicErrorDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class AnthropicError(msgspec.Struct):
+    """Anthropic's error shape: every error on the Messages API has this body."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail

@@ -38,6 +38,7 @@ from tollway.errors import (
     TollwayError,
     spec_for,
 )
+from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
@@ -83,6 +84,9 @@ class Pipeline:
 
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(COMPLETIONS_SURFACE, scope, receive, send)
+
+    async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(MESSAGES_SURFACE, scope, receive, send)
 
     # ---- the order --------------------------------------------------------
     async def run(self, surface: Surface, scope: Scope, receive: Receive, send: Send) -> None:

@@ -51,6 +51,7 @@ def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Await
     pipeline = gateway.pipeline
     return {f"{PREFIX}/chat/completions": pipeline.chat,
             f"{PREFIX}/completions": pipeline.completions,
+            f"{PREFIX}/messages": pipeline.messages,
             f"{PREFIX}/embeddings": pipeline.embeddings}
 
 

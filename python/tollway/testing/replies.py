@@ -139,6 +139,14 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: %b\ndata: %b\n\n" % (name.encode(), _encode({"type": name, **data}))
+
+
+def _anthropic_error(status: int, type_: str, message: str) -> Full:
+    return Full(status, _encode({"type": "error", "error": {"type": type_, "message": message}}))
+
+
 def _placeholder(schema: Any, prompt: str) -> Any:
     kind = schema.get("type") if isinstance(schema, dict) else None
     if kind == "string":
@@ -203,12 +211,15 @@ class Replies:
         # Per model, the most output tokens a request may ask for (OpenAI's 400 past it).
         self.output_limits: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self.prompt_cache: set[str] = set()  # texts marked cache_control seen so far
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
         """The reply to one request that passed auth and faults."""
         path = path.rstrip("/")
         if path == "/v1/chat/completions":
             return self._chat(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/messages":
+            return self._messages(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/completions":
             return self._legacy(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
@@ -447,6 +458,115 @@ class Replies:
             deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
         deltas.append(({}, "tool_calls"))
         return self._events(cid, created, model, deltas, usage)
+
+    # ---- Anthropic's Messages API
+    def _messages(self, body: Any) -> Full | Stream:
+        """``/v1/messages`` in Anthropic's shapes: text echoes the last user turn, a tool
+        (unless tool_choice is none) gets a ``tool_use``; blocks marked ``cache_control``
+        are written to the prompt cache the first time and read from it after."""
+        if not isinstance(body, dict):
+            return _anthropic_error(400, "invalid_request_error", "body must be an object")
+        model, messages, limit = body.get("model"), body.get("messages"), body.get("max_tokens")
+        if not isinstance(model, str) or not model:
+            return _anthropic_error(400, "invalid_request_error", "model: Field required")
+        if not isinstance(limit, int) or limit < 1:
+            return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        if not isinstance(messages, list) or not messages:
+            return _anthropic_error(400, "invalid_request_error",
+                                    "messages: at least one message is required")
+        fresh = cached = plain = 0
+        prompt = ""
+
+        def take(block: Any) -> None:
+            nonlocal fresh, cached, plain
+            if isinstance(block, str):
+                text = block
+            elif isinstance(block, dict) and isinstance(block.get("text"), str):
+                text = block["text"]
+            else:
+                text = _encode(block).decode()
+            tokens = count_tokens(text)
+            if isinstance(block, dict) and block.get("cache_control"):
+                if text in self.prompt_cache:
+                    cached += tokens
+                else:
+                    self.prompt_cache.add(text)
+                    fresh += tokens
+            else:
+                plain += tokens
+
+        system = body.get("system")
+        for block in [system] if isinstance(system, str) else system or []:
+            take(block)
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+                return _anthropic_error(400, "invalid_request_error",
+                                        "messages: each needs a role user or assistant")
+            content = m.get("content")
+            for block in [content] if isinstance(content, str) else content or []:
+                take(block)
+            if m.get("role") == "user":
+                prompt = _text_of(content)
+        tools = body.get("tools")
+        for tool in tools if isinstance(tools, list) else []:
+            take(tool)
+        usage_in = {"input_tokens": plain, "cache_creation_input_tokens": fresh,
+                    "cache_read_input_tokens": cached}
+        choice = body.get("tool_choice")
+        use = None
+        if isinstance(tools, list) and tools and not (
+                isinstance(choice, dict) and choice.get("type") == "none"):
+            named = choice.get("name") if isinstance(choice, dict) else None
+            use = next((t for t in tools if isinstance(t, dict) and t.get("name") == named),
+                       tools[0])
+        mid = f"msg_{next(self._ids):012x}"
+        if use is not None:
+            args = _placeholder(use.get("input_schema") or {"type": "object"}, prompt)
+            block = {"type": "tool_use", "id": "toolu_" + hashlib.blake2b(
+                f"{use.get('name')}|{prompt}".encode(), digest_size=12).hexdigest(),
+                "name": use.get("name", ""), "input": args}
+            out_tokens = count_tokens(str(use.get("name", ""))) + count_tokens(
+                _encode(args).decode())
+            content_out: list[dict[str, Any]] = [block]
+            stop = "tool_use"
+        else:
+            words, finish = self._reply_words(prompt, {"max_tokens": limit})
+            text = " ".join(words)
+            out_tokens = count_tokens(text)
+            content_out = [{"type": "text", "text": text}]
+            stop = "max_tokens" if finish == "length" else "end_turn"
+        usage = {**usage_in, "output_tokens": out_tokens}
+        message = {"id": mid, "type": "message", "role": "assistant", "model": model,
+                   "content": content_out, "stop_reason": stop, "stop_sequence": None,
+                   "usage": usage}
+        if body.get("stream") is not True:
+            return Full(200, _encode(message))
+        start = {**message, "content": [], "stop_reason": None,
+                 "usage": {**usage_in, "output_tokens": 1}}
+        events = [_sse("message_start", {"message": start})]
+        for index, block in enumerate(content_out):
+            if block["type"] == "tool_use":
+                events.append(_sse("content_block_start", {
+                    "index": index, "content_block": {**block, "input": {}}}))
+                args_json = _encode(block["input"]).decode()
+                events.extend(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta",
+                    "partial_json": args_json[i:i + _ARGUMENT_PIECE]}})
+                    for i in range(0, len(args_json), _ARGUMENT_PIECE))
+            else:
+                events.append(_sse("content_block_start", {
+                    "index": index, "content_block": {"type": "text", "text": ""}}))
+                events.append(_sse("ping", {}))
+                pieces = block["text"].split(" ")
+                events.extend(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "text_delta", "text": w if i == 0 else " " + w}})
+                    for i, w in enumerate(pieces))
+            events.append(_sse("content_block_stop", {"index": index}))
+        events.append(_sse("message_delta", {
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": out_tokens}}))
+        events.append(_sse("message_stop", {}))
+        return Stream(events)
 
     # ---- legacy completions
     def _legacy(self, body: Any) -> Full | Stream:
