@@ -155,6 +155,8 @@ def test_beta_headers_unknown_fields_and_cache_control_pass_and_cache_is_priced(
     for rec, usage, cache_pico in ((recs[0], first.usage, 3_750_000 * written),
                                    (recs[1], second.usage, 300_000 * read)):
         assert rec.prompt_tokens == usage.input_tokens + written
+        assert (rec.cache_read_tokens, rec.cache_write_tokens) == (
+            usage.cache_read_input_tokens, usage.cache_creation_input_tokens)
         pico = usage.input_tokens * 3_000_000 + usage.output_tokens * 15_000_000 + cache_pico
         assert rec.actual_cost_nanousd == -(-pico // 1000)
     assert recs[1].actual_cost_nanousd < recs[0].actual_cost_nanousd

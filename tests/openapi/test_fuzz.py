@@ -95,7 +95,7 @@ def _keys(op: Operation) -> st.SearchStrategy[dict[str, str]]:
     return st.sampled_from([auth(ACME_KEY), auth(ADMIN_KEY)])
 
 
-_INTEGERS = ("n", "max_tokens", "max_completion_tokens", "dimensions")
+_INTEGERS = ("n", "best_of", "top_k", "max_tokens", "max_completion_tokens", "dimensions")
 
 
 def _use_known_names(case: Any, stream: bool) -> None:
@@ -105,8 +105,10 @@ def _use_known_names(case: Any, stream: bool) -> None:
     body = case.body
     if isinstance(body, dict):
         body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
-        if "messages" in body:
+        if "messages" in body or "prompt" in body:
             body["stream"] = stream
+        if "prompt" in body and not (body["prompt"] and isinstance(body["prompt"], str)):
+            body["prompt"] = "hello"  # as `input`: the schema says "any array"
         if "input" in body and not (body["input"] and isinstance(body["input"], str)):
             body["input"] = "hello"  # the schema says "any array"; the gateway wants texts
         for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not

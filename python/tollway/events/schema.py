@@ -93,6 +93,11 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # tier's per-call cap or the tenant's remaining daily budget could not pay the
     # model's full output or the max_tokens asked; None when the request's own stood.
     max_tokens_bound: int | None = None
+    # Of prompt_tokens, those read from and written to the provider's prompt cache, each
+    # billed at the model's cache price (Anthropic's cache_read_input_tokens and
+    # cache_creation_input_tokens); 0 for providers that report none.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -358,6 +363,8 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         reason=rec.reason,
         reservation_id=rec.reservation_id,
         max_tokens_bound=rec.max_tokens_bound,
+        cache_read_tokens=rec.cache_read_tokens,
+        cache_write_tokens=rec.cache_write_tokens,
     )
 
 

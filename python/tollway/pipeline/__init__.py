@@ -351,6 +351,8 @@ class Pipeline:
             reason=call.reason,
             reservation_id=call.hold_id,
             max_tokens_bound=call.output_bound or None,
+            cache_read_tokens=call.cache_read_tokens,
+            cache_write_tokens=call.cache_write_tokens,
         )
         for recorder in self.recorders:
             try:

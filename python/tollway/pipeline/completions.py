@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from tollway.errors import InvalidRequest
-from tollway.pipeline.decode import Count, ModelName, StreamOptions, _decode
+from tollway.pipeline.decode import Count, ModelName, StreamOptions, _check_input, _decode
 from tollway.pipeline.stream import DONE
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire, call_model, rewritten
 from tollway.pipeline.taps import EventTap
@@ -64,8 +64,11 @@ _request = msgspec.json.Decoder(CompletionRequest)
 
 def decode_completion(body: bytes) -> CompletionRequest:
     req = _decode(_request, body)
-    if req.prompt == "" or req.prompt == []:
-        raise InvalidRequest("`prompt` must not be empty", param="prompt")
+    try:
+        _check_input(req.prompt)
+    except InvalidRequest as exc:  # the same rule as embeddings' `input`, named `prompt`
+        raise InvalidRequest(exc.message.replace("`input`", "`prompt`"),
+                             param="prompt") from None
     return req
 
 

@@ -578,15 +578,21 @@ class Replies:
         if not isinstance(model, str) or not model:
             return error(400, "you must provide a model parameter", param="model")
         raw = body.get("prompt")
+        given = 0  # token ids, as vLLM takes them
         if isinstance(raw, str):
             prompt = raw
         elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
             prompt = " ".join(raw)
+        elif isinstance(raw, list) and raw and all(isinstance(p, int) for p in raw):
+            prompt, given = "", len(raw)
+        elif isinstance(raw, list) and raw and all(
+                isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in raw):
+            prompt, given = "", sum(len(p) for p in raw)
         else:
-            return error(400, "'prompt' must be a string or an array of strings",
-                         param="prompt")
+            return error(400, "'prompt' must be a string, strings, token ids or arrays of "
+                         "token ids", param="prompt")
         suffix = body.get("suffix")
-        prompt_tokens = count_tokens(prompt) + (
+        prompt_tokens = given + count_tokens(prompt) + (
             count_tokens(suffix) if isinstance(suffix, str) else 0)
         words, finish = self._reply_words(prompt, body)
         text = " ".join(words)
