@@ -135,7 +135,7 @@ def test_streamed_reply_round_trip_split_anywhere(turn: dict[str, Any],
     tap = ChatToMessages(0, "gpt-4o-mini", "claude", 7)
     out = []
     start = 0
-    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         out.append(tap.feed(data[start:cut]))
         start = cut
     assert tap.done
