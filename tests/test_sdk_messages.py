@@ -178,3 +178,10 @@ def test_errors_in_anthropic_shape(rig: Rig) -> None:
         assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
         with pytest.raises(anthropic.BadRequestError):
             sdk.messages.create(model="claude", max_tokens=8, messages=[])
+
+
+def test_models_answer_in_anthropic_shape_to_anthropic_clients(sdk: anthropic.Anthropic) -> None:
+    models = list(sdk.models.list())
+    assert {m.id for m in models} >= {"claude", "gpt-4o-mini", "auto"}
+    assert all(m.type == "model" and m.display_name == m.id for m in models)
+    assert all(m.created_at.year >= 2026 for m in models)

@@ -141,6 +141,8 @@ def _event(data: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
 def _reply(reply: Reply, refs: dict[type, dict[str, Any]],
            error: type = ErrorEnvelope) -> dict[str, Any]:
     schema = refs[reply.body] if reply.body is not None else {"type": "string"}
+    if reply.also is not None:
+        schema = {"anyOf": [schema, refs[reply.also]]}
     if reply.body is None and reply.media == "application/json":
         schema = {"type": "object"}
     content: dict[str, Any] = {reply.media: {"schema": schema}}
@@ -175,6 +177,7 @@ def _structs(ops: Iterable[Operation]) -> list[type]:
     seen: dict[type, None] = {ErrorEnvelope: None}
     for op in ops:
         for t in (op.request, op.error_body, *(r.body for r in op.replies),
+                  *(r.also for r in op.replies),
                   *(r.events for r in op.replies)):
             if t is not None:
                 seen[t] = None

@@ -18,7 +18,7 @@ from tollway.pipeline.anthropic import MessagesRequest
 from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
 from tollway.routes.health import Health, Readiness
-from tollway.routes.openai import PREFIX, ModelList
+from tollway.routes.openai import PREFIX, AnthropicModelList, ModelList
 
 # Who may call: nobody needs a key / a tenant key / a tenant key or the admin key / the
 # admin key only.
@@ -46,6 +46,7 @@ class Reply:
     media: str = "application/json"
     events: type | None = None  # an SSE alternative: the struct each `data:` event holds
     served: bool = False  # a provider's answer: the headers name it, the cost and the limits
+    also: type | None = None  # another body the same answer may have (one or the other)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,11 @@ OPERATIONS: tuple[Operation, ...] = (
         _CALL_ERRORS, EmbeddingsRequest, HINTS),
     Operation(
         "get", f"{PREFIX}/models", "List the models and route aliases this tenant may use",
-        "openai", "tenant", (Reply(200, "OpenAI's list shape", ModelList),), (401, 403)),
+        "openai", "tenant", (Reply(200, "OpenAI's list shape; Anthropic's (`data` of "
+                                  "`type: model`, `has_more`) when the caller sends "
+                                  "`anthropic-version`", ModelList, also=AnthropicModelList),),
+        (401, 403), params=(Param("anthropic-version", "header", {"type": "string"},
+                                  "answer in Anthropic's list shape"),)),
     Operation(
         "get", "/api/ai/usage", "The caller's usage from the projections", "usage", "key",
         (Reply(200, "totals and breakdowns by day, model and provider", views.UsageReport),),
