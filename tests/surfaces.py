@@ -22,6 +22,10 @@ class SurfaceCase:
     def body(self, content: str, model: str, **kw: Any) -> dict[str, Any]:
         if self.name == "completions":
             return {"model": model, "prompt": content, **kw}
+        if self.name == "responses":
+            if "max_tokens" in kw:
+                kw["max_output_tokens"] = kw.pop("max_tokens")
+            return {"model": model, "input": content, **kw}
         kw.setdefault("max_tokens", 64)
         return {"model": model, "messages": [{"role": "user", "content": content}], **kw}
 
@@ -47,4 +51,5 @@ MESSAGES = SurfaceCase("messages", "/api/ai/v1/messages", "/v1/messages", "anthr
 # The Messages API to an OpenAI-compatible provider: translated to chat completions.
 MESSAGES_TRANSLATED = SurfaceCase("messages-translated", "/api/ai/v1/messages",
                                   "/v1/chat/completions", "openai")
-SURFACES = [COMPLETIONS, MESSAGES, MESSAGES_TRANSLATED]
+RESPONSES = SurfaceCase("responses", "/api/ai/v1/responses", "/v1/chat/completions", "openai")
+SURFACES = [COMPLETIONS, MESSAGES, MESSAGES_TRANSLATED, RESPONSES]

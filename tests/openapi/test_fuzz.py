@@ -95,7 +95,8 @@ def _keys(op: Operation) -> st.SearchStrategy[dict[str, str]]:
     return st.sampled_from([auth(ACME_KEY), auth(ADMIN_KEY)])
 
 
-_INTEGERS = ("n", "best_of", "top_k", "max_tokens", "max_completion_tokens", "dimensions")
+_INTEGERS = ("n", "best_of", "top_k", "max_tokens", "max_completion_tokens", "dimensions",
+             "max_output_tokens")
 
 
 def _use_known_names(case: Any, stream: bool) -> None:
@@ -103,10 +104,14 @@ def _use_known_names(case: Any, stream: bool) -> None:
     provider, a tier, data the remote provider may see), so that valid calls reach the
     provider rather than end in a refusal; chat calls streamed or not, half and half."""
     body = case.body
+    embed = case.path.endswith("/embeddings")
     if isinstance(body, dict):
-        body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
-        if "messages" in body or "prompt" in body:
+        body["model"] = "text-embedding-3-small" if embed else "gpt-4o-mini"
+        if not embed:
             body["stream"] = stream
+        if case.path.endswith("/responses"):  # the state tollway keeps none of
+            body.pop("previous_response_id", None)
+            body["store"] = False
         if "prompt" in body and not (body["prompt"] and isinstance(body["prompt"], str)):
             body["prompt"] = "hello"  # as `input`: the schema says "any array"
         if "input" in body and not (body["input"] and isinstance(body["input"], str)):

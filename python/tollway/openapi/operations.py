@@ -17,6 +17,7 @@ from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
 from tollway.pipeline.anthropic import MessagesRequest
 from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.pipeline.responses import ResponsesRequest
 from tollway.routes.health import Health, Readiness
 from tollway.routes.openai import PREFIX, AnthropicModelList, ModelList
 
@@ -124,6 +125,14 @@ OPERATIONS: tuple[Operation, ...] = (
          Param("anthropic-beta", "header", {"type": "string"},
                "passed on to Anthropic providers")),
         error_body=wire.AnthropicError),
+    Operation(
+        "post", f"{PREFIX}/responses",
+        "Create a response (OpenAI's Responses API; no stored state: previous_response_id "
+        "and store: true are refused)", "openai", "tenant",
+        (Reply(200, "the provider's chat completion translated to a response; with "
+               "`stream: true` the Responses API's typed server-sent events",
+               wire.ResponseObject, events=wire.ResponseStreamEvent, served=True),),
+        _CALL_ERRORS, ResponsesRequest, HINTS),
     Operation(
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
         (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),

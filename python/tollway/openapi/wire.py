@@ -144,3 +144,37 @@ class AnthropicError(msgspec.Struct):
 
     type: Literal["error"]
     error: AnthropicErrorDetail
+
+
+class ResponseUsage(msgspec.Struct):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, Any] | None = None
+    output_tokens_details: dict[str, Any] | None = None
+
+
+class ResponseObject(msgspec.Struct):
+    """A response of OpenAI's Responses API, translated from a provider's chat completion:
+    `output` holds message items (`output_text` parts) and function calls."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None = None
+    incomplete_details: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class ResponseStreamEvent(msgspec.Struct):
+    """One typed event of a streamed response (`event:` names its `type`):
+    response.created, response.in_progress, response.output_item.added / .done,
+    response.content_part.added / .done, response.output_text.delta / .done,
+    response.function_call_arguments.delta / .done, then response.completed or
+    response.incomplete; `error` when the provider broke the stream."""
+
+    type: str
+    sequence_number: int

@@ -45,6 +45,7 @@ from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
 from tollway.pipeline.hooks import Finisher, Guard, PlanHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
+from tollway.pipeline.responses import RESPONSES_SURFACE
 from tollway.pipeline.surface import CHAT_SURFACE, EMBEDDINGS_SURFACE, Surface
 from tollway.pipeline.usage import CachedUsage, Usage, count_text
 from tollway.record import CallRecord, Outcome, Recorder
@@ -87,6 +88,9 @@ class Pipeline:
 
     async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(MESSAGES_SURFACE, scope, receive, send)
+
+    async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(RESPONSES_SURFACE, scope, receive, send)
 
     # ---- the order --------------------------------------------------------
     async def run(self, surface: Surface, scope: Scope, receive: Receive, send: Send) -> None:

@@ -70,6 +70,7 @@ def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Await
     return {f"{PREFIX}/chat/completions": pipeline.chat,
             f"{PREFIX}/completions": pipeline.completions,
             f"{PREFIX}/messages": pipeline.messages,
+            f"{PREFIX}/responses": pipeline.responses,
             f"{PREFIX}/embeddings": pipeline.embeddings}
 
 
