@@ -1,7 +1,8 @@
-"""Messages -> chat -> Messages, property-based: an assistant turn (text, tool calls with
-their arguments, a stop reason, usage) turned into the chat completion an OpenAI-compatible
-provider would send for it (by the request translator), then back by the reply
-translator, whole and streamed (the stream split at arbitrary points), is the same turn."""
+"""Messages -> chat -> Messages and Responses -> chat -> Responses, property-based: an
+assistant turn (text, tool calls with their arguments, a stop reason, usage) turned into
+the chat completion an OpenAI-compatible provider would send for it (by the request
+translator), then back by the reply translator, whole and streamed (the stream split at
+arbitrary points), is the same turn."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tollway.pipeline.anthropic import InputMessage
+from tollway.pipeline.responses import ChatToResponses, ResponsesRequest, response_of
+from tollway.pipeline.responses import chat_messages as responses_chat_messages
 from tollway.pipeline.translate import ChatToMessages, chat_messages, message_of
 from tollway.pipeline.usage import Usage
 
@@ -145,3 +148,106 @@ def test_streamed_reply_round_trip_split_anywhere(turn: dict[str, Any],
     message = accumulate(b"".join(out))
     assert message.pop("stopped") is True
     same_turn(message, turn)
+
+
+# ---- Responses -> chat -> Responses ----------------------------------------------------
+@st.composite
+def response_turns(draw: st.DrawFn) -> dict[str, Any]:
+    text = draw(texts)
+    calls = draw(st.lists(tool_uses, max_size=3, unique_by=lambda u: u["id"]))
+    output: list[dict[str, Any]] = []
+    if text:
+        output.append({"type": "message", "role": "assistant",
+                       "content": [{"type": "output_text", "text": text}]})
+    output += [{"type": "function_call", "call_id": c["id"], "name": c["name"],
+                "arguments": msgspec.json.encode(c["input"]).decode()} for c in calls]
+    finish = "tool_calls" if calls else draw(st.sampled_from(["stop", "length"]))
+    usage = (draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6)))
+    return {"output": output, "finish": finish, "usage": usage}
+
+
+def responses_as_chat(turn: dict[str, Any]) -> dict[str, Any]:
+    """The chat message the request translator makes of the turn's output items (as the
+    input of a next call would hold them)."""
+    req = ResponsesRequest(model="m", input=[
+        {**item, "role": "assistant"} if item["type"] == "message" else item
+        for item in turn["output"]] or [{"role": "assistant", "content": ""}])
+    msgs = responses_chat_messages(req)
+    merged: dict[str, Any] = {"role": "assistant", "content": None}
+    for m in msgs:
+        if m.get("content"):
+            merged["content"] = m["content"]
+        if m.get("tool_calls"):
+            merged["tool_calls"] = m["tool_calls"]
+    return merged
+
+
+def responses_completion(turn: dict[str, Any]) -> bytes:
+    p, c = turn["usage"]
+    return msgspec.json.encode({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "message": responses_as_chat(turn),
+                     "finish_reason": turn["finish"]}],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
+
+
+def same_response(resp: dict[str, Any], turn: dict[str, Any]) -> None:
+    got = []
+    for item in resp["output"]:
+        assert item["status"] == "completed"
+        if item["type"] == "message":
+            got.append({"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": item["content"][0]["text"]}]})
+        else:
+            got.append({k: item[k] for k in ("type", "call_id", "name", "arguments")})
+    assert got == turn["output"]
+    assert resp["status"] == ("incomplete" if turn["finish"] == "length" else "completed")
+    usage = resp["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == turn["usage"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(response_turns())
+def test_responses_whole_reply_round_trip(turn: dict[str, Any]) -> None:
+    req = ResponsesRequest(model="m", input="hi")
+    same_response(json.loads(response_of(req, responses_completion(turn))), turn)
+
+
+@settings(max_examples=200, deadline=None)
+@given(response_turns(), st.lists(st.integers(1, 4000), max_size=12))
+def test_responses_streamed_round_trip_split_anywhere(turn: dict[str, Any],
+                                                      cuts: list[int]) -> None:
+    p, c = turn["usage"]
+    data = chat_stream_of(responses_as_chat(turn), turn["finish"], p, c)
+    tap = ChatToResponses(ResponsesRequest(model="m", input="hi"), 0, "gpt-4o-mini")
+    out = []
+    start = 0
+    for cut in [*sorted({x % (len(data) + 1) for x in cuts}), len(data)]:
+        out.append(tap.feed(data[start:cut]))
+        start = cut
+    assert tap.done and tap.usage is not None
+    out.append(tap.end(tap.usage))
+    events = [json.loads(raw.split(b"\ndata: ", 1)[1])
+              for raw in b"".join(out).split(b"\n\n") if raw]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created"
+    final = events[-1]
+    assert final["type"] in ("response.completed", "response.incomplete")
+    same_response(final["response"], turn)
+    # The deltas add up to what the final response holds.
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == "".join(i["content"][0]["text"] for i in final["response"]["output"]
+                           if i["type"] == "message")
+
+
+def chat_stream_of(msg: dict[str, Any], finish: str, p: int, c: int) -> bytes:
+    turn = {"content": [], "stop_reason": {"stop": "end_turn", "length": "max_tokens",
+                                           "tool_calls": "tool_use"}[finish],
+            "usage": {"input_tokens": p, "output_tokens": c}}
+    if msg.get("content"):
+        turn["content"].append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls", []):
+        turn["content"].append({"type": "tool_use", "id": call["id"],
+                                "name": call["function"]["name"],
+                                "input": json.loads(call["function"]["arguments"])})
+    return chat_stream(turn)
