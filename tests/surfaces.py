@@ -18,11 +18,12 @@ class SurfaceCase:
     path: str  # the gateway's
     upstream_path: str  # what the provider is asked on
     provider_kind: str  # the provider kind the case's upstreams are configured as
+    responses: bool = False  # the upstreams serve the Responses API themselves
 
     def body(self, content: str, model: str, **kw: Any) -> dict[str, Any]:
         if self.name == "completions":
             return {"model": model, "prompt": content, **kw}
-        if self.name == "responses":
+        if self.name.startswith("responses"):
             if "max_tokens" in kw:
                 kw["max_output_tokens"] = kw.pop("max_tokens")
             return {"model": model, "input": content, **kw}
@@ -52,4 +53,6 @@ MESSAGES = SurfaceCase("messages", "/api/ai/v1/messages", "/v1/messages", "anthr
 MESSAGES_TRANSLATED = SurfaceCase("messages-translated", "/api/ai/v1/messages",
                                   "/v1/chat/completions", "openai")
 RESPONSES = SurfaceCase("responses", "/api/ai/v1/responses", "/v1/chat/completions", "openai")
-SURFACES = [COMPLETIONS, MESSAGES, MESSAGES_TRANSLATED, RESPONSES]
+RESPONSES_PASSED = SurfaceCase("responses-passed", "/api/ai/v1/responses", "/v1/responses",
+                               "openai", responses=True)
+SURFACES = [COMPLETIONS, MESSAGES, MESSAGES_TRANSLATED, RESPONSES, RESPONSES_PASSED]

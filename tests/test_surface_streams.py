@@ -27,8 +27,9 @@ def post(r: Rig, case: SurfaceCase, **body: object) -> httpx.Response:
 @pytest.mark.parametrize("case", CASES)
 def test_a_broken_stream_ends_with_the_surface_error_event_and_bills_what_was_sent(
         case: SurfaceCase) -> None:
-    with rig(("primary",), provider={"kind": case.provider_kind}) as r:
-        r.ups["primary"].add_fault(Fault(kind="cut_stream", after_chunks=4))
+    with rig(("primary",), provider={"kind": case.provider_kind,
+                                     "responses": case.responses}) as r:
+        r.ups["primary"].add_fault(Fault(kind="cut_stream", after_chunks=6))
         resp = post(r, case, stream=True)
         assert resp.status_code == 200
         last = resp.content.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
@@ -49,7 +50,8 @@ def test_a_broken_stream_ends_with_the_surface_error_event_and_bills_what_was_se
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_failing_candidate_fails_over_to_the_next(case: SurfaceCase, stream: bool) -> None:
-    with rig(("primary", "secondary"), provider={"kind": case.provider_kind}) as r:
+    with rig(("primary", "secondary"), provider={"kind": case.provider_kind,
+                                                 "responses": case.responses}) as r:
         r.ups["primary"].add_fault(Fault(status=500, times=None))
         resp = post(r, case, stream=stream)
         assert resp.status_code == 200

@@ -25,7 +25,7 @@ def call(r: Rig, case: SurfaceCase, content: str = "one two three", model: str =
 
 
 def kind(case: SurfaceCase) -> dict[str, Any]:
-    return {"provider": {"kind": case.provider_kind}}
+    return {"provider": {"kind": case.provider_kind, "responses": case.responses}}
 
 
 @pytest.mark.parametrize("case", CASES)

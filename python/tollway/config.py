@@ -92,6 +92,9 @@ class ProviderConfig(_Base):
     # The anthropic-version header sent to a kind = "anthropic" provider when the caller
     # sent none.
     anthropic_version: str = "2023-06-01"
+    # Serves OpenAI's Responses API itself (OpenAI does): /v1/responses calls pass through,
+    # previous_response_id and store included; others get them translated to chat.
+    responses: bool = False
     api_key_env: str | None = None
     local: bool = False  # may receive confidential data
     # OpenRouter's optional attribution headers (sent when set, on any provider).
@@ -330,7 +333,8 @@ def builtin_providers(env: Mapping[str, str]) -> list[ProviderConfig]:
     out: list[ProviderConfig] = []
     if env.get("OPENAI_API_KEY"):
         out.append(
-            ProviderConfig(name="openai", base_url=OPENAI_BASE_URL, api_key_env="OPENAI_API_KEY")
+            ProviderConfig(name="openai", base_url=OPENAI_BASE_URL, api_key_env="OPENAI_API_KEY",
+                           responses=True)
         )
     if env.get("OPENROUTER_API_KEY"):
         out.append(

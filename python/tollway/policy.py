@@ -36,7 +36,7 @@ from typing import Any
 
 from tollway.clock import Clock
 from tollway.config import Config, ConfigError
-from tollway.errors import CostLimitExceeded, InvalidRequest, PolicyForbids, UpstreamUnavailable
+from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.bound import MIN_REPLY_TOKENS, Fit
 from tollway.pipeline.call import EMBEDDINGS, Call
 from tollway.pipeline.decode import EmbeddingsRequest
@@ -241,11 +241,13 @@ class Policy:
 
         # 0. the API: only providers that speak it (or that it translates to)
         surface = call.surface
-        served = tuple(d for d in candidates if surface.wire(d.provider_kind) is not None)
+        why = [surface.serves(call, d) for d in candidates]
+        served = tuple(d for d, no in zip(candidates, why, strict=True) if no is None)
         if not served:
             call.reason = f"{route}: refused, no provider of it serves {call.endpoint}"
-            raise InvalidRequest(f"`{asked}` is not served on the {call.endpoint} API",
-                                 param="model", code="model_not_supported")
+            refusal = why[0]
+            assert refusal is not None
+            raise refusal
         if len(served) < len(candidates):
             notes.append(f"{call.endpoint}: {len(served)}/{len(candidates)} serve it")
             candidates = served

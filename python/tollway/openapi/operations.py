@@ -127,10 +127,10 @@ OPERATIONS: tuple[Operation, ...] = (
         error_body=wire.AnthropicError),
     Operation(
         "post", f"{PREFIX}/responses",
-        "Create a response (OpenAI's Responses API; no stored state: previous_response_id "
-        "and store: true are refused)", "openai", "tenant",
-        (Reply(200, "the provider's chat completion translated to a response; with "
-               "`stream: true` the Responses API's typed server-sent events",
+        "Create a response (OpenAI's Responses API; previous_response_id and store: true "
+        "only to providers that keep state)", "openai", "tenant",
+        (Reply(200, "the provider's response, passed through, or its chat completion "
+               "translated; with `stream: true` the Responses API's typed server-sent events",
                wire.ResponseObject, events=wire.ResponseStreamEvent, served=True),),
         _CALL_ERRORS, ResponsesRequest, HINTS),
     Operation(

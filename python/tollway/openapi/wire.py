@@ -161,7 +161,7 @@ class ResponseObject(msgspec.Struct):
     id: str
     object: Literal["response"]
     created_at: int
-    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    status: Literal["completed", "incomplete", "in_progress", "failed", "queued", "cancelled"]
     model: str
     output: list[dict[str, Any]]
     usage: ResponseUsage | None = None

@@ -219,7 +219,7 @@ class Dispatcher:
             # How this provider speaks the call's API (the plan holds only providers that
             # can), and the body it gets: an output bound ``bound`` (the plan's, 0 for none)
             # goes in the fields the caller sent, lowered, else in the one the model takes.
-            wire = call.surface.wire(provider.kind)
+            wire = call.surface.wire(provider.kind, dep.responses)
             if wire is None:
                 errors.append((dep, UpstreamError(
                     f"{dep.provider}: does not serve {call.endpoint}")))

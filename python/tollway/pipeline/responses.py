@@ -1,6 +1,7 @@
-"""OpenAI's Responses API (``POST /v1/responses``), translated to chat completions for
-OpenAI-compatible providers, plain and streamed (its typed events, ``response.created``
-to ``response.completed`` / ``response.incomplete``).
+"""OpenAI's Responses API (``POST /v1/responses``): passed through to providers that
+serve it (``responses = true``; OpenAI's built-in provider), translated to chat
+completions for the other OpenAI-compatible ones, plain and streamed (its typed
+events, ``response.created`` to ``response.completed`` / ``response.incomplete``).
 
 What crosses: ``instructions``, ``input`` as text or items (messages with
 ``input_text`` / ``output_text`` / ``input_image`` parts, ``function_call`` and
@@ -8,9 +9,9 @@ What crosses: ``instructions``, ``input`` as text or items (messages with
 ``max_output_tokens``, ``temperature``, ``top_p``, ``parallel_tool_calls``, ``user``;
 back: output text, function calls with their arguments, ``status`` (``incomplete``
 with ``max_output_tokens`` when the output was cut) and usage. tollway keeps no
-response state: ``previous_response_id`` and ``store: true`` are a 400 (send the whole
-conversation, with ``store: false``), and built-in tools (web search, file search,
-computer use) are not translated.
+response state of its own: ``previous_response_id`` and ``store: true`` go only to
+providers that keep it (pass-through), and are a 400 when the model has none; built-in
+tools (web search, file search, computer use) are not translated.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import msgspec
 from msgspec import Meta
 
 from tollway.errors import InvalidRequest
-from tollway.pipeline.decode import Count, ModelName, _decode
+from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
 from tollway.pipeline.stream import SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
-from tollway.pipeline.usage import Usage
+from tollway.pipeline.taps import EventTap
+from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
 
 if TYPE_CHECKING:
@@ -67,16 +69,22 @@ _request = msgspec.json.Decoder(ResponsesRequest)
 
 
 def decode_responses(body: bytes) -> ResponsesRequest:
-    req = _decode(_request, body)
+    return _decode(_request, body)
+
+
+def _stateful(req: ResponsesRequest) -> InvalidRequest | None:
+    """Why ``req`` needs a provider that keeps response state; None when it does not."""
     if req.previous_response_id is not None:
-        raise InvalidRequest("previous_response_id is not supported: tollway keeps no "
-                             "response state; send the whole conversation as `input`",
-                             param="previous_response_id", code="unsupported_parameter")
+        return InvalidRequest(
+            f"previous_response_id needs a provider that keeps response state, and "
+            f"`{req.model}` has none (tollway keeps none): send the whole conversation as "
+            "`input`", param="previous_response_id", code="unsupported_parameter")
     if req.store:
-        raise InvalidRequest("store: true is not supported: tollway keeps no response "
-                             "state; send store: false", param="store",
-                             code="unsupported_parameter")
-    return req
+        return InvalidRequest(
+            f"store: true needs a provider that keeps response state, and `{req.model}` "
+            "has none (tollway keeps none): send store: false", param="store",
+            code="unsupported_parameter")
+    return None
 
 
 # ---- request: Responses -> chat completions -------------------------------------------
@@ -436,4 +444,148 @@ class _Translated(Wire):
             "sequence_number": 0})
 
 
-RESPONSES_SURFACE = Surface(RESPONSES, decode_responses, {"openai": _Translated()})
+# ---- pass-through: a provider that serves the Responses API ---------------------------
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _RUsage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    input_tokens_details: _Details | None = None
+
+
+class _Item(msgspec.Struct):
+    type: str = ""
+    name: str | None = None
+    arguments: str | None = None
+    content: list[dict[str, Any]] | None = None
+
+
+class _Response(msgspec.Struct):
+    id: str = ""
+    usage: _RUsage | None = None
+    output: list[_Item] = []
+
+
+class _Event(msgspec.Struct):
+    type: str = ""
+    delta: str | None = None
+    item: _Item | None = None
+    response: _Response | None = None
+    sequence_number: int | None = None
+
+
+_passed = msgspec.json.Decoder(_Response)
+_event = msgspec.json.Decoder(_Event)
+_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _usage_of(u: _RUsage) -> CachedUsage:
+    cached = (u.input_tokens_details.cached_tokens or 0) if u.input_tokens_details else 0
+    return CachedUsage(prompt_tokens=u.input_tokens, completion_tokens=u.output_tokens,
+                       total_tokens=u.input_tokens + u.output_tokens,
+                       cache_read_tokens=min(cached, u.input_tokens))
+
+
+def _item_text(item: _Item) -> list[str]:
+    if item.type == "function_call":
+        return [item.name or "", item.arguments or ""]
+    return [str(p.get("text", "")) for p in item.content or () if isinstance(p, dict)]
+
+
+class ResponsesTap(EventTap):
+    """The Responses API's own events: text and argument deltas counted, a function
+    call's name; the usage and the end from response.completed / .incomplete / .failed."""
+
+    __slots__ = ("rid", "seq")
+
+    def __init__(self, limit: int = 0, upstream: str = "") -> None:
+        super().__init__(limit, upstream)
+        self.rid = ""
+        self.seq = -1
+
+    def read(self, name: bytes, payload: bytes) -> bytes | None:
+        if not payload:
+            return None
+        try:
+            ev = _event.decode(payload)
+        except msgspec.MsgspecError:
+            return None
+        if ev.sequence_number is not None:
+            self.seq = ev.sequence_number
+        kind = ev.type
+        if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
+            if ev.delta:
+                self.parts.append(ev.delta)
+        elif kind == "response.output_item.added" and ev.item is not None and ev.item.name:
+            self.parts.append(ev.item.name)
+        elif kind == "response.created" and ev.response is not None:
+            self.rid = ev.response.id
+        elif kind in _ENDS:
+            self.done = True
+            if ev.response is not None and ev.response.usage is not None:
+                self.usage = _usage_of(ev.response.usage)
+        elif kind == "error":
+            self.error = True
+        return None
+
+
+class _PassThrough(_Translated):
+    path = "responses"
+
+    def body(self, call: CallState, dep: Deployment, bound: int) -> bytes:
+        req = call.request
+        model = dep.upstream if dep.upstream != req.model else None
+        asked = req.max_output_tokens
+        if model is None and not bound:
+            return call.body
+        numbers = {"max_output_tokens": min(asked, bound) if asked else bound} if bound else {}
+        return rewrite(call.body, model=model, include_usage=False, numbers=numbers)
+
+    def usage(self, body: bytes) -> Usage | None:
+        done = _passed.decode(body)
+        return _usage_of(done.usage) if done.usage is not None else None
+
+    def text(self, body: bytes) -> str:
+        try:
+            done = _passed.decode(body)
+        except msgspec.MsgspecError:
+            return ""
+        return "".join(t for item in done.output for t in _item_text(item))
+
+    def reply(self, call: CallState, body: bytes) -> bytes:
+        return body
+
+    def tap(self, call: CallState, limit: int, upstream: str) -> Tap:
+        return ResponsesTap(limit, upstream)
+
+    def end(self, call: CallState, tap: Tap, counted: Counted) -> bytes:
+        return b""  # the provider's response.completed went out with the rest
+
+    def cut(self, call: CallState, tap: Tap, counted: Counted) -> bytes:
+        assert isinstance(tap, ResponsesTap)
+        usage = counted()
+        return b"event: response.incomplete\ndata: %b\n\n" % _encode({
+            "type": "response.incomplete", "sequence_number": tap.seq + 1, "response": {
+                "id": tap.rid, "object": "response", "status": "incomplete",
+                "incomplete_details": {"reason": "max_output_tokens"}, "output": [],
+                "usage": _usage(usage)}})
+
+
+class _ResponsesSurface(Surface):
+    def wire(self, kind: str, responses: bool = False) -> Wire | None:
+        if kind != "openai":
+            return None
+        return _PASS_THROUGH if responses else _TRANSLATED
+
+    def serves(self, call: CallState, dep: Deployment) -> InvalidRequest | None:
+        refusal = super().serves(call, dep)
+        if refusal is None and not dep.responses:
+            return _stateful(call.request)
+        return refusal
+
+
+_TRANSLATED = _Translated()
+_PASS_THROUGH = _PassThrough()
+RESPONSES_SURFACE = _ResponsesSurface(RESPONSES, decode_responses, {"openai": _TRANSLATED})

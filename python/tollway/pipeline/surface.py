@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tollway.asgi import Headers, Send, send_error
+from tollway.errors import InvalidRequest
 from tollway.pipeline.decode import decode_chat, decode_embeddings, rewrite
 from tollway.pipeline.stream import DONE, SseTap, error_event, length_event, usage_event
 from tollway.pipeline.usage import Usage, reply_text, reply_usage
@@ -138,9 +139,19 @@ class Surface:
         options = getattr(req, "stream_options", None)
         call.include_usage = bool(stream and options and options.include_usage)
 
-    def wire(self, kind: str) -> Wire | None:
-        """How a provider of ``kind`` serves this API; None: it cannot."""
+    def wire(self, kind: str, responses: bool = False) -> Wire | None:
+        """How a provider of ``kind`` serves this API (``responses``: it serves OpenAI's
+        Responses API itself); None: it cannot."""
         return self.wires.get(kind)
+
+    def serves(self, call: CallState, dep: Deployment) -> InvalidRequest | None:
+        """None when ``dep`` can serve ``call``, else why not (the policy's refusal when no
+        candidate can)."""
+        if self.wire(dep.provider_kind, dep.responses) is None:
+            return InvalidRequest(f"`{call.request.model}` is not served on the "
+                                  f"{self.endpoint} API", param="model",
+                                  code="model_not_supported")
+        return None
 
     async def send_error(self, send: Send, exc: BaseException,
                          headers: Headers | None = None) -> None:

@@ -38,6 +38,7 @@ class OpenAIProvider:
             "completions": URL(base + "/completions"),
             "embeddings": URL(base + "/embeddings"),
             "messages": URL(base + "/messages"),
+            "responses": URL(base + "/responses"),
             "models": URL(base + "/models"),
         }
         self.kind = config.kind

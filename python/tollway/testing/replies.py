@@ -212,12 +212,15 @@ class Replies:
         self.output_limits: dict[str, int] = {}
         self._ids = itertools.count(1)
         self.prompt_cache: set[str] = set()  # texts marked cache_control seen so far
+        self.stored: set[str] = set()  # ids of the responses kept (store not false)
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
         """The reply to one request that passed auth and faults."""
         path = path.rstrip("/")
         if path == "/v1/chat/completions":
             return self._chat(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/responses":
+            return self._responses(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/messages":
             return self._messages(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/completions":
@@ -458,6 +461,50 @@ class Replies:
             deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
         deltas.append(({}, "tool_calls"))
         return self._events(cid, created, model, deltas, usage)
+
+    # ---- OpenAI's Responses API
+    def _responses(self, body: Any) -> Full | Stream:
+        """``/v1/responses`` as OpenAI serves it: the chat reply to the same conversation,
+        in the Responses API's shapes and events (made by tollway's own translator, which
+        tests/test_translate.py checks on its own). It keeps the ids of the responses it
+        stored, so ``previous_response_id`` works for those and is a 400 for others."""
+        from tollway.pipeline.responses import (
+            ChatToResponses,
+            ResponsesRequest,
+            chat_request,
+            response_of,
+        )
+
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.stored:
+            return error(400, f"Previous response with id '{prev}' not found.",
+                         param="previous_response_id")
+        fields = ResponsesRequest.__struct_fields__
+        try:
+            req = msgspec.convert({k: v for k, v in body.items() if k in fields},
+                                  ResponsesRequest)
+        except msgspec.ValidationError as exc:
+            return error(400, str(exc))
+        chat = self._chat(msgspec.json.decode(chat_request(
+            req, req.model, req.max_output_tokens or 0, "max_tokens", req.stream is True)))
+        keep = body.get("store") is not False
+        if isinstance(chat, Full):
+            if chat.status != 200:
+                return chat
+            out = response_of(req, chat.body)
+            if keep:
+                self.stored.add(msgspec.json.decode(out)["id"])
+            return Full(200, out)
+        tap = ChatToResponses(req, 0, req.model)
+        data = tap.feed(b"".join(chat.events))
+        usage = tap.usage
+        assert usage is not None  # the chat stream above was asked for it
+        data += tap.end(usage)
+        if keep:
+            self.stored.add(tap.rid)
+        return Stream([e + b"\n\n" for e in data.split(b"\n\n") if e])
 
     # ---- Anthropic's Messages API
     def _messages(self, body: Any) -> Full | Stream:
