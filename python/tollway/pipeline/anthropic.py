@@ -226,11 +226,16 @@ class _PassThrough(Wire):
             "message_stop", {})
 
     def error_event(self, message: str, type_: str, code: str | None) -> bytes:
-        return sse_event("error", {"error": {"type": _type_of(type_), "message": message}})
+        return _error_event(message, type_)
 
 
-class _Translated(_PassThrough):
-    """To an OpenAI-compatible provider, as chat completions (tollway.pipeline.translate)."""
+def _error_event(message: str, openai_type: str) -> bytes:
+    return sse_event("error", {"error": {"type": _type_of(openai_type), "message": message}})
+
+
+class _Translated(Wire):
+    """To an OpenAI-compatible provider, as chat completions (tollway.pipeline.translate);
+    usage and text are read as chat's."""
 
     path = "chat"
 
@@ -239,14 +244,8 @@ class _Translated(_PassThrough):
         out = min(req.max_tokens, bound) if bound else req.max_tokens
         return chat_request(req, dep.upstream, out, dep.max_tokens_field, call.stream)
 
-    def headers(self, call: CallState) -> Mapping[str, str] | None:
-        return None
-
-    def usage(self, body: bytes) -> Usage | None:
-        return Wire.usage(self, body)
-
-    def text(self, body: bytes) -> str:
-        return Wire.text(self, body)
+    def error_event(self, message: str, type_: str, code: str | None) -> bytes:
+        return _error_event(message, type_)
 
     def reply(self, call: CallState, body: bytes) -> bytes:
         return message_of(body, call.request.model)
