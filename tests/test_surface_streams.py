@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from policy_rig import Rig, rig
+from support import HANG_S
 from surfaces import SURFACES, SurfaceCase
 from tollway.pipeline.anthropic import AnthropicTap
 from tollway.pipeline.completions import CompletionsTap
@@ -93,3 +94,27 @@ def test_the_completions_tap_reads_a_stream_split_anywhere_and_drops_unasked_usa
             tap = CompletionsTap(keep)
             assert tap.feed(data[:i]) + tap.feed(data[i:]) == out
             assert tap.usage == whole.usage
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_stream_the_client_leaves_is_billed_for_what_was_sent(case: SurfaceCase) -> None:
+    with rig(("primary",), provider={"kind": case.provider_kind,
+                                     "responses": case.responses}) as r:
+        up = r.ups["primary"]
+        up.chunk_delay_s = 0.2  # the provider is still generating when the client leaves
+        up.reply_words = 40
+        with r.http.stream("POST", case.path, headers=case.headers(), json=case.body(
+                "ignored", "auto", stream=True)) as resp:
+            assert resp.status_code == 200
+            got = b""
+            for piece in resp.iter_raw():
+                got += piece
+                if got.count(b"\n\n") >= 8:
+                    break
+        (rec,) = r.recorder.wait(1)
+        assert rec.client_cancelled and rec.stream
+        assert rec.completion_tokens > 0 and rec.actual_cost_nanousd > 0
+        assert len(up.wait_for_aborted(1, HANG_S)) == 1  # the provider was told to stop
+        book = r.gateway.local_budget
+        assert book.spent_today("acme", r.clock.time()) == rec.actual_cost_nanousd
+        assert book.reserved_today("acme", r.clock.time()) == 0
