@@ -207,7 +207,8 @@ _ids = itertools.count(1)
 
 def _usage(u: Usage | None) -> dict[str, Any]:
     u = u or Usage()
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": u.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.prompt_tokens + u.completion_tokens}
@@ -215,7 +216,8 @@ def _usage(u: Usage | None) -> dict[str, Any]:
 
 def _text_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [],
+                         "logprobs": []}]}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -241,8 +243,9 @@ def _response(req: ResponsesRequest, rid: str, created: int, output: list[dict[s
         "temperature": req.temperature, "top_p": req.top_p,
         "tool_choice": req.tool_choice or "auto", "tools": _echoed(req.tools),
         "text": {"format": {"type": "text"}}, "truncation": "disabled",
-        "metadata": req.metadata or {}, "user": req.user,
-        "usage": usage and _usage(usage)}
+        "metadata": req.metadata or {},
+        **({"user": req.user} if req.user is not None else {}),
+        **({"usage": _usage(usage)} if usage is not None else {})}
 
 
 def _echoed(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -351,7 +354,7 @@ class ChatToResponses:
                         out.append(self._event("response.content_part.added", {
                             "item_id": self.open["id"], "output_index": len(self.output),
                             "content_index": 0, "part": {"type": "output_text", "text": "",
-                                                         "annotations": []}}))
+                                                         "annotations": [], "logprobs": []}}))
                     self.open["content"][0]["text"] += delta.content
                     out.append(self._event("response.output_text.delta", {
                         "item_id": self.open["id"], "output_index": len(self.output),
@@ -400,7 +403,8 @@ class ChatToResponses:
                 "part": part})
         else:
             out += self._event("response.function_call_arguments.done", {
-                "item_id": item["id"], "output_index": index, "arguments": item["arguments"]})
+                "item_id": item["id"], "output_index": index, "name": item["name"],
+                "arguments": item["arguments"]})
         self.output.append(item)
         return out + self._event("response.output_item.done", {"output_index": index,
                                                                 "item": item})
@@ -565,12 +569,11 @@ class _PassThrough(_Translated):
 
     def cut(self, call: CallState, tap: Tap, counted: Counted) -> bytes:
         assert isinstance(tap, ResponsesTap)
-        usage = counted()
+        response = _response(call.request, tap.rid, int(time.time()), [], "length",
+                             counted(), "incomplete")
         return b"event: response.incomplete\ndata: %b\n\n" % _encode({
-            "type": "response.incomplete", "sequence_number": tap.seq + 1, "response": {
-                "id": tap.rid, "object": "response", "status": "incomplete",
-                "incomplete_details": {"reason": "max_output_tokens"}, "output": [],
-                "usage": _usage(usage)}})
+            "type": "response.incomplete", "sequence_number": tap.seq + 1,
+            "response": response})
 
 
 class _ResponsesSurface(Surface):
