@@ -65,6 +65,10 @@ RESPONSES_CALLS = [
                             {"role": "user", "content": [
                                 {"type": "input_text", "text": "hello"}]}],
                   "instructions": "x", "user": "u-1", "temperature": 0.5}, id="items"),
+    pytest.param({"input": "say this", "text": {"format": {
+        "type": "json_schema", "name": "echo", "strict": True, "schema": {
+            "type": "object", "properties": {"echo": {"type": "string"}},
+            "required": ["echo"], "additionalProperties": False}}}}, id="json-schema"),
 ]
 
 

@@ -135,3 +135,17 @@ def test_state_goes_where_it_is_kept_and_is_a_400_elsewhere(
     with pytest.raises(openai.BadRequestError):
         sdk.responses.create(model="gpt-4o-mini", input="hi", store=True)
     assert upstream.requests == []
+
+
+def test_structured_output(sdk: openai.OpenAI, upstream: FakeUpstream, native: bool) -> None:
+    schema = {"type": "object", "properties": {"echo": {"type": "string"}},
+              "required": ["echo"], "additionalProperties": False}
+    fmt: Any = {"format": {"type": "json_schema", "name": "echo", "schema": schema,
+                           "strict": True}}
+    done = sdk.responses.create(model="gpt-4o-mini", input="say this", text=fmt)
+    assert json.loads(done.output_text) == {"echo": "say this"}
+    assert done.text is not None and done.text.format.type == "json_schema"
+    if not native:
+        sent = upstream.requests[-1].body
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {
+            "name": "echo", "schema": schema, "strict": True}}

@@ -5,7 +5,8 @@ events, ``response.created`` to ``response.completed`` / ``response.incomplete``
 
 What crosses: ``instructions``, ``input`` as text or items (messages with
 ``input_text`` / ``output_text`` / ``input_image`` parts, ``function_call`` and
-``function_call_output``), function tools and ``tool_choice``,
+``function_call_output``), function tools and ``tool_choice``, ``text.format``
+(json_schema, json_object: chat's ``response_format``),
 ``max_output_tokens``, ``temperature``, ``top_p``, ``parallel_tool_calls``, ``user``;
 back: output text, function calls with their arguments, ``status`` (``incomplete``
 with ``max_output_tokens`` when the output was cut) and usage. tollway keeps no
@@ -56,6 +57,7 @@ class ResponsesRequest(msgspec.Struct):
     store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None  # {"format": ...}: structured output
 
     @property
     def max_tokens(self) -> int | None:  # the output bound, as the policy reads it
@@ -149,6 +151,19 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> Any:
     return choice if choice in ("auto", "required", "none") else None
 
 
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``text.format`` (json_schema, json_object) as chat's ``response_format``."""
+    fmt = (text or {}).get("format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    return None
+
+
 def chat_request(req: ResponsesRequest, model: str, max_tokens: int, field: str,
                  stream: bool) -> bytes:
     body: dict[str, Any] = {"model": model, "messages": chat_messages(req)}
@@ -162,6 +177,9 @@ def chat_request(req: ResponsesRequest, model: str, max_tokens: int, field: str,
             body["tool_choice"] = choice
         if req.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = req.parallel_tool_calls
+    response_format = _response_format(req.text)
+    if response_format is not None:
+        body["response_format"] = response_format
     for name in ("temperature", "top_p", "user"):
         value = getattr(req, name)
         if value is not None:
@@ -242,7 +260,7 @@ def _response(req: ResponsesRequest, rid: str, created: int, output: list[dict[s
         "previous_response_id": None, "store": False,
         "temperature": req.temperature, "top_p": req.top_p,
         "tool_choice": req.tool_choice or "auto", "tools": _echoed(req.tools),
-        "text": {"format": {"type": "text"}}, "truncation": "disabled",
+        "text": req.text or {"format": {"type": "text"}}, "truncation": "disabled",
         "metadata": req.metadata or {},
         **({"user": req.user} if req.user is not None else {}),
         **({"usage": _usage(usage)} if usage is not None else {})}
