@@ -162,6 +162,26 @@ def make_bodies(prompt_bytes: int = 0) -> tuple[str, str]:
 
 
 PLAIN_BODY, STREAM_BODY = make_bodies()
+# The API measured (--surface): its path under the gateway's /api/ai/v1 and the
+# upstream's /v1, and the chat body made into its request.
+PATH = "chat/completions"
+SURFACES = {"chat": "chat/completions", "completions": "completions", "messages": "messages"}
+
+
+def surface_bodies(surface: str, plain_json: str) -> tuple[str, str]:
+    """(plain, stream) bodies of ``surface`` (completions, messages) with the chat body's
+    prompt."""
+    plain = json.loads(plain_json)
+    if surface == "completions":
+        plain = {"model": MODEL, "prompt": plain["messages"][-1]["content"]}
+    elif surface == "messages":
+        system, user = plain["messages"]
+        plain = {"model": MODEL, "max_tokens": 256, "system": system["content"],
+                 "messages": [user]}
+    stream = {**plain, "stream": True}
+    if surface == "completions":
+        stream["stream_options"] = {"include_usage": True}
+    return json.dumps(plain), json.dumps(stream)
 
 
 # ---------------------------------------------------------------- config and processes
@@ -450,7 +470,7 @@ def self_reported_overhead(base: str, n: int = 200) -> float | None:
     values = []
     for _ in range(n):
         req = urllib.request.Request(
-            f"{base}/chat/completions",
+            f"{base}/{PATH}",
             data=PLAIN_BODY.encode(),
             method="POST",
             headers={"content-type": "application/json", "authorization": f"Bearer {TENANT_KEY}"},
@@ -675,7 +695,7 @@ def run(
         # Warm-up: connection pools, first-call imports, allocator; discarded.
         for name, (base, key) in targets.items():
             for mode in modes:
-                url = f"{base}/chat/completions"
+                url = f"{base}/{PATH}"
                 run_oha(
                     oha,
                     url,
@@ -703,7 +723,7 @@ def run(
                         cpu0 = process_cpu_s(pids[target])
                         doc = run_oha(
                             oha,
-                            f"{base}/chat/completions",
+                            f"{base}/{PATH}",
                             key,
                             bodies[mode],
                             rate=rate,
@@ -764,6 +784,12 @@ def main() -> None:
         default=0,
         help="pad the user message to about this many bytes (0: a one-line question)",
     )
+    parser.add_argument(
+        "--surface",
+        choices=sorted(SURFACES),
+        default="chat",
+        help="the API measured (messages: translated to the upstream's chat completions)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s legs")
     parser.add_argument(
         "--profile",
@@ -783,8 +809,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 3.0
-    global PLAIN_BODY, STREAM_BODY
+    global PLAIN_BODY, STREAM_BODY, PATH
     PLAIN_BODY, STREAM_BODY = make_bodies(args.prompt_bytes)
+    if args.surface != "chat":
+        PLAIN_BODY, STREAM_BODY = surface_bodies(args.surface, PLAIN_BODY)
+    PATH = SURFACES[args.surface]
     variants = [v for v in args.variants.split(",") if v]
     for item in args.python:
         label, _, path = item.partition("=")

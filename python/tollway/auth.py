@@ -16,6 +16,7 @@ from typing import Final, Protocol
 from urllib.parse import parse_qsl
 
 from tollway.config import Config, TenantConfig
+from tollway.errors import TollwayError
 
 # Paths anyone may call; everything else needs a key (deny by default).
 # The OpenAPI document is public too: it says nothing the source does not, and clients and
@@ -131,7 +132,7 @@ class Principal:
         self.admin = admin
         self.key_id = key_id
         self.expires_at = expires_at
-        self.refusal: Exception | None = None
+        self.refusal: TollwayError | None = None
         self.admin_id = admin_id
         self.limit_scope = ""  # a key with its own rate limits: "<tenant>/<key id>"
 

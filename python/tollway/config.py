@@ -89,7 +89,15 @@ class NatsConfig(_Base):
 class ProviderConfig(_Base):
     name: Name
     base_url: str
-    kind: Literal["openai"] = "openai"  # wire format: OpenAI-compatible
+    # Wire format: "openai" (OpenAI-compatible) or "anthropic" (Anthropic's Messages API:
+    # the key goes in x-api-key; serves /v1/messages only, passed through).
+    kind: Literal["openai", "anthropic"] = "openai"
+    # The anthropic-version header sent to a kind = "anthropic" provider when the caller
+    # sent none.
+    anthropic_version: str = "2023-06-01"
+    # Serves OpenAI's Responses API itself (OpenAI does): /v1/responses calls pass through,
+    # previous_response_id and store included; others get them translated to chat.
+    responses: bool = False
     api_key_env: str | None = None
     local: bool = False  # may receive confidential data
     # OpenRouter's optional attribution headers (sent when set, on any provider).
@@ -116,6 +124,11 @@ class ModelConfig(_Base):
     upstream: str = ""  # the provider's name for it; default: id
     input_usd_per_mtok: NonNegative = 0.0
     output_usd_per_mtok: NonNegative = 0.0
+    # Prompt tokens read from and written to a provider's prompt cache (Anthropic's
+    # cache_read_input_tokens / cache_creation_input_tokens). None: the built-in table's
+    # price for this id, else the input price.
+    cache_read_usd_per_mtok: NonNegative | None = None
+    cache_write_usd_per_mtok: NonNegative | None = None
     kind: Literal["chat", "embedding"] = "chat"
     # The most output tokens one choice can have, and the request field that bounds it
     # (OpenAI's reasoning models take only max_completion_tokens). None: the built-in
@@ -325,7 +338,8 @@ def builtin_providers(env: Mapping[str, str]) -> list[ProviderConfig]:
     out: list[ProviderConfig] = []
     if env.get("OPENAI_API_KEY"):
         out.append(
-            ProviderConfig(name="openai", base_url=OPENAI_BASE_URL, api_key_env="OPENAI_API_KEY")
+            ProviderConfig(name="openai", base_url=OPENAI_BASE_URL, api_key_env="OPENAI_API_KEY",
+                           responses=True)
         )
     if env.get("OPENROUTER_API_KEY"):
         out.append(
@@ -355,10 +369,11 @@ def builtin_models() -> list[ModelConfig]:
     The table is keyed by model id: ``vendor/model`` ids are OpenRouter's, the
     rest OpenAI's.
     """
-    from tollway.tokens import load_output_limits, load_price_table
+    from tollway.tokens import load_cache_prices, load_output_limits, load_price_table
 
     models = []
     limits = load_output_limits()
+    cache = load_cache_prices()
     for mid, price in load_price_table().items():
         models.append(ModelConfig(
             id=mid,
@@ -368,6 +383,8 @@ def builtin_models() -> list[ModelConfig]:
             kind="embedding" if "embedding" in mid else "chat",
             max_output_tokens=limits[mid].max_output_tokens,
             max_tokens_field=limits[mid].max_tokens_field,
+            cache_read_usd_per_mtok=cache[mid][0],
+            cache_write_usd_per_mtok=cache[mid][1],
         ))
     return models
 

@@ -21,7 +21,7 @@ from tollway.policy import Policy
 from tollway.providers import OpenAIProvider, build_providers
 from tollway.record import Recorder
 from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
-from tollway.tokens import CostEstimator
+from tollway.tokens import CachePrices, CostEstimator, load_cache_prices
 
 if TYPE_CHECKING:
     from tollway.events.service import EventsService
@@ -52,6 +52,7 @@ class Gateway:
                    "output_usd_per_mtok": m.output_usd_per_mtok}
             for m in config.models
         })
+        self.cache_prices = cache_prices_of(config)
         # Policy, guards and resilience: breakers and latency per provider/deployment,
         # retries, the routing policy, and the guards in front of dispatch.
         bc, rc = config.breaker, config.retry
@@ -82,7 +83,8 @@ class Gateway:
         self.parts = GatewayParts(
             config=config, clock=self.clock, catalog=self.catalog, metrics=self.metrics,
             providers=self.providers, estimator=self.estimator, breakers=self.breakers,
-            latency=self.latency, retry=self.retry, policy=self.policy)
+            latency=self.latency, retry=self.retry, policy=self.policy,
+            cache_prices=self.cache_prices)
         self.pipeline = Pipeline(self.parts)
         self.pipeline.guards[:] = guards
         self.pipeline.finishers[:] = finishers
@@ -147,3 +149,17 @@ class Gateway:
         self.ready = False
         for provider in self.providers.values():
             await provider.aclose()
+
+
+def cache_prices_of(config: Config) -> CachePrices:
+    """Each model's prompt-cache prices: the config's, else the built-in table's for its
+    id or upstream name, else none (its input price)."""
+    table = load_cache_prices()
+    prices: dict[str, tuple[float | None, float | None]] = {}
+    for m in config.models:
+        known = table.get(m.id) or table.get(m.upstream) or (None, None)
+        prices[m.id] = (known[0] if m.cache_read_usd_per_mtok is None
+                        else m.cache_read_usd_per_mtok,
+                        known[1] if m.cache_write_usd_per_mtok is None
+                        else m.cache_write_usd_per_mtok)
+    return CachePrices(prices)

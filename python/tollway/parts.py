@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tollway.policy import Policy
     from tollway.providers import OpenAIProvider
     from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
-    from tollway.tokens import CostEstimator
+    from tollway.tokens import CachePrices, CostEstimator
 
 __all__ = ["GatewayParts"]
 
@@ -35,3 +35,4 @@ class GatewayParts:
     latency: LatencyTracker
     retry: RetryPolicy
     policy: Policy
+    cache_prices: CachePrices  # prompt-cache reads and writes, per model

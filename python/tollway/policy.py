@@ -38,8 +38,8 @@ from tollway.clock import Clock
 from tollway.config import Config, ConfigError
 from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
 from tollway.pipeline.bound import MIN_REPLY_TOKENS, Fit
-from tollway.pipeline.call import CHAT, Call
-from tollway.pipeline.decode import ChatRequest
+from tollway.pipeline.call import EMBEDDINGS, Call
+from tollway.pipeline.decode import EmbeddingsRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
 from tollway.pipeline.prompt import prompt_bound
 from tollway.resilience import Breakers, LatencyTracker
@@ -256,6 +256,19 @@ class Policy:
                 call.flags += (flag,)
                 notes.append(f"flag {flag}")
 
+        # 0. the API: only providers that speak it (or that it translates to)
+        surface = call.surface
+        why = [surface.serves(call, d) for d in candidates]
+        served = tuple(d for d, no in zip(candidates, why, strict=True) if no is None)
+        if not served:
+            call.reason = f"{route}: refused, no provider of it serves {call.endpoint}"
+            refusal = why[0]
+            assert refusal is not None
+            raise refusal
+        if len(served) < len(candidates):
+            notes.append(f"{call.endpoint}: {len(served)}/{len(candidates)} serve it")
+            candidates = served
+
         # 1. sensitivity
         sensitivity = call.sensitivity
         if sensitivity in self.local_only:
@@ -280,9 +293,7 @@ class Policy:
                   candidates: tuple[Deployment, ...]) -> tuple[int, int, list[Fit]]:
         """(prompt tokens of the first candidate, typical output tokens, each candidate's
         fit)."""
-        chat = isinstance(req, ChatRequest)
-        asked = (req.max_completion_tokens or req.max_tokens or 0) if chat else 0
-        n = max(1, req.n or 1) if chat else 1
+        chat, asked, n = _output_asked(req)
         fits = [self._fit(call, dep, chat, asked, n) for dep in candidates]
         typical = (asked or self.default_max_output) * n if chat else 0
         return (fits[0].prompt_tokens if fits else 0), typical, fits
@@ -290,11 +301,7 @@ class Policy:
     def fit(self, call: Call, dep: Deployment) -> Fit:
         """``dep``'s cost bound for ``call``: its prompt (counted once per encoding) and,
         per choice, the caller's output bound or the model's full output."""
-        req = call.request
-        if not isinstance(req, ChatRequest):
-            return self._fit(call, dep, False, 0, 1)
-        return self._fit(call, dep, True, req.max_completion_tokens or req.max_tokens or 0,
-                         max(1, req.n or 1))
+        return self._fit(call, dep, *_output_asked(call.request))
 
     def _fit(self, call: Call, dep: Deployment, chat: bool, asked: int, n: int) -> Fit:
         full = (min(asked, dep.max_output_tokens) if asked else dep.max_output_tokens
@@ -331,8 +338,19 @@ class Policy:
         return self.objectives.get(task)
 
 
+def _output_asked(req: Any) -> tuple[bool, int, int]:
+    """(whether the request generates output, the output per choice it asks for at most
+    (0: unbounded), choices): chat, legacy completions (``best_of`` generated and billed
+    too) and Anthropic's messages generate; embeddings do not."""
+    if isinstance(req, EmbeddingsRequest):
+        return False, 0, 1
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or 0
+    choices = max(1, getattr(req, "n", None) or 1, getattr(req, "best_of", None) or 1)
+    return True, asked, choices
+
+
 def _default_task(call: Call) -> str:
-    return "chat" if call.endpoint == CHAT else "embed"
+    return "embed" if call.endpoint == EMBEDDINGS else "chat"
 
 
 def _usd(nano: int) -> str:

@@ -24,7 +24,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     occurred_at: float  # unix seconds when the call was received
     outcome: Outcome
-    endpoint: str = "chat.completions"  # or "embeddings"
+    endpoint: str = "chat.completions"  # or "embeddings", "completions", "messages"
     route: str = ""  # the alias asked for ("auto", a task route) or the model id
     provider: str = ""  # provider that served (or last tried) the call
     model: str = ""  # model id (tollway's name) that served or was last tried
@@ -55,6 +55,10 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # request's own bound (or none) stood.
     max_tokens_bound: int | None = None
     flags: tuple[str, ...] = ()  # the feature flags (rollouts) that applied to the call
+    # Of prompt_tokens, those read from / written to the provider's prompt cache (priced
+    # at the model's cache prices; Anthropic's cache_read/cache_creation_input_tokens).
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class Recorder(Protocol):

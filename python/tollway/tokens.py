@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import tomllib
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypedDict
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_MODEL_OUTPUT_TOKENS",
     "ENCODINGS",
     "MAX_TOKENS_FIELDS",
+    "CachePrices",
     "CoreError",
     "CostEstimator",
     "Estimate",
@@ -53,6 +55,7 @@ __all__ = [
     "encode_ordinary",
     "encoding_file",
     "encoding_for_model",
+    "load_cache_prices",
     "load_output_limits",
     "load_price_table",
 ]
@@ -67,6 +70,7 @@ DEFAULT_MODEL_OUTPUT_TOKENS = 16_384
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok")
 _LIMIT_KEYS = ("max_output_tokens", "max_tokens_field")
+_CACHE_KEYS = ("cache_read_usd_per_mtok", "cache_write_usd_per_mtok")
 
 
 class ModelPrice(TypedDict):
@@ -102,9 +106,59 @@ def load_output_limits(path: str | Path | None = None) -> dict[str, OutputLimit]
     return _limits(_read_table(path))
 
 
+def load_cache_prices(path: str | Path | None = None
+                      ) -> dict[str, tuple[float | None, float | None]]:
+    """The table's (cache read, cache write) USD per Mtok per model; None where the entry
+    gives none. Without ``path``, the built-in table (read once)."""
+    table = _builtin_table() if path is None else _read_table(path)
+    return {model: (entry.get(_CACHE_KEYS[0]), entry.get(_CACHE_KEYS[1]))
+            for model, entry in table.items()}
+
+
+class CachePrices:
+    """What prompt tokens read from or written to a provider's prompt cache cost, per
+    model, in pico-USD per token (a model without such prices: its input price).
+
+    The cost of a call with cached tokens is computed here as the estimator computes any
+    call's: integer pico-USD per token, the total rounded up to nano-USD once."""
+
+    __slots__ = ("_prices",)
+
+    def __init__(self, prices: dict[str, tuple[float | None, float | None]]) -> None:
+        self._prices = {model: (_pico(read), _pico(write))
+                        for model, (read, write) in prices.items()}
+
+    def cost(self, estimator: CostEstimator, model: str, uncached_prompt: int,
+             completion: int, cache_read: int, cache_write: int) -> int:
+        """Nano-USD of a call: ``uncached_prompt`` input tokens at the input price, the
+        cache's at theirs, ``completion`` at the output price."""
+        price = estimator.price(model)
+        if price is None:
+            return 0
+        p_in, p_out = price
+        read, write = self._prices.get(model, (None, None))
+        pico = (uncached_prompt * p_in + completion * p_out
+                + cache_read * (p_in if read is None else read)
+                + cache_write * (p_in if write is None else write))
+        return -(-pico // 1000)
+
+
+def _pico(usd_per_mtok: float | None) -> int | None:
+    if usd_per_mtok is None:
+        return None
+    # As the core parses a price: the float's shortest repr, exactly (1 USD/Mtok is
+    # 10^6 pico-USD a token).
+    return int(Decimal(repr(usd_per_mtok)) * 1_000_000)
+
+
+@functools.cache
+def _builtin_table() -> dict[str, dict[str, Any]]:
+    return _read_table(None)
+
+
 @functools.cache
 def _builtin_limits() -> dict[str, OutputLimit]:
-    return _limits(_read_table(None))
+    return _limits(_builtin_table())
 
 
 def _limits(table: dict[str, dict[str, Any]]) -> dict[str, OutputLimit]:
@@ -128,10 +182,10 @@ def _read_table(path: str | Path | None) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{source}: expected a [models] table")
     for model, entry in models.items():
         if (not isinstance(entry, dict) or not set(_PRICE_KEYS) <= set(entry)
-                or not set(entry) <= {*_PRICE_KEYS, *_LIMIT_KEYS}):
+                or not set(entry) <= {*_PRICE_KEYS, *_LIMIT_KEYS, *_CACHE_KEYS}):
             raise ValueError(f"{source}: {model!r} must have {', '.join(_PRICE_KEYS)}, and "
-                             f"may have {', '.join(_LIMIT_KEYS)}")
-        for value in (entry[key] for key in _PRICE_KEYS):
+                             f"may have {', '.join((*_LIMIT_KEYS, *_CACHE_KEYS))}")
+        for value in (entry[key] for key in (*_PRICE_KEYS, *_CACHE_KEYS) if key in entry):
             valid = isinstance(value, int | float) and not isinstance(value, bool)
             if not valid or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{source}: {model!r} has an invalid price {value!r}")

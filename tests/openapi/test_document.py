@@ -81,8 +81,10 @@ def test_access_in_the_document_is_what_auth_enforces() -> None:
 
 
 def test_every_error_status_answers_the_openai_envelope() -> None:
+    """... but on Anthropic's Messages API, where its clients read Anthropic's shape."""
     doc = build()
     envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    anthropic = {"$ref": "#/components/schemas/AnthropicError"}
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             for status, resp in op["responses"].items():
@@ -90,7 +92,10 @@ def test_every_error_status_answers_the_openai_envelope() -> None:
                     continue
                 name = resp["$ref"].rsplit("/", 1)[1]
                 body = doc["components"]["responses"][name]["content"]["application/json"]
-                assert body["schema"] == envelope, (method, path, status)
+                shape = anthropic if path == "/api/ai/v1/messages" else envelope
+                assert body["schema"] == shape, (method, path, status)
+    error = doc["components"]["schemas"]["AnthropicError"]
+    assert set(error["required"]) == {"type", "error"}
     detail = doc["components"]["schemas"]["ErrorDetail"]
     assert set(detail["required"]) == {"message", "type", "param", "code"}
 

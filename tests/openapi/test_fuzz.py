@@ -116,7 +116,8 @@ def _keys(op: Operation) -> st.SearchStrategy[dict[str, str]]:
     return st.sampled_from([auth(ACME_KEY), auth(ADMIN_KEY)])
 
 
-_INTEGERS = ("n", "max_tokens", "max_completion_tokens", "dimensions")
+_INTEGERS = ("n", "best_of", "top_k", "max_tokens", "max_completion_tokens", "dimensions",
+             "max_output_tokens")
 
 
 def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
@@ -125,12 +126,18 @@ def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
     that valid calls reach the provider or the directory rather than end in a refusal;
     chat calls streamed or not, half and half."""
     body = case.body
+    embed = case.path.endswith("/embeddings")
     if case.path.startswith("/api/ai/admin/"):
         _known_admin_names(case, made)
     elif isinstance(body, dict):
-        body["model"] = "text-embedding-3-small" if "input" in body else "gpt-4o-mini"
-        if "messages" in body:
+        body["model"] = "text-embedding-3-small" if embed else "gpt-4o-mini"
+        if not embed:
             body["stream"] = stream
+        if case.path.endswith("/responses"):  # the state tollway keeps none of
+            body.pop("previous_response_id", None)
+            body["store"] = False
+        if "prompt" in body and not (body["prompt"] and isinstance(body["prompt"], str)):
+            body["prompt"] = "hello"  # as `input`: the schema says "any array"
         if "input" in body and not (body["input"] and isinstance(body["input"], str)):
             body["input"] = "hello"  # the schema says "any array"; the gateway wants texts
         for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not

@@ -98,6 +98,11 @@ class CallEvent(Event, frozen=True, kw_only=True):
     max_tokens_bound: int | None = None
     # The feature flags (gradual rollouts, ``flag.changed``) that applied to the call.
     flags: tuple[str, ...] = ()
+    # Of prompt_tokens, those read from and written to the provider's prompt cache, each
+    # billed at the model's cache price (Anthropic's cache_read_input_tokens and
+    # cache_creation_input_tokens); 0 for providers that report none.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -487,6 +492,8 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         reservation_id=rec.reservation_id,
         max_tokens_bound=rec.max_tokens_bound,
         flags=rec.flags,
+        cache_read_tokens=rec.cache_read_tokens,
+        cache_write_tokens=rec.cache_write_tokens,
     )
 
 

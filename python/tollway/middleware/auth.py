@@ -23,6 +23,10 @@ from tollway.auth import (
 from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import AuthenticationFailed, PermissionDenied, RateLimited, TollwayError
 from tollway.metrics import Metrics
+from tollway.pipeline.anthropic import send_anthropic_error
+
+# Anthropic's API: its clients read its error shape, and send the key as x-api-key.
+_ANTHROPIC_PATHS = frozenset({"/api/ai/v1/messages"})
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
 
@@ -49,19 +53,21 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        found: Principal | BaseException
         if scope["path"].startswith(ADMIN_PREFIXES):
             found = self._admin_sign_in(scope)
         else:
             found = self._sign_in(scope)
-        if not isinstance(found, Principal):
-            await send_error(send, found, _CHALLENGE if isinstance(
-                found, AuthenticationFailed) else None)
-            return
-        if found.refusal is not None:  # a directory key: revoked, expired, disabled tenant
+        if isinstance(found, Principal) and found.refusal is not None:
+            # a directory key: revoked, expired, of a disabled tenant
             self.metrics.rejections.inc((getattr(found.refusal, "code", None)
                                          or "invalid_api_key",))
-            await send_error(send, found.refusal, _CHALLENGE if isinstance(
-                found.refusal, AuthenticationFailed) else None)
+            found = found.refusal
+        if not isinstance(found, Principal):
+            refuse = (send_anthropic_error if scope["path"] in _ANTHROPIC_PATHS
+                      else send_error)
+            await refuse(send, found, _CHALLENGE if isinstance(
+                found, AuthenticationFailed) else None)
             return
         info: RequestInfo = scope[SCOPE_KEY]
         info.principal = found
@@ -70,15 +76,18 @@ class AuthMiddleware:
     def _sign_in(self, scope: Scope) -> Principal | TollwayError:
         """The caller's principal, or the refusal to send."""
         auth = None
+        api_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 auth = value
                 break
-        key = bearer(auth)
+            if name == b"x-api-key":  # Anthropic's clients send the key so
+                api_key = value
+        key = bearer(auth) if auth is not None else _plain(api_key)
         if key is None:
             self.metrics.rejections.inc(("missing_api_key",))
             return AuthenticationFailed(
-                "missing API key: send it as 'Authorization: Bearer <key>'",
+                "missing API key: send it as 'Authorization: Bearer <key>' (or x-api-key)",
                 code="missing_api_key")
         principal = self.keys.resolve(key)
         if principal is None:
@@ -106,3 +115,8 @@ class AuthMiddleware:
             self.metrics.rejections.inc(("admin_required",))
             return PermissionDenied("this endpoint needs the admin key", code="admin_required")
         return found
+
+
+def _plain(value: bytes | None) -> str | None:
+    """The key of an ``x-api-key`` header value (the key alone), else None."""
+    return bearer(b"Bearer " + value) if value else None

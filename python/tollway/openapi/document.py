@@ -118,6 +118,12 @@ def _error(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
             "content": {"application/json": {"schema": envelope}}}
 
 
+def _shape(op: Operation) -> str:
+    """The name of the shared error responses of ``op``: ``Error`` (OpenAI's envelope) or
+    its own error body's (Anthropic's on the Messages API)."""
+    return "Error" if op.error_body is None else op.error_body.__name__
+
+
 def _param(p: Param) -> dict[str, Any]:
     return {"name": p.name, "in": p.where, "description": p.description,
             "required": p.required or p.where == "path", "schema": p.schema}
@@ -134,22 +140,25 @@ def _event(data: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
                            "event": {"type": "string"}, "id": {"type": "string"}}}
 
 
-def _reply(reply: Reply, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
+def _reply(reply: Reply, refs: dict[type, dict[str, Any]],
+           error: type = ErrorEnvelope) -> dict[str, Any]:
     schema = refs[reply.body] if reply.body is not None else {"type": "string"}
+    if reply.also is not None:
+        schema = {"anyOf": [schema, refs[reply.also]]}
     if reply.body is None and reply.media == "application/json":
         schema = {"type": "object"}
     content: dict[str, Any] = {reply.media: {"schema": schema}}
     if reply.events is not None:
-        content["text/event-stream"] = {"schema": _event(refs[reply.events],
-                                                         refs[ErrorEnvelope])}
+        content["text/event-stream"] = {"schema": _event(refs[reply.events], refs[error])}
     return {"description": reply.description, "headers": _SERVED if reply.served else _COMMON,
             "content": content}
 
 
 def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
-    responses: dict[str, Any] = {str(r.status): _reply(r, refs) for r in op.replies}
+    error = op.error_body or ErrorEnvelope
+    responses: dict[str, Any] = {str(r.status): _reply(r, refs, error) for r in op.replies}
     for status in op.errors:
-        responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
+        responses[str(status)] = {"$ref": f"#/components/responses/{_shape(op)}{status}"}
     out: dict[str, Any] = {
         "operationId": f"{op.method}_{op.path.removeprefix('/api/ai/')}".replace("/", "_")
         .replace("{", "").replace("}", "").replace(".", "_"),
@@ -169,7 +178,9 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
 def _structs(ops: Iterable[Operation]) -> list[type]:
     seen: dict[type, None] = {ErrorEnvelope: None}
     for op in ops:
-        for t in (op.request, *(r.body for r in op.replies), *(r.events for r in op.replies)):
+        for t in (op.request, op.error_body, *(r.body for r in op.replies),
+                  *(r.also for r in op.replies),
+                  *(r.events for r in op.replies)):
             if t is not None:
                 seen[t] = None
     return list(seen)
@@ -183,7 +194,9 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
         paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
-    statuses = sorted({status for op in ops for status in op.errors})
+    shapes = {_shape(op): op.error_body or ErrorEnvelope for op in ops}
+    statuses = {name: sorted({s for op in ops if _shape(op) == name for s in op.errors})
+                for name in shapes}
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "tollway", "version": __version__, "description": _DESCRIPTION,
@@ -192,7 +205,8 @@ def build(ops: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "responses": {f"Error{s}": _error(s, refs[ErrorEnvelope]) for s in statuses},
+            "responses": {f"{name}{s}": _error(s, refs[shapes[name]])
+                          for name in sorted(shapes) for s in statuses[name]},
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer",
                            "description": "a tenant's API key (`tollway keys create`)"},

@@ -14,11 +14,14 @@ from typing import Any, Literal
 
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
+from tollway.pipeline.anthropic import MessagesRequest
+from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.pipeline.responses import ResponsesRequest
 from tollway.routes import dashboard
 from tollway.routes import directory as admin_api
 from tollway.routes.health import Health, Readiness
-from tollway.routes.openai import PREFIX, ModelList
+from tollway.routes.openai import PREFIX, AnthropicModelList, ModelList
 
 # Who may call: nobody needs a key / a tenant key / a tenant key or the admin key / the
 # admin key only.
@@ -46,6 +49,7 @@ class Reply:
     media: str = "application/json"
     events: type | None = None  # an SSE alternative: the struct each `data:` event holds
     served: bool = False  # a provider's answer: the headers name it, the cost and the limits
+    also: type | None = None  # another body the same answer may have (one or the other)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ class Operation:
     errors: tuple[int, ...] = ()  # statuses answered with the error envelope
     request: type | None = None
     params: tuple[Param, ...] = ()
+    # The body of its errors (and a broken stream's last event); None: OpenAI's envelope.
+    error_body: type | None = None
 
 
 _DAY = {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
@@ -105,12 +111,47 @@ OPERATIONS: tuple[Operation, ...] = (
                events=wire.ChatCompletionChunk, served=True),),
         _CALL_ERRORS, ChatRequest, HINTS),
     Operation(
+        "post", f"{PREFIX}/completions",
+        "Create a legacy completion (OpenAI schema; `suffix` for fill-in-the-middle)",
+        "openai", "tenant",
+        (Reply(200, "the provider's completion, passed through; with `stream: true` a "
+               "server-sent event stream ending in `data: [DONE]`", wire.Completion,
+               events=wire.Completion, served=True),),
+        _CALL_ERRORS, CompletionRequest, HINTS),
+    Operation(
+        "post", f"{PREFIX}/messages",
+        "Create a message (Anthropic's Messages API; key as x-api-key or bearer)",
+        "anthropic", "tenant",
+        (Reply(200, "the message: an Anthropic provider's, passed through, or an "
+               "OpenAI-compatible provider's completion translated; with `stream: true` "
+               "Anthropic's server-sent events, message_start to message_stop",
+               wire.AnthropicMessage, events=wire.AnthropicStreamEvent, served=True),),
+        _CALL_ERRORS, MessagesRequest,
+        (*HINTS,
+         Param("anthropic-version", "header", {"type": "string"},
+               "passed on to Anthropic providers"),
+         Param("anthropic-beta", "header", {"type": "string"},
+               "passed on to Anthropic providers")),
+        error_body=wire.AnthropicError),
+    Operation(
+        "post", f"{PREFIX}/responses",
+        "Create a response (OpenAI's Responses API; previous_response_id and store: true "
+        "only to providers that keep state)", "openai", "tenant",
+        (Reply(200, "the provider's response, passed through, or its chat completion "
+               "translated; with `stream: true` the Responses API's typed server-sent events",
+               wire.ResponseObject, events=wire.ResponseStreamEvent, served=True),),
+        _CALL_ERRORS, ResponsesRequest, HINTS),
+    Operation(
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
         (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),
         _CALL_ERRORS, EmbeddingsRequest, HINTS),
     Operation(
         "get", f"{PREFIX}/models", "List the models and route aliases this tenant may use",
-        "openai", "tenant", (Reply(200, "OpenAI's list shape", ModelList),), (401, 403)),
+        "openai", "tenant", (Reply(200, "OpenAI's list shape; Anthropic's (`data` of "
+                                  "`type: model`, `has_more`) when the caller sends "
+                                  "`anthropic-version`", ModelList, also=AnthropicModelList),),
+        (401, 403), params=(Param("anthropic-version", "header", {"type": "string"},
+                                  "answer in Anthropic's list shape"),)),
     Operation(
         "get", "/api/ai/usage", "The caller's usage from the projections", "usage", "key",
         (Reply(200, "totals and breakdowns by day, model and provider", views.UsageReport),),

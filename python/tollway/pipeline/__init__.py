@@ -28,7 +28,6 @@ from tollway.asgi import (
     Send,
     read_body,
     send_bytes,
-    send_error,
 )
 from tollway.context import SCOPE_KEY, RequestInfo
 from tollway.errors import (
@@ -39,13 +38,16 @@ from tollway.errors import (
     TollwayError,
     spec_for,
 )
-from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
-from tollway.pipeline.decode import ChatRequest, decode_chat, decode_embeddings
+from tollway.pipeline.anthropic import MESSAGES_SURFACE
+from tollway.pipeline.call import Call
+from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
 from tollway.pipeline.hooks import Finisher, Guard, PlanHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
-from tollway.pipeline.usage import count_text, reply_text
+from tollway.pipeline.responses import RESPONSES_SURFACE
+from tollway.pipeline.surface import CHAT_SURFACE, EMBEDDINGS_SURFACE, Surface
+from tollway.pipeline.usage import CachedUsage, Usage, count_text
 from tollway.record import CallRecord, Outcome, Recorder
 
 if TYPE_CHECKING:
@@ -77,18 +79,29 @@ class Pipeline:
         self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.run(CHAT, scope, receive, send)
+        await self.run(CHAT_SURFACE, scope, receive, send)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.run(EMBEDDINGS, scope, receive, send)
+        await self.run(EMBEDDINGS_SURFACE, scope, receive, send)
+
+    async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(COMPLETIONS_SURFACE, scope, receive, send)
+
+    async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(MESSAGES_SURFACE, scope, receive, send)
+
+    async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(RESPONSES_SURFACE, scope, receive, send)
 
     # ---- the order --------------------------------------------------------
-    async def run(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def run(self, surface: Surface, scope: Scope, receive: Receive, send: Send) -> None:
+        """One call on ``surface`` (the API it came in on: see :mod:`.surface`)."""
+        endpoint = surface.endpoint
         info: RequestInfo = scope[SCOPE_KEY]
-        call = self.authorize(endpoint, info)  # 1 auth (the key was checked by the middleware)
+        call = self.authorize(surface, info)  # 1 auth (the key was checked by the middleware)
         if call is None:
-            await send_error(send, PermissionDenied("this endpoint needs a tenant key, "
-                                                    "not the admin key"))
+            await surface.send_error(send, PermissionDenied("this endpoint needs a tenant "
+                                                            "key, not the admin key"))
             return
         concluded = False
 
@@ -158,33 +171,30 @@ class Pipeline:
             conclude()  # the call ended without a last message (the client left)
 
     # ---- steps ------------------------------------------------------------
-    def authorize(self, endpoint: str, info: RequestInfo) -> Call | None:
+    def authorize(self, surface: Surface, info: RequestInfo) -> Call | None:
         """The call of the tenant behind the key; None for the admin key (not a tenant)."""
         principal = info.principal
         if principal is None or principal.tenant is None:
             return None
-        call = Call(endpoint, info, principal.tenant, self.parts.clock.time())
+        call = Call(surface.endpoint, info, principal.tenant, self.parts.clock.time(),
+                    surface)
         call.limit_scope = principal.limit_scope
         return call
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
         content_length = None
+        keep = call.surface.protocol_headers
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = value
             elif name.startswith(b"x-tollway-"):
                 self._hint(call, name, value)
+            elif name in keep:
+                call.protocol_headers[name.decode()] = value.decode("latin-1")
         if call.sensitivity and call.tenant.max_sensitivity is not None:
             self._sensitivity_cap(call)
         call.body = await read_body(receive, self.max_body, content_length)
-        if call.endpoint == CHAT:
-            chat = decode_chat(call.body)
-            call.request = chat
-            call.stream = bool(chat.stream)
-            call.include_usage = bool(
-                chat.stream and chat.stream_options and chat.stream_options.include_usage)
-        else:
-            call.request = decode_embeddings(call.body)
+        call.surface.decode(call)
         call.info.stream = call.stream
 
     @staticmethod
@@ -249,18 +259,22 @@ class Pipeline:
         if dep is None:
             return
         self._settle_tokens(call)
-        call.cost_nanousd = self.parts.estimator.cost(
-            dep.model, call.prompt_tokens, call.completion_tokens)
+        cached = call.cache_read_tokens + call.cache_write_tokens
+        if cached:
+            call.cost_nanousd = self.parts.cache_prices.cost(
+                self.parts.estimator, dep.model, max(0, call.prompt_tokens - cached),
+                call.completion_tokens, call.cache_read_tokens, call.cache_write_tokens)
+        else:
+            call.cost_nanousd = self.parts.estimator.cost(
+                dep.model, call.prompt_tokens, call.completion_tokens)
 
     def _settle_tokens(self, call: Call) -> None:
         dep = call.deployment
         assert dep is not None
-        req = call.request
         if call.tap is not None:
             usage = call.tap.usage
             if usage is not None:
-                call.prompt_tokens, call.completion_tokens = (
-                    usage.prompt_tokens, usage.completion_tokens)
+                _take(call, usage)
             else:  # no usage chunk (provider sent none, or the client left before it)
                 call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
                 call.completion_tokens = count_text(call.tap.text(), dep.upstream)
@@ -270,12 +284,11 @@ class Pipeline:
             return
         usage = call.usage
         if usage is not None:
-            call.prompt_tokens, call.completion_tokens = (
-                usage.prompt_tokens, usage.completion_tokens)
+            _take(call, usage)
         else:
             call.prompt_tokens = prompt_tokens(call, dep.upstream) or 0
-            if isinstance(req, ChatRequest):
-                call.completion_tokens = count_text(reply_text(reply.body), dep.upstream)
+            if call.wire is not None:
+                call.completion_tokens = count_text(call.wire.text(reply.body), dep.upstream)
 
     def finish(self, call: Call) -> None:
         for finisher in self.finishers:
@@ -290,8 +303,9 @@ class Pipeline:
         headers = served_headers(call)
         headers.append((b"x-tollway-cost-usd", cost_header(call.cost_nanousd)))
         headers.extend(call.headers)
+        body = call.wire.reply(call, reply.body) if call.wire is not None else reply.body
         call.response_started = True
-        await send_bytes(send, 200, reply.body, headers)
+        await send_bytes(send, 200, body, headers)
 
     async def fail(self, call: Call, exc: TollwayError, send: Send) -> None:
         call.error = exc
@@ -301,7 +315,7 @@ class Pipeline:
         headers = served_headers(call)
         headers.extend(call.headers)
         call.response_started = True
-        await send_error(send, exc, headers)
+        await call.surface.send_error(send, exc, headers)
 
     def record(self, call: Call) -> None:
         """The call's one record: to the recorders, the metrics and the log line."""
@@ -357,6 +371,8 @@ class Pipeline:
             reservation_id=call.hold_id,
             max_tokens_bound=call.output_bound or None,
             flags=call.flags,
+            cache_read_tokens=call.cache_read_tokens,
+            cache_write_tokens=call.cache_write_tokens,
         )
         for recorder in self.recorders:
             try:
@@ -376,3 +392,11 @@ class Pipeline:
             info.error = f"{spec.code if spec else ''}: {exc.message}"
         if info.status == 0:
             info.status = call.status
+
+
+def _take(call: Call, usage: Usage) -> None:
+    """The provider's usage as the call's tokens (cache reads and writes included)."""
+    call.prompt_tokens, call.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    if isinstance(usage, CachedUsage):
+        call.cache_read_tokens = usage.cache_read_tokens
+        call.cache_write_tokens = usage.cache_write_tokens

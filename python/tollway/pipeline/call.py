@@ -8,7 +8,8 @@ from tollway.config import TenantConfig
 from tollway.context import RequestInfo
 from tollway.errors import TollwayError
 from tollway.pipeline.plan import Deployment, RoutePlan
-from tollway.pipeline.stream import SseTap
+from tollway.pipeline.surface import CHAT_SURFACE, EMBEDDINGS_SURFACE, Surface, Wire
+from tollway.pipeline.taps import Tap
 from tollway.pipeline.usage import Usage
 from tollway.providers.http import Reply
 
@@ -18,20 +19,27 @@ EMBEDDINGS = "embeddings"
 
 class Call:
     __slots__ = (
-        "attempts", "body", "client_cancelled", "completion_tokens", "cost_nanousd",
-        "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "flags",
-        "headers", "hold_id", "include_usage", "info", "latency_class", "limit_scope",
-        "occurred_at", "output_bound",
-        "plan",
-        "prompt_counts", "prompt_tokens", "reason", "reply", "request", "reservation",
-        "response_started", "sensitivity",
-        "settled", "status", "stream", "t0", "tap", "task", "tenant", "tier", "usage",
+        "attempts", "body", "cache_read_tokens", "cache_write_tokens", "client_cancelled",
+        "completion_tokens", "cost_nanousd", "deployment", "endpoint", "error",
+        "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id", "include_usage",
+        "info", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
+        "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
+        "reservation", "response_started", "sensitivity", "settled", "status", "stream",
+        "surface", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
+        "wire",
     )
 
     def __init__(self, endpoint: str, info: RequestInfo, tenant: TenantConfig,
-                 occurred_at: float) -> None:
+                 occurred_at: float, surface: Surface | None = None) -> None:
         self.endpoint = endpoint
+        # The API the call came in on, and how the serving (or last tried) provider
+        # speaks it (tollway.pipeline.surface).
+        self.surface = surface or (EMBEDDINGS_SURFACE if endpoint == EMBEDDINGS
+                                   else CHAT_SURFACE)
+        self.wire: Wire | None = None
+        # The caller's protocol headers the surface passes on (anthropic-version, ...).
+        self.protocol_headers: dict[str, str] = {}
         self.info = info
         self.tenant = tenant
         self.t0 = info.t0
@@ -60,13 +68,16 @@ class Call:
         self.fallbacks: list[str] = []
         self.reply: Reply | None = None
         self.usage: Usage | None = None  # the provider's, from a non-streamed reply
-        self.tap: SseTap | None = None
+        self.tap: Tap | None = None
         self.response_started = False
         self.client_cancelled = False
         self.prompt_tokens = 0
         # Prompt tokens by encoding, counted once (tollway.pipeline.prompt); -1: uncountable.
         self.prompt_counts: dict[str, int] = {}
         self.completion_tokens = 0
+        # Of prompt_tokens, those read from / written to the provider's prompt cache.
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
         self.estimated_cost_nanousd = 0
         self.cost_nanousd = 0
         self.status = 200

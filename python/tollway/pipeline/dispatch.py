@@ -45,17 +45,16 @@ from tollway.errors import (
     UpstreamUnavailable,
     spec_for,
 )
-from tollway.pipeline.call import CHAT, Call
-from tollway.pipeline.decode import rewrite
+from tollway.pipeline.call import Call
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.prompt import prompt_tokens
-from tollway.pipeline.stream import DONE, SseTap, error_event, length_event, usage_event
+from tollway.pipeline.surface import Wire
+from tollway.pipeline.taps import Tap
 from tollway.pipeline.upstream import HeldStream, holding
-from tollway.pipeline.usage import Usage, count_text, reply_usage
+from tollway.pipeline.usage import Usage, count_text
 from tollway.providers.http import Reply, StreamReply
 from tollway.providers.openai import OpenAIProvider
 from tollway.resilience import classify
-from tollway.tokens import MAX_TOKENS_FIELDS
 
 if TYPE_CHECKING:
     from tollway.parts import GatewayParts
@@ -154,9 +153,6 @@ def served_headers(call: Call) -> Headers:
     return out
 
 
-_PATHS = {CHAT: "chat", "embeddings": "embeddings"}
-
-
 _LAST_WORD_S = 1.0  # a cancelled relay waits this long, at most, to end the client's stream
 
 
@@ -186,7 +182,7 @@ async def _end(send: Send, body: bytes) -> None:
         log.exception("ending a stream failed")
 
 
-def _broken(call: Call, exc: TollwayError, tap: SseTap) -> bytes:
+def _broken(call: Call, exc: TollwayError, tap: Tap) -> bytes:
     """Record why the stream failed; the error event that ends it, unless the provider's
     own error event went out already."""
     call.error = exc
@@ -194,29 +190,17 @@ def _broken(call: Call, exc: TollwayError, tap: SseTap) -> bytes:
     call.status = spec.status
     if tap.error:
         return b""
-    return error_event(exc.message, spec.type, spec.code)
+    return _wire(call).error_event(exc.message, spec.type, spec.code)
+
+
+def _wire(call: Call) -> Wire:
+    assert call.wire is not None
+    return call.wire
 
 
 class Dispatcher:
     def __init__(self, parts: GatewayParts) -> None:
         self.parts = parts
-
-    def _body_for(self, call: Call, dep: Deployment, bound: int) -> bytes:
-        """The body as the provider must see it; the original bytes when unchanged.
-
-        An output bound goes in the fields the caller sent (lowered), else in the one
-        the model takes (OpenAI's reasoning models refuse ``max_tokens``); ``bound`` is the
-        plan's bound for ``dep``, 0 for none."""
-        model = dep.upstream if dep.upstream != call.request.model else None
-        ask_usage = call.stream and not call.include_usage
-        if model is None and not ask_usage and not bound:
-            return call.body
-        numbers: dict[str, int] = {}
-        if bound:  # a field the caller set lower than the bound (both set) stays as it is
-            numbers = {f: min(v, bound) for f in MAX_TOKENS_FIELDS
-                       if (v := getattr(call.request, f, None)) is not None}
-            numbers = numbers or {dep.max_tokens_field: bound}
-        return rewrite(call.body, model=model, include_usage=ask_usage, numbers=numbers)
 
     async def dispatch(self, call: Call, receive: Receive, send: Send) -> None:
         """Serve the call from the first candidate that answers; raise when none does."""
@@ -232,7 +216,15 @@ class Dispatcher:
             provider = parts.providers[dep.provider]
             breaker = breakers[dep.provider]
             bound = call.plan.bound(dep) if call.plan is not None else 0
-            body = self._body_for(call, dep, bound)
+            # How this provider speaks the call's API (the plan holds only providers that
+            # can), and the body it gets: an output bound ``bound`` (the plan's, 0 for none)
+            # goes in the fields the caller sent, lowered, else in the one the model takes.
+            wire = call.surface.wire(provider.kind, dep.responses)
+            if wire is None:
+                errors.append((dep, UpstreamError(
+                    f"{dep.provider}: does not serve {call.endpoint}")))
+                continue
+            body = wire.body(call, dep, bound)
             tries = 0
             while True:
                 if not breaker.allow(clock.monotonic()):
@@ -244,6 +236,7 @@ class Dispatcher:
                     break
                 tries += 1
                 call.deployment = dep
+                call.wire = wire
                 call.output_bound = bound
                 call.attempts += 1
                 t = clock.monotonic()
@@ -269,7 +262,7 @@ class Dispatcher:
                         return
                     call.reply = await self._post(call, provider, body)
                     try:
-                        call.usage = reply_usage(call.reply.body)
+                        call.usage = wire.usage(call.reply.body)
                     except msgspec.MsgspecError:
                         call.reply = None
                         raise UpstreamError(f"{provider.name}: provider sent an unreadable "
@@ -304,7 +297,8 @@ class Dispatcher:
         info = call.info
         t = time.perf_counter()
         try:
-            reply = await provider.post(_PATHS[call.endpoint], body, info.request_id)
+            wire = _wire(call)
+            reply = await provider.post(wire.path, body, info.request_id, wire.headers(call))
         finally:
             info.upstream_s += time.perf_counter() - t
         if reply.status >= 300:
@@ -316,7 +310,9 @@ class Dispatcher:
         info = call.info
         t = time.perf_counter()
         try:
-            return await provider.post_stream(_PATHS[call.endpoint], body, info.request_id)
+            wire = _wire(call)
+            return await provider.post_stream(wire.path, body, info.request_id,
+                                              wire.headers(call))
         finally:
             info.upstream_s += time.perf_counter() - t
 
@@ -346,8 +342,8 @@ class Dispatcher:
         stream, else an error event (the provider's own, when it sent one)."""
         dep = call.deployment
         assert dep is not None
-        tap = call.tap = SseTap(call.include_usage, call.plan.relay_limit(dep)
-                                if call.plan is not None else 0, dep.upstream)
+        tap = call.tap = _wire(call).tap(
+            call, call.plan.relay_limit(dep) if call.plan is not None else 0, dep.upstream)
         # Before the send: whatever happens next, the pipeline must not answer again.
         call.response_started = True
         try:
@@ -364,8 +360,8 @@ class Dispatcher:
             call.client_cancelled = True
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_LAST_WORD_S):
-                    await _end(send, error_event("the gateway stopped this stream",
-                                                 "api_error", "stream_stopped"))
+                    await _end(send, _wire(call).error_event(
+                        "the gateway stopped this stream", "api_error", "stream_stopped"))
             raise
         except UpstreamError as exc:
             await _end(send, _broken(call, exc, tap))
@@ -377,7 +373,7 @@ class Dispatcher:
         await _end(send, tail)
         return None
 
-    async def _raced(self, call: Call, up: HeldStream, first: bytes, tap: SseTap,
+    async def _raced(self, call: Call, up: HeldStream, first: bytes, tap: Tap,
                      receive: Receive, send: Send) -> bytes:
         """The pump's result; :class:`_ClientLeft` when the client leaves first."""
         pump = asyncio.ensure_future(self._pump(call, up, first, tap, send))
@@ -393,7 +389,7 @@ class Dispatcher:
             raise _ClientLeft
         return pump.result()
 
-    async def _pump(self, call: Call, up: HeldStream, first: bytes, tap: SseTap,
+    async def _pump(self, call: Call, up: HeldStream, first: bytes, tap: Tap,
                     send: Send) -> bytes:
         """Forward the provider's events; the stream's last bytes once it ended whole.
 
@@ -414,11 +410,7 @@ class Dispatcher:
                 except OSError as exc:  # what ASGI servers raise for a client that is gone
                     raise _ClientLeft from exc
             if tap.cut:  # at the output limit: the provider ignored max_tokens
-                tail = length_event(dep_model(call), "tollway-length")
-                if call.include_usage:
-                    tail += usage_event(dep_model(call), self._counted(call, tap),
-                                        "tollway-usage")
-                return tail + DONE
+                return _wire(call).cut(call, tap, lambda: self._counted(call, tap))
             t = clock()
             try:
                 data = await following()
@@ -435,12 +427,9 @@ class Dispatcher:
             raise UpstreamError(f"{name}: provider sent an error mid-stream")
         if not tap.done:
             raise UpstreamError(f"{name}: provider ended the stream early")
-        if call.include_usage and tap.usage is None:
-            return usage_event(dep_model(call), self._counted(call, tap),
-                               "tollway-usage") + DONE
-        return DONE
+        return _wire(call).end(call, tap, lambda: self._counted(call, tap))
 
-    def _counted(self, call: Call, tap: SseTap) -> Usage:
+    def _counted(self, call: Call, tap: Tap) -> Usage:
         dep = call.deployment
         assert dep is not None
         prompt = prompt_tokens(call, dep.upstream) or 0
@@ -449,5 +438,3 @@ class Dispatcher:
                      total_tokens=prompt + completion)
 
 
-def dep_model(call: Call) -> str:
-    return call.deployment.upstream if call.deployment is not None else ""

@@ -17,12 +17,14 @@ class Deployment:
     """One way to serve a model: a provider and that provider's name for it."""
 
     __slots__ = ("input_usd_per_mtok", "kind", "local", "max_output_tokens",
-                 "max_tokens_field", "model", "output_usd_per_mtok", "provider", "upstream")
+                 "max_tokens_field", "model", "output_usd_per_mtok", "provider",
+                 "provider_kind", "responses", "upstream")
 
     def __init__(self, model: str, provider: str, upstream: str, input_usd_per_mtok: float,
                  output_usd_per_mtok: float, kind: str, local: bool,
                  max_output_tokens: int = DEFAULT_MODEL_OUTPUT_TOKENS,
-                 max_tokens_field: str = "max_tokens") -> None:
+                 max_tokens_field: str = "max_tokens", provider_kind: str = "openai",
+                 responses: bool = False) -> None:
         self.model = model
         self.provider = provider
         self.upstream = upstream
@@ -32,9 +34,12 @@ class Deployment:
         self.local = local
         self.max_output_tokens = max_output_tokens  # per choice
         self.max_tokens_field = max_tokens_field  # the request field that bounds the output
+        self.provider_kind = provider_kind  # the provider's wire format (openai, anthropic)
+        self.responses = responses  # the provider serves OpenAI's Responses API itself
 
 
-def deployment_of(m: ModelConfig, local: bool) -> Deployment:
+def deployment_of(m: ModelConfig, local: bool, provider_kind: str = "openai",
+                  responses: bool = False) -> Deployment:
     """``m`` as a deployment; an output limit or field the config leaves out comes from the
     built-in table (by id, then by upstream name), else from the defaults."""
     table = load_output_limits()
@@ -43,7 +48,8 @@ def deployment_of(m: ModelConfig, local: bool) -> Deployment:
                       m.output_usd_per_mtok, m.kind, local,
                       m.max_output_tokens or known.max_output_tokens
                       or DEFAULT_MODEL_OUTPUT_TOKENS,
-                      m.max_tokens_field or known.max_tokens_field or "max_tokens")
+                      m.max_tokens_field or known.max_tokens_field or "max_tokens",
+                      provider_kind, responses)
 
 
 class RoutePlan:
@@ -71,8 +77,12 @@ class Catalog:
 
     def __init__(self, config: Config) -> None:
         local = {p.name: p.local for p in config.providers}
+        kinds = {p.name: p.kind for p in config.providers}
+        native = {p.name for p in config.providers if p.responses}
         self.models: dict[str, Deployment] = {
-            m.id: deployment_of(m, local.get(m.provider, False)) for m in config.models
+            m.id: deployment_of(m, local.get(m.provider, False),
+                                kinds.get(m.provider, "openai"), m.provider in native)
+            for m in config.models
         }
         self.routes: dict[str, tuple[Deployment, ...]] = {
             r.alias: tuple(self.models[c] for c in r.candidates) for r in config.routes

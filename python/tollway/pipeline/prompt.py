@@ -97,6 +97,9 @@ def _count(call: Prompted, upstream: str) -> int:
     try:
         if isinstance(req, EmbeddingsRequest):
             return count_input(req.input, upstream)
+        own = getattr(req, "count_prompt", None)  # a surface's own prompt shape
+        if own is not None:
+            return int(own(upstream))
         return count_prompt(call.body, upstream)
     except CoreError:
         raise

@@ -21,6 +21,14 @@ class Usage(msgspec.Struct):
     total_tokens: int = 0
 
 
+class CachedUsage(Usage):
+    """A usage whose ``prompt_tokens`` include tokens read from and written to the
+    provider's prompt cache, which are priced apart (Anthropic's)."""
+
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
 class _UsageOnly(msgspec.Struct):
     usage: Usage | None = None
 

@@ -1,9 +1,12 @@
-"""A provider that speaks OpenAI's wire format: OpenAI, OpenRouter, local servers.
+"""A provider over HTTP: OpenAI's wire format (OpenAI, OpenRouter, local servers) or
+Anthropic's (``kind = "anthropic"``: Anthropic, and servers that speak its Messages API).
 
-The three differ only in base URL, key and extra headers (OpenRouter's
-optional ``HTTP-Referer`` / ``X-Title`` attribution), so one class serves
-all of them. The key lives only inside the prepared header dict; nothing
-here prints it.
+They differ only in base URL, key, the header that carries it (``Authorization:
+Bearer`` or Anthropic's ``x-api-key``) and extra headers (OpenRouter's optional
+``HTTP-Referer`` / ``X-Title`` attribution, Anthropic's ``anthropic-version``), so
+one class serves all of them; which of the gateway's APIs a kind serves is the
+surfaces' business (:mod:`tollway.pipeline.surface`). The key lives only inside
+the prepared header dict; nothing here prints it.
 """
 
 from __future__ import annotations
@@ -32,16 +35,24 @@ class OpenAIProvider:
         self.base_url = base
         self._urls = {
             "chat": URL(base + "/chat/completions"),
+            "completions": URL(base + "/completions"),
             "embeddings": URL(base + "/embeddings"),
+            "messages": URL(base + "/messages"),
+            "responses": URL(base + "/responses"),
             "models": URL(base + "/models"),
         }
+        self.kind = config.kind
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         headers.update(config.headers)
         if config.http_referer:
             headers["HTTP-Referer"] = config.http_referer
         if config.x_title:
             headers["X-Title"] = config.x_title
-        if api_key:
+        if config.kind == "anthropic":
+            headers.setdefault("anthropic-version", config.anthropic_version)
+            if api_key:
+                headers["x-api-key"] = api_key
+        elif api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._headers = headers
         for name, value in headers.items():
@@ -53,19 +64,24 @@ class OpenAIProvider:
     def __repr__(self) -> str:
         return f"OpenAIProvider(name={self.name!r}, base_url={self.base_url!r})"
 
-    def _headers_for(self, request_id: str) -> dict[str, str]:
+    def _headers_for(self, request_id: str,
+                     extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = self._headers.copy()
+        if extra:  # the caller's protocol headers (anthropic-version, -beta); never the key
+            headers.update(extra)
         if request_id:
             headers["X-Request-ID"] = request_id
         return headers
 
-    async def post(self, endpoint: str, body: bytes, request_id: str) -> Reply:
+    async def post(self, endpoint: str, body: bytes, request_id: str,
+                   extra: Mapping[str, str] | None = None) -> Reply:
         return await self.client.request(
-            "POST", self._urls[endpoint], body, self._headers_for(request_id))
+            "POST", self._urls[endpoint], body, self._headers_for(request_id, extra))
 
-    async def post_stream(self, endpoint: str, body: bytes, request_id: str) -> StreamReply:
+    async def post_stream(self, endpoint: str, body: bytes, request_id: str,
+                          extra: Mapping[str, str] | None = None) -> StreamReply:
         return await self.client.stream(
-            "POST", self._urls[endpoint], body, self._headers_for(request_id))
+            "POST", self._urls[endpoint], body, self._headers_for(request_id, extra))
 
     async def test_connection(self) -> dict[str, Any]:
         """GET {base_url}/models with timing; the result never holds a secret."""

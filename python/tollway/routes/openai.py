@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -43,6 +44,23 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
+class AnthropicModel(msgspec.Struct):
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339
+    type: str = "model"
+
+
+class AnthropicModelList(msgspec.Struct):
+    """The same list in Anthropic's shape, for a caller that sends ``anthropic-version``
+    (Anthropic's SDKs and Claude Code)."""
+
+    data: list[AnthropicModel]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -50,6 +68,9 @@ def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Await
     """The POST routes the app serves past Starlette's router (:class:`GatewayApp`)."""
     pipeline = gateway.pipeline
     return {f"{PREFIX}/chat/completions": pipeline.chat,
+            f"{PREFIX}/completions": pipeline.completions,
+            f"{PREFIX}/messages": pipeline.messages,
+            f"{PREFIX}/responses": pipeline.responses,
             f"{PREFIX}/embeddings": pipeline.embeddings}
 
 
@@ -63,6 +84,14 @@ def routes(gateway: Gateway) -> list[Route]:
             status, body = error_body(PermissionDenied("this endpoint needs a tenant key"))
             return Response(body, status, media_type="application/json")
         listing = gateway.catalog.listing(principal.tenant)
+        if "anthropic-version" in request.headers:
+            ids = [mid for mid, _ in listing]
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+            anthropic = AnthropicModelList(
+                data=[AnthropicModel(id=mid, display_name=mid, created_at=stamp) for mid in ids],
+                has_more=False, first_id=ids[0] if ids else None,
+                last_id=ids[-1] if ids else None)
+            return Response(_encode(anthropic), media_type="application/json")
         data = [Model(id=mid, owned_by=owner, created=created) for mid, owner in listing]
         return Response(_encode(ModelList(data=data)), media_type="application/json")
 

@@ -139,6 +139,14 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: %b\ndata: %b\n\n" % (name.encode(), _encode({"type": name, **data}))
+
+
+def _anthropic_error(status: int, type_: str, message: str) -> Full:
+    return Full(status, _encode({"type": "error", "error": {"type": type_, "message": message}}))
+
+
 def _placeholder(schema: Any, prompt: str) -> Any:
     kind = schema.get("type") if isinstance(schema, dict) else None
     if kind == "string":
@@ -205,12 +213,20 @@ class Replies:
         # Per model, the most output tokens a request may ask for (OpenAI's 400 past it).
         self.output_limits: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self.prompt_cache: set[str] = set()  # texts marked cache_control seen so far
+        self.stored: set[str] = set()  # ids of the responses kept (store not false)
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
         """The reply to one request that passed auth and faults."""
         path = path.rstrip("/")
         if path == "/v1/chat/completions":
             return self._chat(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/responses":
+            return self._responses(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/messages":
+            return self._messages(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/completions":
+            return self._legacy(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
             return self._embeddings(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models":
@@ -463,6 +479,214 @@ class Replies:
             deltas.append(({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
         deltas.append(({}, "tool_calls"))
         return self._events(cid, created, model, deltas, usage)
+
+    # ---- OpenAI's Responses API
+    def _responses(self, body: Any) -> Full | Stream:
+        """``/v1/responses`` as OpenAI serves it: the chat reply to the same conversation,
+        in the Responses API's shapes and events (made by tollway's own translator, which
+        tests/test_translate.py checks on its own). It keeps the ids of the responses it
+        stored, so ``previous_response_id`` works for those and is a 400 for others."""
+        from tollway.pipeline.responses import (
+            ChatToResponses,
+            ResponsesRequest,
+            chat_request,
+            response_of,
+        )
+
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.stored:
+            return error(400, f"Previous response with id '{prev}' not found.",
+                         param="previous_response_id")
+        fields = ResponsesRequest.__struct_fields__
+        try:
+            req = msgspec.convert({k: v for k, v in body.items() if k in fields},
+                                  ResponsesRequest)
+        except msgspec.ValidationError as exc:
+            return error(400, str(exc))
+        chat = self._chat(msgspec.json.decode(chat_request(
+            req, req.model, req.max_output_tokens or 0, "max_tokens", req.stream is True)))
+        keep = body.get("store") is not False
+        if isinstance(chat, Full):
+            if chat.status != 200:
+                return chat
+            out = response_of(req, chat.body)
+            if keep:
+                self.stored.add(msgspec.json.decode(out)["id"])
+            return Full(200, out)
+        tap = ChatToResponses(req, 0, req.model)
+        data = tap.feed(b"".join(chat.events))
+        usage = tap.usage
+        assert usage is not None  # the chat stream above was asked for it
+        data += tap.end(usage)
+        if keep:
+            self.stored.add(tap.rid)
+        return Stream([e + b"\n\n" for e in data.split(b"\n\n") if e])
+
+    # ---- Anthropic's Messages API
+    def _messages(self, body: Any) -> Full | Stream:
+        """``/v1/messages`` in Anthropic's shapes: text echoes the last user turn, a tool
+        (unless tool_choice is none) gets a ``tool_use``; blocks marked ``cache_control``
+        are written to the prompt cache the first time and read from it after."""
+        if not isinstance(body, dict):
+            return _anthropic_error(400, "invalid_request_error", "body must be an object")
+        model, messages, limit = body.get("model"), body.get("messages"), body.get("max_tokens")
+        if not isinstance(model, str) or not model:
+            return _anthropic_error(400, "invalid_request_error", "model: Field required")
+        if not isinstance(limit, int) or limit < 1:
+            return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        if not isinstance(messages, list) or not messages:
+            return _anthropic_error(400, "invalid_request_error",
+                                    "messages: at least one message is required")
+        fresh = cached = plain = 0
+        prompt = ""
+
+        def take(block: Any) -> None:
+            nonlocal fresh, cached, plain
+            if isinstance(block, str):
+                text = block
+            elif isinstance(block, dict) and isinstance(block.get("text"), str):
+                text = block["text"]
+            else:
+                text = _encode(block).decode()
+            tokens = count_tokens(text)
+            if isinstance(block, dict) and block.get("cache_control"):
+                if text in self.prompt_cache:
+                    cached += tokens
+                else:
+                    self.prompt_cache.add(text)
+                    fresh += tokens
+            else:
+                plain += tokens
+
+        system = body.get("system")
+        for block in [system] if isinstance(system, str) else system or []:
+            take(block)
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+                return _anthropic_error(400, "invalid_request_error",
+                                        "messages: each needs a role user or assistant")
+            content = m.get("content")
+            for block in [content] if isinstance(content, str) else content or []:
+                take(block)
+            if m.get("role") == "user":
+                prompt = _text_of(content)
+        tools = body.get("tools")
+        for tool in tools if isinstance(tools, list) else []:
+            take(tool)
+        usage_in = {"input_tokens": plain, "cache_creation_input_tokens": fresh,
+                    "cache_read_input_tokens": cached}
+        choice = body.get("tool_choice")
+        use = None
+        if isinstance(tools, list) and tools and not (
+                isinstance(choice, dict) and choice.get("type") == "none"):
+            named = choice.get("name") if isinstance(choice, dict) else None
+            use = next((t for t in tools if isinstance(t, dict) and t.get("name") == named),
+                       tools[0])
+        mid = f"msg_{next(self._ids):012x}"
+        if use is not None:
+            args = _placeholder(use.get("input_schema") or {"type": "object"}, prompt)
+            block = {"type": "tool_use", "id": "toolu_" + hashlib.blake2b(
+                f"{use.get('name')}|{prompt}".encode(), digest_size=12).hexdigest(),
+                "name": use.get("name", ""), "input": args}
+            out_tokens = count_tokens(str(use.get("name", ""))) + count_tokens(
+                _encode(args).decode())
+            content_out: list[dict[str, Any]] = [block]
+            stop = "tool_use"
+        else:
+            words, finish = self._reply_words(prompt, {"max_tokens": limit})
+            text = " ".join(words)
+            out_tokens = count_tokens(text)
+            content_out = [{"type": "text", "text": text}]
+            stop = "max_tokens" if finish == "length" else "end_turn"
+        usage = {**usage_in, "output_tokens": out_tokens}
+        message = {"id": mid, "type": "message", "role": "assistant", "model": model,
+                   "content": content_out, "stop_reason": stop, "stop_sequence": None,
+                   "usage": usage}
+        if body.get("stream") is not True:
+            return Full(200, _encode(message))
+        start = {**message, "content": [], "stop_reason": None,
+                 "usage": {**usage_in, "output_tokens": 1}}
+        events = [_sse("message_start", {"message": start})]
+        for index, block in enumerate(content_out):
+            if block["type"] == "tool_use":
+                events.append(_sse("content_block_start", {
+                    "index": index, "content_block": {**block, "input": {}}}))
+                args_json = _encode(block["input"]).decode()
+                events.extend(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta",
+                    "partial_json": args_json[i:i + _ARGUMENT_PIECE]}})
+                    for i in range(0, len(args_json), _ARGUMENT_PIECE))
+            else:
+                events.append(_sse("content_block_start", {
+                    "index": index, "content_block": {"type": "text", "text": ""}}))
+                events.append(_sse("ping", {}))
+                pieces = block["text"].split(" ")
+                events.extend(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "text_delta", "text": w if i == 0 else " " + w}})
+                    for i, w in enumerate(pieces))
+            events.append(_sse("content_block_stop", {"index": index}))
+        events.append(_sse("message_delta", {
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": out_tokens}}))
+        events.append(_sse("message_stop", {}))
+        return Stream(events)
+
+    # ---- legacy completions
+    def _legacy(self, body: Any) -> Full | Stream:
+        """``/v1/completions`` as OpenAI and vLLM answer it: the reply echoes the prompt
+        (or filler words); ``suffix`` counts as prompt; ``echo`` repeats the prompt."""
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", param="model")
+        raw = body.get("prompt")
+        given = 0  # token ids, as vLLM takes them
+        if isinstance(raw, str):
+            prompt = raw
+        elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+            prompt = " ".join(raw)
+        elif isinstance(raw, list) and raw and all(isinstance(p, int) for p in raw):
+            prompt, given = "", len(raw)
+        elif isinstance(raw, list) and raw and all(
+                isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in raw):
+            prompt, given = "", sum(len(p) for p in raw)
+        else:
+            return error(400, "'prompt' must be a string, strings, token ids or arrays of "
+                         "token ids", param="prompt")
+        suffix = body.get("suffix")
+        prompt_tokens = given + count_tokens(prompt) + (
+            count_tokens(suffix) if isinstance(suffix, str) else 0)
+        words, finish = self._reply_words(prompt, body)
+        text = " ".join(words)
+        if body.get("echo") is True:
+            text = prompt + text
+        usage = self._usage(prompt_tokens, count_tokens(text))
+        cid = f"cmpl-{next(self._ids):012x}"
+        created = int(time.time())
+        base = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        if body.get("stream") is not True:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            return Full(200, _encode({**base, "choices": [choice], "usage": usage}))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        events = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            choice = {"text": piece, "index": 0, "logprobs": None,
+                      "finish_reason": finish if last else None}
+            chunk: dict[str, Any] = {**base, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            events.append(b"data: " + _encode(chunk) + b"\n\n")
+        if include_usage:
+            events.append(b"data: " + _encode({**base, "choices": [], "usage": usage})
+                          + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return Stream(events)
 
     # ---- embeddings
     def _embeddings(self, body: Any) -> Full:

@@ -1,7 +1,9 @@
 """A simulated OpenAI-compatible upstream: a real HTTP/1.1 server for tests, demo and benchmarks.
 
 It speaks ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON and SSE,
-tools, ``stream_options.include_usage``) and ``POST /v1/embeddings`` with
+tools, ``stream_options.include_usage``), ``POST /v1/completions`` (legacy),
+``POST /v1/embeddings`` and Anthropic's ``POST /v1/messages`` (its events, tool
+use, prompt-cache usage; the key as ``x-api-key``) with
 deterministic content, records every request it receives, and injects
 faults on demand (error statuses with ``Retry-After``, a silent delay, a
 stream cut in the middle, a connection reset), to every matching request or
@@ -614,7 +616,9 @@ class FakeUpstream:
                     req.method, req.path, req.headers, req.body, time.time(), req.query, req.raw
                 )
             )
-        if not self._authorized(req.headers.get("authorization")):
+        key = req.headers.get("x-api-key")  # Anthropic's clients send the key so
+        if not self._authorized(req.headers.get("authorization")
+                                or (f"Bearer {key}" if key else None)):
             conn.send_full(
                 error(
                     401,

@@ -1,0 +1,359 @@
+"""Anthropic's Messages API over an OpenAI-compatible provider: the request to chat
+completions, and the reply (whole or streamed) back to a message.
+
+What crosses: text (system prompt, user and assistant turns; image blocks as data
+URLs), tool definitions, tool choice, tool calls and their results, stop sequences,
+temperature and top_p, ``metadata.user_id`` (as ``user``); back: text, tool calls
+(``tool_use`` blocks with their parsed input), the stop reason and usage. What does
+not: ``thinking`` blocks, ``top_k``, citations, documents and server tools, which chat
+completions has no field for (dropped; a request that needs them goes to an
+``anthropic`` provider instead).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from tollway.pipeline.stream import SseTap
+from tollway.pipeline.usage import Usage
+
+__all__ = ["ChatToMessages", "chat_request", "chat_tools", "message_of", "stop_reason"]
+
+_encode = msgspec.json.encode
+
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+         "function_call": "tool_use", "content_filter": "refusal"}
+
+
+def stop_reason(finish: str | None) -> str:
+    """A chat ``finish_reason`` as Anthropic's ``stop_reason``."""
+    return _STOP.get(finish or "stop", "end_turn")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content
+                       if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def _image(block: dict[str, Any]) -> dict[str, Any] | None:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    elif source.get("type") == "url":
+        url = str(source.get("url", ""))
+    else:
+        return None
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def chat_messages(system: Any, messages: list[Any]) -> list[dict[str, Any]]:
+    """Anthropic's ``system`` and ``messages`` as chat completions messages."""
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": _text(system)})
+    for m in messages:
+        role, content = m.role, m.content
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if role == "assistant":
+            text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
+            calls = [{"id": b.get("id", ""), "type": "function",
+                      "function": {"name": b.get("name", ""),
+                                   "arguments": _encode(b.get("input", {})).decode()}}
+                     for b in content if b.get("type") == "tool_use"]
+            msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+            continue
+        parts: list[dict[str, Any]] = []
+        for b in content:
+            kind = b.get("type")
+            if kind == "tool_result":
+                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id", ""),
+                            "content": _text(b.get("content", ""))})
+            elif kind == "text":
+                parts.append({"type": "text", "text": b.get("text", "")})
+            elif kind == "image":
+                image = _image(b)
+                if image is not None:
+                    parts.append(image)
+        if parts:
+            only_text = all(p["type"] == "text" for p in parts)
+            out.append({"role": role, "content": "".join(p["text"] for p in parts)
+                        if only_text else parts})
+    return out
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Anthropic's client tools as chat functions (server tools, with no schema, dropped)."""
+    if not tools:
+        return None
+    out = [{"type": "function", "function": {
+        "name": t.get("name", ""), "description": t.get("description", ""),
+        "parameters": t.get("input_schema") or {"type": "object"}}}
+        for t in tools if "input_schema" in t]
+    return out or None
+
+
+def _tool_choice(choice: dict[str, Any] | None) -> tuple[Any, bool | None]:
+    if not choice:
+        return None, None
+    kind = choice.get("type")
+    parallel = False if choice.get("disable_parallel_tool_use") else None
+    if kind == "any":
+        return "required", parallel
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name", "")}}, parallel
+    if kind == "none":
+        return "none", None
+    return "auto", parallel
+
+
+def chat_request(req: Any, model: str, max_tokens: int, max_tokens_field: str,
+                 stream: bool) -> bytes:
+    """The chat completions body for a decoded Messages request."""
+    body: dict[str, Any] = {"model": model,
+                            "messages": chat_messages(req.system, req.messages),
+                            max_tokens_field: max_tokens}
+    tools = chat_tools(req.tools)
+    if tools:
+        body["tools"] = tools
+        choice, parallel = _tool_choice(req.tool_choice)
+        if choice is not None:
+            body["tool_choice"] = choice
+        if parallel is not None:
+            body["parallel_tool_calls"] = parallel
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences
+    if req.temperature is not None:
+        body["temperature"] = min(req.temperature, 2.0)
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
+    user = (req.metadata or {}).get("user_id")
+    if isinstance(user, str):
+        body["user"] = user
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return _encode(body)
+
+
+def _input(arguments: str | None) -> Any:
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    id: str | None = None
+    index: int = 0
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Completion(msgspec.Struct):
+    id: str = ""
+    choices: list[_Choice] = []
+    usage: Usage | None = None
+
+
+_completion = msgspec.json.Decoder(_Completion)
+
+
+def usage_of(usage: Usage | None) -> dict[str, int]:
+    u = usage or Usage()
+    return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def message_of(body: bytes, model: str) -> bytes:
+    """A whole chat completion as Anthropic's message (``model``: the name the caller
+    asked for)."""
+    done = _completion.decode(body)
+    content: list[dict[str, Any]] = []
+    finish = None
+    if done.choices:
+        choice = done.choices[0]
+        finish = choice.finish_reason
+        msg = choice.message or _Message()
+        if msg.content:
+            content.append({"type": "text", "text": msg.content})
+        for call in msg.tool_calls or ():
+            fn = call.function or _Function()
+            content.append({"type": "tool_use", "id": call.id or f"toolu_{call.index}",
+                            "name": fn.name or "", "input": _input(fn.arguments)})
+    return _encode({
+        "id": "msg_" + (done.id or "tollway"), "type": "message", "role": "assistant",
+        "model": model, "content": content, "stop_reason": stop_reason(finish),
+        "stop_sequence": None, "usage": usage_of(done.usage)})
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + _encode({"type": name, **data}) + b"\n\n"
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str = ""
+    choices: list[_ChunkChoice] | None = None
+    usage: Usage | None = None
+
+
+_chunk = msgspec.json.Decoder(_Chunk)
+
+
+class ChatToMessages:
+    """A chat completions stream as Anthropic's message events: the chat tap (usage
+    kept, since the caller always gets it here) reads the provider's chunks, counts and
+    cuts; this writes what it forwarded as ``message_start``, content blocks (text,
+    ``tool_use`` with ``input_json_delta``), ``message_delta`` and ``message_stop``."""
+
+    def __init__(self, limit: int, upstream: str, model: str, prompt_tokens: int) -> None:
+        self.inner = SseTap(True, limit, upstream)
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.started = False
+        self.block = -1  # index of the open content block; -1: none
+        self.block_kind = ""
+        self.tools: dict[int, int] = {}  # chat tool call index -> block index
+        self.finish: str | None = None
+
+    # the tap's face, for the relay and the settle
+    @property
+    def cut(self) -> bool:
+        return self.inner.cut
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    @property
+    def error(self) -> bool:
+        return self.inner.error
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.inner.usage
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.inner.first_token_at
+
+    def text(self) -> str:
+        return self.inner.text()
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for raw in self.inner.feed(data).split(b"\n\n"):
+            payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
+                                 if line.startswith(b"data:"))
+            if not payload:
+                continue
+            try:
+                chunk = _chunk.decode(payload)
+            except msgspec.MsgspecError:
+                continue
+            if not self.started:
+                out.append(self._start(chunk.id))
+            if b'"error"' in payload and not chunk.choices:
+                out.append(_error_event(payload))
+                continue
+            for choice in chunk.choices or ():
+                if choice.finish_reason:
+                    self.finish = choice.finish_reason
+                delta = choice.delta
+                if delta is None:
+                    continue
+                if delta.content:
+                    if self.block_kind != "text":
+                        out.append(self._open({"type": "text", "text": ""}, "text"))
+                    out.append(event("content_block_delta", {
+                        "index": self.block,
+                        "delta": {"type": "text_delta", "text": delta.content}}))
+                for call in delta.tool_calls or ():
+                    fn = call.function or _Function()
+                    if call.index not in self.tools:
+                        out.append(self._open({"type": "tool_use",
+                                               "id": call.id or f"toolu_{call.index}",
+                                               "name": fn.name or "", "input": {}}, "tool"))
+                        self.tools[call.index] = self.block
+                    if fn.arguments:
+                        out.append(event("content_block_delta", {
+                            "index": self.tools[call.index],
+                            "delta": {"type": "input_json_delta",
+                                      "partial_json": fn.arguments}}))
+        return b"".join(out)
+
+    def _start(self, chunk_id: str) -> bytes:
+        self.started = True
+        return event("message_start", {"message": {
+            "id": "msg_" + (chunk_id or "tollway"), "type": "message", "role": "assistant",
+            "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}})
+
+    def _open(self, block: dict[str, Any], kind: str) -> bytes:
+        out = self._close()
+        self.block += 1
+        self.block_kind = kind
+        return out + event("content_block_start", {"index": self.block,
+                                                   "content_block": block})
+
+    def _close(self) -> bytes:
+        if not self.block_kind:
+            return b""
+        self.block_kind = ""
+        return event("content_block_stop", {"index": self.block})
+
+    def end(self, usage: Usage, stop: str | None = None) -> bytes:
+        """The stream's last events: the open block closed, the stop reason and usage."""
+        out = b"" if self.started else self._start("")
+        out += self._close()
+        return out + event("message_delta", {
+            "delta": {"stop_reason": stop or stop_reason(self.finish), "stop_sequence": None},
+            "usage": usage_of(usage)}) + event("message_stop", {})
+
+
+def _error_event(payload: bytes) -> bytes:
+    try:
+        detail = msgspec.json.decode(payload).get("error") or {}
+    except (msgspec.MsgspecError, AttributeError):
+        detail = {}
+    message = detail.get("message") if isinstance(detail, dict) else None
+    return event("error", {"error": {"type": "api_error",
+                                     "message": str(message or "provider error")}})
