@@ -166,9 +166,10 @@ def _known_admin_names(case: Any, made: dict[str, str]) -> None:
             body["tenant"] = "acme"
         if "overlap_s" in body:
             body["overlap_s"] = 3600.0
-        if "candidates" in body:
-            body.update(route="auto", candidates=["gpt-4o-mini"])
+        if case.path.startswith("/api/ai/admin/flags/"):  # a route flag that fits
+            body.update(kind="route", route="auto", candidates=["gpt-4o-mini"])
             body.pop("tenants", None)
+            body.pop("max_call_usd", None)
     params = case.path_parameters
     if params and "name" in params:
         params["name"] = made["flag"]
