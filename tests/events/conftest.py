@@ -24,7 +24,7 @@ def contents(p: Any) -> Any:
     if p.name == "directory":
         return v.tenants, v.keys, v.by_hash
     if p.name == "recent":
-        return [(e.type, e.tenant, e.occurred_at, e.summary) for e in v.entries]
+        return [e for _, e in v.entries]
     return v.rows
 
 

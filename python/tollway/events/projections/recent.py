@@ -1,8 +1,9 @@
 """The latest events, as the dashboard's live tail shows them.
 
-A fold like the others that keeps the last :data:`KEEP` events it folded (stream
-sequence, type, subject token fields), newest last. It is a view of the stream, so
-every gateway of a fleet shows the fleet's events, not only its own calls.
+A fold like the others that keeps the last :data:`KEEP` events it folded with their
+stream sequences, newest last. It is a view of the stream, so every gateway of a fleet
+shows the fleet's events, not only its own calls. Every process folds every event,
+so the fold only keeps a reference; what a line shows is built when it is read.
 """
 
 from __future__ import annotations
@@ -11,23 +12,15 @@ from typing import Any
 
 import msgspec
 
-from tollway.events.schema import AdminEvent, CallEvent, Event
+from tollway.events.schema import AdminEvent, AnyEvent, CallEvent, Event
 from tollway.events.seen import RETENTION_DAYS, Seen
 
 KEEP = 200
 
 
-class Entry(msgspec.Struct, array_like=True):
-    seq: int
-    type: str
-    occurred_at: float
-    tenant: str
-    summary: dict[str, Any]
-
-
 class RecentView(msgspec.Struct):
     last_seq: int = 0
-    entries: list[Entry] = msgspec.field(default_factory=list)
+    entries: list[tuple[int, AnyEvent]] = msgspec.field(default_factory=list)
     seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
 
 
@@ -56,10 +49,10 @@ def apply(view: RecentView, seq: int, event: Event) -> RecentView:
     if seq <= view.last_seq:
         return view
     view.last_seq = seq
-    tag = type(event).__struct_config__.tag
-    view.entries.append(Entry(seq, str(tag), event.occurred_at, event.tenant, _summary(event)))
-    if len(view.entries) > KEEP:
-        del view.entries[:-KEEP]
+    entries = view.entries
+    entries.append((seq, event))  # type: ignore[arg-type]  # every event is of AnyEvent
+    if len(entries) > KEEP:
+        del entries[0]
     return view
 
 
@@ -77,6 +70,6 @@ def load(data: bytes) -> RecentView:
 
 def query(view: RecentView, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
     """The newest ``limit`` events after sequence ``after``, oldest first."""
-    rows = [e for e in view.entries if e.seq > after][-limit:]
-    return [{"seq": e.seq, "type": e.type, "occurred_at": e.occurred_at, "tenant": e.tenant,
-             **e.summary} for e in rows]
+    rows = [(seq, e) for seq, e in view.entries if seq > after][-limit:]
+    return [{"seq": seq, "type": type(e).__struct_config__.tag, "occurred_at": e.occurred_at,
+             "tenant": e.tenant, **_summary(e)} for seq, e in rows]
