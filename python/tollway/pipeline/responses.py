@@ -29,6 +29,7 @@ from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
 from tollway.pipeline.stream import SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
 from tollway.pipeline.taps import EventTap
+from tollway.pipeline.translate import ChatInside
 from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
 
@@ -293,7 +294,7 @@ def response_of(req: ResponsesRequest, body: bytes) -> bytes:
                              done.usage or Usage()))
 
 
-class ChatToResponses:
+class ChatToResponses(ChatInside):
     """A chat completions stream as the Responses API's typed events (see
     :class:`tollway.pipeline.translate.ChatToMessages`, its Messages twin)."""
 
@@ -307,29 +308,6 @@ class ChatToResponses:
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.calls: dict[int, int] = {}  # chat tool call index -> output index
         self.finish: str | None = None
-
-    @property
-    def cut(self) -> bool:
-        return self.inner.cut
-
-    @property
-    def done(self) -> bool:
-        return self.inner.done
-
-    @property
-    def error(self) -> bool:
-        return self.inner.error
-
-    @property
-    def usage(self) -> Usage | None:
-        return self.inner.usage
-
-    @property
-    def first_token_at(self) -> float | None:
-        return self.inner.first_token_at
-
-    def text(self) -> str:
-        return self.inner.text()
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
         self.seq += 1

@@ -238,23 +238,13 @@ class _Chunk(msgspec.Struct):
 _chunk = msgspec.json.Decoder(_Chunk)
 
 
-class ChatToMessages:
-    """A chat completions stream as Anthropic's message events: the chat tap (usage
-    kept, since the caller always gets it here) reads the provider's chunks, counts and
-    cuts; this writes what it forwarded as ``message_start``, content blocks (text,
-    ``tool_use`` with ``input_json_delta``), ``message_delta`` and ``message_stop``."""
+class ChatInside:
+    """A tap that turns a chat completions stream into another API's events: its face
+    to the relay and the settle (cut, done, error, usage, first token, text) is the
+    inner chat tap's, which reads the provider's chunks, counts and cuts."""
 
-    def __init__(self, limit: int, upstream: str, model: str, prompt_tokens: int) -> None:
-        self.inner = SseTap(True, limit, upstream)
-        self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.started = False
-        self.block = -1  # index of the open content block; -1: none
-        self.block_kind = ""
-        self.tools: dict[int, int] = {}  # chat tool call index -> block index
-        self.finish: str | None = None
+    inner: SseTap
 
-    # the tap's face, for the relay and the settle
     @property
     def cut(self) -> bool:
         return self.inner.cut
@@ -277,6 +267,24 @@ class ChatToMessages:
 
     def text(self) -> str:
         return self.inner.text()
+
+
+class ChatToMessages(ChatInside):
+    """A chat completions stream as Anthropic's message events: the chat tap (usage
+    kept, since the caller always gets it here) reads the provider's chunks, counts and
+    cuts; this writes what it forwarded as ``message_start``, content blocks (text,
+    ``tool_use`` with ``input_json_delta``), ``message_delta`` and ``message_stop``."""
+
+    def __init__(self, limit: int, upstream: str, model: str, prompt_tokens: int) -> None:
+        self.inner = SseTap(True, limit, upstream)
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.started = False
+        self.block = -1  # index of the open content block; -1: none
+        self.block_kind = ""
+        self.tools: dict[int, int] = {}  # chat tool call index -> block index
+        self.finish: str | None = None
+
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
