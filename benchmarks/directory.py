@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from fleet_limits import ADMIN_KEY, KEY, UPSTREAM_KEY, _config, _serving_port, _stop_all
+from fleet_limits import ADMIN_KEY, KEY, UPSTREAM_KEY, _stop_all, start_gateways
 from load import RESULTS, Leg, find_oha, parse_oha, run_oha
 
 BAR_PROPAGATION_S = 1.0
@@ -118,17 +118,7 @@ def main() -> None:
         try:
             assert up.stdout is not None
             upstream = up.stdout.readline().split()[-1]
-            for name in ("a", "b"):
-                folder = tmp / name
-                folder.mkdir()
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tollway.cli", "serve", "--config",
-                     str(_config(folder, nats.url, upstream, 10**8)), "--port", "0"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            a, b = (f"http://127.0.0.1:{_serving_port(p)}" for p in procs)
-            for p in procs:
-                assert p.stderr is not None
-                p.stderr.close()
+            a, b = start_gateways(procs, tmp, ["a", "b"], nats.url, upstream, 10**8, env)
             with httpx.Client(timeout=30) as client:
                 for url in (a, b):
                     _until(lambda u=url: client.get(f"{u}/api/ai/ready").status_code == 200)

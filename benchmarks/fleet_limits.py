@@ -162,6 +162,25 @@ def _serving_port(proc: subprocess.Popen[str]) -> int:
     raise SystemExit("tollway serve did not start")
 
 
+def start_gateways(procs: list[subprocess.Popen[str]], tmp: Path, names: list[str],
+                   nats_url: str, upstream: str, per_minute: int, env: dict[str, str]
+                   ) -> list[str]:
+    """``tollway serve`` processes (added to ``procs`` as they start, for the caller to
+    stop) on one NATS, each in its own folder under ``tmp``: their base URLs."""
+    for name in names:
+        folder = tmp / name
+        folder.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tollway.cli", "serve", "--config",
+             str(_config(folder, nats_url, upstream, per_minute)), "--port", "0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    urls = [f"http://127.0.0.1:{_serving_port(p)}" for p in procs]
+    for p in procs:
+        assert p.stderr is not None
+        p.stderr.close()
+    return urls
+
+
 def _stop_all(gateways: list[subprocess.Popen[str]], upstream: subprocess.Popen[Any],
               nats: EmbeddedNats) -> None:
     """Stop the gateways (SIGTERM, then SIGKILL after 15 s), the upstream, then NATS."""
@@ -193,17 +212,8 @@ async def _served_once(n: int, per_minute: int, calls: int) -> dict[str, Any]:
         try:
             assert up.stdout is not None
             upstream = up.stdout.readline().split()[-1]
-            for i in range(n):
-                folder = tmp / f"gw{i}"
-                folder.mkdir()
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tollway.cli", "serve", "--config",
-                     str(_config(folder, srv.url, upstream, per_minute)), "--port", "0"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            urls = [f"http://127.0.0.1:{_serving_port(p)}" for p in procs]
-            for p in procs:
-                assert p.stderr is not None
-                p.stderr.close()
+            urls = start_gateways(procs, tmp, [f"gw{i}" for i in range(n)], srv.url, upstream,
+                                  per_minute, env)
             async with httpx.AsyncClient(timeout=30) as client:
                 for url in urls:
                     while (await client.get(f"{url}/api/ai/ready")).status_code != 200:
