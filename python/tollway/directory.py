@@ -288,10 +288,6 @@ class Directory:
         self._current()
         return self._tenants.get(tenant_id)
 
-    def tenants(self) -> dict[str, TenantConfig]:
-        self._current()
-        return {**self._tenants, **self.config_tenants}
-
     # ---- the admin API ----------------------------------------------------------------------
     def _view_or_unavailable(self) -> DirectoryView:
         view = self._current()
