@@ -259,9 +259,11 @@ class Directory:
     def call_cap(self, route: str, tenant: str) -> tuple[str, int] | None:
         """(flag, nano-USD) when a guard flag sets this tenant's per-call cost cap for
         ``route``, else None (its tier's cap holds)."""
-        if self.projection is None or not self._guards:
+        if self.projection is None:
             return None
         self._current()
+        if not self._guards:
+            return None
         for key in (route, "*"):
             for r in self._guards.get(key, ()):
                 if r.includes(tenant):

@@ -11,6 +11,7 @@ surface's subclass reads its own event shapes in :meth:`EventTap.read`.
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Protocol
 
@@ -48,7 +49,7 @@ class Tap(Protocol):
     def text(self) -> str: ...
 
 
-class EventTap:
+class EventTap(abc.ABC):
     """Framing, counting and the output limit; :meth:`read` is the surface's."""
 
     __slots__ = ("_buf", "_counted", "_uncounted", "cut", "done", "error", "first_token_at",
@@ -99,11 +100,11 @@ class EventTap:
                 out.append(forward)
         return b"".join(out)
 
+    @abc.abstractmethod
     def read(self, name: bytes, payload: bytes) -> bytes | None:
         """Read one event (its ``event:`` name and ``data:``), appending generated text to
         :attr:`parts`; None forwards the event as it came, bytes forward these instead
         (b"": drop it)."""
-        raise NotImplementedError
 
     def text(self) -> str:
         return "".join(self.parts)
