@@ -520,14 +520,19 @@ def encode_record(rec: CallRecord, event_id: str, instance: str = "") -> tuple[s
 
 # ---- JSON Schema files -----------------------------------------------------------------------
 def _cleaned(node: object) -> object:
-    """The schema with every ``description`` dedented by :func:`inspect.cleandoc`.
+    """The schema with every ``description`` dedented by :func:`inspect.cleandoc` and
+    every ``anyOf`` in one order.
 
-    msgspec renders a docstring as written up to 0.19 and dedented from 0.20 on;
+    msgspec renders a docstring as written up to 0.19 and dedented from 0.20 on, and
+    lists a union's ``null`` before a struct's ``$ref`` in 0.18 and after it later;
     the files are a contract, so they must not depend on which one is installed.
     """
     if isinstance(node, dict):
-        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
-                else _cleaned(v) for k, v in node.items()}
+        out = {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+               else _cleaned(v) for k, v in node.items()}
+        if isinstance(out.get("anyOf"), list):
+            out["anyOf"] = sorted(out["anyOf"], key=lambda v: json.dumps(v, sort_keys=True))
+        return out
     if isinstance(node, list):
         return [_cleaned(v) for v in node]
     return node

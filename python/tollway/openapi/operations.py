@@ -96,7 +96,9 @@ HINTS = (
 # 404 unknown model, 413 body, 429 rate limit or budget) and upstream failures.
 _CALL_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
 
-_ID = Param("id", "path", {"type": "string"}, "the tenant's or the key's id", required=True)
+# Tenant ids and key ids alike (a key's is "key_" and 16 hex digits).
+_ID = Param("id", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "the tenant's or the key's id", required=True)
 _FLAG = Param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
               "the flag's name", required=True)
 _ADMIN_ERRORS = (400, 401, 403, 404, 409, 429, 503)
