@@ -530,8 +530,9 @@ def _cleaned(node: object) -> object:
     if isinstance(node, dict):
         out = {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
                else _cleaned(v) for k, v in node.items()}
-        if isinstance(out.get("anyOf"), list):
-            out["anyOf"] = sorted(out["anyOf"], key=lambda v: json.dumps(v, sort_keys=True))
+        any_of = out.get("anyOf")
+        if isinstance(any_of, list):
+            out["anyOf"] = sorted(any_of, key=lambda v: json.dumps(v, sort_keys=True))
         return out
     if isinstance(node, list):
         return [_cleaned(v) for v in node]
