@@ -29,7 +29,7 @@ from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
 from tollway.pipeline.stream import SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
 from tollway.pipeline.taps import EventTap
-from tollway.pipeline.translate import ChatInside
+from tollway.pipeline.translate import ChatFunction, ChatInside, ChatMessage, chat_reply
 from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
 
@@ -192,35 +192,6 @@ def chat_request(req: ResponsesRequest, model: str, max_tokens: int, field: str,
 
 
 # ---- reply: chat completions -> Responses ---------------------------------------------
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    id: str | None = None
-    index: int = 0
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _Message | None = None
-    delta: _Message | None = None
-    finish_reason: str | None = None
-
-
-class _Completion(msgspec.Struct):
-    id: str = ""
-    choices: list[_Choice] | None = None
-    usage: Usage | None = None
-
-
-_completion = msgspec.json.Decoder(_Completion)
 _ids = itertools.count(1)
 
 
@@ -275,18 +246,18 @@ def _echoed(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 
 def response_of(req: ResponsesRequest, body: bytes) -> bytes:
-    done = _completion.decode(body)
+    done = chat_reply.decode(body)
     rid = "resp_" + (done.id or f"tollway{next(_ids)}")
     output: list[dict[str, Any]] = []
     finish = None
     if done.choices:
         choice = done.choices[0]
         finish = choice.finish_reason
-        msg = choice.message or _Message()
+        msg = choice.message or ChatMessage()
         if msg.content:
             output.append(_text_item(f"msg_{rid[5:]}", msg.content))
         for i, call in enumerate(msg.tool_calls or ()):
-            fn = call.function or _Function()
+            fn = call.function or ChatFunction()
             call_id = call.id or f"call_{i}"
             output.append(_call_item(f"fc_{call_id}", call_id, fn.name or "",
                                      fn.arguments or ""))
@@ -326,7 +297,7 @@ class ChatToResponses(ChatInside):
             if not payload:
                 continue
             try:
-                chunk = _completion.decode(payload)
+                chunk = chat_reply.decode(payload)
             except msgspec.MsgspecError:
                 continue
             if not self.rid:
@@ -356,7 +327,7 @@ class ChatToResponses(ChatInside):
                         "item_id": self.open["id"], "output_index": len(self.output),
                         "content_index": 0, "delta": delta.content, "logprobs": []}))
                 for call in delta.tool_calls or ():
-                    fn = call.function or _Function()
+                    fn = call.function or ChatFunction()
                     if call.index not in self.calls:
                         call_id = call.id or f"call_{call.index}"
                         out.append(self._open(_call_item(f"fc_{call_id}", call_id,

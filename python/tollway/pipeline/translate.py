@@ -157,34 +157,37 @@ def _input(arguments: str | None) -> Any:
     return value if isinstance(value, dict) else {}
 
 
-class _Function(msgspec.Struct):
+class ChatFunction(msgspec.Struct):
     name: str | None = None
     arguments: str | None = None
 
 
-class _ToolCall(msgspec.Struct):
+class ChatToolCall(msgspec.Struct):
     id: str | None = None
     index: int = 0
-    function: _Function | None = None
+    function: ChatFunction | None = None
 
 
-class _Message(msgspec.Struct):
+class ChatMessage(msgspec.Struct):
     content: str | None = None
-    tool_calls: list[_ToolCall] | None = None
+    tool_calls: list[ChatToolCall] | None = None
 
 
-class _Choice(msgspec.Struct):
-    message: _Message | None = None
+class ChatChoice(msgspec.Struct):
+    message: ChatMessage | None = None
+    delta: ChatMessage | None = None  # a stream's chunk
     finish_reason: str | None = None
 
 
-class _Completion(msgspec.Struct):
+class ChatReply(msgspec.Struct):
+    """What the translators read of a chat completion, or of one of its stream's chunks."""
+
     id: str = ""
-    choices: list[_Choice] = []
+    choices: list[ChatChoice] | None = None
     usage: Usage | None = None
 
 
-_completion = msgspec.json.Decoder(_Completion)
+chat_reply = msgspec.json.Decoder(ChatReply)
 
 
 def usage_of(usage: Usage | None) -> dict[str, int]:
@@ -196,17 +199,17 @@ def usage_of(usage: Usage | None) -> dict[str, int]:
 def message_of(body: bytes, model: str) -> bytes:
     """A whole chat completion as Anthropic's message (``model``: the name the caller
     asked for)."""
-    done = _completion.decode(body)
+    done = chat_reply.decode(body)
     content: list[dict[str, Any]] = []
     finish = None
     if done.choices:
         choice = done.choices[0]
         finish = choice.finish_reason
-        msg = choice.message or _Message()
+        msg = choice.message or ChatMessage()
         if msg.content:
             content.append({"type": "text", "text": msg.content})
         for call in msg.tool_calls or ():
-            fn = call.function or _Function()
+            fn = call.function or ChatFunction()
             content.append({"type": "tool_use", "id": call.id or f"toolu_{call.index}",
                             "name": fn.name or "", "input": _input(fn.arguments)})
     return _encode({
@@ -221,7 +224,7 @@ def event(name: str, data: dict[str, Any]) -> bytes:
 
 class _Delta(msgspec.Struct):
     content: str | None = None
-    tool_calls: list[_ToolCall] | None = None
+    tool_calls: list[ChatToolCall] | None = None
 
 
 class _ChunkChoice(msgspec.Struct):
@@ -315,7 +318,7 @@ class ChatToMessages(ChatInside):
                         "index": self.block,
                         "delta": {"type": "text_delta", "text": delta.content}}))
                 for call in delta.tool_calls or ():
-                    fn = call.function or _Function()
+                    fn = call.function or ChatFunction()
                     if call.index not in self.tools:
                         out.append(self._open({"type": "tool_use",
                                                "id": call.id or f"toolu_{call.index}",
