@@ -122,8 +122,8 @@ class Principal:
     ``refusal``: why this key is refused (revoked, expired, tenant disabled), else None;
     ``admin_id``: for the admin key, how admin events name it."""
 
-    __slots__ = ("admin", "admin_id", "expires_at", "key_id", "limit_scope", "refusal",
-                 "tenant")
+    __slots__ = ("admin", "admin_id", "budget_scope", "expires_at", "key_id", "limit_scope",
+                 "refusal", "tenant")
 
     def __init__(self, tenant: TenantConfig | None, admin: bool = False, *,
                  key_id: str = "", expires_at: float | None = None,
@@ -135,6 +135,7 @@ class Principal:
         self.refusal: TollwayError | None = None
         self.admin_id = admin_id
         self.limit_scope = ""  # a key with its own rate limits: "<tenant>/<key id>"
+        self.budget_scope = ""  # a key with its own daily budget: "<tenant>/<key id>"
 
     @property
     def tenant_id(self) -> str:

@@ -68,6 +68,7 @@ WRITE_TIMEOUT_S = 5.0  # the stream's ack and this gateway's fold of a change
 
 TenantListener = Callable[[TenantConfig], None]
 LimitsListener = Callable[[str, TenantLimits], None]  # a key's own limits, by limiter identity
+BudgetListener = Callable[[str, float], None]  # a key's own daily budget, by account
 
 
 def rollout_bucket(flag: str, tenant: str) -> float:
@@ -122,6 +123,17 @@ def _key_tenant(tenant: TenantConfig, key: KeyEntry) -> TenantConfig:
                         daily_usd=tenant.daily_usd, models=allowed,
                         max_sensitivity=tenant.max_sensitivity)
 
+def _budget_account(view: DirectoryView, key_id: str, key: KeyEntry) -> str:
+    """A key's own budget account, "<tenant>/<key id>": the id of the first key of its
+    rotations, so rotating a key does not give it a fresh day of budget."""
+    for _ in range(1000):  # a chain of rotations; a cycle cannot be made, but stop anyway
+        first = view.keys.get(key.rotated_from) if key.rotated_from else None
+        if first is None:
+            break
+        key_id, key = key.rotated_from, first
+    return f"{key.tenant}/{key_id}"
+
+
 class Directory:
     """The gateway's run-time tenants and keys (see the module doc)."""
 
@@ -133,7 +145,9 @@ class Directory:
         self.events: EventsService | None = None
         self.listeners: list[TenantListener] = []
         self.limits_listeners: list[LimitsListener] = []
+        self.budget_listeners: list[BudgetListener] = []
         self._key_limits: dict[str, TenantLimits] = {}
+        self._key_budgets: dict[str, float] = {}
         self._version = -1
         self._view: DirectoryView | None = None
         self._principals: dict[str, tuple[str, Principal]] = {}
@@ -175,6 +189,7 @@ class Directory:
                 disabled.add(tid)
         principals: dict[str, tuple[str, Principal]] = {}
         key_limits: dict[str, TenantLimits] = {}
+        key_budgets: dict[str, float] = {}
         for key_id, key in view.keys.items():
             tenant = self.config_tenants.get(key.tenant) or tenants.get(key.tenant)
             if tenant is None:
@@ -183,6 +198,9 @@ class Directory:
             if key.limits is not None:
                 p.limit_scope = f"{key.tenant}/{key_id}"
                 key_limits[p.limit_scope] = _limits(key.limits)
+            if key.daily_usd is not None:
+                p.budget_scope = _budget_account(view, key_id, key)
+                key_budgets[p.budget_scope] = key.daily_usd
             if key.revoked_at is not None:
                 p.refusal = AuthenticationFailed("this API key was revoked",
                                                  code="revoked_api_key")
@@ -229,6 +247,14 @@ class Directory:
                         on_limits(scope, limits)
                     except Exception:
                         log.exception("directory: applying the limits of %s failed", scope)
+        old_budgets, self._key_budgets = self._key_budgets, key_budgets
+        for scope, usd in key_budgets.items():
+            if old_budgets.get(scope) != usd:
+                for on_budget in self.budget_listeners:
+                    try:
+                        on_budget(scope, usd)
+                    except Exception:
+                        log.exception("directory: applying the budget of %s failed", scope)
 
     def resolve(self, digest: str) -> tuple[str, Principal] | None:
         """(stored digest, principal) of a key by its SHA-256, from the directory."""
@@ -359,6 +385,7 @@ class Directory:
                          expires_at: float | None = None,
                          models: tuple[str, ...] | None = None,
                          limits: TenantLimitSettings | None = None,
+                         daily_usd: float | None = None,
                          rotated_from: str = "") -> dict[str, Any]:
         """A new key for the tenant: the answer holds the key, the only time it is shown."""
         self._view_or_unavailable()
@@ -370,7 +397,8 @@ class Directory:
         await self._write(KeyCreated(
             event_id=_event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
             key_id=key_id, key_sha256=hash_key(key), prefix=key[:PREFIX_CHARS], name=name,
-            expires_at=expires_at, models=models, rotated_from=rotated_from, limits=limits),
+            expires_at=expires_at, models=models, rotated_from=rotated_from, limits=limits,
+            daily_usd=daily_usd),
             first_on_subject=True)
         out = self.get_key(key_id)
         out["key"] = key
@@ -382,6 +410,14 @@ class Directory:
         if key is None:
             raise NotFound(f"no key {key_id!r}", code="key_not_found")
         return key
+
+    def key_budget(self, key_id: str) -> tuple[str, str, float] | None:
+        """(tenant, budget account, USD a day) of a key with a daily budget of its own."""
+        view = self._current()
+        key = view.keys.get(key_id) if view is not None else None
+        if view is None or key is None or key.daily_usd is None:
+            return None
+        return key.tenant, _budget_account(view, key_id, key), key.daily_usd
 
     def get_key(self, key_id: str) -> dict[str, Any]:
         return key_json(key_id, self._key(key_id), self.clock(), self.last_used.get(key_id))
@@ -395,8 +431,9 @@ class Directory:
         return self.get_key(key_id)
 
     async def rotate_key(self, key_id: str, overlap_s: float, admin: str) -> dict[str, Any]:
-        """A new key with the old one's tenant, name, models and expiry; the old one keeps
-        working for ``overlap_s`` more seconds."""
+        """A new key with the old one's tenant, name, models, limits, budget (the same
+        account: see :func:`_budget_account`) and expiry; the old one keeps working for
+        ``overlap_s`` more seconds."""
         self._view_or_unavailable()
         key = self._key(key_id)
         now = self.clock()
@@ -405,7 +442,8 @@ class Directory:
                            code="key_not_active")
         new = await self.create_key(key.tenant, admin, name=key.name,
                                     expires_at=key.expires_at, models=key.models,
-                                    limits=key.limits, rotated_from=key_id)
+                                    limits=key.limits, daily_usd=key.daily_usd,
+                                    rotated_from=key_id)
         await self._write(KeyRotated(event_id=_event_id(), occurred_at=now,
                                      tenant=key.tenant, admin=admin, key_id=key_id,
                                      new_key_id=new["id"], expires_at=now + overlap_s))

@@ -101,6 +101,8 @@ class Gateway:
                 self.directory.listeners.append(guard.set_tenant)
         if self.rate_guard is not None:
             self.directory.limits_listeners.append(self.rate_guard.set_limits)
+        if self.budget_guard is not None:
+            self.directory.budget_listeners.append(self.budget_guard.set_scope)
         self.ready = False
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []

@@ -364,6 +364,11 @@ class BudgetGuard:
             self.tiers[tenant.tier].daily_usd)
         self.daily[tenant.id] = round(usd * NANO)
 
+    def set_scope(self, scope: str, usd: float) -> None:
+        """A key's own daily budget (``tollway.directory``): its account ``scope``,
+        "<tenant>/<key id>", is held like a tenant's, beside the tenant's."""
+        self.daily[scope] = round(usd * NANO)
+
     async def __call__(self, call: Call, plan: RoutePlan) -> None:
         book = self.book_of()
         if type(book) is LocalBudget:
@@ -371,103 +376,124 @@ class BudgetGuard:
         else:
             await self.hold(call, plan, book)
 
-    def _amount(self, call: Call, plan: RoutePlan, book: BudgetBook, limit: int) -> int:
+    def _amount(self, call: Call, plan: RoutePlan, book: BudgetBook, account: str,
+                limit: int) -> int:
         """What to hold: the plan's cost bound, once its output is bounded to what is left
-        of the tenant's day (spend and every open hold taken off); refuses the call when
+        of the account's day (spend and every open hold taken off); refuses the call when
         not even a minimal reply fits."""
         if not isinstance(plan, PolicyPlan):
             return 0
-        tenant, now = call.tenant.id, call.occurred_at
-        left = limit - book.spent_today(tenant, now) - book.reserved_today(tenant, now)
+        now = call.occurred_at
+        left = limit - book.spent_today(account, now) - book.reserved_today(account, now)
         # A shared book counts this gateway's leases as held; what one of them has free
         # is granted to a call that fits in it.
         grantable = getattr(book, "grantable_today", None)
         if grantable is not None:
-            left = max(left, grantable(tenant, now))
+            left = max(left, grantable(account, now))
         if not plan.lower(max(left, 0)):
             least = min((fit.least() for fit in plan.fits), default=plan.max_cost_nanousd)
-            self._refuse(call, book, limit, f"a minimal reply costs {least / NANO:.6f} USD")
+            self._refuse(call, book, account, limit,
+                         f"a minimal reply costs {least / NANO:.6f} USD")
         call.estimated_cost_nanousd = plan.max_cost_nanousd
         return plan.max_cost_nanousd
 
-    @staticmethod
-    def _whole(call: Call, plan: PolicyPlan, book: BudgetBook, hold: Any) -> bool:
-        """Keep ``hold``, the book's grant of the call's whole cost (None: refused), if any.
-
-        Tried first: most calls fit whole in what is left, and then what :meth:`_amount`
-        reads of the book to bound the output would lower nothing."""
-        if hold is None:
-            return False
-        call.estimated_cost_nanousd = plan.max_cost_nanousd
-        call.reservation = (book, hold)
-        return True
-
     def hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget) -> None:
         """:meth:`hold` for this process's own book, which decides without awaiting."""
-        tenant = call.tenant.id
-        limit = self.daily.get(tenant, self.default_daily)
+        call.reservation = (book, self._hold_local(call, plan, book, call.tenant.id))
+        if call.budget_scope:
+            call.key_reservation = (book, self._hold_local(call, plan, book,
+                                                           call.budget_scope))
+
+    def _hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget,
+                    account: str) -> LocalReservation:
+        limit = self.daily.get(account, self.default_daily)
         request_id, now = call.info.request_id, call.occurred_at
-        if isinstance(plan, PolicyPlan) and self._whole(call, plan, book, book.try_reserve(
-                tenant, plan.max_cost_nanousd, limit, request_id=request_id, now=now)):
-            return
-        amount = self._amount(call, plan, book, limit)
-        hold = book.try_reserve(tenant, amount, limit, request_id=request_id, now=now)
+        if isinstance(plan, PolicyPlan):
+            # Tried first: most calls fit whole in what is left, and then what _amount
+            # reads of the book to bound the output would lower nothing.
+            hold = book.try_reserve(account, plan.max_cost_nanousd, limit,
+                                    request_id=request_id, now=now)
+            if hold is not None:
+                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                return hold
+        amount = self._amount(call, plan, book, account, limit)
+        hold = book.try_reserve(account, amount, limit, request_id=request_id, now=now)
         if hold is None:
-            self._refuse(call, book, limit, f"this call may cost up to {amount / NANO:.6f} USD")
-        call.reservation = (book, hold)
+            self._refuse(call, book, account, limit,
+                         f"this call may cost up to {amount / NANO:.6f} USD")
+        return hold
 
     async def hold(self, call: Call, plan: RoutePlan, book: BudgetBook) -> None:
-        tenant = call.tenant.id
-        limit = self.daily.get(tenant, self.default_daily)
+        call.reservation = (book, await self._hold(call, plan, book, call.tenant.id))
+        if call.budget_scope:
+            # The key's account after the tenant's: a call its key cannot pay gives the
+            # tenant's hold back when it ends (finish), like any refused call.
+            call.key_reservation = (book, await self._hold(call, plan, book,
+                                                           call.budget_scope))
+
+    async def _hold(self, call: Call, plan: RoutePlan, book: BudgetBook, account: str) -> Any:
+        limit = self.daily.get(account, self.default_daily)
         now = call.occurred_at  # the call's day, which its event will carry too
         grant = getattr(book, "try_grant", None)
-        if grant is not None and isinstance(plan, PolicyPlan) and self._whole(
-                call, plan, book, grant(tenant, plan.max_cost_nanousd,
-                                        request_id=call.info.request_id, now=now)):
-            return
+        if grant is not None and isinstance(plan, PolicyPlan):
+            hold = grant(account, plan.max_cost_nanousd, request_id=call.info.request_id,
+                         now=now)
+            if hold is not None:
+                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                return hold
         # Holds taken while this one awaits a lease (other calls, other gateways) can leave
         # it no room: the lease is measured against the limit and refused, and the call
         # looks once more at what is left, which may pay a lower output bound.
         for _ in range(2):
-            amount = self._amount(call, plan, book, limit)
+            amount = self._amount(call, plan, book, account, limit)
             # Most calls fit in a lease this gateway holds: answered without a coroutine.
-            hold = (grant(tenant, amount, request_id=call.info.request_id, now=now)
+            hold = (grant(account, amount, request_id=call.info.request_id, now=now)
                     if grant else None)
             if hold is None:
                 try:
-                    hold = await book.reserve(tenant, amount, limit,
+                    hold = await book.reserve(account, amount, limit,
                                               request_id=call.info.request_id, now=now)
                 except Exception as exc:  # the shared book cannot decide (NATS down, closed)
-                    log.warning("budget: cannot reserve for %s: %s", tenant, exc)
+                    log.warning("budget: cannot reserve for %s: %s", account, exc)
                     call.reason = f"{call.reason}; refused: budget unavailable"
                     raise NotReady("the budget cannot be checked right now; retry shortly",
                                    headers={"Retry-After": "1"}) from None
             if hold is not None:
-                call.reservation = (book, hold)
-                return
-        self._refuse(call, book, limit, f"this call may cost up to {amount / NANO:.6f} USD")
+                return hold
+        self._refuse(call, book, account, limit,
+                     f"this call may cost up to {amount / NANO:.6f} USD")
 
-    def _refuse(self, call: Call, book: BudgetBook, limit: int, need: str) -> NoReturn:
+    def _refuse(self, call: Call, book: BudgetBook, account: str, limit: int,
+                need: str) -> NoReturn:
         tenant = call.tenant.id
-        call.reason = f"{call.reason}; refused: daily budget"
-        spent = book.spent_today(tenant, call.occurred_at)
+        whose = (f"tenant {tenant!r}" if account == tenant
+                 else f"this key ({account.partition('/')[2]})")
+        call.reason = (f"{call.reason}; refused: daily budget" if account == tenant
+                       else f"{call.reason}; refused: key's daily budget")
+        spent = book.spent_today(account, call.occurred_at)
         raise QuotaExceeded(
-            f"daily budget of {limit / NANO:g} USD reached for tenant {tenant!r} "
+            f"daily budget of {limit / NANO:g} USD reached for {whose} "
             f"(spent {spent / NANO:.6f} USD, plus calls in flight; {need})")
 
     def finish(self, call: Call) -> None:
-        """After settle: replace the hold by the actual cost, or drop it if nothing was billed.
+        """After settle: replace each hold (the tenant's, the key's) by the actual cost, or
+        drop it if nothing was billed.
 
         Never raises (it runs in the pipeline's ``finally``).
         """
         held = call.reservation
-        if held is None:
-            return
-        call.reservation = None
-        book, hold = held
-        # The call event names the shared budget's lease, so views move its cost from the
-        # lease to spend when it lands (a local reservation has no hold_id).
-        call.hold_id = getattr(hold, "hold_id", "")
+        if held is not None:
+            call.reservation = None
+            # The call event names the shared budget's lease, so views move its cost from
+            # the lease to spend when it lands (a local reservation has no hold_id).
+            call.hold_id = self._settle(call, *held)
+        held = call.key_reservation
+        if held is not None:
+            call.key_reservation = None
+            call.key_hold_id = self._settle(call, *held)
+
+    @staticmethod
+    def _settle(call: Call, book: BudgetBook, hold: Any) -> str:
         try:
             if call.cost_nanousd > 0:
                 book.settle(hold, call.cost_nanousd)
@@ -475,6 +501,7 @@ class BudgetGuard:
                 book.release(hold)
         except Exception:
             log.exception("budget: settling a reservation failed")
+        return getattr(hold, "hold_id", "")
 
 
 class RateAndBudget:

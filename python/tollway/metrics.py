@@ -123,6 +123,8 @@ class BudgetGauges(Collector):
             "Spend folded for each configured tenant's current UTC day, in USD (open "
             "reservations not included).", labels=["tenant"])
         for tenant, nano in list(self.daily.items()):
+            if "/" in tenant:  # a key's own budget ("<tenant>/<key id>"), not a tenant's
+                continue
             limit.add_metric([tenant], nano / NANO)
             try:
                 spent.add_metric([tenant], self.spent_today(tenant) / NANO)

@@ -59,6 +59,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # at the model's cache prices; Anthropic's cache_read/cache_creation_input_tokens).
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    key_id: str = ""  # the directory key that made the call ("" for config keys)
+    # The key's own budget account (``<tenant>/<key id>``) when it has one, and that
+    # account's lease the call was granted from.
+    budget_scope: str = ""
+    key_reservation_id: str = ""
 
 
 class Recorder(Protocol):

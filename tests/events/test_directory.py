@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -182,7 +183,7 @@ def test_rotation_keeps_the_old_key_for_the_overlap_and_expiry_ends_a_key(pair: 
     ("/api/ai/admin/tenants", {"id": "ok", "max_sensitivity": "secret"}, "max_sensitivity"),
     ("/api/ai/admin/tenants", {"id": "ok", "owner": "me"}, None),
     ("/api/ai/admin/keys", {"tenant": "acme", "expires_at": 1.0}, "expires_at"),
-    ("/api/ai/admin/keys", {"tenant": "acme", "daily_usd": 1}, None),
+    ("/api/ai/admin/keys", {"tenant": "acme", "daily_usd": -1}, "daily_usd"),
     ("/api/ai/admin/keys", {"tenant": "acme", "limits": {"per_minute": "x"}},
      "limits.per_minute"),
     ("/api/ai/admin/keys", {}, "tenant"),
@@ -401,6 +402,66 @@ def test_a_key_s_own_limits_hold_beside_the_tenant_s(pair: Pair) -> None:
     # A rotated key keeps the limits.
     new = pair.a.post(f"/api/ai/admin/keys/{key['id']}/rotate", headers=ADMIN, json={})
     assert new.json()["limits"] == key["limits"]
+
+
+def test_a_key_s_own_budget_holds_beside_the_tenant_s_on_every_gateway(pair: Pair) -> None:
+    """Concurrent calls through both gateways never take a key past its own daily budget;
+    the key's refusal names it, and the tenant's other keys go on."""
+    u = _chat(pair.a, ACME_KEY, max_tokens=60).json()["usage"]
+    one_call = u["prompt_tokens"] * 150 + u["completion_tokens"] * 600  # nano-USD
+    usd = 10.5 * one_call / 1e9  # ten calls of this size
+    made = pair.a.post("/api/ai/admin/keys", headers=ADMIN,
+                       json={"tenant": "acme", "name": "capped", "daily_usd": usd})
+    assert made.status_code == 201, made.text
+    key = made.json()
+    assert key["daily_usd"] == usd
+    secret = key["key"]
+    _within(lambda: _chat(pair.b, secret, max_tokens=60).status_code == 200)
+
+    def one(i: int) -> httpx.Response:
+        return _chat(pair.a if i % 2 else pair.b, secret, max_tokens=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(40)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 429}, codes
+    assert 200 in codes and 429 in codes, codes
+    refused = next(r for r in answers if r.status_code == 429).json()["error"]
+    assert refused["code"] == "insufficient_quota"
+    assert f"this key ({key['id']})" in refused["message"]
+    # The tenant's day is far from spent: its config key still calls.
+    assert _chat(pair.a, ACME_KEY).status_code == 200
+
+    def figures(client: httpx.Client) -> dict[str, Any]:
+        r = client.get("/api/ai/budget", params={"tenant": "acme", "key_id": key["id"]},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return cast(dict[str, Any], r.json())
+
+    # Once every call's event is folded, the key's spend is every answered call's cost
+    # (the upstream's usage, priced), never more than its budget, the same on both.
+    spent = 0
+    for r in answers:
+        if r.status_code == 200:
+            u = r.json()["usage"]
+            spent += u["prompt_tokens"] * 150 + u["completion_tokens"] * 600  # nano-USD
+    assert eventually(lambda: figures(pair.a)["reserved_nanousd"] == 0
+                      and figures(pair.a)["spent_nanousd"] >= spent)
+    own = figures(pair.a)
+    assert own["key"] == key["id"] and own["daily_nanousd"] == round(usd * 1e9)
+    assert own["spent_nanousd"] <= own["daily_nanousd"]
+    assert eventually(lambda: figures(pair.b)["spent_nanousd"] == own["spent_nanousd"])
+    tenant = pair.a.get("/api/ai/budget", params={"tenant": "acme"}, headers=ADMIN).json()
+    assert tenant["spent_nanousd"] >= own["spent_nanousd"]
+
+    # A rotated key spends from the same account: no fresh day of budget.
+    new = pair.a.post(f"/api/ai/admin/keys/{key['id']}/rotate", headers=ADMIN, json={})
+    assert new.status_code == 201 and new.json()["daily_usd"] == usd
+    _within(lambda: _chat(pair.b, new.json()["key"], max_tokens=60).status_code == 429)
+    # A key of another tenant, or one without a budget of its own, has no figures here.
+    bad = pair.a.get("/api/ai/budget", params={"tenant": "globex", "key_id": key["id"]},
+                     headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "key_id"
 
 
 def test_a_shadow_flag_samples_only_the_tenants_in_it(nats_server: EmbeddedNats,

@@ -204,6 +204,40 @@ def test_a_lease_moves_to_spend_as_the_call_events_naming_it_land() -> None:
     assert s.holds == {} and total() == 350
 
 
+def test_a_key_s_own_budget_account_spends_beside_its_tenant() -> None:
+    """A call of a key with a budget of its own is spend of both accounts, each out of the
+    lease it names, or closing its hold of the same request id; batch folds agree."""
+    t, day, scope = T0, day_of(T0), "acme/key_1"
+    events: list[Event] = [
+        BudgetReserved(event_id="l", occurred_at=t, tenant="acme", reservation_id="L",
+                       day=day, amount_nanousd=1000, expires_at=t + 900),
+        BudgetReserved(event_id="k", occurred_at=t, tenant=scope, reservation_id="K",
+                       day=day, amount_nanousd=300, expires_at=t + 900),
+        CallCompleted(event_id="c0", occurred_at=t, tenant="acme", request_id="c0",
+                      reservation_id="L", key_id="key_1", budget_scope=scope,
+                      key_reservation_id="K", actual_cost_nanousd=100),
+        # A call hold of the key's account (no lease), closed by its call event.
+        BudgetReserved(event_id="h", occurred_at=t, tenant=scope, reservation_id="H",
+                       day=day, amount_nanousd=80, expires_at=t + 900, request_id="c1"),
+        CallCompleted(event_id="c1", occurred_at=t, tenant="acme", request_id="c1",
+                      reservation_id="L", key_id="key_1", budget_scope=scope,
+                      actual_cost_nanousd=50),
+        # The same key without a budget of its own: the tenant's spend only.
+        CallCompleted(event_id="c2", occurred_at=t, tenant="acme", request_id="c2",
+                      reservation_id="L", key_id="key_2", actual_cost_nanousd=7),
+    ]
+    one, batch = budget.BudgetState(), budget.BudgetState()
+    for seq, e in enumerate(events, 1):
+        budget.apply(one, seq, e)
+    budget.apply_batch(batch, list(range(1, len(events) + 1)), events)
+    for s in (one, batch):
+        assert budget.spent(s, "acme", day) == 157
+        assert budget.spent(s, scope, day) == 150
+        assert budget.held(s, scope, day, t) == 300 - 100, "the lease less its call; H closed"
+        assert budget.held(s, "acme", day, t) == 1000 - 157
+    assert one == batch
+
+
 def test_a_lease_of_an_older_stream_settles_call_by_call() -> None:
     """Streams written before call events named their lease: a budget.settled per call."""
     t, day = T0, day_of(T0)

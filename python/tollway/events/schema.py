@@ -103,6 +103,13 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # cache_creation_input_tokens); 0 for providers that report none.
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # The directory key that made the call ("" for config keys).
+    key_id: str = ""
+    # A key with a daily budget of its own is a second budget account, named
+    # ``<tenant>/<key id>``: the call's cost is its spend too, and ``key_reservation_id``
+    # the lease of that account it was granted from (as ``reservation_id`` the tenant's).
+    budget_scope: str = ""
+    key_reservation_id: str = ""
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -279,6 +286,8 @@ class KeyCreated(AdminEvent, frozen=True, kw_only=True, tag="key.created"):
     # The key's own rate limits, checked before the tenant's (0: that tier off); None:
     # only the tenant's.
     limits: TenantLimitSettings | None = None
+    # The key's own daily budget (USD), held beside the tenant's; None: only the tenant's.
+    daily_usd: float | None = None
 
     def subject(self) -> str:
         return f"{self.subject_prefix}.{subject_token(self.key_id)}"
@@ -494,6 +503,9 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         flags=rec.flags,
         cache_read_tokens=rec.cache_read_tokens,
         cache_write_tokens=rec.cache_write_tokens,
+        key_id=rec.key_id,
+        budget_scope=rec.budget_scope,
+        key_reservation_id=rec.key_reservation_id,
     )
 
 

@@ -156,7 +156,16 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         max_call = round((tier.max_call_usd if tier else 0.0) * NANO)
         daily = round((tenant.daily_usd if tenant.daily_usd is not None
                        else (tier.daily_usd if tier else 0.0)) * NANO)
-        s = svc.budget.summary(tenant.id, daily)
+        account = tenant.id
+        key_id = request.query_params.get("key_id")
+        if key_id is not None:  # the key's own budget, an account beside the tenant's
+            own = gateway.directory.key_budget(key_id)
+            if own is None or own[0] != tenant.id:
+                return _error(InvalidRequest(
+                    f"no key {key_id!r} with a daily budget of its own for tenant "
+                    f"{tenant.id!r}", param="key_id"))
+            account, daily = own[1], round(own[2] * NANO)
+        s = svc.budget.summary(account, daily)
         return JSONResponse({
             "object": "budget",
             "tenant": tenant.id,
@@ -175,6 +184,7 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
             "remaining_nanousd": s["remaining_nanousd"],
             "open_reservations": s["open_reservations"],
             "as_of_sequence": svc.budget_state.last_seq,
+            "key": key_id,
         })
 
     return [

@@ -161,7 +161,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "get", "/api/ai/budget", "The caller's budget today", "usage", "key",
         (Reply(200, "spend and open reservations against the daily budget", views.Budget),),
-        (400, 401, 403, 503), params=(_TENANT,)),
+        (400, 401, 403, 503), params=(_TENANT, Param(
+            "key_id", "query", {"type": "string", "minLength": 1},
+            "a key of the tenant with a daily budget of its own: that budget's figures"))),
     Operation(
         "get", "/api/ai/health", "Liveness", "operations", "public",
         (Reply(200, "the process answers", Health),), (401,)),

@@ -84,6 +84,8 @@ class Budget(msgspec.Struct):
     remaining_nanousd: int
     open_reservations: list[Reservation]
     as_of_sequence: int
+    # ?key_id=: the key whose own budget these figures are (its account "<tenant>/<key id>")
+    key: str | None = None
 
 
 class BreakerInfo(msgspec.Struct):

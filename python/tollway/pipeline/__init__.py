@@ -179,6 +179,8 @@ class Pipeline:
         call = Call(surface.endpoint, info, principal.tenant, self.parts.clock.time(),
                     surface)
         call.limit_scope = principal.limit_scope
+        call.budget_scope = principal.budget_scope
+        call.key_id = principal.key_id
         return call
 
     async def decode(self, call: Call, scope: Scope, receive: Receive) -> None:
@@ -373,6 +375,9 @@ class Pipeline:
             flags=call.flags,
             cache_read_tokens=call.cache_read_tokens,
             cache_write_tokens=call.cache_write_tokens,
+            key_id=call.key_id,
+            budget_scope=call.budget_scope,
+            key_reservation_id=call.key_hold_id,
         )
         for recorder in self.recorders:
             try:

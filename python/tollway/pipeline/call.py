@@ -19,13 +19,13 @@ EMBEDDINGS = "embeddings"
 
 class Call:
     __slots__ = (
-        "attempts", "body", "cache_read_tokens", "cache_write_tokens", "client_cancelled",
-        "completion_tokens", "cost_nanousd", "deployment", "endpoint", "error",
+        "attempts", "body", "budget_scope", "cache_read_tokens", "cache_write_tokens",
+        "client_cancelled", "completion_tokens", "cost_nanousd", "deployment", "endpoint", "error",
         "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id", "include_usage",
-        "info", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
-        "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
-        "reservation", "response_started", "sensitivity", "settled", "status", "stream",
-        "surface", "t0", "tap", "task", "tenant", "tier", "usage",
+        "info", "key_hold_id", "key_id", "key_reservation", "latency_class", "limit_scope",
+        "occurred_at", "output_bound", "plan", "prompt_counts", "prompt_tokens", "protocol_headers",
+        "reason", "reply", "request", "reservation", "response_started", "sensitivity", "settled",
+        "status", "stream", "surface", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -54,6 +54,10 @@ class Call:
         # The key's own rate limits (a directory key with ``limits``): its limiter
         # identity, "<tenant>/<key id>"; empty when only the tenant's apply.
         self.limit_scope = ""
+        # The key's own daily budget (a directory key with ``daily_usd``): its budget
+        # account, "<tenant>/<key id>", held beside the tenant's; empty when none.
+        self.budget_scope = ""
+        self.key_id = ""  # the directory key that made the call ("" for config keys)
         self.latency_class = ""
         self.body = b""
         self.request: Any = None  # ChatRequest | EmbeddingsRequest once decoded
@@ -90,3 +94,5 @@ class Call:
         self.user = ""  # shadow: X-Tollway-User (sticky A/B arms)
         self.reservation: Any = None  # what a guard holds until the call ends (budget)
         self.hold_id = ""  # the shared budget's lease it was granted from (for the record)
+        self.key_reservation: Any = None  # the hold on the key's own budget, if it has one
+        self.key_hold_id = ""  # that account's lease

@@ -71,8 +71,11 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     expires_at: Annotated[float, Meta(gt=0)] | None = None  # unix seconds; None: never
     models: list[Name] | None = None  # within the tenant's; None: the tenant's
     # The key's own rate limits, on top of the tenant's; a tier left out is not limited
-    # for the key. Per-key budgets are not supported: the tenant's daily budget holds.
+    # for the key.
     limits: LimitsBody | None = None
+    # The key's own daily budget, held beside the tenant's (which still holds); None: only
+    # the tenant's.
+    daily_usd: Usd | None = None
 
 
 class KeyRotate(msgspec.Struct, forbid_unknown_fields=True):
@@ -146,6 +149,7 @@ class KeyView(msgspec.Struct):
     rotated_to: str | None
     rotated_from: str | None
     limits: TenantLimitsView | None  # the key's own, on top of the tenant's
+    daily_usd: float | None  # the key's own daily budget, beside the tenant's
     last_used_at: float | None  # by this gateway process's calls
     state: Literal["active", "expired", "revoked"]
 
@@ -303,7 +307,7 @@ def routes(gateway: Gateway) -> list[Route]:
             return _answer(await directory.create_key(
                 body.tenant, admin_of(request), name=body.name, expires_at=body.expires_at,
                 models=tuple(body.models) if body.models is not None else None,
-                limits=limits), 201)
+                limits=limits, daily_usd=body.daily_usd), 201)
         except Exception as exc:
             return _error(exc)
 

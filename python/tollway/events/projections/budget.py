@@ -107,26 +107,14 @@ def apply(view: BudgetState, seq: int, event: Event) -> BudgetState:
         return view
     view.last_seq = seq
     if isinstance(event, CallEvent):
-        cost = event.actual_cost_nanousd
-        if cost:
-            days = view.spend.get(event.tenant)
-            if days is None:
-                days = view.spend[event.tenant] = {}
-            day = day_of(event.occurred_at)
-            days[day] = days.get(day, 0) + cost
+        _spend(view, event, event.tenant, event.reservation_id)
+        if event.budget_scope:  # a key with a budget of its own: its account spends too
+            _spend(view, event, event.budget_scope, event.key_reservation_id)
         if event.reservation_id:
-            _spend_from_lease(view, event.reservation_id, event.tenant, cost)
             return _maybe_expire(view, event)
         rid = event.request_id
         if rid:
-            ids = view.by_request.get(rid)
-            if ids:
-                # Request ids come from clients too: only the same tenant's hold is this call's.
-                for hid in ids:
-                    if view.holds[hid].tenant == event.tenant:
-                        _close(view, hid)
-                        break
-            link = view.links.get(rid) if view.links else None
+            link = view.links.get(rid) if view.links else None  # (streams of old)
             if link is not None:
                 lease = view.holds.get(link[0])
                 if lease is None or lease.tenant == event.tenant:
@@ -180,7 +168,7 @@ def apply_batch(view: BudgetState, seqs: Sequence[int], events: Sequence[Event])
             view = apply(view, seq, e)
             continue
         call = cast(CallEvent, e)
-        if not call.reservation_id:
+        if not call.reservation_id or call.budget_scope:
             view = apply(view, seq, e)
             continue
         view.last_seq = seq
@@ -194,6 +182,29 @@ def apply_batch(view: BudgetState, seqs: Sequence[int], events: Sequence[Event])
             by_day[day] = by_day.get(day, 0) + cost
         _spend_from_lease(view, call.reservation_id, call.tenant, cost)
     return view
+
+
+def _spend(view: BudgetState, event: CallEvent, account: str, lease_id: str) -> None:
+    """The call's cost as ``account``'s spend: out of the lease it names, else closing the
+    account's hold of the same request id."""
+    cost = event.actual_cost_nanousd
+    if cost:
+        days = view.spend.get(account)
+        if days is None:
+            days = view.spend[account] = {}
+        day = day_of(event.occurred_at)
+        days[day] = days.get(day, 0) + cost
+    if lease_id:
+        _spend_from_lease(view, lease_id, account, cost)
+        return
+    rid = event.request_id
+    ids = view.by_request.get(rid) if rid else None
+    if ids:
+        # Request ids come from clients too: only the same account's hold is this call's.
+        for hid in ids:
+            if view.holds[hid].tenant == account:
+                _close(view, hid)
+                break
 
 
 def _spend_from_lease(view: BudgetState, lease_id: str, tenant: str, cost: int) -> None:

@@ -58,6 +58,7 @@ class KeyEntry(msgspec.Struct):
     rotated_to: str = ""
     rotated_from: str = ""
     limits: TenantLimitSettings | None = None
+    daily_usd: float | None = None
 
 
 class FlagEntry(msgspec.Struct):
@@ -120,7 +121,7 @@ def _fold(view: DirectoryView, event: Event) -> None:
         view.keys[event.key_id] = KeyEntry(
             event.tenant, event.key_sha256, event.prefix, event.name, event.occurred_at,
             event.admin, event.expires_at, event.models, rotated_from=event.rotated_from,
-            limits=event.limits)
+            limits=event.limits, daily_usd=event.daily_usd)
         view.by_hash.setdefault(event.key_sha256, event.key_id)
         view.version += 1
     elif isinstance(event, KeyRevoked):
@@ -177,6 +178,7 @@ def key_json(key_id: str, key: KeyEntry, now: float, last_used: float | None = N
             "expires_at": key.expires_at, "models": key.models, "revoked_at": key.revoked_at,
             "rotated_to": key.rotated_to or None, "rotated_from": key.rotated_from or None,
             "limits": msgspec.to_builtins(key.limits) if key.limits is not None else None,
+            "daily_usd": key.daily_usd,
             "last_used_at": last_used, "state": state}
 
 
