@@ -26,7 +26,7 @@ from tollway.metrics import Metrics
 from tollway.pipeline.anthropic import send_anthropic_error
 
 # Anthropic's API: its clients read its error shape, and send the key as x-api-key.
-_ANTHROPIC_PATHS = frozenset({"/api/ai/v1/messages"})
+_ANTHROPIC_PATHS = frozenset({"/api/ai/v1/messages", "/api/ai/v1/messages/count_tokens"})
 
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from tollway.openapi import views, wire
 from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
-from tollway.pipeline.anthropic import MessagesRequest
+from tollway.pipeline.anthropic import Conversation, MessagesRequest, TokenCount
 from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
 from tollway.pipeline.responses import ResponsesRequest
@@ -135,6 +135,14 @@ OPERATIONS: tuple[Operation, ...] = (
          Param("anthropic-beta", "header", {"type": "string"},
                "passed on to Anthropic providers")),
         error_body=wire.AnthropicError),
+    Operation(
+        "post", f"{PREFIX}/messages/count_tokens",
+        "Count a message's input tokens (Anthropic's count_tokens), without calling a provider",
+        "anthropic", "tenant",
+        (Reply(200, "the prompt's tokens as the gateway counts them for the model the name "
+               "resolves to first (for Claude models an estimate: their tokenizer is not "
+               "public)", TokenCount),),
+        (400, 401, 403, 404), Conversation, error_body=wire.AnthropicError),
     Operation(
         "post", f"{PREFIX}/responses",
         "Create a response (OpenAI's Responses API; previous_response_id and store: true "

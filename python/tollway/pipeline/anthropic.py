@@ -37,10 +37,11 @@ from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
 
 if TYPE_CHECKING:
-    from tollway.pipeline.plan import Deployment
+    from tollway.config import TenantConfig
+    from tollway.pipeline.plan import Catalog, Deployment
     from tollway.pipeline.taps import Tap
 
-__all__ = ["MESSAGES", "MESSAGES_SURFACE", "MessagesRequest", "error_shape"]
+__all__ = ["MESSAGES", "MESSAGES_SURFACE", "MessagesRequest", "count_tokens", "error_shape"]
 
 MESSAGES = "messages"
 
@@ -50,19 +51,15 @@ class InputMessage(msgspec.Struct):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(msgspec.Struct):
+class Conversation(msgspec.Struct, kw_only=True):
+    """What ``/v1/messages/count_tokens`` takes: a Messages request's prompt (unknown
+    fields, ``thinking`` or ``mcp_servers`` say, are ignored)."""
+
     model: ModelName
     messages: Annotated[list[InputMessage], Meta(min_length=1)]
-    max_tokens: Count
     system: str | list[dict[str, Any]] | None = None
-    stream: bool | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
-    stop_sequences: list[str] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
-    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    metadata: dict[str, Any] | None = None
 
     def count_prompt(self, upstream: str) -> int:
         """Prompt tokens as the chat counter counts the same conversation."""
@@ -70,11 +67,39 @@ class MessagesRequest(msgspec.Struct):
                                      chat_tools(self.tools)))
 
 
+class MessagesRequest(Conversation, kw_only=True):
+    max_tokens: Count
+    stream: bool | None = None
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TokenCount(msgspec.Struct):
+    """Anthropic's answer to ``count_tokens``."""
+
+    input_tokens: int
+
+
 _request = msgspec.json.Decoder(MessagesRequest)
+_conversation = msgspec.json.Decoder(Conversation)
 
 
 def decode_messages(body: bytes) -> MessagesRequest:
     return _decode(_request, body)
+
+
+def count_tokens(body: bytes, tenant: TenantConfig, catalog: Catalog) -> bytes:
+    """``POST /v1/messages/count_tokens``: the prompt's tokens, counted here with the
+    tokenizer of the model the name resolves to first (a route alias: its first
+    candidate), as the gateway counts the call's prompt for its budget. No provider is
+    called and nothing is billed; for Claude models, whose tokenizer is not public, the
+    count is tollway's estimate, not Anthropic's."""
+    conv = _decode(_conversation, body)
+    plan = catalog.plan(tenant, conv.model)
+    return msgspec.json.encode(TokenCount(conv.count_prompt(plan.candidates[0].upstream)))
 
 
 # ---- Anthropic's shapes ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,10 +13,12 @@ from starlette.routing import Route
 
 from tollway.asgi import Receive, Scope, Send
 from tollway.context import SCOPE_KEY, RequestInfo
-from tollway.errors import PermissionDenied, error_body
+from tollway.errors import PermissionDenied, TollwayError, error_body
 from tollway.gateway import Gateway
+from tollway.pipeline import anthropic
 
 PREFIX = "/api/ai/v1"
+log = logging.getLogger(__name__)
 
 
 class _Asgi:
@@ -95,8 +98,28 @@ def routes(gateway: Gateway) -> list[Route]:
         data = [Model(id=mid, owned_by=owner, created=created) for mid, owner in listing]
         return Response(_encode(ModelList(data=data)), media_type="application/json")
 
+    async def count_tokens(request: Request) -> Response:
+        """Anthropic's ``POST /v1/messages/count_tokens`` (Claude Code calls it), counted
+        here: see :func:`tollway.pipeline.anthropic.count_tokens`."""
+        info: RequestInfo = request.scope[SCOPE_KEY]
+        principal = info.principal
+        try:
+            if principal is None or principal.tenant is None:
+                raise PermissionDenied("this endpoint needs a tenant key")
+            body = anthropic.count_tokens(await request.body(), principal.tenant,
+                                          gateway.catalog)
+        except Exception as exc:
+            if not isinstance(exc, TollwayError):
+                log.exception("count_tokens failed")
+            else:
+                log.info("count_tokens refused: %s", exc.message)
+            status, err = anthropic.error_shape(exc)
+            return Response(err, status, media_type="application/json")
+        return Response(body, media_type="application/json")
+
     return [
         *(Route(path, _Asgi(handler), methods=["POST"])
           for path, handler in direct(gateway).items()),
+        Route(f"{PREFIX}/messages/count_tokens", count_tokens, methods=["POST"]),
         Route(f"{PREFIX}/models", models, methods=["GET"]),
     ]
