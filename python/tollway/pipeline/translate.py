@@ -287,13 +287,22 @@ class ChatToMessages(ChatInside):
         self.block_kind = ""
         self.tools: dict[int, int] = {}  # chat tool call index -> block index
         self.finish: str | None = None
+        self._text_head = b""  # a text delta event up to its text (see feed)
 
 
     def feed(self, data: bytes) -> bytes:
+        relayed = self.inner.feed(data)
+        if not relayed:
+            return b""
         out: list[bytes] = []
-        for raw in self.inner.feed(data).split(b"\n\n"):
-            payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
-                                 if line.startswith(b"data:"))
+        for raw in relayed.split(b"\n\n"):
+            if not raw:
+                continue
+            if raw.startswith(b"data: ") and b"\n" not in raw:  # one data line: most
+                payload = raw[6:]
+            else:
+                payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
+                                     if line.startswith(b"data:"))
             if not payload:
                 continue
             try:
@@ -302,10 +311,12 @@ class ChatToMessages(ChatInside):
                 continue
             if not self.started:
                 out.append(self._start(chunk.id))
-            if b'"error"' in payload and not chunk.choices:
-                out.append(_error_event(payload))
+            choices = chunk.choices
+            if not choices:
+                if b'"error"' in payload:
+                    out.append(_error_event(payload))
                 continue
-            for choice in chunk.choices or ():
+            for choice in choices:
                 if choice.finish_reason:
                     self.finish = choice.finish_reason
                 delta = choice.delta
@@ -314,9 +325,12 @@ class ChatToMessages(ChatInside):
                 if delta.content:
                     if self.block_kind != "text":
                         out.append(self._open({"type": "text", "text": ""}, "text"))
-                    out.append(event("content_block_delta", {
-                        "index": self.block,
-                        "delta": {"type": "text_delta", "text": delta.content}}))
+                        self._text_head = (
+                            b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                            b'"index":%d,"delta":{"type":"text_delta","text":' % self.block)
+                    # The commonest event of all, written from bytes: event() would
+                    # build and encode two dicts for it.
+                    out.append(self._text_head + _encode(delta.content) + b"}}\n\n")
                 for call in delta.tool_calls or ():
                     fn = call.function or ChatFunction()
                     if call.index not in self.tools:
