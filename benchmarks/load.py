@@ -165,7 +165,13 @@ PLAIN_BODY, STREAM_BODY = make_bodies()
 # The API measured (--surface): its path under the gateway's /api/ai/v1 and the
 # upstream's /v1, and the chat body made into its request.
 PATH = "chat/completions"
-SURFACES = {"chat": "chat/completions", "completions": "completions", "messages": "messages"}
+SURFACES = {"chat": "chat/completions", "completions": "completions", "messages": "messages",
+            "responses": "responses"}
+# What the upstream is measured with directly (the "direct" target): the same API, but for
+# Responses, which the simulated upstream does not serve (the gateway translates it to chat
+# completions), the chat call the gateway makes of it.
+DIRECT_PATH = PATH
+DIRECT_PLAIN, DIRECT_STREAM = PLAIN_BODY, STREAM_BODY
 
 
 def surface_bodies(surface: str, plain_json: str) -> tuple[str, str]:
@@ -178,6 +184,9 @@ def surface_bodies(surface: str, plain_json: str) -> tuple[str, str]:
         system, user = plain["messages"]
         plain = {"model": MODEL, "max_tokens": 256, "system": system["content"],
                  "messages": [user]}
+    elif surface == "responses":
+        system, user = plain["messages"]
+        plain = {"model": MODEL, "instructions": system["content"], "input": user["content"]}
     stream = {**plain, "stream": True}
     if surface == "completions":
         stream["stream_options"] = {"include_usage": True}
@@ -692,15 +701,22 @@ def run(
             pids[v] = gw.popen.pid
             targets[v] = (gw_base, TENANT_KEY)
         bodies = {"plain": PLAIN_BODY, "stream": STREAM_BODY}
+        direct_bodies = {"plain": DIRECT_PLAIN, "stream": DIRECT_STREAM}
+
+        def request_of(target: str, mode: str) -> tuple[str, str]:
+            """(path, body) of a target's calls in ``mode``."""
+            if target == "direct":
+                return DIRECT_PATH, direct_bodies[mode]
+            return PATH, bodies[mode]
         # Warm-up: connection pools, first-call imports, allocator; discarded.
         for name, (base, key) in targets.items():
             for mode in modes:
-                url = f"{base}/{PATH}"
+                path, body = request_of(name, mode)
                 run_oha(
                     oha,
-                    url,
+                    f"{base}/{path}",
                     key,
-                    bodies[mode],
+                    body,
                     rate=None,
                     duration=1.5,
                     connections=args.max_connections,
@@ -721,11 +737,12 @@ def run(
                         rate = None if load == "max" else int(load)
                         conns = args.max_connections if rate is None else args.connections
                         cpu0 = process_cpu_s(pids[target])
+                        path, body = request_of(target, mode)
                         doc = run_oha(
                             oha,
-                            f"{base}/{PATH}",
+                            f"{base}/{path}",
                             key,
-                            bodies[mode],
+                            body,
                             rate=rate,
                             duration=args.duration,
                             connections=conns,
@@ -788,7 +805,8 @@ def main() -> None:
         "--surface",
         choices=sorted(SURFACES),
         default="chat",
-        help="the API measured (messages: translated to the upstream's chat completions)",
+        help="the API measured (messages: translated to the upstream's chat completions; "
+        "responses: likewise, measured against the chat call it makes of the upstream)",
     )
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s legs")
     parser.add_argument(
@@ -809,11 +827,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 3.0
-    global PLAIN_BODY, STREAM_BODY, PATH
+    global PLAIN_BODY, STREAM_BODY, PATH, DIRECT_PATH, DIRECT_PLAIN, DIRECT_STREAM
     PLAIN_BODY, STREAM_BODY = make_bodies(args.prompt_bytes)
+    DIRECT_PLAIN, DIRECT_STREAM = PLAIN_BODY, STREAM_BODY  # after --prompt-bytes
     if args.surface != "chat":
         PLAIN_BODY, STREAM_BODY = surface_bodies(args.surface, PLAIN_BODY)
     PATH = SURFACES[args.surface]
+    DIRECT_PATH = "chat/completions" if args.surface == "responses" else PATH
+    if DIRECT_PATH == PATH:
+        DIRECT_PLAIN, DIRECT_STREAM = PLAIN_BODY, STREAM_BODY
     variants = [v for v in args.variants.split(",") if v]
     for item in args.python:
         label, _, path = item.partition("=")
