@@ -225,6 +225,7 @@ def test_report_figures_match_the_events() -> None:
         r.candidate.reply_words = 6  # the candidate says something else than the echo
         for i in range(4):
             assert r.chat(f"a b c d e f g h i j {i}").status_code == 200
+        r.sink.wait(8)  # every shadow of those four answered before the candidate changes
         r.candidate.reply_words = None
         for i in range(3):
             assert r.chat(f"k l m {i}", stream=True).status_code == 200
@@ -362,3 +363,38 @@ def test_a_large_prompt_is_counted_once_for_the_call_and_its_shadow(
         messages = [{"role": "user", "content": content}]
         assert event.candidate_prompt_tokens == count_chat_tokens(messages, "gpt-4o-mini")
         assert counts == [False]  # once, in a worker thread; the shadow reused it
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_messages_and_responses_calls_are_shadowed_as_chat(stream: bool) -> None:
+    """A Messages and a Responses call on a shadowed route: the candidate gets the same
+    conversation as a chat completions request, and their answers are compared (both
+    upstreams echo the prompt, so they agree); a legacy completion is not shadowed."""
+    with rig([ONE]) as r:
+        msg = r.http.post("/api/ai/v1/messages", headers=auth(), json={
+            "model": "auto", "max_tokens": 50, "system": "be brief", "stream": stream,
+            "messages": [{"role": "user", "content": "alpha beta gamma"}]})
+        assert msg.status_code == 200, msg.text
+        resp = r.http.post("/api/ai/v1/responses", headers=auth(), json={
+            "model": "auto", "instructions": "be brief", "input": "delta epsilon",
+            "max_output_tokens": 40, "stream": stream})
+        assert resp.status_code == 200, resp.text
+        legacy = r.http.post("/api/ai/v1/completions", headers=auth(),
+                             json={"model": "auto", "prompt": "zeta"})
+        assert legacy.status_code == 200, legacy.text
+        events = r.sink.wait(2)
+        r.settled(3)
+        sent = r.candidate.requests
+    assert len(sent) == 2 and all(req.path == "/v1/chat/completions" for req in sent)
+    by_first_word = {req.body["messages"][-1]["content"].split()[0]: req.body for req in sent}
+    assert by_first_word["alpha"]["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "alpha beta gamma"}]
+    assert by_first_word["alpha"]["max_tokens"] == 50
+    assert by_first_word["delta"]["messages"][-1] == {"role": "user", "content": "delta epsilon"}
+    assert all("stream" not in body and body["model"] == "gpt-4o-mini"
+               for body in by_first_word.values())
+    assert sorted(e.request_id for e in events) == sorted(
+        (msg.headers["x-request-id"], resp.headers["x-request-id"]))
+    assert all(e.candidate_error is None and e.agreed for e in events), events
+    assert all(e.primary_stream is stream for e in events)

@@ -325,6 +325,10 @@ class _MessagesSurface(Surface):
                          headers: Headers | None = None) -> None:
         await send_anthropic_error(send, exc, headers)
 
+    def shadow_body(self, call: CallState) -> bytes | None:
+        req = call.request
+        return chat_request(req, req.model, req.max_tokens, "max_tokens", False)
+
 
 MESSAGES_SURFACE = _MessagesSurface(MESSAGES, decode_messages,
                                     {"anthropic": _PassThrough(), "openai": _Translated()})

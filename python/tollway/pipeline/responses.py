@@ -555,6 +555,12 @@ class _ResponsesSurface(Surface):
             return _stateful(call.request)
         return refusal
 
+    def shadow_body(self, call: CallState) -> bytes | None:
+        req = call.request
+        if _stateful(req) is not None:
+            return None  # a conversation kept by the provider: the candidate lacks it
+        return chat_request(req, req.model, req.max_output_tokens or 0, "max_tokens", False)
+
 
 _TRANSLATED = _Translated()
 _PASS_THROUGH = _PassThrough()

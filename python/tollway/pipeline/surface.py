@@ -157,6 +157,11 @@ class Surface:
                          headers: Headers | None = None) -> None:
         await send_error(send, exc, headers)
 
+    def shadow_body(self, call: CallState) -> bytes | None:
+        """The call as a chat completions request, which shadow mode sends its candidates
+        (OpenAI-compatible models); None: this API is not shadowed."""
+        return call.body if self.endpoint == "chat.completions" else None
+
 
 def call_model(call: CallState) -> str:
     return call.deployment.upstream if call.deployment is not None else ""

@@ -41,7 +41,7 @@ import msgspec
 from tollway.config import ShadowRouteConfig
 from tollway.errors import UpstreamError, UpstreamTimeout, public_message, spec_for
 from tollway.metrics import Counter, Gauge
-from tollway.pipeline.call import CHAT, Call
+from tollway.pipeline.call import CHAT, EMBEDDINGS, Call
 from tollway.pipeline.decode import rewrite
 from tollway.pipeline.dispatch import upstream_error
 from tollway.pipeline.plan import Deployment
@@ -106,9 +106,9 @@ class _Primary:
     __slots__ = ("body", "completion_tokens", "cost", "ended", "max_output", "model",
                  "prompt_counts", "prompt_tokens", "provider", "reply", "request",
                  "request_id", "sensitivity", "stream", "tap", "task", "tenant", "ttft",
-                 "upstream_s")
+                 "upstream_s", "wire")
 
-    def __init__(self, call: Call, default_max_output: int) -> None:
+    def __init__(self, call: Call, default_max_output: int, body: bytes) -> None:
         dep = call.deployment
         assert dep is not None
         req = call.request
@@ -116,7 +116,8 @@ class _Primary:
         self.tenant = call.tenant.id
         self.task = call.task
         self.sensitivity = call.sensitivity
-        self.body = call.body
+        self.body = body  # the call as chat completions: what the candidates are sent
+        self.wire = call.wire
         self.request = req
         # The live call's prompt counts (tollway.pipeline.prompt): a candidate with the same
         # encoding counts nothing again.
@@ -133,14 +134,18 @@ class _Primary:
         self.prompt_tokens = call.prompt_tokens
         self.completion_tokens = call.completion_tokens
         self.cost = call.cost_nanousd
-        per_choice = req.max_completion_tokens or req.max_tokens or default_max_output
-        self.max_output = per_choice * max(1, req.n or 1)
+        per_choice = (getattr(req, "max_completion_tokens", None)
+                      or getattr(req, "max_tokens", None)
+                      or getattr(req, "max_output_tokens", None) or default_max_output)
+        self.max_output = per_choice * max(1, getattr(req, "n", None) or 1)
         self.ended = time.perf_counter()
 
     def output(self) -> tuple[str, str]:
         """(flattened text, finish reason) of what the caller got."""
         if self.tap is not None:
             return self.tap.text(), getattr(self.tap, "finish_reason", None) or ""
+        if self.wire is not None and self.wire.path != "chat":  # the provider's own API
+            return self.wire.text(self.reply), ""
         return reply_text(self.reply), finish_reason(self.reply)
 
 
@@ -185,7 +190,7 @@ class ShadowRunner:
 
     # ---- the finisher (response path: sync, cheap, never raises) ------------------------------
     def on_call(self, call: Call) -> None:
-        if call.error is not None or call.client_cancelled or call.endpoint != CHAT:
+        if call.error is not None or call.client_cancelled or call.endpoint == EMBEDDINGS:
             return
         req = call.request
         if req is None or call.deployment is None:
@@ -204,11 +209,16 @@ class ShadowRunner:
         if not r.sampler():
             return
         try:
-            self._start(r, call)
+            # The candidates get the call as chat completions (Messages and Responses
+            # translated); an API with no such form (legacy completions) is not shadowed.
+            body = call.body if call.endpoint == CHAT else call.surface.shadow_body(call)
+            if body is None:
+                return
+            self._start(r, call, body)
         except Exception:  # never the caller's problem
             log.exception("shadow: could not start a shadow call")
 
-    def _start(self, r: _Route, call: Call) -> None:
+    def _start(self, r: _Route, call: Call, body: bytes) -> None:
         route = r.cfg.route
         self.sampled.inc((route,))
         primary: _Primary | None = None
@@ -219,7 +229,7 @@ class ShadowRunner:
                 self.skipped.inc((route, dep.model, reason))
                 continue
             if primary is None:
-                primary = _Primary(call, self.default_max_output)
+                primary = _Primary(call, self.default_max_output, body)
             provider = self.parts.providers[dep.provider]
             r.in_flight += 1
             self.in_flight.value += 1
