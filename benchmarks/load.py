@@ -683,6 +683,7 @@ def run(
     modes: list[str],
     loads: list[str],
     stamp: str,
+    also_surfaces: list[str] = [],  # noqa: B006 -- read only
 ) -> tuple[list[Leg], dict[str, float | None], dict[str, Path]]:
     legs: list[Leg] = []
     overhead_header: dict[str, float | None] = {}
@@ -694,20 +695,27 @@ def run(
         targets: dict[str, tuple[str, str]] = {"direct": (upstream_base, UPSTREAM_KEY)}
         pids = {"direct": upstream.popen.pid}
         gateways: dict[str, Proc] = {}
+        bodies = {"plain": PLAIN_BODY, "stream": STREAM_BODY}
+        # target -> (path, {mode: body}): each gateway on --surface, and on each of
+        # --also-surfaces as a target of its own ("base:messages"), same process.
+        requests = {"direct": (DIRECT_PATH, {"plain": DIRECT_PLAIN, "stream": DIRECT_STREAM})}
         for v in variants:
             gw, gw_base = start_gateway(workdir, v, upstream_base)
             procs.append(gw)
             gateways[v] = gw
             pids[v] = gw.popen.pid
             targets[v] = (gw_base, TENANT_KEY)
-        bodies = {"plain": PLAIN_BODY, "stream": STREAM_BODY}
-        direct_bodies = {"plain": DIRECT_PLAIN, "stream": DIRECT_STREAM}
+            requests[v] = (PATH, bodies)
+            for also in also_surfaces:
+                plain, stream = surface_bodies(also, PLAIN_BODY)
+                name = f"{v}:{also}"
+                pids[name], targets[name] = pids[v], targets[v]
+                requests[name] = (SURFACES[also], {"plain": plain, "stream": stream})
 
         def request_of(target: str, mode: str) -> tuple[str, str]:
             """(path, body) of a target's calls in ``mode``."""
-            if target == "direct":
-                return DIRECT_PATH, direct_bodies[mode]
-            return PATH, bodies[mode]
+            path, by_mode = requests[target]
+            return path, by_mode[mode]
         # Warm-up: connection pools, first-call imports, allocator; discarded.
         for name, (base, key) in targets.items():
             for mode in modes:
@@ -808,6 +816,13 @@ def main() -> None:
         help="the API measured (messages: translated to the upstream's chat completions; "
         "responses: likewise, measured against the chat call it makes of the upstream)",
     )
+    parser.add_argument(
+        "--also-surfaces",
+        default="",
+        help="with --surface chat: also measure these (of messages, responses: translated to "
+        "the upstream's chat completions, so the direct chat legs are their baseline too) as "
+        "targets of their own on the same gateway processes, interleaved with the chat legs",
+    )
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s legs")
     parser.add_argument(
         "--profile",
@@ -837,6 +852,9 @@ def main() -> None:
     if DIRECT_PATH == PATH:
         DIRECT_PLAIN, DIRECT_STREAM = PLAIN_BODY, STREAM_BODY
     variants = [v for v in args.variants.split(",") if v]
+    also = [s for s in args.also_surfaces.split(",") if s]
+    if also and (args.surface != "chat" or not set(also) <= {"messages", "responses"}):
+        raise SystemExit("--also-surfaces takes messages and responses, with --surface chat")
     for item in args.python:
         label, _, path = item.partition("=")
         PYTHONS[label] = path
@@ -865,7 +883,8 @@ def main() -> None:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tollway-load-")))
-        legs, overhead_header, profiles = run(args, oha, workdir, variants, modes, loads, stamp)
+        legs, overhead_header, profiles = run(args, oha, workdir, variants, modes, loads, stamp,
+                                              also)
         for v, path in profiles.items():
             own, by_package = hot_frames(path)
             print(f"\nprofile of gateway[{v}] ({path}): top frames by own time")
@@ -875,13 +894,14 @@ def main() -> None:
             for package, share in by_package:
                 print(f"  {share * 100:5.1f}%  {package}")
 
-    summary = summarize(legs, variants)
+    names = [*variants, *(f"{v}:{s}" for v in variants for s in also)]
+    summary = summarize(legs, names)
     print(
         f"\nGateway overhead, {os.cpu_count()} CPUs shared by upstream, gateway and oha; "
         f"median of {args.rounds} interleaved round(s), {args.duration:.0f} s per leg\n"
     )
     print(markdown(summary))
-    deltas = variant_deltas(summary, variants)
+    deltas = variant_deltas(summary, names)
     if deltas:
         print("\n" + deltas)
     if any(ms is not None for ms in overhead_header.values()):
