@@ -279,6 +279,8 @@ class ChatToResponses(ChatInside):
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.calls: dict[int, int] = {}  # chat tool call index -> output index
         self.finish: str | None = None
+        self.texts: list[str] = []  # the open message's text, joined when it closes
+        self._delta_at = b""  # a text delta event from its item id on (see feed)
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
         self.seq += 1
@@ -290,10 +292,18 @@ class ChatToResponses(ChatInside):
                          usage, status)
 
     def feed(self, data: bytes) -> bytes:
+        relayed = self.inner.feed(data)
+        if not relayed:
+            return b""
         out: list[bytes] = []
-        for raw in self.inner.feed(data).split(b"\n\n"):
-            payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
-                                 if line.startswith(b"data:"))
+        for raw in relayed.split(b"\n\n"):
+            if not raw:
+                continue
+            if raw.startswith(b"data: ") and b"\n" not in raw:  # one data line: most
+                payload = raw[6:]
+            else:
+                payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
+                                     if line.startswith(b"data:"))
             if not payload:
                 continue
             try:
@@ -322,10 +332,16 @@ class ChatToResponses(ChatInside):
                             "item_id": self.open["id"], "output_index": len(self.output),
                             "content_index": 0, "part": {"type": "output_text", "text": "",
                                                          "annotations": [], "logprobs": []}}))
-                    self.open["content"][0]["text"] += delta.content
-                    out.append(self._event("response.output_text.delta", {
-                        "item_id": self.open["id"], "output_index": len(self.output),
-                        "content_index": 0, "delta": delta.content, "logprobs": []}))
+                        self._delta_at = b'"item_id":%b,"output_index":%d,' % (
+                            _encode(self.open["id"]), len(self.output))
+                    self.texts.append(delta.content)
+                    # The commonest event of all, written from bytes: _event would build
+                    # and encode two dicts for it.
+                    self.seq += 1
+                    out.append(b'event: response.output_text.delta\ndata: {"type":'
+                               b'"response.output_text.delta","sequence_number":%d,%b'
+                               b'"content_index":0,"delta":%b,"logprobs":[]}\n\n' % (
+                                   self.seq - 1, self._delta_at, _encode(delta.content)))
                 for call in delta.tool_calls or ():
                     fn = call.function or ChatFunction()
                     if call.index not in self.calls:
@@ -362,6 +378,8 @@ class ChatToResponses(ChatInside):
         out = b""
         if item["type"] == "message":
             part = item["content"][0]
+            part["text"] = "".join(self.texts)
+            self.texts = []
             out += self._event("response.output_text.done", {
                 "item_id": item["id"], "output_index": index, "content_index": 0,
                 "text": part["text"], "logprobs": []})
