@@ -120,12 +120,17 @@ def test_sign_in_read_the_figures_make_use_and_revoke_a_key(
     # Create a key through the page, call with it, revoke it, see the next call refused.
     page.fill("#key-tenant", "acme")
     page.fill("#key-name", "from-the-page")
+    page.fill("#key-daily", "5")  # a daily budget of its own
     page.click("#key-form button[type=submit]")
     page.wait_for_selector("#new-key:not([hidden])")
     key = page.get_attribute("#new-key", "data-key")
     assert key and key.startswith("tw-")
     assert _chat(client, key) == 200
     row_of_key = page.locator("#keys tbody tr", has_text="from-the-page")
+    assert row_of_key.locator("td").nth(4).inner_text() == "5"
+    listed = client.get("/api/ai/admin/keys", params={"tenant": "acme"},
+                        headers=auth(ADMIN_KEY)).json()["data"]
+    assert [k["daily_usd"] for k in listed if k["name"] == "from-the-page"] == [5.0]
     row_of_key.locator("button.revoke").click()
     page.wait_for_function("() => [...document.querySelectorAll('#keys tbody tr')].some("
                            "r => r.textContent.includes('from-the-page') && "

@@ -215,7 +215,7 @@ async function loadKeys() {
   fill("#keys", keys, (tr, k) => {
     tr.dataset.key = k.id;
     cell(tr, k.id); cell(tr, k.tenant); cell(tr, k.prefix); cell(tr, k.name);
-    cell(tr, k.state);
+    cell(tr, k.daily_usd ?? "(tenant's)", true); cell(tr, k.state);
     cell(tr, k.last_used_at ? new Date(k.last_used_at * 1000).toISOString() : "");
     const td = tr.insertCell();
     if (k.state === "active") {
@@ -331,6 +331,7 @@ document.addEventListener("DOMContentLoaded", () => {
     ev.preventDefault();
     const body = { tenant: $("#key-tenant").value };
     if ($("#key-name").value) body.name = $("#key-name").value;
+    if ($("#key-daily").value) body.daily_usd = Number($("#key-daily").value);
     const made = await act(() => api("admin/keys", { method: "POST", body }));
     if (made) {
       const p = $("#new-key");
