@@ -109,7 +109,10 @@ class GuardMiddleware:
         self.gateway = core
         self.pipeline: Pipeline = core.pipeline
         self.tenant_of = tenant
+        # Known once: a coroutine function's result is awaited (asked per call, this costs).
+        self.tenant_async = inspect.iscoroutinefunction(tenant)
         self.cost_of = cost
+        self.cost_async = cost is not None and inspect.iscoroutinefunction(cost)
         self.sensitivity_of = sensitivity
         self.paths = tuple(paths) if paths is not None else None
         self.endpoint = endpoint
@@ -129,7 +132,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope) if scope.get("root_path") else scope["path"]
-        if self.paths is not None and not path.startswith(tuple(self.paths)):
+        if self.paths is not None and not path.startswith(self.paths):
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
@@ -144,8 +147,8 @@ class GuardMiddleware:
                        rid: str, t0: float) -> None:
         rid_header = (b"x-request-id", rid.encode())
         tenant_id = self.tenant_of(scope)
-        if inspect.isawaitable(tenant_id):
-            tenant_id = await tenant_id
+        if self.tenant_async or inspect.isawaitable(tenant_id):
+            tenant_id = await tenant_id  # type: ignore[misc]
         if not tenant_id:
             await send_error(send, AuthenticationFailed(
                 "this route needs a caller the service knows", code="missing_tenant"),
@@ -158,7 +161,8 @@ class GuardMiddleware:
             return
         info = RequestInfo(rid, t0)
         info.principal = Principal(tenant)
-        scope.setdefault(SCOPE_KEY, info)
+        if SCOPE_KEY not in scope:  # tollway's own info when mounted inside the gateway app
+            scope[SCOPE_KEY] = info
         gateway = self.gateway
         call = Call(self.endpoint, info, tenant, gateway.clock.time())
         call.plan = RoutePlan(path, ())
@@ -218,8 +222,8 @@ class GuardMiddleware:
         amount = 0
         if self.cost_of is not None:
             usd = self.cost_of(scope)
-            if inspect.isawaitable(usd):
-                usd = await usd
+            if self.cost_async or inspect.isawaitable(usd):
+                usd = await usd  # type: ignore[misc]
             amount = _nano(usd)
         elif self.model is not None:
             body = await read_body(receive, self.max_body, content_length)
