@@ -6,8 +6,7 @@ per request on the stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +57,6 @@ def host_app(gw: tollway.Gateway) -> Starlette:
                 return bytes(value).decode()
         return None
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with gw:
-            yield
-
     return Starlette(
         routes=[Route("/search", search), Route("/summarize", summarize, methods=["POST"]),
                 Route("/report", report), Route("/broken", broken),
@@ -75,7 +69,7 @@ def host_app(gw: tollway.Gateway) -> Starlette:
                        model="gpt-4o-mini", output_tokens=100, endpoint="summarize",
                        paths=["/summarize"]),
         ],
-        lifespan=lifespan)
+        lifespan=gw.lifespan)
 
 
 class Host:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
 
@@ -130,6 +131,13 @@ class Gateway:
         if self._app is None:
             self._app = app_of(self.core)
         return self._app
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """This gateway's ``async with`` as a host app's lifespan (``lifespan=gw.lifespan``);
+        ``app`` is not used."""
+        async with self:
+            yield
 
     async def __aenter__(self) -> Self:
         run = running(self.core)
@@ -325,6 +333,13 @@ class ChatStream:
 
     async def _next_message(self) -> Message | None:
         return await self._queue.get()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """This gateway's ``async with`` as a host app's lifespan (``lifespan=gw.lifespan``);
+        ``app`` is not used."""
+        async with self:
+            yield
 
     async def __aenter__(self) -> Self:
         if self._task is None:
