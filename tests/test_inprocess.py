@@ -7,6 +7,8 @@ left."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,12 +204,19 @@ async def test_errors_are_raised_as_http_would_answer_them(both: Both) -> None:
     assert streamed.value.status == 404
 
 
-async def test_calls_need_the_gateway_running(tmp_path: Path) -> None:
+async def test_calls_need_the_gateway_running_and_each_has_an_access_line(
+        log_lines: io.StringIO) -> None:
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
         gw = tollway.Gateway(make_config(up.base_url), tenant="acme", env=gateway_env())
         with pytest.raises(RuntimeError, match="not running"):
             await gw.chat(model="auto", messages=[{"role": "user", "content": "x"}])
         async with gw:
-            done = await gw.chat(model="auto", messages=[{"role": "user", "content": "x"}])
+            done = await gw.chat(model="auto", messages=[{"role": "user", "content": "x"}],
+                                 request_id="logged-1")
             assert done.choices[0].message.content == "x"
         assert not gw.core.running
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (access,) = [line for line in lines if line.get("request_id") == "logged-1"
+                 and line["msg"] == "request"]
+    assert (access["method"], access["path"], access["status"]) == (
+        "CALL", "/api/ai/v1/chat/completions", 200)

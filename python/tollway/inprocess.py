@@ -41,12 +41,14 @@ from tollway.clock import Clock
 from tollway.config import Config, default_config, load_config
 from tollway.context import SCOPE_KEY, RequestInfo, request_id_var
 from tollway.gateway import Gateway as Core
+from tollway.logs import log_request
 from tollway.openapi.wire import ChatCompletion, ChatCompletionChunk, EmbeddingList
 from tollway.record import Recorder
 
 __all__ = ["APIError", "ChatStream", "Gateway"]
 
 CHAT_PATH = "/api/ai/v1/chat/completions"
+IN_PROCESS = "CALL"  # the access line's method of an in-process call (its path: the route's)
 EMBEDDINGS_PATH = "/api/ai/v1/embeddings"
 
 Handler = Callable[[Scope, Callable[[], Awaitable[Message]],
@@ -248,6 +250,7 @@ class Gateway:
         try:
             await handler(scope, receive, send)
         finally:
+            log_request(scope[SCOPE_KEY], IN_PROCESS, path, time.perf_counter())
             request_id_var.reset(token)
         head = next(m for m in sent if m["type"] == "http.response.start")
         data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -313,6 +316,7 @@ class ChatStream:
             try:
                 await handler(scope, receive, send)
             finally:
+                log_request(scope[SCOPE_KEY], IN_PROCESS, CHAT_PATH, time.perf_counter())
                 request_id_var.reset(token)
                 queue.put_nowait(None)
 

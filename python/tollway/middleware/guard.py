@@ -201,7 +201,7 @@ class GuardMiddleware:
         content_length = None
         for name, value in scope["headers"]:
             if name.startswith(b"x-tollway-"):
-                pipeline._hint(call, name, value)
+                pipeline.hint(call, name, value)
             elif name == b"content-length":
                 content_length = value
         if self.sensitivity_of is not None:
@@ -211,7 +211,7 @@ class GuardMiddleware:
                     raise InvalidRequest(f"unknown sensitivity {declared!r}")
                 call.sensitivity = declared
         if call.sensitivity and call.tenant.max_sensitivity is not None:
-            Pipeline._sensitivity_cap(call)
+            Pipeline.sensitivity_cap(call)
         plan = call.plan
         assert plan is not None
         rate = self.gateway.rate_guard
