@@ -54,7 +54,10 @@ def host_app(gw: tollway.Gateway) -> Starlette:
     def tenant(scope: Any) -> str | None:
         for name, value in scope["headers"]:
             if name == b"x-user":
-                return bytes(value).decode()
+                user = bytes(value).decode()
+                if user == "crash":
+                    raise RuntimeError("the host's session store is down")
+                return user
         return None
 
     return Starlette(
@@ -179,6 +182,8 @@ def test_callers_the_host_does_not_name_are_refused(client: httpx.Client) -> Non
     stranger = client.get("/search", headers={"x-user": "stranger"})
     assert stranger.status_code == 403 and stranger.json()["error"]["code"] == "unknown_tenant"
     assert client.get("/open").status_code == 200  # a path the middleware does not guard
+    crashed = client.get("/search", headers={"x-user": "crash"})  # the host's callable raised
+    assert crashed.status_code == 500 and crashed.json()["error"]["type"] == "api_error"
 
 
 async def test_every_guarded_call_is_an_event_on_the_stream(host: Host) -> None:

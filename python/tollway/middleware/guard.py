@@ -146,9 +146,14 @@ class GuardMiddleware:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str,
                        rid: str, t0: float) -> None:
         rid_header = (b"x-request-id", rid.encode())
-        tenant_id = self.tenant_of(scope)
-        if self.tenant_async or inspect.isawaitable(tenant_id):
-            tenant_id = await tenant_id  # type: ignore[misc]
+        try:
+            tenant_id = self.tenant_of(scope)
+            if self.tenant_async or inspect.isawaitable(tenant_id):
+                tenant_id = await tenant_id  # type: ignore[misc]
+        except Exception:  # the host's callable failed: its caller gets the 500 envelope
+            log.exception("guard: the tenant callable failed")
+            await send_error(send, InternalError("internal error"), [rid_header])
+            return
         if not tenant_id:
             await send_error(send, AuthenticationFailed(
                 "this route needs a caller the service knows", code="missing_tenant"),
