@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from support import UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_config
+from support import MOUNTS, UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_config, mounted
 from tollway.app import create_app
 from tollway.logs import JsonFormatter
 from tollway.testing.upstream import FakeUpstream
@@ -42,6 +42,16 @@ def recorder() -> ListRecorder:
 def gateway(upstream: FakeUpstream, recorder: ListRecorder) -> Iterator[Server]:
     app = create_app(make_config(upstream.base_url), env=gateway_env(), recorder=recorder)
     with Server(app) as server:
+        yield server
+
+
+@pytest.fixture(params=MOUNTS)
+def mounted_gateway(request: pytest.FixtureRequest, upstream: FakeUpstream,
+                    recorder: ListRecorder) -> Iterator[Server]:
+    """:func:`gateway`, served alone and mounted under a prefix in a Starlette and a FastAPI
+    app (a test module runs its tests through every mount by taking it as ``gateway``)."""
+    app = create_app(make_config(upstream.base_url), env=gateway_env(), recorder=recorder)
+    with mounted(app, request.param) as server:
         yield server
 
 

@@ -14,9 +14,13 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 import tollway.pipeline.usage
 from tollway import _core
+from tollway.app import GatewayApp
 from tollway.auth import hash_key
 from tollway.config import Config, ServerConfig, parse_config
 from tollway.record import CallRecord
@@ -114,13 +118,14 @@ class Server:
     ``tollway serve`` runs it: with the limits and deadlines of ``limits`` (default: the
     defaults of ``[server]``)."""
 
-    def __init__(self, app: Any, limits: ServerConfig | None = None) -> None:
+    def __init__(self, app: Any, limits: ServerConfig | None = None, prefix: str = "") -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.url = self.origin + prefix  # where the gateway answers (under a mount's prefix)
         self.refused: list[str] = []  # the reasons of the protocol's refusals, in order
         config = uvicorn_config(app, limits or ServerConfig(), on_refused=self.refused.append,
                                 timeout_graceful_shutdown=2)
@@ -144,6 +149,29 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+# How a gateway app is served in the tests that run through a mount prefix: alone, or mounted
+# under PREFIX in a host Starlette or FastAPI app whose lifespan runs the gateway's.
+PREFIX = "/svc"
+MOUNTS = ("root", "starlette", "fastapi")
+
+
+def host_app(app: GatewayApp, how: str) -> Any:
+    """``app`` as served ``how`` (one of :data:`MOUNTS`)."""
+    if how == "root":
+        return app
+    if how == "starlette":
+        return Starlette(routes=[Mount(PREFIX, app=app)], lifespan=app.lifespan)
+    assert how == "fastapi", how
+    host = FastAPI(lifespan=app.lifespan)
+    host.mount(PREFIX, app)
+    return host
+
+
+def mounted(app: GatewayApp, how: str, limits: ServerConfig | None = None) -> Server:
+    """A :class:`Server` of ``app`` served ``how``; its ``url`` is the gateway's."""
+    return Server(host_app(app, how), limits, prefix="" if how == "root" else PREFIX)
 
 
 def serving_port(proc: subprocess.Popen[str], timeout: float = 30.0) -> int | None:

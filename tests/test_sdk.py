@@ -12,6 +12,12 @@ from tollway.testing.upstream import FakeUpstream
 
 
 @pytest.fixture
+def gateway(mounted_gateway: Server) -> Server:
+    """These tests run at the root and through a mount prefix (Starlette, FastAPI)."""
+    return mounted_gateway
+
+
+@pytest.fixture
 def sdk(gateway: Server) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{gateway.url}/api/ai/v1", api_key=ACME_KEY,
                        max_retries=0, timeout=10) as client:

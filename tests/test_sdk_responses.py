@@ -12,7 +12,16 @@ from typing import Any
 import openai
 import pytest
 
-from support import ACME_KEY, UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_raw_config
+from support import (
+    ACME_KEY,
+    MOUNTS,
+    UPSTREAM_KEY,
+    ListRecorder,
+    Server,
+    gateway_env,
+    make_raw_config,
+    mounted,
+)
 from tollway.app import create_app
 from tollway.config import parse_config
 from tollway.testing.upstream import FakeUpstream
@@ -27,12 +36,16 @@ def native(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-@pytest.fixture
-def gateway(upstream: FakeUpstream, recorder: ListRecorder, native: bool) -> Iterator[Server]:
+@pytest.fixture(params=[m for m in MOUNTS if m != "starlette"])
+def gateway(request: pytest.FixtureRequest, upstream: FakeUpstream, recorder: ListRecorder,
+            native: bool) -> Iterator[Server]:
+    """At the root and through a mount prefix (FastAPI's, which is Starlette's Mount; the
+    Starlette host runs test_sdk.py and test_sdk_completions.py)."""
     raw = make_raw_config(upstream.base_url)
     raw["providers"][0]["responses"] = native
     config = parse_config(raw, source="<test>", env=gateway_env())
-    with Server(create_app(config, env=gateway_env(), recorder=recorder)) as server:
+    with mounted(create_app(config, env=gateway_env(), recorder=recorder),
+                 request.param) as server:
         yield server
 
 

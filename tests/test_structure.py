@@ -188,7 +188,11 @@ def test_import_tollway_stays_light_and_create_app_still_works() -> None:
         "before = sorted(m for m in ('starlette', 'tollway.app', 'tollway.gateway',"
         " 'nats') if m in sys.modules)\n"
         "from tollway.app import create_app\n"
-        "print(json.dumps({'before': before, 'same': tollway.create_app is create_app,"
+        "from tollway.inprocess import APIError, Gateway\n"
+        "from tollway.middleware.guard import GuardMiddleware\n"
+        "print(json.dumps({'before': before, 'same': tollway.create_app is create_app"
+        " and tollway.Gateway is Gateway and tollway.APIError is APIError"
+        " and tollway.GuardMiddleware is GuardMiddleware,"
         " 'version': tollway.__version__}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -2,9 +2,11 @@
 
 The hot-path primitives (rate limiter, circuit breaker, token counter and
 cost estimator) live in the Rust extension ``tollway._core``; the modules
-re-exported here are their typed facades. ``create_app`` (the Starlette app)
-is imported on first use, so ``import tollway`` for the primitives does not
-load Starlette, the pipeline or the events layer.
+re-exported here are their typed facades. The three ways in are imported on
+first use, so ``import tollway`` for the primitives does not load Starlette,
+the pipeline or the events layer: ``create_app`` (the HTTP API, served alone
+or mounted in a host app), ``Gateway`` (the in-process API) and
+``GuardMiddleware`` (the guards in front of a host app's own routes).
 """
 
 from __future__ import annotations
@@ -28,12 +30,20 @@ from tollway.tokens import count_tokens as count_tokens
 
 if TYPE_CHECKING:
     from tollway.app import create_app as create_app
+    from tollway.inprocess import APIError as APIError
+    from tollway.inprocess import Gateway as Gateway
+    from tollway.middleware.guard import GuardMiddleware as GuardMiddleware
 else:
     # Hidden from the type checker, which would otherwise accept any attribute of the
-    # package; it sees create_app through the import above.
-    def __getattr__(name: str) -> Any:
-        if name == "create_app":
-            from tollway.app import create_app
+    # package; it sees these through the imports above. Imported on first use, so that
+    # `import tollway` for the primitives does not load Starlette or the pipeline.
+    _LAZY = {"create_app": "tollway.app", "Gateway": "tollway.inprocess",
+             "APIError": "tollway.inprocess", "GuardMiddleware": "tollway.middleware.guard"}
 
-            return create_app
-        raise AttributeError(f"module 'tollway' has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'tollway' has no attribute {name!r}")
+        import importlib
+
+        return getattr(importlib.import_module(module), name)

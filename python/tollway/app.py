@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tollway.asgi import route_path
 from tollway.auth import SignInThrottle
 from tollway.clock import Clock
 from tollway.config import Config, default_config
@@ -75,15 +76,60 @@ class GatewayApp(Starlette):
     middleware (request context, auth) to its handler, past Starlette's error layers and
     router: the request-context middleware already turns any exception into the 500
     envelope, the handlers raise no ``HTTPException``, and the path was matched by one
-    dict lookup. Everything else (other methods, other paths, an app mounted under a
-    prefix) takes the full stack."""
+    dict lookup (the path after the mount prefix, when the app is mounted in another).
+    Everything else (other methods, other paths) takes the full stack.
 
-    def __init__(self, *args: Any, direct: Mapping[str, ASGIApp], **kwargs: Any) -> None:
+    Mounted in a host app (Starlette's ``Mount``, FastAPI's ``app.mount``), the app's own
+    lifespan does not run: the host runs :meth:`lifespan`, e.g.
+    ``Starlette(routes=[Mount("/svc", app=gateway_app)], lifespan=gateway_app.lifespan)``,
+    or enters it inside its own lifespan."""
+
+    def __init__(self, *args: Any, gateway: Gateway, direct: Mapping[str, ASGIApp],
+                 **kwargs: Any) -> None:
+        self.gateway = gateway
         self.direct = dict(direct)
+        kwargs["lifespan"] = self.lifespan
         super().__init__(*args, **kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
         return _Direct(super().build_middleware_stack(), self.direct)
+
+    def lifespan(self, app: object = None) -> AbstractAsyncContextManager[dict[str, Any]]:
+        """Start the gateway (providers, NATS, publisher, projections, shadow mode) and stop
+        it on exit; a host app passes this as its own ``lifespan`` or enters it in its own.
+        ``app`` (the app whose lifespan it is) is not used. The state it yields holds the
+        gateway as ``"tollway"``."""
+        return _state(running(self.gateway))
+
+
+@asynccontextmanager
+async def _state(run: AbstractAsyncContextManager[Gateway]) -> AsyncIterator[dict[str, Any]]:
+    async with run as gateway:
+        yield {"tollway": gateway}
+
+
+@asynccontextmanager
+async def running(gateway: Gateway) -> AsyncIterator[Gateway]:
+    """The gateway started with its optional layers (:data:`LAYERS`), stopped on exit.
+
+    Entered again while it runs (an app mounted in a host whose lifespan runs it, and the
+    in-process API over the same gateway), it yields the running gateway and leaves its
+    stop to the first entry."""
+    if gateway.running:
+        yield gateway
+        return
+    gateway.running = True
+    try:
+        await gateway.start()
+        try:
+            async with AsyncExitStack() as layers:
+                for layer in LAYERS:
+                    await layers.enter_async_context(layer.lifespan(gateway))
+                yield gateway
+        finally:
+            await gateway.stop()
+    finally:
+        gateway.running = False
 
 
 class _Direct:
@@ -94,8 +140,9 @@ class _Direct:
         self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            handler = self.paths.get(scope["path"])
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.paths.get(route_path(scope) if scope.get("root_path")
+                                     else scope["path"])
             if handler is not None:
                 await handler(scope, receive, send)
                 return
@@ -108,22 +155,18 @@ def create_app(
     env: Mapping[str, str] | None = None,
     recorder: Recorder | None = None,
     clock: Clock | None = None,
-) -> Starlette:
-    """The gateway as an ASGI app. Raises ConfigError when it cannot be fully configured."""
+) -> GatewayApp:
+    """The gateway as an ASGI app. Raises ConfigError when it cannot be fully configured.
+
+    It serves at the root or mounted under any prefix; mounted, the host app runs its
+    :meth:`GatewayApp.lifespan` (see the class)."""
     gateway = Gateway(config or default_config(env=env), env=env, recorder=recorder,
                       clock=clock)
+    return app_of(gateway)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        await gateway.start()
-        try:
-            async with AsyncExitStack() as layers:
-                for layer in LAYERS:
-                    await layers.enter_async_context(layer.lifespan(gateway))
-                yield {"gateway": gateway}
-        finally:
-            await gateway.stop()
 
+def app_of(gateway: Gateway) -> GatewayApp:
+    """The HTTP API over an existing gateway (``tollway.Gateway.app`` serves its own)."""
     routes: list[BaseRoute] = [
         *openai.routes(gateway),  # first: the router tries routes in order
         *health.routes(gateway),
@@ -150,7 +193,7 @@ def create_app(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception},
-        lifespan=lifespan,
+        gateway=gateway,
         direct={path: wrapped(handler) for path, handler in openai.direct(gateway).items()},
     )
     app.state.gateway = gateway

@@ -16,6 +16,24 @@ Headers = list[tuple[bytes, bytes]]
 JSON = (b"content-type", b"application/json")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the gateway routes on: ``path`` without the ``root_path`` an app mounted
+    under a prefix (Starlette's ``Mount``, a FastAPI ``app.mount``) is called with.
+
+    Starlette (0.33 on) keeps the whole path in ``path`` and the prefix in ``root_path``;
+    a path that does not start with the prefix is taken as it is (older servers and
+    frameworks strip the prefix themselves). The same answer as Starlette's router
+    (``starlette._utils.get_route_path``) for every scope, so that auth decides on the
+    path that routing serves."""
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if root and path.startswith(root):
+        rest = path[len(root):]
+        if not rest or rest[0] == "/":
+            return rest
+    return path
+
+
 class ClientGone(Exception):
     """The client disconnected before sending its whole body."""
 

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 
 class Gateway:
-    """Built by ``create_app``; started and stopped by the app's lifespan."""
+    """Built by ``create_app`` (or ``tollway.Gateway``, the in-process API); started and
+    stopped by ``tollway.app.running``: the app's lifespan, a host app's, or the in-process
+    API's ``async with``."""
 
     def __init__(self, config: Config, env: Mapping[str, str] | None = None,
                  recorder: Recorder | None = None, clock: Clock | None = None) -> None:
@@ -104,6 +106,7 @@ class Gateway:
         if self.budget_guard is not None:
             self.directory.budget_listeners.append(self.budget_guard.set_scope)
         self.ready = False
+        self.running = False  # inside tollway.app.running (the app's or a host's lifespan)
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []
         self.started_at = time.time()

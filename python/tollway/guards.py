@@ -463,6 +463,26 @@ class BudgetGuard:
         self._refuse(call, book, account, limit,
                      f"this call may cost up to {amount / NANO:.6f} USD")
 
+    async def hold_amount(self, call: Call, amount_nanousd: int) -> None:
+        """Hold a fixed amount against the tenant's day: a call whose cost its caller
+        names (a host app's own route behind ``tollway.GuardMiddleware``), not a plan's."""
+        book = self.book_of()
+        tenant = call.tenant.id
+        limit = self.daily.get(tenant, self.default_daily)
+        call.estimated_cost_nanousd = amount_nanousd
+        try:
+            hold = await book.reserve(tenant, amount_nanousd, limit,
+                                      request_id=call.info.request_id, now=call.occurred_at)
+        except Exception as exc:  # the shared book cannot decide (NATS down, closed)
+            log.warning("budget: cannot reserve for %s: %s", tenant, exc)
+            call.reason = f"{call.reason}; refused: budget unavailable"
+            raise NotReady("the budget cannot be checked right now; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        if hold is None:
+            self._refuse(call, book, tenant, limit,
+                         f"this call may cost up to {amount_nanousd / NANO:.6f} USD")
+        call.reservation = (book, hold)
+
     def _refuse(self, call: Call, book: BudgetBook, account: str, limit: int,
                 need: str) -> NoReturn:
         tenant = call.tenant.id

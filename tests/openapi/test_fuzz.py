@@ -37,6 +37,7 @@ from support import (
     auth,
     gateway_env,
     make_config,
+    mounted,
     unlimited_acme,
 )
 from tollway.app import create_app
@@ -207,10 +208,35 @@ CASES = [pytest.param(op, mode, id=f"{op.method} {op.path} {mode}") for op in OP
 @pytest.mark.parametrize(("op", "mode"), CASES)
 def test_every_answer_conforms_and_none_is_a_5xx(
         live: Live, op: Operation, mode: schemathesis.GenerationMode) -> None:
+    _fuzz(live, op, mode, EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def mounted_live() -> Iterator[Live]:
+    """A gateway mounted under a prefix in a host FastAPI app (events off: the OpenAI
+    routes' conformance, not the event stream's, is what the prefix could change)."""
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        cfg = make_config(up.base_url, tenants=unlimited_acme(tier="premium", daily_usd=10**6))
+        with mounted(create_app(cfg, env=gateway_env()), "fastapi") as server:
+            it = Live(server, up)
+            try:
+                yield it
+            finally:
+                it.session.close()
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=f"{op.method} {op.path}")
+                                for op in OPERATIONS if op.path.startswith("/api/ai/v1/")])
+def test_the_openai_routes_conform_through_a_mount_prefix(mounted_live: Live,
+                                                          op: Operation) -> None:
+    _fuzz(mounted_live, op, POSITIVE, max(5, EXAMPLES // 4))
+
+
+def _fuzz(live: Live, op: Operation, mode: schemathesis.GenerationMode, examples: int) -> None:
     strategy = _operation(op).as_strategy(generation_mode=mode)
     key = f"{op.method} {op.path} {mode}"
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=strategy, keys=_keys(op), known=st.booleans(), stream=st.booleans())
     def check(case: Any, keys: dict[str, str], known: bool, stream: bool) -> None:

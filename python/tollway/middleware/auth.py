@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tollway.asgi import Receive, Scope, Send, send_error
+from tollway.asgi import Receive, Scope, Send, route_path, send_error
 from tollway.auth import (
     ADMIN_PREFIXES,
     PUBLIC_PATHS,
@@ -50,11 +50,16 @@ class AuthMiddleware:
                     "it as 'Authorization: Bearer <key>', and replace the key, since URLs "
                     "are logged", code="key_in_query", param=param), _CHALLENGE)
                 return
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Under a mount prefix the public and admin paths are those after it.
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        if path in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         found: Principal | BaseException
-        if scope["path"].startswith(ADMIN_PREFIXES):
+        if path.startswith(ADMIN_PREFIXES):
             found = self._admin_sign_in(scope)
         else:
             found = self._sign_in(scope)
@@ -64,7 +69,7 @@ class AuthMiddleware:
                                          or "invalid_api_key",))
             found = found.refusal
         if not isinstance(found, Principal):
-            refuse = (send_anthropic_error if scope["path"] in _ANTHROPIC_PATHS
+            refuse = (send_anthropic_error if path in _ANTHROPIC_PATHS
                       else send_error)
             await refuse(send, found, _CHALLENGE if isinstance(
                 found, AuthenticationFailed) else None)

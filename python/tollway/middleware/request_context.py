@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any
 
-from tollway.asgi import Message, Receive, Scope, Send, send_error
+from tollway.asgi import Message, Receive, Scope, Send, route_path, send_error
 from tollway.context import SCOPE_KEY, RequestInfo, request_id_var
 from tollway.errors import InternalError
 from tollway.logs import log_request
@@ -80,7 +80,8 @@ class RequestContextMiddleware:
             path = scope["path"]
             if info.status == 0:
                 info.status = 500 if not started else info.status
+            routed = route_path(scope) if scope.get("root_path") else path
             metrics.http_requests.inc(
-                (path if path in self.known_paths else "other", str(info.status)))
+                (routed if routed in self.known_paths else "other", str(info.status)))
             log_request(info, scope["method"], path, time.perf_counter())
             request_id_var.reset(token)

@@ -190,17 +190,19 @@ class Pipeline:
             if name == b"content-length":
                 content_length = value
             elif name.startswith(b"x-tollway-"):
-                self._hint(call, name, value)
+                self.hint(call, name, value)
             elif name in keep:
                 call.protocol_headers[name.decode()] = value.decode("latin-1")
         if call.sensitivity and call.tenant.max_sensitivity is not None:
-            self._sensitivity_cap(call)
+            self.sensitivity_cap(call)
         call.body = await read_body(receive, self.max_body, content_length)
         call.surface.decode(call)
         call.info.stream = call.stream
 
     @staticmethod
-    def _sensitivity_cap(call: Call) -> None:
+    def sensitivity_cap(call: Call) -> None:
+        """Refuse data above the tenant's ``max_sensitivity`` (also tollway.GuardMiddleware's
+        rule for a host app's routes)."""
         cap = call.tenant.max_sensitivity
         if cap is not None and SENSITIVITY_RANK[call.sensitivity] > SENSITIVITY_RANK[cap]:
             call.reason = f"refused: {call.sensitivity} data above the tenant's {cap}"
@@ -209,7 +211,8 @@ class Pipeline:
                 f"{call.sensitivity!r}", param="x-tollway-sensitivity",
                 code="sensitivity_not_allowed")
 
-    def _hint(self, call: Call, name: bytes, raw: bytes) -> None:
+    def hint(self, call: Call, name: bytes, raw: bytes) -> None:
+        """Apply one ``X-Tollway-*`` request header to the call (or refuse its value)."""
         if name == b"x-tollway-user":  # a caller-given user id: case kept, not validated
             call.user = raw.decode("latin-1").strip()[:256]
             return

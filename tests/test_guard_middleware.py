@@ -1,0 +1,212 @@
+"""``tollway.GuardMiddleware`` in front of a host Starlette app's own routes, served by
+uvicorn on loopback, the host's lifespan running a ``tollway.Gateway`` with the embedded
+nats-server: the tenant's 60/minute limit, its daily budget (an explicit cost, a token
+estimate of the body, a cost the route reports), the sensitivity rule, and one call event
+per request on the stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import tollway
+from support import UPSTREAM_KEY, ListRecorder, Server, eventually, gateway_env, make_config
+from tollway.middleware.guard import COST_KEY
+from tollway.testing.upstream import FakeUpstream
+
+BIG = 10**9
+SEARCH_USD = 0.004
+
+
+def _tenant(id_: str, per_minute: int = BIG, **extra: Any) -> dict[str, Any]:
+    return {"id": id_, "tier": "standard", "limits": {
+        "per_minute": per_minute, "per_hour": BIG, "per_day": BIG,
+        "expensive_per_hour": BIG}, **extra}
+
+
+async def search(request: Request) -> Response:
+    return JSONResponse({"hits": []})
+
+
+async def summarize(request: Request) -> Response:
+    return JSONResponse({"read": len(await request.body())})
+
+
+async def report(request: Request) -> Response:
+    request.scope[COST_KEY] = 0.001  # what this call really cost
+    return JSONResponse({"ok": True})
+
+
+async def broken(request: Request) -> Response:
+    return JSONResponse({"error": "down"}, status_code=503)
+
+
+def host_app(gw: tollway.Gateway) -> Starlette:
+    def tenant(scope: Any) -> str | None:
+        for name, value in scope["headers"]:
+            if name == b"x-user":
+                user = bytes(value).decode()
+                if user == "crash":
+                    raise RuntimeError("the host's session store is down")
+                return user
+        return None
+
+    return Starlette(
+        routes=[Route("/search", search), Route("/summarize", summarize, methods=["POST"]),
+                Route("/report", report), Route("/broken", broken),
+                Route("/open", search)],
+        middleware=[
+            Middleware(tollway.GuardMiddleware, gateway=gw, tenant=tenant,
+                       cost=lambda scope: SEARCH_USD, endpoint="search",
+                       paths=["/search", "/report", "/broken"]),
+            Middleware(tollway.GuardMiddleware, gateway=gw, tenant=tenant,
+                       model="gpt-4o-mini", output_tokens=100, endpoint="summarize",
+                       paths=["/summarize"]),
+        ],
+        lifespan=gw.lifespan)
+
+
+class Host:
+    def __init__(self, server: Server, gw: tollway.Gateway, recorder: ListRecorder) -> None:
+        self.server = server
+        self.gw = gw
+        self.recorder = recorder
+
+    def records(self, **match: Any) -> list[Any]:
+        return [r for r in self.recorder.records
+                if all(getattr(r, k) == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    data = Path(tmp_path_factory.mktemp("guard")) / "data"
+    recorder = ListRecorder()
+    with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        cfg = make_config(up.base_url, nats={"url": "embedded", "data_dir": str(data)},
+                          tenants=[_tenant("minute", per_minute=60, daily_usd=1000.0),
+                                   _tenant("thrifty", daily_usd=0.01),
+                                   _tenant("words", daily_usd=1000.0),
+                                   _tenant("careful", daily_usd=1000.0,
+                                           max_sensitivity="internal")])
+        gw = tollway.Gateway(cfg, env=gateway_env(), recorder=recorder)
+        with Server(host_app(gw)) as server:
+            yield Host(server, gw, recorder)
+
+
+@pytest.fixture
+def client(host: Host) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=host.server.url, timeout=20) as c:
+        yield c
+
+
+def test_sixty_a_minute_then_429(host: Host, client: httpx.Client) -> None:
+    for i in range(60):
+        r = client.get("/search", headers={"x-user": "minute"})
+        assert r.status_code == 200, (i, r.text)
+        assert r.headers["x-ratelimit-limit-requests"] == "60"
+        # (the fleet's shared limits report what this process's allotment leaves, at most)
+        assert 0 <= int(r.headers["x-ratelimit-remaining-requests"]) <= 59 - i
+    refused = client.get("/search", headers={"x-user": "minute"})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+    done = eventually(lambda: len(host.records(tenant="minute")) == 61 and host.records(
+        tenant="minute"))
+    assert [r.outcome for r in done].count("completed") == 60
+    (rejected,) = [r for r in done if r.outcome == "rejected"]
+    assert (rejected.endpoint, rejected.route, rejected.status, rejected.error_code) == (
+        "search", "/search", 429, "rate_limit_exceeded")
+
+
+def test_the_daily_budget_holds_each_call_and_refuses_past_it(
+        host: Host, client: httpx.Client) -> None:
+    for _ in range(2):  # 0.008 of 0.01 USD
+        assert client.get("/search", headers={"x-user": "thrifty"}).status_code == 200
+    refused = client.get("/search", headers={"x-user": "thrifty"})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    book = host.gw.core.budget_book()
+    assert eventually(lambda: book.spent_today("thrifty") == 2 * 4_000_000), (
+        "the spend is the two calls' cost, as the stream's budget view folds it")
+    records = host.records(tenant="thrifty")
+    assert sorted(r.actual_cost_nanousd for r in records) == [0, 4_000_000, 4_000_000]
+
+
+def test_a_token_estimate_of_the_body_prices_the_call(host: Host, client: httpx.Client) -> None:
+    text = "please summarize these words for me " * 20
+    r = client.post("/summarize", content=text.encode(), headers={"x-user": "words"})
+    assert r.status_code == 200 and r.json() == {"read": len(text.encode())}  # body intact
+    (rec,) = eventually(lambda: host.records(tenant="words", endpoint="summarize"))
+    tokens = tollway.count_tokens(text, "o200k_base")
+    assert rec.prompt_tokens == tokens and rec.completion_tokens == 100
+    expected = host.gw.core.estimator.cost("gpt-4o-mini", tokens, 100)
+    assert rec.estimated_cost_nanousd == rec.actual_cost_nanousd == expected > 0
+
+
+def test_a_route_reports_its_own_cost_and_an_error_costs_nothing(
+        host: Host, client: httpx.Client) -> None:
+    assert client.get("/report", headers={"x-user": "words"}).status_code == 200
+    assert client.get("/broken", headers={"x-user": "words"}).status_code == 503
+    reported = eventually(lambda: host.records(tenant="words", route="/report"))
+    assert reported[0].actual_cost_nanousd == 1_000_000
+    (failed,) = eventually(lambda: host.records(tenant="words", route="/broken"))
+    assert (failed.outcome, failed.status, failed.actual_cost_nanousd) == ("failed", 503, 0)
+
+
+def test_sensitivity_above_the_tenants_cap_is_refused(host: Host, client: httpx.Client) -> None:
+    headers = {"x-user": "careful", "X-Tollway-Sensitivity": "confidential"}
+    r = client.get("/search", headers=headers)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "sensitivity_not_allowed"
+    ok = client.get("/search", headers={**headers, "X-Tollway-Sensitivity": "internal"})
+    assert ok.status_code == 200
+    assert client.get("/search", headers={**headers, "X-Tollway-Sensitivity": "internal",
+                                          "X-Tollway-Task": "nonsense"}).status_code == 400
+    outcomes = eventually(lambda: len(host.records(tenant="careful")) == 3 and [
+        (r.outcome, r.sensitivity) for r in host.records(tenant="careful")])
+    assert outcomes == [("rejected", "confidential"), ("completed", "internal"),
+                        ("rejected", "internal")]
+
+
+def test_callers_the_host_does_not_name_are_refused(client: httpx.Client) -> None:
+    nobody = client.get("/search")
+    assert nobody.status_code == 401 and nobody.json()["error"]["code"] == "missing_tenant"
+    stranger = client.get("/search", headers={"x-user": "stranger"})
+    assert stranger.status_code == 403 and stranger.json()["error"]["code"] == "unknown_tenant"
+    assert client.get("/open").status_code == 200  # a path the middleware does not guard
+    crashed = client.get("/search", headers={"x-user": "crash"})  # the host's callable raised
+    assert crashed.status_code == 500 and crashed.json()["error"]["type"] == "api_error"
+
+
+async def test_every_guarded_call_is_an_event_on_the_stream(host: Host) -> None:
+    from events.helpers import read_stream
+    from tollway.events.broker import connect
+    from tollway.events.schema import CallEvent
+
+    async with httpx.AsyncClient(base_url=host.server.url, timeout=20) as c:
+        r = await c.get("/search", headers={"x-user": "words", "x-request-id": "guarded-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "guarded-1"
+    svc = host.gw.core.events
+    assert svc is not None and svc.embedded is not None
+    nc = await connect(svc.embedded.url)
+    try:
+        found: list[CallEvent] = []
+        for _ in range(200):  # a hang detector
+            found = [e for _, _, e in await read_stream(nc, "tollway.call.>", timeout=0.5)
+                     if isinstance(e, CallEvent) and e.request_id == "guarded-1"]
+            if found:
+                break
+        (event,) = found
+        assert (event.tenant, event.endpoint, event.route, event.outcome,
+                event.actual_cost_nanousd) == ("words", "search", "/search", "completed",
+                                               4_000_000)
+    finally:
+        await nc.close()
