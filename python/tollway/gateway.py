@@ -22,6 +22,8 @@ from tollway.providers import OpenAIProvider, build_providers
 from tollway.record import Recorder
 from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
 from tollway.tokens import CachePrices, CostEstimator, load_cache_prices
+from tollway.tools.calls import ToolCalls
+from tollway.tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
     from tollway.events.service import EventsService
@@ -101,6 +103,13 @@ class Gateway:
                 self.directory.listeners.append(guard.set_tenant)
         if self.rate_guard is not None:
             self.directory.limits_listeners.append(self.rate_guard.set_limits)
+        # The tool registry: the config's tools and the directory's (admin API); requests
+        # name them, replies' calls to them are checked (tollway.tools).
+        self.tools = ToolRegistry(config)
+        self.directory.tools = self.tools
+        tool_calls = ToolCalls(self.tools, config.tool_calls)
+        self.pipeline.decode_hooks.append(tool_calls.inline)
+        self.pipeline.reply_hooks.append(tool_calls.checked)
         self.ready = False
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).
         self.ready_checks: list[Callable[[], Awaitable[str | None]]] = []

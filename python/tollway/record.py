@@ -59,6 +59,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # at the model's cache prices; Anthropic's cache_read/cache_creation_input_tokens).
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # Registry tools the reply called (one name per call), those whose arguments failed
+    # their schema, and whether the reply was asked for again because of them.
+    tool_calls: tuple[str, ...] = ()
+    tool_calls_invalid: tuple[str, ...] = ()
+    tool_retried: bool = False
 
 
 class Recorder(Protocol):

@@ -42,9 +42,10 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import Finisher, Guard, PlanHook
+from tollway.pipeline.hooks import DecodeHook, Finisher, Guard, PlanHook, ReplyHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
+from tollway.pipeline.rerank import RERANK_SURFACE
 from tollway.pipeline.responses import RESPONSES_SURFACE
 from tollway.pipeline.surface import CHAT_SURFACE, EMBEDDINGS_SURFACE, Surface
 from tollway.pipeline.usage import CachedUsage, Usage, count_text
@@ -76,6 +77,8 @@ class Pipeline:
         self.finishers: list[Finisher] = []
         self.plan_hooks: list[PlanHook] = []
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
+        self.decode_hooks: list[DecodeHook] = []  # after 2: the tool registry's inlining
+        self.reply_hooks: list[ReplyHook] = []  # after 5, on a whole reply: tool validation
         self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,6 +86,9 @@ class Pipeline:
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(EMBEDDINGS_SURFACE, scope, receive, send)
+
+    async def rerank(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(RERANK_SURFACE, scope, receive, send)
 
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(COMPLETIONS_SURFACE, scope, receive, send)
@@ -139,11 +145,17 @@ class Pipeline:
         try:
             try:
                 await self.decode(call, scope, receive)  # 2
+                for decoded in self.decode_hooks:
+                    decoded(call)
                 await self.count_ahead(call)  # a large prompt, off the loop, for 3's estimate
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
                 await self.dispatcher.dispatch(call, receive, send_last)  # 5 (streams: relayed)
+                if not call.response_started:
+                    for replied in self.reply_hooks:
+                        await replied(call, lambda: self.dispatcher.dispatch(
+                            call, receive, send_last))
                 await self.count_ahead(call)  # ... and for 6 when the provider did not count
                 self.settle(call)  # 6
                 if not call.response_started:
@@ -373,6 +385,9 @@ class Pipeline:
             flags=call.flags,
             cache_read_tokens=call.cache_read_tokens,
             cache_write_tokens=call.cache_write_tokens,
+            tool_calls=call.tool_calls,
+            tool_calls_invalid=call.tool_calls_invalid,
+            tool_retried=call.tool_retried,
         )
         for recorder in self.recorders:
             try:
