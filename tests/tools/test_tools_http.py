@@ -136,6 +136,19 @@ def test_stream_is_checked_at_its_end(
     assert rec.tool_calls == ("get_weather",) and rec.tool_calls_invalid == ()
 
 
+def test_metrics_count_tool_calls_by_verdict(client: httpx.Client) -> None:
+    # After the tests above (the module shares one gateway): their calls, as the records.
+    lines = client.get("/api/ai/metrics").text.splitlines()
+
+    def value(arguments: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith("tollway_tool_calls_total{")
+                   and 'tool="get_weather"' in line and f'arguments="{arguments}"' in line)
+
+    assert value("invalid") == 2  # the retried reply, still invalid, and the stream
+    assert value("valid") == 3
+
+
 def test_calls_without_registry_tools_are_untouched(
         client: httpx.Client, upstream: FakeUpstream, recorder: ListRecorder) -> None:
     own = {"type": "function", "function": {"name": "get_weather",
