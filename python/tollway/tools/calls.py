@@ -136,7 +136,11 @@ class _ToolsWire(Wire):
         c = cast(Call, call)
         if not c.tools or not isinstance(tap, SseTap):
             return tail
-        _note(c, check(c.tools, stream_calls(tap)))
+        try:
+            _note(c, check(c.tools, stream_calls(tap)))
+        except Exception:  # a check must not cost the client its stream's end
+            log.exception("checking a stream's tool calls failed")
+            return tail
         if not c.tool_calls:
             return tail
         verdict = b"invalid " + ",".join(c.tool_calls_invalid).encode() if (
@@ -200,7 +204,11 @@ class ToolCalls:
         tools = call.tools
         if not tools or call.reply is None:
             return
-        result = check(tools, reply_calls(call.reply.body))
+        try:
+            result = check(tools, reply_calls(call.reply.body))
+        except Exception:  # a check must not cost the client a good reply
+            log.exception("checking a reply's tool calls failed")
+            return
         if result[1] and self.retry:
             first = _usage(call)
             kept = (call.reply, call.usage, call.deployment, call.wire, call.output_bound)
