@@ -6,11 +6,14 @@
 this package) that later issues replace or extend without touching the
 order: routing policy plugs into :meth:`Pipeline.plan`, rate limits, budgets
 and cost caps are :data:`Guard` callables, retries and breakers live in
-:mod:`.dispatch`. Settle and record are synchronous and run just before the
-response's last bytes go out (so the call's event is in the outbox before the
-client has its whole answer), else in ``finally``, so a client that
-disconnects (or a cancelled task) cannot skip them: every call that reaches
-the pipeline ends as exactly one :class:`CallRecord`.
+:mod:`.dispatch`; a :data:`DecodeHook` may rewrite a decoded request before it
+is counted or planned, and a :data:`ReplyHook` sees a whole reply before the
+client does (the tool registry, :mod:`tollway.tools`, is both). Settle and
+record are synchronous and run just before the response's last bytes go out
+(so the call's event is in the outbox before the client has its whole
+answer), else in ``finally``, so a client that disconnects (or a cancelled
+task) cannot skip them: every call that reaches the pipeline ends as exactly
+one :class:`CallRecord`.
 """
 
 from __future__ import annotations
