@@ -31,7 +31,7 @@ from tollway.events import wiring as events
 from tollway.gateway import Gateway
 from tollway.middleware import AuthMiddleware, RequestContextMiddleware
 from tollway.record import Recorder
-from tollway.routes import admin, dashboard, directory, health, openai
+from tollway.routes import admin, dashboard, directory, health, openai, tools
 from tollway.routes import openapi as openapi_document
 from tollway.shadow import wiring as shadow
 
@@ -173,6 +173,7 @@ def app_of(gateway: Gateway) -> GatewayApp:
         *openapi_document.routes(),
         *admin.routes(gateway),
         *directory.routes(gateway),
+        *tools.routes(gateway),
         *dashboard.routes(gateway),
         *(route for layer in LAYERS for route in layer.routes(gateway)),
     ]

@@ -129,7 +129,9 @@ class ModelConfig(_Base):
     # price for this id, else the input price.
     cache_read_usd_per_mtok: NonNegative | None = None
     cache_write_usd_per_mtok: NonNegative | None = None
-    kind: Literal["chat", "embedding"] = "chat"
+    # "embedding": served on /v1/embeddings (an embeddings call to a route keeps these);
+    # "rerank": a reranker served on /v1/rerank (local providers only).
+    kind: Literal["chat", "embedding", "rerank"] = "chat"
     # The most output tokens one choice can have, and the request field that bounds it
     # (OpenAI's reasoning models take only max_completion_tokens). None: the built-in
     # table's entry for this id (or its upstream name), else the defaults in
@@ -301,6 +303,33 @@ class ShadowRouteConfig(_Base):
     salt: str = ""  # change it to reshuffle who lands in which arm
 
 
+# Tool names as OpenAI takes them (and as NATS subject tokens): letters, digits, _ and -.
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class ToolConfig(_Base):
+    """[[tools]]: a registry tool. A request names it in ``tools`` as
+    ``{"type": "registry", "name": "..."}`` and the gateway inlines it as an OpenAI function
+    tool; the arguments of the reply's calls to it are checked against ``parameters``
+    (tollway.tools). Tools made through the admin API live beside these; a name defined
+    here is the config's."""
+
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+    tenants: list[TenantId] | None = None  # who may use it; None: every tenant
+
+
+class ToolCallsConfig(_Base):
+    """[tool_calls]: what the gateway does with the calls a reply makes to registry tools."""
+
+    # Check each call's arguments against the tool's JSON Schema (header, call event).
+    validate: bool = True
+    # A non-streamed reply with invalid arguments is asked for once more (same request);
+    # the call then costs both replies. Streams cannot be: their first bytes are sent.
+    retry_invalid: bool = False
+
+
 class Config(_Base):
     server: ServerConfig = field(default_factory=ServerConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -315,6 +344,8 @@ class Config(_Base):
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     shadow: list[ShadowRouteConfig] = field(default_factory=list)
+    tools: list[ToolConfig] = field(default_factory=list)
+    tool_calls: ToolCallsConfig = field(default_factory=ToolCallsConfig)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -500,6 +531,8 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
     for path, message in check_shadow(file_cfg.shadow,
                                       {m.id: m.kind == "chat" for m in cfg.models}, aliases):
         raise ConfigError(message, source=source, path=path)
+    for path, message in check_tools(file_cfg.tools):
+        raise ConfigError(message, source=source, path=path)
     ids: set[str] = set()
     hashes: dict[str, str] = {}
     for i, t in enumerate(file_cfg.tenants):
@@ -552,6 +585,23 @@ def check_shadow(entries: list[ShadowRouteConfig], models: dict[str, bool],
         elif e.weights:
             problems.append((f"{at}.weights", "weights are for mode = \"ab\"; shadow mode "
                              "samples with `fraction`"))
+    return problems
+
+
+def check_tools(tools: list[ToolConfig]) -> list[tuple[str, str]]:
+    """Problems as (msgspec path, message): names twice, a schema that is not one."""
+    from tollway.tools.schema import ToolSchemaError, compile_schema  # tools import config
+
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        if t.name in seen:
+            problems.append((f"$.tools[{i}].name", f"tool {t.name!r} is defined twice"))
+        seen.add(t.name)
+        try:
+            compile_schema(t.parameters)
+        except ToolSchemaError as exc:
+            problems.append((f"$.tools[{i}].parameters", str(exc)))
     return problems
 
 

@@ -53,6 +53,8 @@ from tollway.events.schema import (
     TenantCreated,
     TenantLimitSettings,
     TenantSettings,
+    ToolChanged,
+    ToolRemoved,
     encode,
 )
 
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from tollway.events.projections import Projection
     from tollway.events.service import EventsService
     from tollway.pipeline.plan import Catalog, Deployment
+    from tollway.tools.registry import ToolRegistry
 
 log = logging.getLogger("tollway.directory")
 
@@ -157,15 +160,20 @@ class Directory:
         self._rollouts: dict[str, list[Rollout]] = {}  # route -> its enabled flags
         self._shadows: dict[str, list[Rollout]] = {}  # shadow route -> its enabled flags
         self._guards: dict[str, list[Rollout]] = {}  # route or "*" -> guard flags
+        self.tools: ToolRegistry | None = None  # set by the gateway: reads this view too
 
     # ---- attached by the events layer ------------------------------------------------------
     def attach(self, events: EventsService) -> None:
         self.events = events
         self.projection = events.projection("directory")
+        if self.tools is not None:
+            self.tools.projection = self.projection
 
     def detach(self) -> None:
         self.events = None
         self.projection = None
+        if self.tools is not None:
+            self.tools.projection = None
 
     # ---- reading: every call -----------------------------------------------------------
     def _current(self) -> DirectoryView | None:
@@ -354,7 +362,7 @@ class Directory:
         if tenant_id in view.tenants:
             raise Conflict(f"tenant {tenant_id!r} exists", code="tenant_exists")
         await self._write(TenantCreated(
-            event_id=_event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
+            event_id=event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
             settings=settings), first_on_subject=True)
         return self.get_tenant(tenant_id)
 
@@ -368,7 +376,7 @@ class Directory:
         settings = change(entry.settings)
         if settings != entry.settings:
             await self._write(TenantChanged(
-                event_id=_event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
+                event_id=event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
                 settings=settings))
         return self.get_tenant(tenant_id)
 
@@ -395,7 +403,7 @@ class Directory:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         await self._write(KeyCreated(
-            event_id=_event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
+            event_id=event_id(), occurred_at=self.clock(), tenant=tenant_id, admin=admin,
             key_id=key_id, key_sha256=hash_key(key), prefix=key[:PREFIX_CHARS], name=name,
             expires_at=expires_at, models=models, rotated_from=rotated_from, limits=limits,
             daily_usd=daily_usd),
@@ -426,7 +434,7 @@ class Directory:
         self._view_or_unavailable()
         key = self._key(key_id)
         if key.revoked_at is None:
-            await self._write(KeyRevoked(event_id=_event_id(), occurred_at=self.clock(),
+            await self._write(KeyRevoked(event_id=event_id(), occurred_at=self.clock(),
                                          tenant=key.tenant, admin=admin, key_id=key_id))
         return self.get_key(key_id)
 
@@ -444,7 +452,7 @@ class Directory:
                                     expires_at=key.expires_at, models=key.models,
                                     limits=key.limits, daily_usd=key.daily_usd,
                                     rotated_from=key_id)
-        await self._write(KeyRotated(event_id=_event_id(), occurred_at=now,
+        await self._write(KeyRotated(event_id=event_id(), occurred_at=now,
                                      tenant=key.tenant, admin=admin, key_id=key_id,
                                      new_key_id=new["id"], expires_at=now + overlap_s))
         new["previous"] = self.get_key(key_id)
@@ -465,9 +473,14 @@ class Directory:
         view = self._view_or_unavailable()
         flag = view.flags.get(name)
         if flag is None or flag.settings != settings:
-            await self._write(FlagChanged(event_id=_event_id(), occurred_at=self.clock(),
+            await self._write(FlagChanged(event_id=event_id(), occurred_at=self.clock(),
                                           admin=admin, flag=name, settings=settings))
         return self.get_flag(name)
+
+    async def change_tool(self, event: ToolChanged | ToolRemoved) -> None:
+        """Publish a registry tool's change (tollway.routes.tools made and checked it)."""
+        self._view_or_unavailable()
+        await self._write(event)
 
     # ---- writing --------------------------------------------------------------------------
     async def _write(self, event: AdminEvent, *, first_on_subject: bool = False) -> None:
@@ -506,7 +519,7 @@ def _expired(p: Principal) -> Principal:
     out.refusal = AuthenticationFailed("this API key has expired", code="expired_api_key")
     return out
 
-def _event_id() -> str:
+def event_id() -> str:
     return "adm-" + secrets.token_hex(12)
 
 def _config_tenant_json(t: TenantConfig) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from tollway.providers import OpenAIProvider, build_providers
 from tollway.record import Recorder
 from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
 from tollway.tokens import CachePrices, CostEstimator, load_cache_prices
+from tollway.tools.calls import ToolCalls
+from tollway.tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
     from tollway.events.service import EventsService
@@ -105,6 +107,13 @@ class Gateway:
             self.directory.limits_listeners.append(self.rate_guard.set_limits)
         if self.budget_guard is not None:
             self.directory.budget_listeners.append(self.budget_guard.set_scope)
+        # The tool registry: the config's tools and the directory's (admin API); requests
+        # name them, replies' calls to them are checked (tollway.tools).
+        self.tools = ToolRegistry(config)
+        self.directory.tools = self.tools
+        tool_calls = ToolCalls(self.tools, config.tool_calls)
+        self.pipeline.decode_hooks.append(tool_calls.inline)
+        self.pipeline.reply_hooks.append(tool_calls.checked)
         self.ready = False
         self.running = False  # inside tollway.app.running (the app's or a host's lifespan)
         # Each returns None when fine, else why the gateway is not ready (e.g. NATS down).

@@ -178,6 +178,9 @@ class Metrics:
         self.client_cancelled = self._add(Counter(
             "tollway_client_cancelled", "Streams the client abandoned.", ["provider"]))
         self.in_flight = self._add(Gauge("tollway_in_flight_requests", "Requests being served."))
+        self.tool_calls = self._add(Counter(
+            "tollway_tool_calls", "Calls replies made to registry tools, by tool and whether "
+            "their arguments fit its schema (valid, invalid).", ["tool", "arguments"]))
 
     def _add(self, collector: _C) -> _C:
         self.registry.register(collector)
@@ -206,6 +209,14 @@ class Metrics:
             self.fallbacks.inc((failed,))
         if rec.client_cancelled:
             self.client_cancelled.inc((provider,))
+        if rec.tool_calls:
+            invalid = list(rec.tool_calls_invalid)
+            for name in rec.tool_calls:
+                if name in invalid:
+                    invalid.remove(name)
+                    self.tool_calls.inc((name, "invalid"))
+                else:
+                    self.tool_calls.inc((name, "valid"))
 
     def render(self) -> bytes:
         if self.exposition is not None:

@@ -3,9 +3,13 @@
 ``model`` names a model or a route alias (``auto``, or a route the config
 ties to the task hint). Its candidates then go through, in this order:
 
+0. **the API**: only providers that serve it (rerank: local ones); a route
+   alias named on /v1/embeddings or /v1/rerank keeps its models of that kind
+   (``kind = "embedding"`` / ``"rerank"``), and ``auto`` on /v1/embeddings is
+   the ``embed`` task's route when ``[policy] task_routes`` has one;
 1. **sensitivity**: ``confidential`` and ``restricted`` (configurable) keep
-   only providers marked ``local = true``; none -> 403 ``policy_forbids``,
-   and nothing is sent anywhere;
+   only providers marked ``local = true``, on every API (chat, embeddings,
+   rerank, ...); none -> 403 ``policy_forbids``, and nothing is sent anywhere;
 2. **budget tier**: each candidate's maximum cost for *this* request
    (token-exact prompt, plus the output: ``max_completion_tokens`` /
    ``max_tokens`` or the model's full output, times ``n``) against the tier's
@@ -36,12 +40,18 @@ from typing import Any
 
 from tollway.clock import Clock
 from tollway.config import Config, ConfigError
-from tollway.errors import CostLimitExceeded, PolicyForbids, UpstreamUnavailable
+from tollway.errors import (
+    CostLimitExceeded,
+    InvalidRequest,
+    PolicyForbids,
+    UpstreamUnavailable,
+)
 from tollway.pipeline.bound import MIN_REPLY_TOKENS, Fit
 from tollway.pipeline.call import EMBEDDINGS, Call
 from tollway.pipeline.decode import EmbeddingsRequest
 from tollway.pipeline.plan import Catalog, Deployment, RoutePlan
 from tollway.pipeline.prompt import prompt_bound
+from tollway.pipeline.rerank import RERANK
 from tollway.resilience import Breakers, LatencyTracker
 from tollway.tokens import CostEstimator
 
@@ -243,11 +253,25 @@ class Policy:
         candidates = base.candidates
         route = asked
         notes: list[str] = []
-        task = call.task
+        # Embeddings are the embed task whatever the hint says nothing of: `auto` goes to
+        # [policy] task_routes.embed when there is one.
+        task = call.task or ("embed" if call.endpoint == EMBEDDINGS else "")
         if task and task in self.task_routes and asked == "auto":
             route = self.task_routes[task]
             candidates = self.catalog.routes.get(route) or (self.catalog.models[route],)
             notes.append(f"task {task} -> route {route}")
+        kind = _KIND_OF.get(call.endpoint)
+        if kind is not None and route in self.catalog.routes:
+            # A route serves the API with its models of the API's kind (an embeddings call
+            # to `auto` keeps the embedding models); a model named directly goes as it is.
+            fit = tuple(d for d in candidates if d.kind == kind)
+            if not fit:
+                call.reason = f"{route}: refused, no {kind} model in it"
+                raise InvalidRequest(f"`{asked}` has no {kind} model for the {call.endpoint} "
+                                     "API", param="model", code="model_not_supported")
+            if len(fit) < len(candidates):
+                notes.append(f"{kind} models: {len(fit)}/{len(candidates)}")
+            candidates = fit
         rollouts = self.rollouts
         if rollouts is not None:
             hit = rollouts(route, call.tenant.id)
@@ -341,12 +365,16 @@ class Policy:
 def _output_asked(req: Any) -> tuple[bool, int, int]:
     """(whether the request generates output, the output per choice it asks for at most
     (0: unbounded), choices): chat, legacy completions (``best_of`` generated and billed
-    too) and Anthropic's messages generate; embeddings do not."""
-    if isinstance(req, EmbeddingsRequest):
+    too) and Anthropic's messages generate; embeddings and rerank do not."""
+    if isinstance(req, EmbeddingsRequest) or not getattr(req, "generates", True):
         return False, 0, 1
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or 0
     choices = max(1, getattr(req, "n", None) or 1, getattr(req, "best_of", None) or 1)
     return True, asked, choices
+
+
+# The model kind a route's candidates must have to serve an API (other APIs: any).
+_KIND_OF = {EMBEDDINGS: "embedding", RERANK: "rerank"}
 
 
 def _default_task(call: Call) -> str:

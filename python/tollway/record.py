@@ -64,6 +64,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # account's lease the call was granted from.
     budget_scope: str = ""
     key_reservation_id: str = ""
+    # Registry tools the reply called (one name per call), those whose arguments failed
+    # their schema, and whether the reply was asked for again because of them.
+    tool_calls: tuple[str, ...] = ()
+    tool_calls_invalid: tuple[str, ...] = ()
+    tool_retried: bool = False
 
 
 class Recorder(Protocol):

@@ -37,6 +37,7 @@ from support import (
     auth,
     gateway_env,
     make_config,
+    make_raw_config,
     mounted,
     unlimited_acme,
 )
@@ -72,7 +73,10 @@ def _directory_entries(live: Live) -> dict[str, str]:
     flag = live.session.put(live.url + "/api/ai/admin/flags/fuzzflag", headers=auth(ADMIN_KEY),
                             json={"route": "auto", "candidates": ["gpt-4o-mini"]}, timeout=30)
     assert flag.status_code == 200, flag.text
-    return {"tenant": "fuzzed", "flag": "fuzzflag",
+    tool = live.session.put(live.url + "/api/ai/admin/tools/fuzztool", headers=auth(ADMIN_KEY),
+                            json={"parameters": {"type": "object"}}, timeout=30)
+    assert tool.status_code == 200, tool.text
+    return {"tenant": "fuzzed", "flag": "fuzzflag", "tool": "fuzztool",
             "revoke": post("/api/ai/admin/keys", {"tenant": "acme"})["id"],
             "rotate": post("/api/ai/admin/keys", {"tenant": "acme"})["id"]}
 
@@ -81,8 +85,13 @@ def _directory_entries(live: Live) -> dict[str, str]:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     data = Path(tmp_path_factory.mktemp("fuzz")) / "data"
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
+        raw = make_raw_config(up.base_url)
+        # A local provider (the same fake) with a reranker: rerank goes to local ones only.
+        providers = [*raw["providers"], {**raw["providers"][0], "name": "lab", "local": True}]
+        models = [*raw["models"], {"id": "reranker", "provider": "lab", "kind": "rerank"}]
         cfg = make_config(
             up.base_url, nats={"url": "embedded", "data_dir": str(data)},
+            providers=providers, models=models,
             tenants=unlimited_acme(tier="premium", daily_usd=10**6),
             # negative cases send broken keys: the admin paths must not lock the fuzzer out
             server={"builtin_providers": False, "builtin_models": False,
@@ -128,11 +137,13 @@ def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
     chat calls streamed or not, half and half."""
     body = case.body
     embed = case.path.endswith("/embeddings")
+    rerank = case.path.endswith("/rerank")
     if case.path.startswith("/api/ai/admin/"):
         _known_admin_names(case, made)
     elif isinstance(body, dict):
-        body["model"] = "text-embedding-3-small" if embed else "gpt-4o-mini"
-        if not embed:
+        body["model"] = ("text-embedding-3-small" if embed else "reranker" if rerank
+                         else "gpt-4o-mini")
+        if not (embed or rerank):
             body["stream"] = stream
         if case.path.endswith("/responses"):  # the state tollway keeps none of
             body.pop("previous_response_id", None)
@@ -141,6 +152,8 @@ def _use_known_names(case: Any, stream: bool, made: dict[str, str]) -> None:
             body["prompt"] = "hello"  # as `input`: the schema says "any array"
         if "input" in body and not (body["input"] and isinstance(body["input"], str)):
             body["input"] = "hello"  # the schema says "any array"; the gateway wants texts
+        if rerank and isinstance(body.get("top_n"), float):
+            body["top_n"] = 2
         for name in _INTEGERS:  # JSON Schema counts 8.0 as an integer; msgspec does not
             if isinstance(body.get(name), float):
                 body[name] = 8
@@ -171,9 +184,12 @@ def _known_admin_names(case: Any, made: dict[str, str]) -> None:
             body.update(kind="route", route="auto", candidates=["gpt-4o-mini"])
             body.pop("tenants", None)
             body.pop("max_call_usd", None)
+        if case.path.startswith("/api/ai/admin/tools/"):  # a schema the registry takes
+            body["parameters"] = {"type": "object"}
+            body.pop("tenants", None)
     params = case.path_parameters
     if params and "name" in params:
-        params["name"] = made["flag"]
+        params["name"] = made["tool" if "/tools/" in case.path else "flag"]
     if params and "id" in params:
         if case.path.startswith("/api/ai/admin/tenants/"):
             params["id"] = made["tenant"]

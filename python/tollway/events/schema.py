@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -110,6 +110,13 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # the lease of that account it was granted from (as ``reservation_id`` the tenant's).
     budget_scope: str = ""
     key_reservation_id: str = ""
+    # Registry tools (tollway.tools) the reply called, one name per tool call, and those of
+    # them whose arguments failed the tool's JSON Schema; ``tool_retried``: the reply was
+    # asked for once more because of them ([tool_calls] retry_invalid), and these are the
+    # second reply's (the tokens and cost are both replies').
+    tool_calls: tuple[str, ...] = ()
+    tool_calls_invalid: tuple[str, ...] = ()
+    tool_retried: bool = False
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -344,6 +351,37 @@ class FlagChanged(AdminEvent, frozen=True, kw_only=True, tag="flag.changed"):
         return f"{self.subject_prefix}.{subject_token(self.flag)}"
 
 
+class ToolSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A registry tool (tollway.tools): what a request naming it gets inlined as an OpenAI
+    function tool, and the JSON Schema its call arguments are checked against; ``tenants``
+    may use it (None: every tenant)."""
+
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    tenants: tuple[str, ...] | None = None
+
+
+class ToolChanged(AdminEvent, frozen=True, kw_only=True, tag="tool.changed"):
+    """A registry tool made or changed (its settings whole); ``tenant`` is empty."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.tool.changed"
+    tool: str
+    settings: ToolSettings
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.tool)}"
+
+
+class ToolRemoved(AdminEvent, frozen=True, kw_only=True, tag="tool.removed"):
+    """A registry tool taken out: requests naming it are refused from now on."""
+
+    subject_prefix: ClassVar[str] = f"{ADMIN}.tool.removed"
+    tool: str
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.tool)}"
+
+
 AnyEvent = (
     CallCompleted
     | CallFailed
@@ -359,6 +397,8 @@ AnyEvent = (
     | KeyRevoked
     | KeyRotated
     | FlagChanged
+    | ToolChanged
+    | ToolRemoved
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     CallCompleted,
@@ -375,6 +415,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     KeyRevoked,
     KeyRotated,
     FlagChanged,
+    ToolChanged,
+    ToolRemoved,
 )
 CALL_EVENT_TYPES: dict[str, type[CallEvent]] = {
     "completed": CallCompleted,
@@ -506,6 +548,9 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         key_id=rec.key_id,
         budget_scope=rec.budget_scope,
         key_reservation_id=rec.key_reservation_id,
+        tool_calls=rec.tool_calls,
+        tool_calls_invalid=rec.tool_calls_invalid,
+        tool_retried=rec.tool_retried,
     )
 
 

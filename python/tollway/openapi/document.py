@@ -83,6 +83,11 @@ _SERVED = {
     "X-Tollway-Max-Tokens": _header("the output bound the gateway asked the provider for "
                                     "(tokens per choice), when the cap or the budget could "
                                     "not pay the request's own", "integer"),
+    "X-Tollway-Tool-Arguments": _header("`valid` or `invalid`: whether the reply's calls to "
+                                        "registry tools have arguments their JSON Schemas "
+                                        "allow (only when it made some)", "string"),
+    "X-Tollway-Tool-Invalid": _header("the registry tools whose calls had invalid "
+                                      "arguments, comma-separated", "string"),
     **{f"x-ratelimit-{what}-{unit}": _header(text, kind) for unit in ("requests", "tokens")
        for what, text, kind in (("limit", "the tightest limit's size", "integer"),
                                 ("remaining", "calls (tokens) left in it", "integer"),

@@ -17,9 +17,11 @@ from tollway.pipeline import LATENCIES, SENSITIVITIES, TASKS
 from tollway.pipeline.anthropic import Conversation, MessagesRequest, TokenCount
 from tollway.pipeline.completions import CompletionRequest
 from tollway.pipeline.decode import ChatRequest, EmbeddingsRequest
+from tollway.pipeline.rerank import RerankRequest
 from tollway.pipeline.responses import ResponsesRequest
 from tollway.routes import dashboard
 from tollway.routes import directory as admin_api
+from tollway.routes import tools as tools_api
 from tollway.routes.health import Health, Readiness
 from tollway.routes.openai import PREFIX, AnthropicModelList, ModelList
 
@@ -101,6 +103,8 @@ _ID = Param("id", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
             "the tenant's or the key's id", required=True)
 _FLAG = Param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
               "the flag's name", required=True)
+_TOOL = Param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+              "the tool's name", required=True)
 _ADMIN_ERRORS = (400, 401, 403, 404, 409, 429, 503)
 _ADMIN = "/api/ai/admin"
 
@@ -155,6 +159,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "post", f"{PREFIX}/embeddings", "Create embeddings (OpenAI schema)", "openai", "tenant",
         (Reply(200, "the provider's embeddings", wire.EmbeddingList, served=True),),
         _CALL_ERRORS, EmbeddingsRequest, HINTS),
+    Operation(
+        "post", f"{PREFIX}/rerank", "Rerank documents by relevance to a query (vLLM's shape; "
+        "local providers only)", "openai", "tenant",
+        (Reply(200, "the provider's ranking, best first", wire.RerankResponse, served=True),),
+        _CALL_ERRORS, RerankRequest, HINTS),
     Operation(
         "get", f"{PREFIX}/models", "List the models and route aliases this tenant may use",
         "openai", "tenant", (Reply(200, "OpenAI's list shape; Anthropic's (`data` of "
@@ -243,6 +252,23 @@ OPERATIONS: tuple[Operation, ...] = (
         "put", f"{_ADMIN}/flags/{{name}}", "Make or change a flag (its settings whole)",
         "admin", "admin", (Reply(200, "the flag", admin_api.FlagView),), _ADMIN_ERRORS,
         admin_api.FlagPut, (_FLAG,)),
+    Operation(
+        "get", f"{_ADMIN}/tools", "The tool registry: the config file's tools and the "
+        "directory's", "admin", "admin", (Reply(200, "the tools", tools_api.ToolList),),
+        (401, 403, 429)),
+    Operation(
+        "get", f"{_ADMIN}/tools/{{name}}", "One registry tool", "admin", "admin",
+        (Reply(200, "the tool", tools_api.ToolView),), (400, 401, 403, 404, 429),
+        params=(_TOOL,)),
+    Operation(
+        "put", f"{_ADMIN}/tools/{{name}}", "Make or change a registry tool (its settings "
+        "whole; an admin event every gateway folds)", "admin", "admin",
+        (Reply(200, "the tool", tools_api.ToolView),), _ADMIN_ERRORS, tools_api.ToolPut,
+        (_TOOL,)),
+    Operation(
+        "delete", f"{_ADMIN}/tools/{{name}}", "Take a registry tool out", "admin", "admin",
+        (Reply(200, "the tool as it was", tools_api.ToolView),), _ADMIN_ERRORS,
+        params=(_TOOL,)),
     Operation(
         "get", f"{_ADMIN}/events", "The newest events on the stream (the dashboard's tail)",
         "admin", "admin", (Reply(200, "events after `after`, oldest first", dashboard.Tail),),

@@ -36,6 +36,14 @@ class UsageRow(UsageFigures):
     provider: str
 
 
+class ToolUsage(msgspec.Struct):
+    """Calls replies made to one registry tool, and how many had invalid arguments."""
+
+    key: str  # the tool's name
+    calls: int
+    invalid: int
+
+
 class UsageReport(msgspec.Struct):
     """The caller's usage from the projections (every tenant's for the admin key, unless
     `tenant` is given)."""
@@ -51,6 +59,7 @@ class UsageReport(msgspec.Struct):
     by_provider: list[UsageGroup]
     rows: list[UsageRow]
     as_of_sequence: int
+    by_tool: list[ToolUsage] = []
 
 
 class Reservation(msgspec.Struct):

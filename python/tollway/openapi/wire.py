@@ -102,6 +102,29 @@ class EmbeddingList(msgspec.Struct):
     usage: Usage | None = None
 
 
+class RerankDocument(msgspec.Struct):
+    text: str
+
+
+class RerankResult(msgspec.Struct):
+    index: int  # the document's place in the request's `documents`
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(msgspec.Struct):
+    total_tokens: int
+
+
+class RerankResponse(msgspec.Struct):
+    """vLLM's rerank answer: the documents best first, `top_n` of them."""
+
+    results: list[RerankResult]
+    id: str | None = None
+    model: str | None = None
+    usage: RerankUsage | None = None
+
+
 class AnthropicUsage(msgspec.Struct):
     """Anthropic's usage: input tokens not from the prompt cache, and those read from and
     written to it, each billed at its own price."""

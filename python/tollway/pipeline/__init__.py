@@ -6,11 +6,14 @@
 this package) that later issues replace or extend without touching the
 order: routing policy plugs into :meth:`Pipeline.plan`, rate limits, budgets
 and cost caps are :data:`Guard` callables, retries and breakers live in
-:mod:`.dispatch`. Settle and record are synchronous and run just before the
-response's last bytes go out (so the call's event is in the outbox before the
-client has its whole answer), else in ``finally``, so a client that
-disconnects (or a cancelled task) cannot skip them: every call that reaches
-the pipeline ends as exactly one :class:`CallRecord`.
+:mod:`.dispatch`; a :data:`DecodeHook` may rewrite a decoded request before it
+is counted or planned, and a :data:`ReplyHook` sees a whole reply before the
+client does (the tool registry, :mod:`tollway.tools`, is both). Settle and
+record are synchronous and run just before the response's last bytes go out
+(so the call's event is in the outbox before the client has its whole
+answer), else in ``finally``, so a client that disconnects (or a cancelled
+task) cannot skip them: every call that reaches the pipeline ends as exactly
+one :class:`CallRecord`.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import Finisher, Guard, PlanHook
+from tollway.pipeline.hooks import DecodeHook, Finisher, Guard, PlanHook, ReplyHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
+from tollway.pipeline.rerank import RERANK_SURFACE
 from tollway.pipeline.responses import RESPONSES_SURFACE
 from tollway.pipeline.surface import CHAT_SURFACE, EMBEDDINGS_SURFACE, Surface
 from tollway.pipeline.usage import CachedUsage, Usage, count_text
@@ -76,6 +80,8 @@ class Pipeline:
         self.finishers: list[Finisher] = []
         self.plan_hooks: list[PlanHook] = []
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
+        self.decode_hooks: list[DecodeHook] = []  # after 2: the tool registry's inlining
+        self.reply_hooks: list[ReplyHook] = []  # after 5, on a whole reply: tool validation
         self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,6 +89,9 @@ class Pipeline:
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(EMBEDDINGS_SURFACE, scope, receive, send)
+
+    async def rerank(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(RERANK_SURFACE, scope, receive, send)
 
     async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.run(COMPLETIONS_SURFACE, scope, receive, send)
@@ -139,11 +148,17 @@ class Pipeline:
         try:
             try:
                 await self.decode(call, scope, receive)  # 2
+                for decoded in self.decode_hooks:
+                    decoded(call)
                 await self.count_ahead(call)  # a large prompt, off the loop, for 3's estimate
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
                 await self.dispatcher.dispatch(call, receive, send_last)  # 5 (streams: relayed)
+                if not call.response_started:
+                    for replied in self.reply_hooks:
+                        await replied(call, lambda: self.dispatcher.dispatch(
+                            call, receive, send_last))
                 await self.count_ahead(call)  # ... and for 6 when the provider did not count
                 self.settle(call)  # 6
                 if not call.response_started:
@@ -381,6 +396,9 @@ class Pipeline:
             key_id=call.key_id,
             budget_scope=call.budget_scope,
             key_reservation_id=call.key_hold_id,
+            tool_calls=call.tool_calls,
+            tool_calls_invalid=call.tool_calls_invalid,
+            tool_retried=call.tool_retried,
         )
         for recorder in self.recorders:
             try:

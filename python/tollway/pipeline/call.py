@@ -25,7 +25,8 @@ class Call:
         "info", "key_hold_id", "key_id", "key_reservation", "latency_class", "limit_scope",
         "occurred_at", "output_bound", "plan", "prompt_counts", "prompt_tokens", "protocol_headers",
         "reason", "reply", "request", "reservation", "response_started", "sensitivity", "settled",
-        "status", "stream", "surface", "t0", "tap", "task", "tenant", "tier", "usage",
+        "status", "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
+        "tool_calls_invalid", "tool_retried", "tools", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -96,3 +97,10 @@ class Call:
         self.hold_id = ""  # the shared budget's lease it was granted from (for the record)
         self.key_reservation: Any = None  # the hold on the key's own budget, if it has one
         self.key_hold_id = ""  # that account's lease
+        # Registry tools the request named (tollway.tools: name -> Tool), and what the
+        # reply did with them: the registry tools it called (one name per call), those
+        # whose arguments failed the schema, and whether it was asked for again.
+        self.tools: dict[str, Any] | None = None
+        self.tool_calls: tuple[str, ...] = ()
+        self.tool_calls_invalid: tuple[str, ...] = ()
+        self.tool_retried = False

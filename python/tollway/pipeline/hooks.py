@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from tollway.pipeline.call import Call
     from tollway.pipeline.plan import RoutePlan
 
-__all__ = ["Finisher", "Guard", "PlanHook"]
+__all__ = ["DecodeHook", "Finisher", "Guard", "PlanHook", "Redispatch", "ReplyHook"]
 
 # A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
 Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
@@ -24,3 +24,11 @@ Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
 Finisher: TypeAlias = "Callable[[Call], None]"
 # Runs after the policy and may replace the plan (the A/B split puts a candidate first).
 PlanHook: TypeAlias = "Callable[[Call, RoutePlan], RoutePlan]"
+# Runs once the body is decoded, before anything counts or plans it; may rewrite the body
+# and request (registry tools inlined) or refuse the call by raising a TollwayError.
+DecodeHook: TypeAlias = "Callable[[Call], None]"
+# Dispatches the call once more (same plan); the new reply replaces the old one.
+Redispatch: TypeAlias = "Callable[[], Awaitable[None]]"
+# Runs on a whole (non-streamed) reply before the client has any of it: may add response
+# headers, set what the record says, or ask for the reply again.
+ReplyHook: TypeAlias = "Callable[[Call, Redispatch], Awaitable[None]]"

@@ -42,6 +42,7 @@ class _Function(msgspec.Struct):
 
 
 class _ToolCall(msgspec.Struct):
+    index: int = 0
     function: _Function | None = None
 
 
@@ -52,6 +53,7 @@ class _Delta(msgspec.Struct):
 
 
 class _ChunkChoice(msgspec.Struct):
+    index: int = 0
     delta: _Delta | None = None
     finish_reason: str | None = None
 
@@ -100,7 +102,7 @@ def _plain(block: bytes) -> bool:
 class SseTap:
     __slots__ = ("_buf", "_counted", "_finish_reason", "_held", "_held_bytes", "_uncounted",
                  "cut", "done", "error", "first_token_at", "keep_usage", "limit", "parts",
-                 "upstream", "usage")
+                 "tool_calls", "upstream", "usage")
 
     def __init__(self, keep_usage: bool, limit: int = 0, upstream: str = "") -> None:
         self.keep_usage = keep_usage
@@ -120,6 +122,10 @@ class SseTap:
         self.done = False  # saw [DONE]
         self.error = False  # the provider sent an error event
         self._finish_reason = ""
+        # (choice, tool call index) -> [name, argument pieces...] of the stream's tool
+        # calls, when asked for (a request naming registry tools: tollway.tools); filled as
+        # the text is (from the held bytes, when :meth:`text` is asked), never per chunk.
+        self.tool_calls: dict[tuple[int, int], list[str]] | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -235,6 +241,12 @@ class SseTap:
                     if fn.arguments:
                         parts.append(fn.arguments)
                     got_token = True
+                    if self.tool_calls is not None:
+                        acc = self.tool_calls.setdefault((choice.index, call.index), [""])
+                        if fn.name:
+                            acc[0] = fn.name
+                        if fn.arguments:
+                            acc.append(fn.arguments)
         return got_token
 
     def _inspect(self, event: bytes) -> bool:

@@ -39,6 +39,7 @@ class OpenAIProvider:
             "embeddings": URL(base + "/embeddings"),
             "messages": URL(base + "/messages"),
             "responses": URL(base + "/responses"),
+            "rerank": URL(base + "/rerank"),
             "models": URL(base + "/models"),
         }
         self.kind = config.kind

@@ -74,7 +74,8 @@ def direct(gateway: Gateway) -> dict[str, Callable[[Scope, Receive, Send], Await
             f"{PREFIX}/completions": pipeline.completions,
             f"{PREFIX}/messages": pipeline.messages,
             f"{PREFIX}/responses": pipeline.responses,
-            f"{PREFIX}/embeddings": pipeline.embeddings}
+            f"{PREFIX}/embeddings": pipeline.embeddings,
+            f"{PREFIX}/rerank": pipeline.rerank}
 
 
 def routes(gateway: Gateway) -> list[Route]:

@@ -215,6 +215,9 @@ class Replies:
         self._ids = itertools.count(1)
         self.prompt_cache: set[str] = set()  # texts marked cache_control seen so far
         self.stored: set[str] = set()  # ids of the responses kept (store not false)
+        # Tool-call arguments to send, one per tool call, instead of the placeholder built
+        # from the tool's schema (to test what checks them): taken from the front.
+        self.tool_arguments: list[str] = []
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
         """The reply to one request that passed auth and faults."""
@@ -229,6 +232,8 @@ class Replies:
             return self._legacy(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
             return self._embeddings(body) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/rerank":
+            return self._rerank(body) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models":
             return self._model_list() if method == "GET" else self._not_allowed(method, path)
         if path.startswith("/v1/models/") and method == "GET":
@@ -289,7 +294,7 @@ class Replies:
         )
         if call is not None:
             name, fn = call
-            args = _encode(
+            args = self.tool_arguments.pop(0) if self.tool_arguments else _encode(
                 _placeholder(fn.get("parameters") or {"type": "object"}, prompt)
             ).decode()
             completion_tokens = count_tokens(name) + count_tokens(args)
@@ -687,6 +692,36 @@ class Replies:
                           + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return Stream(events)
+
+    # ---- rerank (vLLM's /v1/rerank)
+    def _rerank(self, body: Any) -> Full:
+        """vLLM's rerank: each document scored by the share of the query's words it holds
+        (deterministic), best first, ``top_n`` of them (0 or absent: all)."""
+        if not isinstance(body, dict):
+            return error(400, "We could not parse the JSON body of your request.")
+        model, query, docs = body.get("model"), body.get("query"), body.get("documents")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", param="model")
+        if not isinstance(query, str) or not isinstance(docs, list) or not docs or not all(
+                isinstance(d, str) for d in docs):
+            return error(400, "'query' must be a string and 'documents' a non-empty array "
+                         "of strings", param="documents")
+        top_n = body.get("top_n")
+        if top_n is None or top_n == 0:
+            top_n = len(docs)
+        if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
+            return error(400, "'top_n' must be a non-negative integer", param="top_n")
+        words = set(query.lower().split())
+        scores = [len(words & set(d.lower().split())) / (len(words) or 1) for d in docs]
+        order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))[:top_n]
+        query_tokens = count_tokens(query)
+        tokens = sum(query_tokens + count_tokens(d) for d in docs)
+        return Full(200, _encode({
+            "id": f"rerank-{next(self._ids):012x}", "model": model,
+            "usage": {"total_tokens": tokens},
+            "results": [{"index": i, "document": {"text": docs[i]},
+                         "relevance_score": scores[i]} for i in order],
+        }))
 
     # ---- embeddings
     def _embeddings(self, body: Any) -> Full:

@@ -2,7 +2,8 @@
 
 It speaks ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON and SSE,
 tools, ``stream_options.include_usage``), ``POST /v1/completions`` (legacy),
-``POST /v1/embeddings`` and Anthropic's ``POST /v1/messages`` (its events, tool
+``POST /v1/embeddings``, vLLM's ``POST /v1/rerank`` and Anthropic's ``POST /v1/messages`` (its
+events, tool
 use, prompt-cache usage; the key as ``x-api-key``) with
 deterministic content, records every request it receives, and injects
 faults on demand (error statuses with ``Retry-After``, a silent delay, a

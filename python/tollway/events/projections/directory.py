@@ -15,6 +15,8 @@ Rules:
 - ``key.created`` adds a key by its SHA-256; ``key.revoked`` marks it revoked for good;
   ``key.rotated`` sets the old key's expiry to the end of the overlap.
 - ``flag.changed`` carries the flag's settings whole; the last in the stream wins.
+- ``tool.changed`` carries a registry tool's settings whole (the last wins);
+  ``tool.removed`` takes it out until a later ``tool.changed`` makes it again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from tollway.events.schema import (
     TenantCreated,
     TenantLimitSettings,
     TenantSettings,
+    ToolChanged,
+    ToolRemoved,
+    ToolSettings,
 )
 from tollway.events.seen import RETENTION_DAYS, Seen
 
@@ -67,12 +72,20 @@ class FlagEntry(msgspec.Struct):
     changed_by: str = ""
 
 
+class ToolEntry(msgspec.Struct):
+    settings: ToolSettings
+    changed_at: float = 0.0
+    changed_by: str = ""
+    removed: bool = False  # taken out (``tool.removed``), until a later ``tool.changed``
+
+
 class DirectoryView(msgspec.Struct):
     last_seq: int = 0
     tenants: dict[str, TenantEntry] = msgspec.field(default_factory=dict)
     keys: dict[str, KeyEntry] = msgspec.field(default_factory=dict)  # key id -> entry
     by_hash: dict[str, str] = msgspec.field(default_factory=dict)  # sha256 -> key id
     flags: dict[str, FlagEntry] = msgspec.field(default_factory=dict)
+    tools: dict[str, ToolEntry] = msgspec.field(default_factory=dict)  # the tool registry
     # Bumped by every change: the gateway rebuilds what it derives from the view when
     # this moves (tollway.directory).
     version: int = 0
@@ -134,6 +147,18 @@ def _fold(view: DirectoryView, event: Event) -> None:
         if flag is not None and flag.settings == event.settings:
             return
         view.flags[event.flag] = FlagEntry(event.settings, event.occurred_at, event.admin)
+        view.version += 1
+    elif isinstance(event, ToolChanged | ToolRemoved):
+        tool = view.tools.get(event.tool)
+        if isinstance(event, ToolChanged):
+            made = ToolEntry(event.settings, event.occurred_at, event.admin)
+        elif tool is None or tool.removed:
+            return
+        else:
+            made = ToolEntry(tool.settings, event.occurred_at, event.admin, removed=True)
+        if made == tool:
+            return
+        view.tools[event.tool] = made
         view.version += 1
     elif isinstance(event, KeyRotated):
         key = view.keys.get(event.key_id)

@@ -36,11 +36,15 @@ COLUMNS = ("requests", "completed", "failed", "rejected", "prompt_tokens",
            "completion_tokens", "cost_nanousd")
 
 Key = tuple[str, str, str, str]  # tenant, day, model, provider
+ToolKey = tuple[str, str, str]  # tenant, day, registry tool
+TOOL_CALLS, TOOL_INVALID = range(2)
 
 
 class UsageView(msgspec.Struct):
     last_seq: int = 0
     rows: dict[Key, list[int]] = msgspec.field(default_factory=dict)
+    # Calls the replies made to registry tools, and how many had invalid arguments.
+    tools: dict[ToolKey, list[int]] = msgspec.field(default_factory=dict)
     seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
 
 
@@ -53,6 +57,22 @@ def prune(view: UsageView) -> None:
     oldest = view.seen.oldest
     for key in [k for k in view.rows if k[1] < oldest]:
         del view.rows[key]
+    for tkey in [k for k in view.tools if k[1] < oldest]:
+        del view.tools[tkey]
+
+
+def _count_tools(view: UsageView, tenant: str, day: str, event: CallEvent) -> None:
+    tools = view.tools
+    for name in event.tool_calls:
+        row = tools.get((tenant, day, name))
+        if row is None:
+            row = tools[(tenant, day, name)] = [0, 0]
+        row[TOOL_CALLS] += 1
+    for name in event.tool_calls_invalid:
+        row = tools.get((tenant, day, name))
+        if row is None:
+            row = tools[(tenant, day, name)] = [0, 0]
+        row[TOOL_INVALID] += 1
 
 
 def apply(view: UsageView, seq: int, event: Event) -> UsageView:
@@ -76,6 +96,8 @@ def apply(view: UsageView, seq: int, event: Event) -> UsageView:
     row[PROMPT] += event.prompt_tokens
     row[COMPLETION] += event.completion_tokens
     row[COST] += event.actual_cost_nanousd
+    if event.tool_calls:
+        _count_tools(view, key[0], key[1], event)
     return view
 
 
@@ -108,6 +130,8 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
         row[PROMPT] += call.prompt_tokens
         row[COMPLETION] += call.completion_tokens
         row[COST] += call.actual_cost_nanousd
+        if call.tool_calls:
+            _count_tools(view, key[0], key[1], call)
     view.last_seq = last
     return view
 
@@ -159,11 +183,19 @@ def query(
     def named(bucket: dict[str, list[int]]) -> list[dict[str, Any]]:
         return [{"key": k, **_named(v)} for k, v in sorted(bucket.items())]
 
+    by_tool: dict[str, list[int]] = {}
+    for (t, d, name), v in view.tools.items():
+        if (tenant is None or t == tenant) and since <= d <= until:
+            acc = by_tool.setdefault(name, [0, 0])
+            acc[TOOL_CALLS] += v[TOOL_CALLS]
+            acc[TOOL_INVALID] += v[TOOL_INVALID]
     return {
         "total": _named(total),
         "by_day": named(by_day),
         "by_model": named(by_model),
         "by_provider": named(by_provider),
+        "by_tool": [{"key": k, "calls": v[TOOL_CALLS], "invalid": v[TOOL_INVALID]}
+                    for k, v in sorted(by_tool.items())],
         "rows": rows,
     }
 
