@@ -390,12 +390,13 @@ class BudgetGuard:
         grantable = getattr(book, "grantable_today", None)
         if grantable is not None:
             left = max(left, grantable(account, now))
-        if not plan.lower(max(left, 0)):
+        n = call.budget_replies
+        if not plan.lower(max(left, 0) // n):
             least = min((fit.least() for fit in plan.fits), default=plan.max_cost_nanousd)
             self._refuse(call, book, account, limit,
                          f"a minimal reply costs {least / NANO:.6f} USD")
-        call.estimated_cost_nanousd = plan.max_cost_nanousd
-        return plan.max_cost_nanousd
+        call.estimated_cost_nanousd = plan.max_cost_nanousd * n
+        return plan.max_cost_nanousd * n
 
     def hold_local(self, call: Call, plan: RoutePlan, book: LocalBudget) -> None:
         """:meth:`hold` for this process's own book, which decides without awaiting."""
@@ -411,10 +412,10 @@ class BudgetGuard:
         if isinstance(plan, PolicyPlan):
             # Tried first: most calls fit whole in what is left, and then what _amount
             # reads of the book to bound the output would lower nothing.
-            hold = book.try_reserve(account, plan.max_cost_nanousd, limit,
-                                    request_id=request_id, now=now)
+            whole = plan.max_cost_nanousd * call.budget_replies
+            hold = book.try_reserve(account, whole, limit, request_id=request_id, now=now)
             if hold is not None:
-                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                call.estimated_cost_nanousd = whole
                 return hold
         amount = self._amount(call, plan, book, account, limit)
         hold = book.try_reserve(account, amount, limit, request_id=request_id, now=now)
@@ -436,10 +437,10 @@ class BudgetGuard:
         now = call.occurred_at  # the call's day, which its event will carry too
         grant = getattr(book, "try_grant", None)
         if grant is not None and isinstance(plan, PolicyPlan):
-            hold = grant(account, plan.max_cost_nanousd, request_id=call.info.request_id,
-                         now=now)
+            whole = plan.max_cost_nanousd * call.budget_replies
+            hold = grant(account, whole, request_id=call.info.request_id, now=now)
             if hold is not None:
-                call.estimated_cost_nanousd = plan.max_cost_nanousd
+                call.estimated_cost_nanousd = whole
                 return hold
         # Holds taken while this one awaits a lease (other calls, other gateways) can leave
         # it no room: the lease is measured against the limit and refused, and the call

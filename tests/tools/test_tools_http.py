@@ -91,9 +91,14 @@ def test_registry_tool_is_inlined_and_valid_arguments_pass(
 
 def test_invalid_arguments_are_retried_once_and_flagged(
         client: httpx.Client, upstream: FakeUpstream, recorder: ListRecorder) -> None:
+    # A stream is never asked for again: the budget holds one reply for it ...
+    one = _post(client, recorder, chat_body("Oslo", tools=[REGISTRY], stream=True))[1]
     upstream.replies.tool_arguments[:] = ['{"city": ""}', '{"city": "Oslo", "wind": 3}']
     r, rec = _post(client, recorder, chat_body("Oslo", tools=[REGISTRY]))
     assert r.status_code == 200
+    # ... and two for a whole reply that may be asked for once more: the retry is paid for.
+    assert rec.estimated_cost_nanousd == 2 * one.estimated_cost_nanousd > 0
+    assert rec.actual_cost_nanousd <= rec.estimated_cost_nanousd
     assert r.headers["x-tollway-tool-arguments"] == "invalid"
     assert r.headers["x-tollway-tool-invalid"] == "get_weather"
     # The client gets the second reply; the call costs both.
@@ -146,7 +151,7 @@ def test_metrics_count_tool_calls_by_verdict(client: httpx.Client) -> None:
                    and 'tool="get_weather"' in line and f'arguments="{arguments}"' in line)
 
     assert value("invalid") == 2  # the retried reply, still invalid, and the stream
-    assert value("valid") == 3
+    assert value("valid") == 4  # with the stream the retry test compares its hold with
 
 
 def test_calls_without_registry_tools_are_untouched(

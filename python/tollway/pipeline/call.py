@@ -19,14 +19,14 @@ EMBEDDINGS = "embeddings"
 
 class Call:
     __slots__ = (
-        "attempts", "body", "budget_scope", "cache_read_tokens", "cache_write_tokens",
-        "client_cancelled", "completion_tokens", "cost_nanousd", "deployment", "endpoint", "error",
-        "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id", "include_usage",
-        "info", "key_hold_id", "key_id", "key_reservation", "latency_class", "limit_scope",
-        "occurred_at", "output_bound", "plan", "prompt_counts", "prompt_tokens", "protocol_headers",
-        "reason", "reply", "request", "reservation", "response_started", "sensitivity", "settled",
-        "status", "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
-        "tool_calls_invalid", "tool_retried", "tools", "usage",
+        "attempts", "body", "budget_replies", "budget_scope", "cache_read_tokens",
+        "cache_write_tokens", "client_cancelled", "completion_tokens", "cost_nanousd", "deployment",
+        "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id",
+        "include_usage", "info", "key_hold_id", "key_id", "key_reservation", "latency_class",
+        "limit_scope", "occurred_at", "output_bound", "plan", "prompt_counts", "prompt_tokens",
+        "protocol_headers", "reason", "reply", "request", "reservation", "response_started",
+        "sensitivity", "settled", "status", "stream", "surface", "t0", "tap", "task", "tenant",
+        "tier", "tool_calls", "tool_calls_invalid", "tool_retried", "tools", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -58,6 +58,9 @@ class Call:
         # The key's own daily budget (a directory key with ``daily_usd``): its budget
         # account, "<tenant>/<key id>", held beside the tenant's; empty when none.
         self.budget_scope = ""
+        # Whole replies the budget holds for: 2 when an invalid tool call may be asked
+        # for once more ([tool_calls] retry_invalid), so the retry is paid for too.
+        self.budget_replies = 1
         self.key_id = ""  # the directory key that made the call ("" for config keys)
         self.latency_class = ""
         self.body = b""

@@ -199,6 +199,8 @@ class ToolCalls:
         if self.validate:
             call.tools = named
             call.surface = TOOLS_CHAT_SURFACE
+            if self.retry and not call.stream:  # the budget holds for the retry too
+                call.budget_replies = 2
 
     async def checked(self, call: Call, again: Redispatch) -> None:
         tools = call.tools
