@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.auth import SignInThrottle
+from tollway.cache import wiring as cache
 from tollway.clock import Clock
 from tollway.config import Config, default_config
 from tollway.errors import envelope
@@ -50,6 +51,7 @@ class Layer:
 LAYERS: tuple[Layer, ...] = (
     Layer("events", events.events_lifespan, events.routes),  # NATS, usage, budget
     Layer("shadow", shadow.shadow_lifespan, shadow.routes),  # shadow calls, A/B split
+    Layer("cache", cache.cache_lifespan, lambda gateway: []),  # the response cache
 )
 
 

@@ -59,6 +59,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     # at the model's cache prices; Anthropic's cache_read/cache_creation_input_tokens).
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # The response cache (tollway.cache): "hit" (answered from it: no provider, no cost),
+    # "miss" (answered by a provider, then stored when it could be), "bypass" (the
+    # route opted in, the request did not qualify); "" when it did not apply.
+    cache: str = ""
+    saved_nanousd: int = 0  # a hit: what the stored answer cost when it was made
 
 
 class Recorder(Protocol):

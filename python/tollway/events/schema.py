@@ -103,6 +103,11 @@ class CallEvent(Event, frozen=True, kw_only=True):
     # cache_creation_input_tokens); 0 for providers that report none.
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # The response cache: "hit" (answered from it; actual cost 0), "miss", "bypass", or ""
+    # when the call's route and tenant did not opt in; a hit's saved_nanousd is what the
+    # stored answer cost when it was made.
+    cache: str = ""
+    saved_nanousd: int = 0
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -494,6 +499,8 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         flags=rec.flags,
         cache_read_tokens=rec.cache_read_tokens,
         cache_write_tokens=rec.cache_write_tokens,
+        cache=rec.cache,
+        saved_nanousd=rec.saved_nanousd,
     )
 
 

@@ -42,7 +42,7 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import Finisher, Guard, PlanHook
+from tollway.pipeline.hooks import Finisher, Guard, PlanHook, Responder
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
 from tollway.pipeline.responses import RESPONSES_SURFACE
@@ -75,6 +75,7 @@ class Pipeline:
         self.guards: list[Guard] = []
         self.finishers: list[Finisher] = []
         self.plan_hooks: list[PlanHook] = []
+        self.responders: list[Responder] = []  # may answer a call before dispatch (cache)
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
         self.dispatcher = Dispatcher(parts)
 
@@ -143,11 +144,17 @@ class Pipeline:
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
-                await self.dispatcher.dispatch(call, receive, send_last)  # 5 (streams: relayed)
-                await self.count_ahead(call)  # ... and for 6 when the provider did not count
-                self.settle(call)  # 6
-                if not call.response_started:
-                    await self.respond(call, send_last)
+                send_on: Send | None = send_last
+                for responder in self.responders:  # 4b: e.g. the response cache
+                    send_on = await responder(call, send_on or send_last)
+                    if send_on is None:  # answered (settled, and its send concluded it)
+                        break
+                if send_on is not None:
+                    await self.dispatcher.dispatch(call, receive, send_on)  # 5 (streams)
+                    await self.count_ahead(call)  # ... and for 6 when the provider did not
+                    self.settle(call)  # 6
+                    if not call.response_started:
+                        await self.respond(call, send_on)
             except TollwayError as exc:
                 await self.fail(call, exc, send_last)
             except ClientGone:
@@ -191,6 +198,8 @@ class Pipeline:
                 self._hint(call, name, value)
             elif name in keep:
                 call.protocol_headers[name.decode()] = value.decode("latin-1")
+            elif name == b"cache-control":
+                call.cache_control = value.decode("latin-1")
         if call.sensitivity and call.tenant.max_sensitivity is not None:
             self._sensitivity_cap(call)
         call.body = await read_body(receive, self.max_body, content_length)
@@ -373,6 +382,8 @@ class Pipeline:
             flags=call.flags,
             cache_read_tokens=call.cache_read_tokens,
             cache_write_tokens=call.cache_write_tokens,
+            cache=call.cache.state if call.cache is not None else "",
+            saved_nanousd=call.saved_nanousd,
         )
         for recorder in self.recorders:
             try:

@@ -19,12 +19,14 @@ EMBEDDINGS = "embeddings"
 
 class Call:
     __slots__ = (
-        "attempts", "body", "cache_read_tokens", "cache_write_tokens", "client_cancelled",
+        "attempts", "body", "cache", "cache_control", "cache_read_tokens", "cache_write_tokens",
+        "client_cancelled",
         "completion_tokens", "cost_nanousd", "deployment", "endpoint", "error",
         "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id", "include_usage",
         "info", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
         "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
-        "reservation", "response_started", "sensitivity", "settled", "status", "stream",
+        "reservation", "response_started", "saved_nanousd", "sensitivity", "settled", "status",
+        "stream",
         "surface", "t0", "tap", "task", "tenant", "tier", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
@@ -90,3 +92,9 @@ class Call:
         self.user = ""  # shadow: X-Tollway-User (sticky A/B arms)
         self.reservation: Any = None  # what a guard holds until the call ends (budget)
         self.hold_id = ""  # the shared budget's lease it was granted from (for the record)
+        # The response cache (tollway.cache): the caller's Cache-Control header, the
+        # cache's state for this call ("hit", "miss", "bypass"; "" when it did not apply)
+        # and, on a hit, what the stored answer cost when it was made.
+        self.cache_control = ""
+        self.cache: Any = None  # the cache's own per-call state (a tollway.cache.wiring.Lookup)
+        self.saved_nanousd = 0

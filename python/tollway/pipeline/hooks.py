@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
+    from tollway.asgi import Send
     from tollway.pipeline.call import Call
     from tollway.pipeline.plan import RoutePlan
 
-__all__ = ["Finisher", "Guard", "PlanHook"]
+__all__ = ["Finisher", "Guard", "PlanHook", "Responder"]
 
 # A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
 Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
@@ -24,3 +25,7 @@ Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
 Finisher: TypeAlias = "Callable[[Call], None]"
 # Runs after the policy and may replace the plan (the A/B split puts a candidate first).
 PlanHook: TypeAlias = "Callable[[Call, RoutePlan], RoutePlan]"
+# Runs after the guards, before dispatch, with the send the reply goes out by: answers
+# the call itself (the response cache) and returns None, or returns the send dispatch
+# is to use (the same, or one that also keeps what goes out, e.g. a stream to store).
+Responder: TypeAlias = "Callable[[Call, Send], Awaitable[Send | None]]"
