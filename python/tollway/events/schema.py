@@ -35,6 +35,7 @@ CALL_COMPLETED = "tollway.call.completed"
 CALL_FAILED = "tollway.call.failed"
 CALL_REJECTED = "tollway.call.rejected"
 SHADOW_COMPARED = "tollway.shadow.compared"
+ROUTE_LEARNED = "tollway.route.learned"
 BREAKER_CHANGED = "tollway.breaker.changed"
 BUDGET_RESERVED = "tollway.budget.reserved"
 BUDGET_SETTLED = "tollway.budget.settled"
@@ -227,6 +228,37 @@ class ShadowCompared(Event, frozen=True, kw_only=True, tag="shadow.compared"):
     agreement_method: str = ""  # exact | json | tool_calls | similarity | empty
     agreement_threshold: float = 0.8
     agreed: bool = False  # agreement >= agreement_threshold
+    # A check of a candidate that learning routing put live (tollway.learn): the live call
+    # was the candidate's ("candidate" fields), the shadow call went to the route's
+    # primary ("primary" fields), and the shadow spend is the primary's cost.
+    verify: bool = False
+
+
+class RouteLearned(Event, frozen=True, kw_only=True, tag="route.learned"):
+    """Learning routing (``tollway.learn``) changed which model serves a route's task.
+
+    ``model`` takes the traffic from now on ("" : the route's own order, its primary
+    first); ``previous`` had it. The figures are the evidence the decision was made on:
+    the candidate's last ``samples`` scored shadow samples of this route and task.
+    Replaying the same ``shadow.compared`` events through the same rules makes the same
+    decisions (``tollway.learn.evidence``)."""
+
+    subject_prefix: ClassVar[str] = ROUTE_LEARNED
+    route: str = ""
+    task: str = ""
+    model: str = ""
+    previous: str = ""
+    action: Literal["promoted", "demoted"] = "promoted"
+    candidate: str = ""  # the candidate the evidence is about
+    samples: int = 0
+    agreement_rate: float = 0.0
+    agreement_rule: str = ""  # exact | similarity>=<x>
+    candidate_p95_s: float | None = None
+    objective_s: float | None = None
+    why: str = ""
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.route)}"
 
 
 class AdminEvent(Event, frozen=True, kw_only=True):
@@ -349,6 +381,7 @@ AnyEvent = (
     | BudgetSettled
     | BudgetReleased
     | ShadowCompared
+    | RouteLearned
     | TenantCreated
     | TenantChanged
     | KeyCreated
@@ -365,6 +398,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetSettled,
     BudgetReleased,
     ShadowCompared,
+    RouteLearned,
     TenantCreated,
     TenantChanged,
     KeyCreated,
