@@ -287,24 +287,27 @@ class LearnConfig(_Base):
     """[learn]: routing that learns from shadow evidence (tollway.learn).
 
     For each ``[[shadow]]`` route listed in ``routes`` (``"*"``: every shadow route), and
-    each task, live calls go to the cheapest candidate whose recent evidence qualifies:
-    of its last ``window`` scored shadow samples on that route and task, at least
-    ``min_samples``, agreeing with the primary at a rate of ``min_agreement`` or more,
-    with a p95 latency within the task's objective ([policy] latency_objectives_s). A
-    candidate whose rate falls below ``min_agreement - hysteresis`` is demoted. A sample
-    agrees, for classify and extract, only when the answers are equal (score 1); for the
-    other tasks when the similarity is at least ``similarity``."""
+    each task, live calls go to the cheapest candidate whose evidence qualifies: at least
+    ``min_samples`` scored shadow samples on that route and task, agreeing with the
+    primary at a rate of ``min_agreement`` or more over its last ``window`` samples and
+    over its last ``recent``, with a p95 latency within the task's objective ([policy]
+    latency_objectives_s). A serving candidate whose rate over its last ``recent``
+    samples falls below ``min_agreement - hysteresis`` is demoted. A sample agrees, for
+    classify and extract, only when the answers are equal (score 1); for the other tasks
+    when the similarity is at least ``similarity``."""
 
     enabled: bool = False
     routes: list[str] = field(default_factory=lambda: ["*"])
     min_agreement: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.95
     min_samples: Annotated[int, Meta(ge=1)] = 30
     window: Annotated[int, Meta(ge=1, le=10_000)] = 50
+    recent: Annotated[int, Meta(ge=1, le=10_000)] = 20
     hysteresis: Annotated[float, Meta(ge=0.0, le=0.5)] = 0.03
     similarity: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8
     # While a candidate serves, this share of its calls is checked against the primary
     # (a shadow call to the primary), on top of the route's own fraction.
     verify_fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.2
+    # (the shadow route's `seed` seeds this sampler too)
 
 
 class ShadowRouteConfig(_Base):

@@ -13,14 +13,19 @@ candidate's latency.
   similarity. A sample agrees when the score is at least ``similarity`` (default 0.8:
   the mean Dice coefficient of words and word pairs, or exact for short answers).
 
-**Qualifies**: at least ``min_samples`` scored samples in the window, an agreement rate
-(agreeing / scored, failures of the candidate count as disagreeing) of at least
-``min_agreement``, and the candidate's p95 latency over the window within the task's
-latency objective (none: no limit). **Chosen**: the cheapest qualifying candidate (by
-its configured price: input plus output USD per million tokens); none: the route's own
-order. **Demoted**: the serving candidate's rate fell below ``min_agreement -
-hysteresis``, or its p95 past the objective; then the next cheapest qualifying one, or
-the primary. The hysteresis keeps a candidate at the threshold from flapping.
+**Qualifies**: at least ``min_samples`` scored samples, an agreement rate (agreeing /
+scored; failures of the candidate count as disagreeing) of at least ``min_agreement``
+over the window and over its last ``recent`` samples, and the candidate's p95 latency
+over the window within the task's latency objective (none: no limit).
+
+**Chosen**: the cheapest qualifying candidate (by its configured price: input plus
+output USD per million tokens); none: the route's own order.
+
+**Demoted**: the serving candidate's rate over its last ``recent`` samples fell below
+``min_agreement - hysteresis``, or its p95 past the objective; then the next cheapest
+qualifying one, or the primary. Promotion needs the long window (a candidate must prove
+itself over many samples), demotion only the short one (a drop shows in a few); the
+hysteresis keeps a candidate at the threshold from flapping.
 
 While a candidate serves, the shadow runner keeps checking it against the primary
 (``verify`` samples, the roles swapped), so its evidence stays current and a drop in
@@ -49,6 +54,7 @@ class LearnRules:
     min_agreement: float = 0.95
     min_samples: int = 30
     window: int = 50
+    recent: int = 20  # demotion looks at the last this many samples only
     hysteresis: float = 0.03
     similarity: float = 0.8
     # task -> p95 latency objective in seconds, or None
@@ -88,6 +94,12 @@ class Evidence:
     @property
     def rate(self) -> float:
         return sum(self.agreed) / len(self.agreed) if self.agreed else 0.0
+
+    def recent_rate(self, n: int) -> float:
+        if not self.agreed:
+            return 0.0
+        last = list(self.agreed)[-n:]
+        return sum(last) / len(last)
 
     def p95(self) -> float | None:
         if not self.latency:
@@ -135,8 +147,11 @@ class Learning:
         rules = self.rules
         if ev is None or ev.samples < rules.min_samples:
             return False
-        floor = rules.min_agreement - (rules.hysteresis if keep else 0.0)
-        if ev.rate < floor:
+        if keep:  # serving: its recent samples must hold up, less the hysteresis
+            if ev.recent_rate(rules.recent) < rules.min_agreement - rules.hysteresis:
+                return False
+        elif (ev.rate < rules.min_agreement
+              or ev.recent_rate(rules.recent) < rules.min_agreement):
             return False
         objective = rules.objective(task)
         p95 = ev.p95()

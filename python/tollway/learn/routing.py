@@ -51,7 +51,7 @@ class Learner:
     def __init__(self, parts: GatewayParts, cfg: LearnConfig,
                  entries: list[ShadowRouteConfig], sink: ShadowSink) -> None:
         rules = LearnRules(min_agreement=cfg.min_agreement, min_samples=cfg.min_samples,
-                           window=cfg.window, hysteresis=cfg.hysteresis,
+                           window=cfg.window, recent=cfg.recent, hysteresis=cfg.hysteresis,
                            similarity=cfg.similarity, objective=parts.policy.objective_for)
         models = parts.catalog.models
         prices = {m: d.input_usd_per_mtok + d.output_usd_per_mtok for m, d in models.items()}
