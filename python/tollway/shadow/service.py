@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tollway.config import ShadowRouteConfig
+from tollway.learn.routing import LearningSink
 from tollway.shadow.ab import ABSplit
 from tollway.shadow.projection import ShadowView, spend_by
 from tollway.shadow.runner import ShadowRunner
@@ -31,7 +32,7 @@ class ShadowService:
                  events: EventsService | None = None) -> None:
         self.sink = sink
         # The sink itself when learning routing wraps it (tollway.learn.routing.LearningSink)
-        self.base: ShadowSink = getattr(sink, "inner", sink)
+        self.base: ShadowSink = sink.inner if isinstance(sink, LearningSink) else sink
         self.events = events
         entries = parts.config.shadow if entries is None else entries
         self.runner = ShadowRunner(parts, entries, sink, others=self._others)
