@@ -550,6 +550,12 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
     for path, message in check_shadow(file_cfg.shadow,
                                       {m.id: m.kind == "chat" for m in cfg.models}, aliases):
         raise ConfigError(message, source=source, path=path)
+    shadowed = {e.route for e in file_cfg.shadow if e.mode == "shadow"}
+    for i, name in enumerate(file_cfg.learn.routes if file_cfg.learn.enabled else ()):
+        if name != "*" and name not in shadowed:
+            raise ConfigError(f"[learn] route {name!r} has no [[shadow]] table in shadow mode: "
+                              "its candidates and evidence come from there", source=source,
+                              path=f"$.learn.routes[{i}]")
     ids: set[str] = set()
     hashes: dict[str, str] = {}
     for i, t in enumerate(file_cfg.tenants):

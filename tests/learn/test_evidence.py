@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
+from support import make_raw_config
+from tollway.config import ConfigError, parse_config
 from tollway.events.schema import ShadowCompared
 from tollway.learn.evidence import Learning, LearnRules, replay
 
@@ -87,3 +91,11 @@ def test_replaying_the_same_samples_makes_the_same_decisions() -> None:
         (d.route, d.task, d.model, d.action) for d in second]
     assert {d.action for d in first} == {"promoted", "demoted"}
     assert all(d.event_id.startswith("learn-") for d in first)
+
+
+def test_a_learning_route_needs_its_shadow_table() -> None:
+    raw = make_raw_config("http://127.0.0.1:9", learn={"enabled": True, "routes": ["auto"]})
+    with pytest.raises(ConfigError, match="no \\[\\[shadow\\]\\] table"):
+        parse_config(raw, source="<test>", env={"FAKE_API_KEY": "k"})
+    raw["shadow"] = [{"route": "auto", "candidates": ["fast"]}]
+    assert parse_config(raw, source="<test>", env={"FAKE_API_KEY": "k"}).learn.enabled

@@ -109,14 +109,17 @@ class CacheHook:
         if not call.stream:
             return send
         kept = lk.kept = []
-        limit = self.cfg.max_entry_bytes * 2
+        # The SSE framing of an answer is larger than its JSON: past twice the entry cap
+        # the answer could not be kept anyway, so the relay stops keeping its bytes.
+        room = [self.cfg.max_entry_bytes * 2]
 
         async def keeping(message: Message) -> None:
             if message["type"] == "http.response.body" and lk.store:
                 body = message.get("body", b"")
                 if body:
                     kept.append(body)
-                    if len(kept) > 4096 or sum(map(len, kept)) > limit:
+                    room[0] -= len(body)
+                    if room[0] < 0:
                         lk.store = False
                         kept.clear()
             await send(message)
