@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shadow.rig import rig as shadow_rig
 from support import (
     ACME_KEY,
     GLOBEX_KEY,
@@ -188,3 +189,17 @@ def test_a_hit_is_a_call_event_with_its_saving_in_usage(rig: Rig) -> None:
         # globex had no hit: its view shows none
         assert c.get("/api/ai/usage", headers=auth(GLOBEX_KEY)).json()["total"][
             "cache_hits"] == 0
+
+
+def test_a_hit_is_not_shadowed() -> None:
+    shadow = [{"route": "auto", "candidates": ["small"], "fraction": 1.0, "seed": 1}]
+    with shadow_rig(shadow, cache={"routes": ["auto"]}) as r:
+        first = r.chat("shadow me once", temperature=0)
+        assert first.headers["x-tollway-cache"] == "miss"
+        assert r.sink.wait(1)
+        hit = r.chat("shadow me once", temperature=0)
+        assert hit.headers["x-tollway-cache"] == "hit"
+        r.settled(2)
+        assert r.shadow.runner.sampled.value("auto") == 1
+        assert r.recorder.records[-1].cache == "hit"
+        assert r.recorder.records[-1].saved_nanousd == r.recorder.records[0].actual_cost_nanousd

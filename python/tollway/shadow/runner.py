@@ -213,6 +213,8 @@ class ShadowRunner:
     def on_call(self, call: Call) -> None:
         if call.error is not None or call.client_cancelled or call.endpoint != CHAT:
             return
+        if call.attempts == 0:
+            return  # no provider answered it (a response-cache hit): nothing to compare
         req = call.request
         if req is None or call.deployment is None:
             return
