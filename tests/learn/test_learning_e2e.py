@@ -4,10 +4,12 @@ events in the shadow report."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from shadow.rig import rig
 from support import eventually
+from tollway.shadow.cli import render
 
 SHADOW = [{"route": "auto", "candidates": ["small"], "fraction": 1.0, "seed": 1,
            "max_in_flight": 100}]
@@ -56,6 +58,10 @@ def test_a_cheaper_candidate_takes_the_traffic_and_backs_off_when_it_goes_wrong(
         actions = [(d["action"], d["model"]) for d in report["learning"]["decisions"]]
         assert actions == [("promoted", "small"), ("demoted", None)]
         assert report["learning"]["decisions"][1]["agreement_rate"] < 0.95
+        out = io.StringIO()
+        render(report, out)  # tollway shadow report
+        assert "promoted  auto/classify: primary -> small" in out.getvalue()
+        assert "demoted  auto/classify: small -> primary" in out.getvalue()
         verify = [e for e in r.shadow.base.events if getattr(e, "verify", False)]  # type: ignore[attr-defined]
         assert verify and all(e.primary_model == "big" and e.candidate_model == "small"
                               for e in verify)
