@@ -279,7 +279,8 @@ class CacheConfig(_Base):
     ttl_s: Positive = 3600.0  # an entry's life (also the bucket's max age)
     max_bytes: Annotated[int, Meta(ge=1 << 16)] = 64 << 20  # memory per process, and bucket
     max_entry_bytes: Annotated[int, Meta(ge=1024, le=1 << 20)] = 256 << 10  # larger: not kept
-    max_temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.0
+    # (ints in Meta: typing caches equal Annotated types, and the request schema has ints)
+    max_temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
     bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "tollway_cache"
 
 
