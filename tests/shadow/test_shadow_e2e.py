@@ -225,6 +225,7 @@ def test_report_figures_match_the_events() -> None:
         r.candidate.reply_words = 6  # the candidate says something else than the echo
         for i in range(4):
             assert r.chat(f"a b c d e f g h i j {i}").status_code == 200
+        r.sink.wait(8)  # their shadow calls answered before the candidate changes its reply
         r.candidate.reply_words = None
         for i in range(3):
             assert r.chat(f"k l m {i}", stream=True).status_code == 200
