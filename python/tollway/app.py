@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.asgi import route_path
 from tollway.auth import SignInThrottle
+from tollway.cache import wiring as cache
 from tollway.clock import Clock
 from tollway.config import Config, default_config
 from tollway.errors import envelope
@@ -51,6 +52,7 @@ class Layer:
 LAYERS: tuple[Layer, ...] = (
     Layer("events", events.events_lifespan, events.routes),  # NATS, usage, budget
     Layer("shadow", shadow.shadow_lifespan, shadow.routes),  # shadow calls, A/B split
+    Layer("cache", cache.cache_lifespan, lambda gateway: []),  # the response cache
 )
 
 

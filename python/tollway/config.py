@@ -171,6 +171,8 @@ class TenantConfig(_Base):
     models: list[Name] | None = None  # model ids / aliases allowed; None = all
     # The highest X-Tollway-Sensitivity its calls may declare; None: any.
     max_sensitivity: Literal["public", "internal", "confidential", "restricted"] | None = None
+    # The response cache ([cache]) for all of this tenant's chat calls; None: [cache] decides.
+    cache: bool | None = None
 
 
 class EventsConfig(_Base):
@@ -264,6 +266,53 @@ class PolicyConfig(_Base):
     latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.2
 
 
+class CacheConfig(_Base):
+    """[cache]: exact-match response cache of chat completions (tollway.cache), opt-in.
+
+    A call uses it when its tenant is in ``tenants`` (or has ``cache = true``) or the route
+    it asks for (alias or model id, ``"*"``: any) is in ``routes``; its temperature is at
+    most ``max_temperature`` (unset counts as 1.0, OpenAI's default); and the caller sent
+    no ``Cache-Control: no-cache`` / ``no-store``. Entries live in memory and in the NATS
+    KV bucket ``bucket`` that the fleet shares; never across tenants."""
+
+    enabled: bool = True  # false: no cache whatever routes/tenants say
+    routes: list[str] = field(default_factory=list)  # route aliases or model ids; "*": all
+    tenants: list[str] = field(default_factory=list)  # tenant ids; "*": all
+    ttl_s: Positive = 3600.0  # an entry's life (also the bucket's max age)
+    max_bytes: Annotated[int, Meta(ge=1 << 16)] = 64 << 20  # memory per process, and bucket
+    max_entry_bytes: Annotated[int, Meta(ge=1024, le=1 << 20)] = 256 << 10  # larger: not kept
+    # (ints in Meta: typing caches equal Annotated types, and the request schema has ints)
+    max_temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
+    bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "tollway_cache"
+
+
+class LearnConfig(_Base):
+    """[learn]: routing that learns from shadow evidence (tollway.learn).
+
+    For each ``[[shadow]]`` route listed in ``routes`` (``"*"``: every shadow route), and
+    each task, live calls go to the cheapest candidate whose evidence qualifies: at least
+    ``min_samples`` scored shadow samples on that route and task, agreeing with the
+    primary at a rate of ``min_agreement`` or more over its last ``window`` samples and
+    over its last ``recent``, with a p95 latency within the task's objective ([policy]
+    latency_objectives_s). A serving candidate whose rate over its last ``recent``
+    samples falls below ``min_agreement - hysteresis`` is demoted. A sample agrees, for
+    classify and extract, only when the answers are equal (score 1); for the other tasks
+    when the similarity is at least ``similarity``."""
+
+    enabled: bool = False
+    routes: list[str] = field(default_factory=lambda: ["*"])
+    min_agreement: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.95
+    min_samples: Annotated[int, Meta(ge=1)] = 30
+    window: Annotated[int, Meta(ge=1, le=10_000)] = 50
+    recent: Annotated[int, Meta(ge=1, le=10_000)] = 20
+    hysteresis: Annotated[float, Meta(ge=0.0, le=0.5)] = 0.03
+    similarity: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8
+    # While a candidate serves, this share of its calls is checked against the primary
+    # (a shadow call to the primary), on top of the route's own fraction.
+    verify_fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.2
+    # (the shadow route's `seed` seeds this sampler too)
+
+
 class ShadowRouteConfig(_Base):
     """[[shadow]]: one route's shadow candidates and caps, or its A/B split (tollway.shadow).
 
@@ -346,6 +395,8 @@ class Config(_Base):
     shadow: list[ShadowRouteConfig] = field(default_factory=list)
     tools: list[ToolConfig] = field(default_factory=list)
     tool_calls: ToolCallsConfig = field(default_factory=ToolCallsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -533,6 +584,12 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
         raise ConfigError(message, source=source, path=path)
     for path, message in check_tools(file_cfg.tools):
         raise ConfigError(message, source=source, path=path)
+    shadowed = {e.route for e in file_cfg.shadow if e.mode == "shadow"}
+    for i, name in enumerate(file_cfg.learn.routes if file_cfg.learn.enabled else ()):
+        if name != "*" and name not in shadowed:
+            raise ConfigError(f"[learn] route {name!r} has no [[shadow]] table in shadow mode: "
+                              "its candidates and evidence come from there", source=source,
+                              path=f"$.learn.routes[{i}]")
     ids: set[str] = set()
     hashes: dict[str, str] = {}
     for i, t in enumerate(file_cfg.tenants):

@@ -26,6 +26,7 @@ from tollway.tools.calls import ToolCalls
 from tollway.tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
+    from tollway.cache.store import ResponseCache
     from tollway.events.service import EventsService
     from tollway.shadow.service import ShadowService
 
@@ -77,6 +78,7 @@ class Gateway:
         # off): the events service ([nats] enabled) and shadow mode.
         self.events: EventsService | None = None
         self.shadow: ShadowService | None = None
+        self.cache: ResponseCache | None = None  # the response cache layer's store
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)

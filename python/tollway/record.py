@@ -69,6 +69,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: tuple[str, ...] = ()
     tool_calls_invalid: tuple[str, ...] = ()
     tool_retried: bool = False
+    # The response cache (tollway.cache): "hit" (answered from it: no provider, no cost),
+    # "miss" (answered by a provider, then stored when it could be), "bypass" (the
+    # route opted in, the request did not qualify); "" when it did not apply.
+    cache: str = ""
+    saved_nanousd: int = 0  # a hit: what the stored answer cost when it was made
 
 
 class Recorder(Protocol):

@@ -183,6 +183,12 @@ async function loadShadow() {
     const a = r.agreement_rate ?? r.agreement;
     cell(tr, typeof a === "number" ? a.toFixed(3) : "", true);
   });
+  const decisions = ((report.learning || {}).decisions || []).slice(-20).reverse();
+  fill("#learned", decisions, (tr, d) => {
+    cell(tr, d.route); cell(tr, d.task); cell(tr, d.action);
+    cell(tr, d.previous || "primary"); cell(tr, d.model || "primary");
+    cell(tr, d.samples, true); cell(tr, d.agreement_rate.toFixed(3), true);
+  });
 }
 
 async function loadTenants() {

@@ -35,6 +35,7 @@ CALL_COMPLETED = "tollway.call.completed"
 CALL_FAILED = "tollway.call.failed"
 CALL_REJECTED = "tollway.call.rejected"
 SHADOW_COMPARED = "tollway.shadow.compared"
+ROUTE_LEARNED = "tollway.route.learned"
 BREAKER_CHANGED = "tollway.breaker.changed"
 BUDGET_RESERVED = "tollway.budget.reserved"
 BUDGET_SETTLED = "tollway.budget.settled"
@@ -117,6 +118,11 @@ class CallEvent(Event, frozen=True, kw_only=True):
     tool_calls: tuple[str, ...] = ()
     tool_calls_invalid: tuple[str, ...] = ()
     tool_retried: bool = False
+    # The response cache: "hit" (answered from it; actual cost 0), "miss", "bypass", or ""
+    # when the call's route and tenant did not opt in; a hit's saved_nanousd is what the
+    # stored answer cost when it was made.
+    cache: str = ""
+    saved_nanousd: int = 0
 
 
 class CallCompleted(CallEvent, frozen=True, kw_only=True, tag="call.completed"):
@@ -236,6 +242,37 @@ class ShadowCompared(Event, frozen=True, kw_only=True, tag="shadow.compared"):
     agreement_method: str = ""  # exact | json | tool_calls | similarity | empty
     agreement_threshold: float = 0.8
     agreed: bool = False  # agreement >= agreement_threshold
+    # A check of a candidate that learning routing put live (tollway.learn): the live call
+    # was the candidate's ("candidate" fields), the shadow call went to the route's
+    # primary ("primary" fields), and the shadow spend is the primary's cost.
+    verify: bool = False
+
+
+class RouteLearned(Event, frozen=True, kw_only=True, tag="route.learned"):
+    """Learning routing (``tollway.learn``) changed which model serves a route's task.
+
+    ``model`` takes the traffic from now on ("" : the route's own order, its primary
+    first); ``previous`` had it. The figures are the evidence the decision was made on:
+    the candidate's last ``samples`` scored shadow samples of this route and task.
+    Replaying the same ``shadow.compared`` events through the same rules makes the same
+    decisions (``tollway.learn.evidence``)."""
+
+    subject_prefix: ClassVar[str] = ROUTE_LEARNED
+    route: str = ""
+    task: str = ""
+    model: str = ""
+    previous: str = ""
+    action: Literal["promoted", "demoted"] = "promoted"
+    candidate: str = ""  # the candidate the evidence is about
+    samples: int = 0
+    agreement_rate: float = 0.0
+    agreement_rule: str = ""  # exact | similarity>=<x>
+    candidate_p95_s: float | None = None
+    objective_s: float | None = None
+    why: str = ""
+
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{subject_token(self.route)}"
 
 
 class AdminEvent(Event, frozen=True, kw_only=True):
@@ -391,6 +428,7 @@ AnyEvent = (
     | BudgetSettled
     | BudgetReleased
     | ShadowCompared
+    | RouteLearned
     | TenantCreated
     | TenantChanged
     | KeyCreated
@@ -409,6 +447,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetSettled,
     BudgetReleased,
     ShadowCompared,
+    RouteLearned,
     TenantCreated,
     TenantChanged,
     KeyCreated,
@@ -551,6 +590,8 @@ def event_from_record(rec: CallRecord, event_id: str, instance: str = "") -> Cal
         tool_calls=rec.tool_calls,
         tool_calls_invalid=rec.tool_calls_invalid,
         tool_retried=rec.tool_retried,
+        cache=rec.cache,
+        saved_nanousd=rec.saved_nanousd,
     )
 
 

@@ -23,6 +23,9 @@ class UsageFigures(msgspec.Struct):
     completion_tokens: int
     cost_nanousd: int
     cost_usd: float
+    cache_hits: int  # calls answered by the response cache (cost 0)
+    saved_nanousd: int  # what those answers cost when they were made
+    saved_usd: float
 
 
 class UsageGroup(UsageFigures):
@@ -140,7 +143,8 @@ class ProviderTest(msgspec.Struct):
 
 class ShadowReport(msgspec.Struct):
     """Per route and candidate model, how shadow calls did against the primary; `ab`:
-    the A/B split's arms over live calls."""
+    the A/B split's arms over live calls; `learning`: learning routing's decisions, the
+    model serving each route and task, and this process's evidence."""
 
     object: Literal["shadow.report"]
     since: str | None
@@ -149,4 +153,5 @@ class ShadowReport(msgspec.Struct):
     as_of_sequence: int
     data: list[dict[str, Any]]
     ab: list[dict[str, Any]]
+    learning: dict[str, Any]
     runtime: dict[str, Any]

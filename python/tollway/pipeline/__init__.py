@@ -45,7 +45,7 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import DecodeHook, Finisher, Guard, PlanHook, ReplyHook
+from tollway.pipeline.hooks import DecodeHook, Finisher, Guard, PlanHook, ReplyHook, Responder
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
 from tollway.pipeline.rerank import RERANK_SURFACE
@@ -79,6 +79,7 @@ class Pipeline:
         self.guards: list[Guard] = []
         self.finishers: list[Finisher] = []
         self.plan_hooks: list[PlanHook] = []
+        self.responders: list[Responder] = []  # may answer a call before dispatch (cache)
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
         self.decode_hooks: list[DecodeHook] = []  # after 2: the tool registry's inlining
         self.reply_hooks: list[ReplyHook] = []  # after 5, on a whole reply: tool validation
@@ -154,15 +155,22 @@ class Pipeline:
                 plan = self.plan(call)  # 3
                 for guard in self.guards:  # 4
                     await guard(call, plan)
-                await self.dispatcher.dispatch(call, receive, send_last)  # 5 (streams: relayed)
-                if not call.response_started:
-                    for replied in self.reply_hooks:
-                        await replied(call, lambda: self.dispatcher.dispatch(
-                            call, receive, send_last))
-                await self.count_ahead(call)  # ... and for 6 when the provider did not count
-                self.settle(call)  # 6
-                if not call.response_started:
-                    await self.respond(call, send_last)
+                send_on: Send | None = send_last
+                for responder in self.responders:  # 4b: e.g. the response cache
+                    send_on = await responder(call, send_on or send_last)
+                    if send_on is None:  # answered (settled, and its send concluded it)
+                        break
+                if send_on is not None:
+                    sender: Send = send_on
+                    await self.dispatcher.dispatch(call, receive, sender)  # 5 (streams)
+                    if not call.response_started:
+                        for replied in self.reply_hooks:  # e.g. the tool registry's check
+                            await replied(call, lambda: self.dispatcher.dispatch(
+                                call, receive, sender))
+                    await self.count_ahead(call)  # ... and for 6 when the provider did not
+                    self.settle(call)  # 6
+                    if not call.response_started:
+                        await self.respond(call, sender)
             except TollwayError as exc:
                 await self.fail(call, exc, send_last)
             except ClientGone:
@@ -208,6 +216,8 @@ class Pipeline:
                 self.hint(call, name, value)
             elif name in keep:
                 call.protocol_headers[name.decode()] = value.decode("latin-1")
+            elif name == b"cache-control":
+                call.cache_control = value.decode("latin-1")
         if call.sensitivity and call.tenant.max_sensitivity is not None:
             self.sensitivity_cap(call)
         call.body = await read_body(receive, self.max_body, content_length)
@@ -399,6 +409,8 @@ class Pipeline:
             tool_calls=call.tool_calls,
             tool_calls_invalid=call.tool_calls_invalid,
             tool_retried=call.tool_retried,
+            cache=call.cache.state if call.cache is not None else "",
+            saved_nanousd=call.saved_nanousd,
         )
         for recorder in self.recorders:
             try:

@@ -19,14 +19,15 @@ EMBEDDINGS = "embeddings"
 
 class Call:
     __slots__ = (
-        "attempts", "body", "budget_replies", "budget_scope", "cache_read_tokens",
-        "cache_write_tokens", "client_cancelled", "completion_tokens", "cost_nanousd", "deployment",
-        "endpoint", "error", "estimated_cost_nanousd", "fallbacks", "flags", "headers", "hold_id",
-        "include_usage", "info", "key_hold_id", "key_id", "key_reservation", "latency_class",
-        "limit_scope", "occurred_at", "output_bound", "plan", "prompt_counts", "prompt_tokens",
-        "protocol_headers", "reason", "reply", "request", "reservation", "response_started",
-        "sensitivity", "settled", "status", "stream", "surface", "t0", "tap", "task", "tenant",
-        "tier", "tool_calls", "tool_calls_invalid", "tool_retried", "tools", "usage",
+        "attempts", "body", "budget_replies", "budget_scope", "cache", "cache_control",
+        "cache_read_tokens", "cache_write_tokens", "client_cancelled", "completion_tokens",
+        "cost_nanousd", "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks",
+        "flags", "headers", "hold_id", "include_usage", "info", "key_hold_id", "key_id",
+        "key_reservation", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
+        "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
+        "reservation", "response_started", "saved_nanousd", "sensitivity", "settled", "status",
+        "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
+        "tool_calls_invalid", "tool_retried", "tools", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -107,3 +108,9 @@ class Call:
         self.tool_calls: tuple[str, ...] = ()
         self.tool_calls_invalid: tuple[str, ...] = ()
         self.tool_retried = False
+        # The response cache (tollway.cache): the caller's Cache-Control header, the
+        # cache's state for this call ("hit", "miss", "bypass"; "" when it did not apply)
+        # and, on a hit, what the stored answer cost when it was made.
+        self.cache_control = ""
+        self.cache: Any = None  # the cache's own per-call state (a tollway.cache.wiring.Lookup)
+        self.saved_nanousd = 0

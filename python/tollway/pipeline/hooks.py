@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
+    from tollway.asgi import Send
     from tollway.pipeline.call import Call
     from tollway.pipeline.plan import RoutePlan
 
-__all__ = ["DecodeHook", "Finisher", "Guard", "PlanHook", "Redispatch", "ReplyHook"]
+__all__ = ["DecodeHook", "Finisher", "Guard", "PlanHook", "Redispatch", "ReplyHook", "Responder"]
 
 # A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
 Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
@@ -32,3 +33,7 @@ Redispatch: TypeAlias = "Callable[[], Awaitable[None]]"
 # Runs on a whole (non-streamed) reply before the client has any of it: may add response
 # headers, set what the record says, or ask for the reply again.
 ReplyHook: TypeAlias = "Callable[[Call, Redispatch], Awaitable[None]]"
+# Runs after the guards, before dispatch, with the send the reply goes out by: answers
+# the call itself (the response cache) and returns None, or returns the send dispatch
+# is to use (the same, or one that also keeps what goes out, e.g. a stream to store).
+Responder: TypeAlias = "Callable[[Call, Send], Awaitable[Send | None]]"

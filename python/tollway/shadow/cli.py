@@ -23,7 +23,14 @@ from typing import Any, TextIO
 
 from tollway.config import Config, ConfigError
 from tollway.events.schema import day_of
-from tollway.shadow.report import format_ab_table, format_table, query, query_ab
+from tollway.shadow.report import (
+    format_ab_table,
+    format_learned,
+    format_table,
+    query,
+    query_ab,
+    query_learned,
+)
 
 FindConfig = Callable[[str | None], Config]
 
@@ -62,7 +69,8 @@ async def stream_report(config: Config, url: str | None, route: str | None,
     view = proj.view
     return {"object": "shadow.report", "source": "stream", "as_of_sequence": view.last_seq,
             "data": query(view, route=route, since=since),
-            "ab": query_ab(view, route=route, since=since)}
+            "ab": query_ab(view, route=route, since=since),
+            "learning": query_learned(view, route=route)}
 
 
 def render(doc: dict[str, Any], out: TextIO) -> None:
@@ -70,6 +78,9 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
     ab = format_ab_table(doc.get("ab") or [])
     if ab:
         out.write("\nA/B split (live calls)\n" + ab + "\n")
+    learned = format_learned(doc.get("learning") or {"decisions": []})
+    if learned:
+        out.write("\nLearning routing (decisions, oldest first)\n" + learned + "\n")
     runtime = doc.get("runtime") or {}
     skipped = {name: r.get("skipped") for name, r in runtime.items() if r.get("skipped")}
     for name, reasons in skipped.items():

@@ -29,7 +29,14 @@ from typing import TypeVar
 
 import msgspec
 
-from tollway.events.schema import CallEvent, CallFailed, CallRejected, Event, day_of
+from tollway.events.schema import (
+    CallEvent,
+    CallFailed,
+    CallRejected,
+    Event,
+    RouteLearned,
+    day_of,
+)
 from tollway.events.seen import RETENTION_DAYS, Seen
 from tollway.shadow.event import ShadowCompared
 from tollway.shadow.sampling import parse_arm
@@ -81,6 +88,24 @@ class ArmRow(msgspec.Struct):
 ArmKey = tuple[str, str, str, str]  # route, arm (candidate | primary), model, day
 
 
+class Learned(msgspec.Struct):
+    """A learning routing decision (``route.learned``), as the report lists it."""
+
+    at: float
+    route: str
+    task: str
+    model: str  # "": back to the route's own order
+    previous: str
+    action: str
+    samples: int
+    agreement_rate: float
+    why: str
+    instance: str = ""
+
+
+MAX_LEARNED = 200  # decisions the view keeps (the newest)
+
+
 class ShadowView(msgspec.Struct):
     last_seq: int = 0
     rows: dict[Key, Row] = msgspec.field(default_factory=dict)
@@ -88,6 +113,20 @@ class ShadowView(msgspec.Struct):
     # (route, day) -> instance -> shadow spend: the spend cap of every gateway process
     spend: dict[tuple[str, str], dict[str, int]] = msgspec.field(default_factory=dict)
     seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
+    # Learning routing: its latest decisions, and (route, task) -> the model serving now
+    # by the latest decision of each gateway process ("" : the route's own order).
+    learned: list[Learned] = msgspec.field(default_factory=list)
+    serving: dict[tuple[str, str, str], str] = msgspec.field(default_factory=dict)
+
+
+def _learned(view: ShadowView, e: RouteLearned) -> None:
+    view.learned.append(Learned(at=e.occurred_at, route=e.route, task=e.task, model=e.model,
+                                previous=e.previous, action=e.action, samples=e.samples,
+                                agreement_rate=e.agreement_rate, why=e.why,
+                                instance=e.instance))
+    if len(view.learned) > MAX_LEARNED:
+        del view.learned[: len(view.learned) - MAX_LEARNED]
+    view.serving[(e.route, e.task, e.instance)] = e.model
 
 
 def new(keep_days: int = RETENTION_DAYS) -> ShadowView:
@@ -149,6 +188,8 @@ def apply(view: ShadowView, seq: int, event: Event) -> ShadowView:
     if type(event) is not ShadowCompared:
         if isinstance(event, CallEvent) and "ab[" in event.reason:
             _arm(view, event)
+        elif type(event) is RouteLearned:
+            _learned(view, event)
         return view
     e: ShadowCompared = event
     day = day_of(e.occurred_at)
@@ -157,7 +198,10 @@ def apply(view: ShadowView, seq: int, event: Event) -> ShadowView:
     if row is None:
         row = view.rows[key] = Row(candidate_provider=e.candidate_provider)
     row.samples += 1
-    row.shadow_spend_nanousd += e.candidate_cost_nanousd
+    # What the shadow call cost: the candidate's, or the primary's for a check of a live
+    # candidate (learning routing).
+    spent = e.primary_cost_nanousd if e.verify else e.candidate_cost_nanousd
+    row.shadow_spend_nanousd += spent
     row.primary_models[e.primary_model] = row.primary_models.get(e.primary_model, 0) + 1
     _add(row.primary_latency, e.primary_latency_s)
     if e.primary_ttft_s is not None:
@@ -176,9 +220,9 @@ def apply(view: ShadowView, seq: int, event: Event) -> ShadowView:
         row.candidate_cost_nanousd += e.candidate_cost_nanousd
         row.primary_tokens += e.primary_prompt_tokens + e.primary_completion_tokens
         row.candidate_tokens += e.candidate_prompt_tokens + e.candidate_completion_tokens
-    if e.candidate_cost_nanousd:
+    if spent:
         by_instance = view.spend.setdefault((e.route, day), {})
-        by_instance[e.instance] = by_instance.get(e.instance, 0) + e.candidate_cost_nanousd
+        by_instance[e.instance] = by_instance.get(e.instance, 0) + spent
     return view
 
 

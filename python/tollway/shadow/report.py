@@ -11,6 +11,10 @@ Figures, over the samples of the chosen days:
   the candidate answered (None when the primary cost nothing)
 - ``shadow_spend_usd``: everything the candidate calls cost, failures included
 
+The learning part (:func:`query_learned`): learning routing's decisions
+(``route.learned``), newest last, each with the evidence it was made on, and the
+model serving each route and task now, per gateway process.
+
 The A/B part (:func:`query_ab`), per route, arm and serving model, over live
 calls: count, failure rate, latency p50/p95, mean cost per completed call
 and its ratio to the primary arm's.
@@ -22,7 +26,8 @@ from typing import Any
 
 from tollway.shadow.projection import ArmRow, Row, ShadowView, percentile
 
-__all__ = ["format_ab_table", "format_table", "query", "query_ab"]
+__all__ = ["format_ab_table", "format_learned", "format_table", "query", "query_ab",
+           "query_learned"]
 
 NANO = 1_000_000_000
 
@@ -134,6 +139,24 @@ def query_ab(view: ShadowView, *, route: str | None = None, since: str = "",
             "tokens": row.tokens,
         })
     return out
+
+
+def query_learned(view: ShadowView, *, route: str | None = None) -> dict[str, Any]:
+    decisions = [
+        {"at": d.at, "route": d.route, "task": d.task, "model": d.model or None,
+         "previous": d.previous or None, "action": d.action, "samples": d.samples,
+         "agreement_rate": d.agreement_rate, "why": d.why, "instance": d.instance}
+        for d in view.learned if route is None or d.route == route]
+    serving = [{"route": r, "task": t, "instance": i, "model": m or None}
+               for (r, t, i), m in sorted(view.serving.items())
+               if route is None or r == route]
+    return {"decisions": decisions, "serving": serving}
+
+
+def format_learned(learned: dict[str, Any]) -> str:
+    lines = [f"{d['action']:>8}  {d['route']}/{d['task']}: {d['previous'] or 'primary'} -> "
+             f"{d['model'] or 'primary'}  ({d['why']})" for d in learned["decisions"]]
+    return "\n".join(lines)
 
 
 _COLUMNS = (

@@ -82,6 +82,26 @@ def finish_reason(body: bytes) -> str:
     return (choices[0].finish_reason or "") if choices else ""
 
 
+def _swapped(e: ShadowCompared) -> ShadowCompared:
+    """A check of a live candidate: the shadow call went to the primary, so the sides of
+    the comparison as made (live = "primary") trade places. The score is symmetric; the
+    status and error stay the shadow call's (here: the primary's)."""
+    return msgspec.structs.replace(
+        e, verify=True,
+        primary_provider=e.candidate_provider, candidate_provider=e.primary_provider,
+        primary_model=e.candidate_model, candidate_model=e.primary_model,
+        primary_stream=False, primary_ttft_s=None,
+        primary_latency_s=e.candidate_latency_s, candidate_latency_s=e.primary_latency_s,
+        primary_prompt_tokens=e.candidate_prompt_tokens,
+        candidate_prompt_tokens=e.primary_prompt_tokens,
+        primary_completion_tokens=e.candidate_completion_tokens,
+        candidate_completion_tokens=e.primary_completion_tokens,
+        primary_cost_nanousd=e.candidate_cost_nanousd,
+        candidate_cost_nanousd=e.primary_cost_nanousd,
+        primary_finish_reason=e.candidate_finish_reason,
+        candidate_finish_reason=e.primary_finish_reason)
+
+
 def candidate_body(body: bytes, upstream_model: str) -> bytes:
     """The caller's request for the candidate: its model, and never streamed."""
     return rewrite(body, model=upstream_model, include_usage=False,
@@ -89,15 +109,21 @@ def candidate_body(body: bytes, upstream_model: str) -> bytes:
 
 
 class _Route:
-    __slots__ = ("candidates", "cfg", "in_flight", "sampler", "spend")
+    __slots__ = ("candidates", "cfg", "in_flight", "models", "reference", "sampler", "spend",
+                 "verifier")
 
     def __init__(self, cfg: ShadowRouteConfig, candidates: tuple[Deployment, ...],
                  spend: ShadowSpend) -> None:
         self.cfg = cfg
         self.candidates = candidates
+        self.models = frozenset(d.model for d in candidates)
         self.sampler = Sampler(cfg.fraction, cfg.seed)
         self.spend = spend
         self.in_flight = 0
+        # Learning routing (tollway.learn): while a candidate serves the route live, this
+        # share of its calls is checked against ``reference``, the route's primary.
+        self.verifier: Sampler | None = None
+        self.reference: Deployment | None = None
 
 
 class _Primary:
@@ -192,6 +218,8 @@ class ShadowRunner:
     def on_call(self, call: Call) -> None:
         if call.error is not None or call.client_cancelled or call.endpoint == EMBEDDINGS:
             return
+        if call.attempts == 0:
+            return  # no provider answered it (a response-cache hit): nothing to compare
         req = call.request
         if req is None or call.deployment is None:
             return
@@ -206,7 +234,16 @@ class ShadowRunner:
         gate = self.gate
         if gate is not None and gate(r.cfg.route, call.tenant.id) is False:
             return  # a shadow flag covers the route, and not this tenant
-        if not r.sampler():
+        verifier, reference = r.verifier, r.reference
+        # A candidate served it (learning routing): check it against the primary;
+        # otherwise the route's own sample goes to its candidates.
+        verifying = (verifier is not None and reference is not None
+                     and call.deployment.model in r.models)
+        if verifying:
+            assert verifier is not None
+            if not verifier():
+                return
+        elif not r.sampler():
             return
         try:
             # The candidates get the call as chat completions (Messages and Responses
@@ -214,16 +251,34 @@ class ShadowRunner:
             body = call.body if call.endpoint == CHAT else call.surface.shadow_body(call)
             if body is None:
                 return
-            self._start(r, call, body)
+            if verifying:
+                assert reference is not None
+                self._start(r, call, body, (reference,), verify=True)
+            else:
+                self._start(r, call, body)
         except Exception:  # never the caller's problem
             log.exception("shadow: could not start a shadow call")
 
-    def _start(self, r: _Route, call: Call, body: bytes) -> None:
+    def verify(self, route: str, fraction: float, seed: int | None = None) -> None:
+        """Check the candidates of ``route`` that serve live against its primary (the
+        first candidate of the alias, or the model the route names)."""
+        r = self.routes.get(route)
+        if r is None:
+            return
+        catalog = self.parts.catalog
+        own = catalog.routes.get(route) or ((catalog.models[route],)
+                                            if route in catalog.models else ())
+        if own:
+            r.reference = own[0]
+            r.verifier = Sampler(fraction, seed)
+
+    def _start(self, r: _Route, call: Call, body: bytes,
+               to: tuple[Deployment, ...] | None = None, verify: bool = False) -> None:
         route = r.cfg.route
         self.sampled.inc((route,))
         primary: _Primary | None = None
         loop = asyncio.get_running_loop()
-        for dep in r.candidates:
+        for dep in r.candidates if to is None else to:
             reason = self._refusal(r, call, dep)
             if reason is not None:
                 self.skipped.inc((route, dep.model, reason))
@@ -233,7 +288,7 @@ class ShadowRunner:
             provider = self.parts.providers[dep.provider]
             r.in_flight += 1
             self.in_flight.value += 1
-            task = loop.create_task(self._shadow(r, dep, provider, primary),
+            task = loop.create_task(self._shadow(r, dep, provider, primary, verify),
                                     name=f"tollway-shadow-{route}")
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -254,7 +309,7 @@ class ShadowRunner:
 
     # ---- the background task ------------------------------------------------------------------
     async def _shadow(self, r: _Route, dep: Deployment, provider: OpenAIProvider,
-                      p: _Primary) -> None:
+                      p: _Primary, verify: bool = False) -> None:
         route = r.cfg.route
         hold: Hold | None = None
         try:
@@ -281,12 +336,15 @@ class ShadowRunner:
                 error = exc
             latency = time.perf_counter() - started
             event = self._compare(r, dep, p, status, reply, error, latency, started)
-            r.spend.settle(hold, event.candidate_cost_nanousd)
+            if verify:
+                event = _swapped(event)
+            spent = event.primary_cost_nanousd if verify else event.candidate_cost_nanousd
+            r.spend.settle(hold, spent)
             hold = None
             outcome = "failed" if event.candidate_error is not None else "answered"
             self.calls.inc((route, dep.model, outcome))
-            if event.candidate_cost_nanousd:
-                self.spend_usd.inc((route, dep.model), event.candidate_cost_nanousd / NANO)
+            if spent:
+                self.spend_usd.inc((route, dep.model), spent / NANO)
             self.sink.publish(event)
         except asyncio.CancelledError:
             raise

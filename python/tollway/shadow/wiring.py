@@ -22,9 +22,10 @@ from starlette.routing import BaseRoute, Route
 from tollway.config import ShadowRouteConfig
 from tollway.errors import InvalidRequest, PermissionDenied, error_body
 from tollway.events.schema import day_of, event_from_record
+from tollway.learn.routing import LearnedRouting, Learner, LearningSink, learning_routes
 from tollway.record import CallRecord
 from tollway.shadow.projection import ShadowView
-from tollway.shadow.report import query, query_ab
+from tollway.shadow.report import query, query_ab, query_learned
 from tollway.shadow.service import ShadowService
 from tollway.shadow.sink import MemorySink, PublisherSink, ShadowSink
 
@@ -59,8 +60,20 @@ async def shadow_lifespan(gateway: Gateway,
                           entries: list[ShadowRouteConfig] | None = None) -> AsyncIterator[None]:
     events = gateway.events
     sink: ShadowSink = PublisherSink(events.publisher) if events is not None else MemorySink()
+    entries = gateway.config.shadow if entries is None else entries
+    learns = learning_routes(gateway.config.learn, entries)
+    if learns:
+        sink = LearningSink(sink)
     svc = ShadowService(gateway.parts, sink, entries, events)
     pipeline = gateway.pipeline
+    learned: LearnedRouting | None = None
+    if learns:
+        assert isinstance(sink, LearningSink)
+        learner = Learner(gateway.parts, gateway.config.learn, learns, sink.inner)
+        sink.learner = svc.learner = learner
+        for e in learns:
+            svc.runner.verify(e.route, gateway.config.learn.verify_fraction, e.seed)
+        learned = LearnedRouting(gateway.parts, learner)
     registry = gateway.metrics.registry
     svc.runner.gate = gateway.directory.shadow_gate
     on_call = svc.runner.on_call
@@ -68,15 +81,19 @@ async def shadow_lifespan(gateway: Gateway,
         pipeline.finishers.append(on_call)
         for c in svc.runner.collectors:
             registry.register(c)
-    arms = _ArmRecorder(sink) if isinstance(sink, MemorySink) else None
+    arms = _ArmRecorder(svc.base) if isinstance(svc.base, MemorySink) else None
     if svc.ab.splits:
         pipeline.plan_hooks.append(svc.ab)
         if arms is not None:
             pipeline.recorders.append(arms)
+    if learned is not None:
+        pipeline.plan_hooks.append(learned)
     gateway.shadow = svc
     try:
         yield
     finally:
+        if learned in pipeline.plan_hooks:
+            pipeline.plan_hooks.remove(learned)
         if svc.ab in pipeline.plan_hooks:
             pipeline.plan_hooks.remove(svc.ab)
         if arms in pipeline.recorders:
@@ -124,6 +141,9 @@ def report(gateway: Gateway, route: str | None, since: str, until: str) -> dict[
         "as_of_sequence": view.last_seq,
         "data": query(view, route=route, since=since, until=until),
         "ab": query_ab(view, route=route, since=since, until=until),
+        "learning": {**query_learned(view, route=route),
+                     "here": svc.learner.status() if svc is not None
+                     and svc.learner is not None else None},
         "runtime": svc.runner.status() if svc is not None else {},
     }
 

@@ -218,6 +218,12 @@ class Replies:
         # Tool-call arguments to send, one per tool call, instead of the placeholder built
         # from the tool's schema (to test what checks them): taken from the front.
         self.tool_arguments: list[str] = []
+        # Simulated quality (benchmarks/routing.py): model -> task -> the share of prompts
+        # it answers as the reference does (the echo); the others get a wrong answer. The
+        # task is a system message "task: <name>" (none: "chat"); which prompts a model
+        # gets wrong is fixed by a hash of model and prompt, so asking again answers the
+        # same. A model or task not listed answers every prompt right.
+        self.quality: dict[str, dict[str, float]] = {}
 
     def route(self, method: str, path: str, body: Any) -> Full | Stream:
         """The reply to one request that passed auth and faults."""
@@ -322,6 +328,8 @@ class Replies:
                 200, _encode(self._completion(cid, created, model, message, "tool_calls", usage))
             )
         words, finish = self._reply_words(prompt, body)
+        if self.quality:
+            words = self._simulated(model, messages, prompt, words)
         field = "content"
         if self.refusal is not None:
             words, finish, field = self.refusal.split(), "stop", "refusal"
@@ -372,6 +380,26 @@ class Replies:
         if self.honour_max_tokens and isinstance(limit, int) and 0 < limit < len(words):
             return words[:limit], "length"
         return words, "stop"
+
+    def _simulated(self, model: str, messages: list[Any], prompt: str,
+                   words: list[str]) -> list[str]:
+        """The reference answer, or (for the share the model's quality leaves) a wrong
+        one: another label for a short answer, half the words changed for a long one."""
+        by_task = self.quality.get(model)
+        if not by_task:
+            return words
+        task = "chat"
+        for m in messages:
+            text = _text_of(m.get("content")) if isinstance(m, dict) else ""
+            if isinstance(m, dict) and m.get("role") == "system" and text.startswith("task:"):
+                task = text[5:].strip()
+        q = by_task.get(task, 1.0)
+        digest = hashlib.blake2b(f"{model}|{prompt}".encode(), digest_size=8).digest()
+        if int.from_bytes(digest, "big") / 2**64 < q:
+            return words
+        if len(words) <= 8:
+            return [f"wrong-{digest.hex()[:6]}"]
+        return [w if i % 2 else _FILLER[i % len(_FILLER)] for i, w in enumerate(words)]
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -1,4 +1,7 @@
-"""Usage: tenant x day x model x provider -> requests, tokens, cost, errors.
+"""Usage: tenant x day x model x provider -> requests, tokens, cost, errors, cache savings.
+
+A response-cache hit (``cache = "hit"``) counts as a completed request with no tokens
+and no cost; what its answer cost when it was made adds to ``saved_nanousd``.
 
 A pure fold: :func:`apply` reads nothing but its arguments (no clock, no I/O)
 and skips any stream sequence it has already applied, so feeding it the same
@@ -31,9 +34,10 @@ from tollway.events.schema import (
 from tollway.events.seen import RETENTION_DAYS, Seen
 
 # Row layout (a list, not a struct: the fold touches it per event).
-REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST = range(7)
+REQUESTS, COMPLETED, FAILED, REJECTED, PROMPT, COMPLETION, COST, CACHE_HITS, SAVED = range(9)
 COLUMNS = ("requests", "completed", "failed", "rejected", "prompt_tokens",
-           "completion_tokens", "cost_nanousd")
+           "completion_tokens", "cost_nanousd", "cache_hits", "saved_nanousd")
+_WIDTH = len(COLUMNS)
 
 Key = tuple[str, str, str, str]  # tenant, day, model, provider
 ToolKey = tuple[str, str, str]  # tenant, day, registry tool
@@ -84,8 +88,11 @@ def apply(view: UsageView, seq: int, event: Event) -> UsageView:
     key = (event.tenant, day_of(event.occurred_at), event.model, event.provider)
     row = view.rows.get(key)
     if row is None:
-        row = view.rows[key] = [0, 0, 0, 0, 0, 0, 0]
+        row = view.rows[key] = [0] * _WIDTH
     row[REQUESTS] += 1
+    if event.cache == "hit":
+        row[CACHE_HITS] += 1
+        row[SAVED] += event.saved_nanousd
     cls = type(event)
     if cls is CallCompleted:
         row[COMPLETED] += 1
@@ -124,9 +131,12 @@ def apply_batch(view: UsageView, seqs: Sequence[int], events: Sequence[Event]) -
         key = (call.tenant, days.get(int(t // 86400)) or day_of(t), call.model, call.provider)
         row = get(key)
         if row is None:
-            row = rows[key] = [0, 0, 0, 0, 0, 0, 0]
+            row = rows[key] = [0] * _WIDTH
         row[REQUESTS] += 1
         row[column] += 1
+        if call.cache == "hit":
+            row[CACHE_HITS] += 1
+            row[SAVED] += call.saved_nanousd
         row[PROMPT] += call.prompt_tokens
         row[COMPLETION] += call.completion_tokens
         row[COST] += call.actual_cost_nanousd
@@ -148,7 +158,11 @@ def dump(view: UsageView) -> bytes:
 
 
 def load(data: bytes) -> UsageView:
-    return _dec.decode(data)
+    view = _dec.decode(data)
+    for row in view.rows.values():  # a checkpoint from before the cache columns
+        if len(row) < _WIDTH:
+            row.extend([0] * (_WIDTH - len(row)))
+    return view
 
 
 # ---- queries ---------------------------------------------------------------------------------
@@ -203,4 +217,5 @@ def query(
 def _named(v: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = dict(zip(COLUMNS, v, strict=True))
     out["cost_usd"] = v[COST] / 1e9
+    out["saved_usd"] = v[SAVED] / 1e9
     return out
