@@ -1,0 +1,357 @@
+"""``tollway sink postgres``: every event of the stream into PostgreSQL, exactly once.
+
+The position is in PostgreSQL, not in NATS: each transaction inserts a batch of rows and
+moves ``sink_position.last_seq`` to the batch's last stream sequence (a compare-and-set on
+the sequence it read), so rows and position commit or vanish together. A sink that starts
+(or restarts after a crash anywhere) reads the position and consumes the stream from the
+next sequence; what it had read and not committed is read again. Rows are keyed by
+``event_id`` and inserted ``ON CONFLICT DO NOTHING``: an event published twice (an outbox
+resend after the stream's duplicate window, a stream recreated under the sink) is still one
+row.
+
+The stream is read through the bulk reader (``tollway.events.nats.bulk``, an ephemeral push
+consumer from the position), or nats-py's ordered consumer where that cannot be used (TLS,
+nkeys). A batch is written with COPY into a temporary table and one ``INSERT ... SELECT ...
+ON CONFLICT`` per table; while PostgreSQL commits one batch, the next is read. Only one sink
+writes to a database at a time (a session advisory lock): start two, and the second waits as
+a standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from tollway.events.nats.bulk import BulkReader, BulkUnavailable
+from tollway.events.schema import STREAM, SUBJECTS, decode
+from tollway.sink import ledger, migrations
+
+log = logging.getLogger("tollway.sink")
+
+LOCK_KEY = 0x746F6C6C77617932  # "tollway2": the session lock of the writing sink
+
+
+class PositionMoved(RuntimeError):
+    """Another writer moved the position under this one: start again from the database."""
+
+
+@dataclass
+class SinkStats:
+    committed_seq: int = 0  # the stream sequence the database holds every event up to
+    stream_last_seq: int = 0  # the stream's last sequence, as last seen
+    events: int = 0  # messages committed by this process
+    rows: int = 0  # of which new rows (not already there)
+    batches: int = 0
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.stream_last_seq - self.committed_seq)
+
+
+class Writer:
+    """One psycopg connection (used from a worker thread): schema check, lock, batches."""
+
+    def __init__(self, dsn: str, stream: str) -> None:
+        self.dsn = dsn
+        self.stream = stream
+        self.conn: psycopg.Connection[Any] | None = None
+        self.last_seq = 0
+        self.stream_created = ""
+        self._columns: dict[str, tuple[str, ...]] = {}
+
+    def open(self, *, migrate: bool = False) -> int:
+        conn = self.conn = psycopg.connect(self.dsn, autocommit=True,
+                                           application_name="tollway-sink")
+        if migrate:
+            done = migrations.migrate(conn)
+            if done:
+                log.info("sink: migrated the ledger schema", extra={"versions": done})
+        version = migrations.check(conn)
+        self._columns = self._writable_columns()
+        for name in (*self._columns, "other_events"):
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _in_{name} "
+                         f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        return version
+
+    def _writable_columns(self) -> dict[str, tuple[str, ...]]:
+        """The columns this sink writes per table; every one must exist in the database."""
+        assert self.conn is not None
+        have: dict[str, set[str]] = {}
+        for table, column in self.conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema()").fetchall():
+            have.setdefault(table, set()).add(column)
+        out = {}
+        for t in ledger.TABLES.values():
+            missing = [c for c in t.columns if c not in have.get(t.name, set())]
+            if missing:
+                raise migrations.SchemaError(
+                    f"table {t.name} lacks columns {missing}: run `tollway sink postgres "
+                    "--migrate` (or the migrations lag behind the events: a bug)")
+            out[t.name] = t.columns
+        return out
+
+    def try_lock(self) -> bool:
+        assert self.conn is not None
+        row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        return bool(row and row[0])
+
+    def position(self, stream_created: str) -> int:
+        """The committed sequence; a stream made anew since (its creation time changed)
+        is read again from its start: the rows it holds already are not inserted twice."""
+        assert self.conn is not None
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT last_seq, stream_created FROM sink_position "
+                                    "WHERE stream = %s FOR UPDATE", (self.stream,)).fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO sink_position (stream, last_seq, stream_created)"
+                                  " VALUES (%s, 0, %s)", (self.stream, stream_created))
+                last = 0
+            elif row[1] and stream_created and row[1] != stream_created:
+                log.warning("sink: stream %s was created anew since the last run; reading it "
+                            "from its start (rows already stored are skipped)", self.stream)
+                self.conn.execute("UPDATE sink_position SET last_seq = 0, stream_created = %s "
+                                  "WHERE stream = %s", (stream_created, self.stream))
+                last = 0
+            else:
+                last = int(row[0])
+                if not row[1] and stream_created:
+                    self.conn.execute("UPDATE sink_position SET stream_created = %s WHERE "
+                                      "stream = %s", (stream_created, self.stream))
+        self.last_seq = last
+        self.stream_created = stream_created
+        return last
+
+    def write(self, rows: ledger.Rows, last_seq: int) -> int:
+        """Insert ``rows`` and move the position to ``last_seq`` in one transaction; returns
+        the rows inserted (events already stored are not)."""
+        assert self.conn is not None
+        conn = self.conn
+        inserted = 0
+        with conn.transaction():
+            cur = conn.cursor()
+            batches = [(name, self._columns[name], lst) for name, lst in rows.by_table.items()
+                       if lst]
+            if rows.other:
+                batches.append(("other_events", ledger.OTHER_COLUMNS, rows.other))
+            for name, cols, lst in batches:
+                names = ", ".join(cols)
+                with cur.copy(f"COPY _in_{name} ({names}) FROM STDIN") as copy:
+                    for r in lst:
+                        copy.write_row(r)
+                cur.execute(f"INSERT INTO {name} ({names}) SELECT {names} FROM _in_{name} "
+                            "ON CONFLICT (event_id) DO NOTHING")
+                inserted += max(cur.rowcount, 0)
+            cur.execute("UPDATE sink_position SET last_seq = %s, updated_at = now() "
+                        "WHERE stream = %s AND last_seq = %s",
+                        (last_seq, self.stream, self.last_seq))
+            if cur.rowcount != 1:
+                raise PositionMoved(f"sink_position of {self.stream} is no longer at "
+                                    f"{self.last_seq}: another sink wrote")
+        self.last_seq = last_seq
+        return inserted
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def migrate_only(dsn: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True, application_name="tollway-sink") as conn:
+        return migrations.migrate(conn)
+
+
+class PostgresSink:
+    """Runs until stopped (or, with ``until_caught_up``, until the stream's end at start)."""
+
+    def __init__(self, nc: NatsClient, dsn: str, *, stream: str = STREAM,
+                 batch_size: int = 5000, max_wait_s: float = 0.5, bulk: bool = True,
+                 migrate: bool = False, log_interval_s: float = 30.0,
+                 on_commit: Callable[[SinkStats], None] | None = None) -> None:
+        self.nc = nc
+        self.dsn = dsn
+        self.stream = stream
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self.bulk = bulk
+        self.migrate = migrate
+        self.log_interval_s = log_interval_s
+        self.on_commit = on_commit
+        self.stats = SinkStats()
+        self._seqs: list[int] = []
+        self._payloads: list[bytes] = []
+        self._arrived = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    # ---- the loop --------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None, *, until_caught_up: bool = False,
+                  retry_s: float = 0.5) -> SinkStats:
+        stop = stop or asyncio.Event()
+        delay = retry_s
+        while not stop.is_set():
+            try:
+                if await self._run_once(stop, until_caught_up):
+                    break
+                delay = retry_s
+            except (migrations.SchemaError, psycopg.errors.InsufficientPrivilege):
+                raise  # not going to change by itself
+            except (OSError, psycopg.Error, PositionMoved, RuntimeError, TimeoutError,
+                    msgspec.DecodeError) as exc:
+                # Lost PostgreSQL or NATS, or another writer: start again from the database.
+                self.stats.restarts += 1
+                log.warning("sink: %s: %s; starting again from the database's position in "
+                            "%.1fs", type(exc).__name__, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                delay = min(delay * 2, 10.0)
+        return self.stats
+
+    async def _run_once(self, stop: asyncio.Event, until_caught_up: bool) -> bool:
+        """One connection's life; True when done (caught up), False when stopped."""
+        writer = Writer(self.dsn, self.stream)
+        reader_task: asyncio.Task[None] | None = None
+        try:
+            await asyncio.to_thread(writer.open, migrate=self.migrate)
+            while not await asyncio.to_thread(writer.try_lock):
+                log.info("sink: another sink holds the database; waiting as a standby")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await stop.wait()
+                if stop.is_set():
+                    return False
+            info = await self.nc.jetstream().stream_info(self.stream)
+            created = str(getattr(info, "created", "") or "")
+            start = await asyncio.to_thread(writer.position, created) + 1
+            self.stats.committed_seq = start - 1
+            self.stats.stream_last_seq = info.state.last_seq
+            target = info.state.last_seq
+            if 1 < start < info.state.first_seq:
+                log.warning("sink: the stream no longer holds sequences %d-%d (its limits "
+                            "removed them before they were written)", start,
+                            info.state.first_seq - 1)
+            if until_caught_up and start > target:
+                return True
+            log.info("sink: writing the stream from sequence %d", start)
+            self._seqs, self._payloads = [], []
+            reader_task = asyncio.create_task(self._read(start))
+            return await self._write_loop(writer, reader_task, stop,
+                                          target if until_caught_up else None)
+        finally:
+            if reader_task is not None:
+                reader_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader_task
+            await asyncio.to_thread(writer.close)
+
+    async def _write_loop(self, writer: Writer, reader: asyncio.Task[None], stop: asyncio.Event,
+                          target: int | None) -> bool:
+        next_log = time.monotonic() + self.log_interval_s
+        while True:
+            first_wait = time.monotonic()
+            # Gather up to a batch, or what came within max_wait_s of the first message.
+            while len(self._seqs) < self.batch_size:
+                if reader.done():
+                    reader.result()  # raises what stopped it
+                    raise RuntimeError("the stream reader stopped")
+                if stop.is_set() and not self._seqs:
+                    return False
+                left = self.max_wait_s - (time.monotonic() - first_wait)
+                if self._seqs and (left <= 0 or stop.is_set()):
+                    break
+                if target is not None and self._seqs and self._seqs[-1] >= target:
+                    break
+                self._arrived.clear()
+                waiters = [asyncio.ensure_future(self._arrived.wait()),
+                           asyncio.ensure_future(stop.wait()), reader]
+                await asyncio.wait(
+                    waiters, timeout=left if self._seqs else None,
+                    return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters[:2]:
+                    w.cancel()
+                if not self._seqs:
+                    first_wait = time.monotonic()
+            n = min(len(self._seqs), self.batch_size)
+            if target is not None:
+                # Stop at the target: what came after it is for the next run.
+                n = min(n, next((i + 1 for i, s in enumerate(self._seqs) if s >= target), n))
+            seqs, payloads = self._seqs[:n], self._payloads[:n]
+            del self._seqs[:n], self._payloads[:n]
+            self._drained.set()
+            rows = ledger.to_rows(zip(seqs, payloads, strict=True), decode)
+            inserted = await asyncio.to_thread(writer.write, rows, seqs[-1])
+            st = self.stats
+            st.committed_seq = seqs[-1]
+            st.stream_last_seq = max(st.stream_last_seq, seqs[-1])
+            st.events += len(seqs)
+            st.rows += inserted
+            st.batches += 1
+            if self.on_commit is not None:
+                self.on_commit(st)
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + self.log_interval_s
+                rate = st.events / max(1e-9, time.monotonic() - st.started)
+                log.info("sink: committed", extra={
+                    "committed_seq": st.committed_seq, "lag": st.lag, "events": st.events,
+                    "rows": st.rows, "events_per_s": round(rate)})
+            if target is not None and st.committed_seq >= target:
+                return True
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _add(self, seqs: list[int], payloads: list[bytes]) -> None:
+        self._seqs.extend(seqs)
+        self._payloads.extend(payloads)
+        self._arrived.set()
+
+    async def _backpressure(self) -> None:
+        while len(self._seqs) >= 4 * self.batch_size:
+            self._drained.clear()
+            await self._drained.wait()
+
+    async def _read(self, start: int) -> None:
+        if self.bulk:
+            try:
+                async with await BulkReader.connect(self.nc) as reader, contextlib.aclosing(
+                        reader.read(self.stream, start_seq=start, follow=True)) as batches:
+                    async for seqs, payloads in batches:
+                        self._add(seqs, payloads)
+                        self.stats.stream_last_seq = max(self.stats.stream_last_seq,
+                                                         seqs[-1] + max(0, reader.pending))
+                        await self._backpressure()
+                return
+            except BulkUnavailable as exc:
+                log.info("sink: reading the stream through nats-py (%s)", exc)
+        await self._read_nats_py(start)
+
+    async def _read_nats_py(self, start: int) -> None:
+        js = self.nc.jetstream()
+        sub = await js.subscribe(SUBJECTS, stream=self.stream, ordered_consumer=True,
+                                 config=ConsumerConfig(
+                                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                     opt_start_seq=start))
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                seq = msg.metadata.sequence.stream
+                self._add([seq], [msg.data])
+                self.stats.stream_last_seq = max(self.stats.stream_last_seq,
+                                                 seq + msg.metadata.num_pending)
+                if len(self._seqs) >= 4 * self.batch_size:
+                    await self._backpressure()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
