@@ -165,7 +165,7 @@ async def test_second_sink_waits_as_a_standby(nc: NatsClient, dsn: str) -> None:
     async with asyncio.timeout(60):
         while active.stats.committed_seq < n:
             await asyncio.sleep(0.02)
-    standby = PostgresSink(nc, dsn, max_wait_s=0.05)
+    standby = PostgresSink(nc, dsn, max_wait_s=0.05, standby_poll_s=0.05)
     standby_stop = asyncio.Event()
     standby_task = asyncio.create_task(standby.run(standby_stop))
     more = await publish(nc, _events(20, seed=8))

@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +25,29 @@ from tollway.config import Config, ConfigError
 
 FindConfig = Callable[[str | None], Config]
 DSN_ENV = "TOLLWAY_SINK_DSN"
+
+
+@contextlib.contextmanager
+def _logging(level: str) -> Iterator[None]:
+    """JSON lines on stderr from the sink (and the events layer under it) while it runs; the
+    loggers are put back after, so that running the command in-process leaves no trace."""
+    from tollway.logs import JsonLinesHandler
+
+    handler = JsonLinesHandler(sys.stderr, None)
+    saved = []
+    for name in ("tollway.sink", "tollway.events"):
+        log = logging.getLogger(name)
+        saved.append((log, log.handlers[:], log.level, log.propagate))
+        log.handlers[:] = [handler]
+        log.setLevel(level.upper())
+        log.propagate = False
+    try:
+        yield
+    finally:
+        for log, handlers, lvl, propagate in saved:
+            log.handlers[:] = handlers
+            log.setLevel(lvl)
+            log.propagate = propagate
 
 
 def _missing_extra(exc: ImportError) -> int:
@@ -63,11 +87,12 @@ async def run_sink(config: Config, args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        async with open_nats(config, args.url) as nc:
-            sink = PostgresSink(nc, dsn, stream=config.events.stream,
-                                batch_size=args.batch_size, max_wait_s=args.max_wait,
-                                migrate=args.migrate, log_interval_s=args.log_interval)
-            stats = await sink.run(stop, until_caught_up=args.once)
+        with _logging(config.server.log_level):
+            async with open_nats(config, args.url) as nc:
+                sink = PostgresSink(nc, dsn, stream=config.events.stream,
+                                    batch_size=args.batch_size, max_wait_s=args.max_wait,
+                                    migrate=args.migrate, log_interval_s=args.log_interval)
+                stats = await sink.run(stop, until_caught_up=args.once)
         if args.once:
             print(json.dumps({"committed_seq": stats.committed_seq, "events": stats.events,
                               "rows": stats.rows, "batches": stats.batches}))
@@ -102,11 +127,9 @@ def add_commands(sub: Any, find_config: FindConfig) -> None:
             [argparse.Namespace], int]:
         def handler(args: argparse.Namespace) -> int:
             from tollway.events.broker import NatsUnavailable
-            from tollway.logs import configure_logging
 
             try:
                 config = find_config(args.config)
-                configure_logging(config.server.log_level)
                 code: int = asyncio.run(fn(config, args))
                 return code
             except ImportError as exc:

@@ -70,6 +70,7 @@ class Writer:
         self.last_seq = 0
         self.stream_created = ""
         self._columns: dict[str, tuple[str, ...]] = {}
+        self._types: dict[str, list[str]] = {}  # tables written with binary COPY
 
     def open(self, *, migrate: bool = False) -> int:
         conn = self.conn = psycopg.connect(self.dsn, autocommit=True,
@@ -88,19 +89,26 @@ class Writer:
     def _writable_columns(self) -> dict[str, tuple[str, ...]]:
         """The columns this sink writes per table; every one must exist in the database."""
         assert self.conn is not None
-        have: dict[str, set[str]] = {}
-        for table, column in self.conn.execute(
-                "SELECT table_name, column_name FROM information_schema.columns "
-                "WHERE table_schema = current_schema()").fetchall():
-            have.setdefault(table, set()).add(column)
+        have: dict[str, dict[str, str]] = {}
+        for table, column, type_ in self.conn.execute(
+                "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) "
+                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r' "
+                "AND a.attnum > 0 AND NOT a.attisdropped").fetchall():
+            have.setdefault(table, {})[column] = type_
         out = {}
+        self._types = {}
         for t in ledger.TABLES.values():
-            missing = [c for c in t.columns if c not in have.get(t.name, set())]
+            cols = have.get(t.name, {})
+            missing = [c for c in t.columns if c not in cols]
             if missing:
                 raise migrations.SchemaError(
                     f"table {t.name} lacks columns {missing}: run `tollway sink postgres "
                     "--migrate` (or the migrations lag behind the events: a bug)")
             out[t.name] = t.columns
+            types = [cols[c] for c in t.columns]
+            if "jsonb" not in types:
+                self._types[t.name] = types
         return out
 
     def try_lock(self) -> bool:
@@ -147,13 +155,19 @@ class Writer:
             if rows.other:
                 batches.append(("other_events", ledger.OTHER_COLUMNS, rows.other))
             for name, cols, lst in batches:
-                names = ", ".join(cols)
-                with cur.copy(f"COPY _in_{name} ({names}) FROM STDIN") as copy:
-                    for r in lst:
-                        copy.write_row(r)
-                cur.execute(f"INSERT INTO {name} ({names}) SELECT {names} FROM _in_{name} "
-                            "ON CONFLICT (event_id) DO NOTHING")
-                inserted += max(cur.rowcount, 0)
+                # Straight into the table (binary COPY: the least work on both sides); a row
+                # already there fails it, and the batch goes again through the temporary
+                # table, inserted with ON CONFLICT DO NOTHING.
+                try:
+                    with conn.transaction():
+                        self._copy(cur, name, name, cols, lst)
+                    inserted += len(lst)
+                except psycopg.errors.UniqueViolation:
+                    self._copy(cur, f"_in_{name}", name, cols, lst)
+                    names = ", ".join(cols)
+                    cur.execute(f"INSERT INTO {name} ({names}) SELECT {names} FROM _in_{name} "
+                                "ON CONFLICT (event_id) DO NOTHING")
+                    inserted += max(cur.rowcount, 0)
             cur.execute("UPDATE sink_position SET last_seq = %s, updated_at = now() "
                         "WHERE stream = %s AND last_seq = %s",
                         (last_seq, self.stream, self.last_seq))
@@ -162,6 +176,20 @@ class Writer:
                                     f"{self.last_seq}: another sink wrote")
         self.last_seq = last_seq
         return inserted
+
+    def _copy(self, cur: psycopg.Cursor[Any], into: str, table: str, cols: tuple[str, ...],
+              rows: list[ledger.Row]) -> None:
+        types = self._types.get(table)
+        names = ", ".join(cols)
+        if types is None:  # jsonb (admin details, kept as text) and other_events: text COPY
+            with cur.copy(f"COPY {into} ({names}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row(r)
+            return
+        with cur.copy(f"COPY {into} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for r in rows:
+                copy.write_row(r)
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -181,6 +209,7 @@ class PostgresSink:
     def __init__(self, nc: NatsClient, dsn: str, *, stream: str = STREAM,
                  batch_size: int = 5000, max_wait_s: float = 0.5, bulk: bool = True,
                  migrate: bool = False, log_interval_s: float = 30.0,
+                 standby_poll_s: float = 2.0,
                  on_commit: Callable[[SinkStats], None] | None = None) -> None:
         self.nc = nc
         self.dsn = dsn
@@ -190,6 +219,7 @@ class PostgresSink:
         self.bulk = bulk
         self.migrate = migrate
         self.log_interval_s = log_interval_s
+        self.standby_poll_s = standby_poll_s
         self.on_commit = on_commit
         self.stats = SinkStats()
         self._seqs: list[int] = []
@@ -227,10 +257,13 @@ class PostgresSink:
         reader_task: asyncio.Task[None] | None = None
         try:
             await asyncio.to_thread(writer.open, migrate=self.migrate)
+            standby = False
             while not await asyncio.to_thread(writer.try_lock):
-                log.info("sink: another sink holds the database; waiting as a standby")
+                if not standby:
+                    standby = True
+                    log.info("sink: another sink holds the database; waiting as a standby")
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2.0):
+                    async with asyncio.timeout(self.standby_poll_s):
                         await stop.wait()
                 if stop.is_set():
                     return False
@@ -260,44 +293,22 @@ class PostgresSink:
 
     async def _write_loop(self, writer: Writer, reader: asyncio.Task[None], stop: asyncio.Event,
                           target: int | None) -> bool:
+        """Gather a batch, decode it while the previous one commits, then commit it."""
         next_log = time.monotonic() + self.log_interval_s
-        while True:
-            first_wait = time.monotonic()
-            # Gather up to a batch, or what came within max_wait_s of the first message.
-            while len(self._seqs) < self.batch_size:
-                if reader.done():
-                    reader.result()  # raises what stopped it
-                    raise RuntimeError("the stream reader stopped")
-                if stop.is_set() and not self._seqs:
-                    return False
-                left = self.max_wait_s - (time.monotonic() - first_wait)
-                if self._seqs and (left <= 0 or stop.is_set()):
-                    break
-                if target is not None and self._seqs and self._seqs[-1] >= target:
-                    break
-                self._arrived.clear()
-                waiters = [asyncio.ensure_future(self._arrived.wait()),
-                           asyncio.ensure_future(stop.wait()), reader]
-                await asyncio.wait(
-                    waiters, timeout=left if self._seqs else None,
-                    return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters[:2]:
-                    w.cancel()
-                if not self._seqs:
-                    first_wait = time.monotonic()
-            n = min(len(self._seqs), self.batch_size)
-            if target is not None:
-                # Stop at the target: what came after it is for the next run.
-                n = min(n, next((i + 1 for i, s in enumerate(self._seqs) if s >= target), n))
-            seqs, payloads = self._seqs[:n], self._payloads[:n]
-            del self._seqs[:n], self._payloads[:n]
-            self._drained.set()
-            rows = ledger.to_rows(zip(seqs, payloads, strict=True), decode)
-            inserted = await asyncio.to_thread(writer.write, rows, seqs[-1])
+        in_flight: asyncio.Future[int] | None = None
+        flight_seqs = (0, 0)  # events and last sequence of the batch in flight
+
+        async def landed() -> None:
+            nonlocal in_flight, next_log
+            if in_flight is None:
+                return
+            fut, in_flight = in_flight, None
+            inserted = await fut
+            n, last = flight_seqs
             st = self.stats
-            st.committed_seq = seqs[-1]
-            st.stream_last_seq = max(st.stream_last_seq, seqs[-1])
-            st.events += len(seqs)
+            st.committed_seq = last
+            st.stream_last_seq = max(st.stream_last_seq, last)
+            st.events += n
             st.rows += inserted
             st.batches += 1
             if self.on_commit is not None:
@@ -308,8 +319,64 @@ class PostgresSink:
                 log.info("sink: committed", extra={
                     "committed_seq": st.committed_seq, "lag": st.lag, "events": st.events,
                     "rows": st.rows, "events_per_s": round(rate)})
-            if target is not None and st.committed_seq >= target:
-                return True
+
+        try:
+            while True:
+                if target is not None and (self._seqs and self._seqs[0] > target):
+                    await landed()
+                    return True
+                first_wait = time.monotonic()
+                # Up to a batch, or what came within max_wait_s of the first message.
+                while len(self._seqs) < self.batch_size:
+                    if reader.done():
+                        reader.result()  # raises what stopped it
+                        raise RuntimeError("the stream reader stopped")
+                    if in_flight is not None and in_flight.done():
+                        await landed()
+                        if target is not None and self.stats.committed_seq >= target:
+                            return True
+                    if stop.is_set() and not self._seqs:
+                        await landed()
+                        return False
+                    left = self.max_wait_s - (time.monotonic() - first_wait)
+                    if self._seqs and (left <= 0 or stop.is_set()):
+                        break
+                    if target is not None and self._seqs and self._seqs[-1] >= target:
+                        break
+                    self._arrived.clear()
+                    waiters: list[asyncio.Future[Any]] = [
+                        asyncio.ensure_future(self._arrived.wait()),
+                        asyncio.ensure_future(stop.wait()), reader]
+                    if in_flight is not None:
+                        waiters.append(in_flight)
+                    await asyncio.wait(waiters, timeout=left if self._seqs else None,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    for w in waiters[:2]:
+                        w.cancel()
+                    if not self._seqs:
+                        first_wait = time.monotonic()
+                n = min(len(self._seqs), self.batch_size)
+                if target is not None:
+                    # Stop at the target: what came after it is for the next run.
+                    n = min(n, next((i + 1 for i, s in enumerate(self._seqs) if s >= target),
+                                    n))
+                seqs, payloads = self._seqs[:n], self._payloads[:n]
+                del self._seqs[:n], self._payloads[:n]
+                self._drained.set()
+                rows = ledger.to_rows(zip(seqs, payloads, strict=True), decode)
+                await landed()  # one transaction at a time, in order
+                in_flight = asyncio.ensure_future(asyncio.to_thread(writer.write, rows,
+                                                                     seqs[-1]))
+                flight_seqs = (len(seqs), seqs[-1])
+                if target is not None and seqs[-1] >= target:
+                    await landed()
+                    return True
+        finally:
+            if in_flight is not None:
+                # Let a transaction under way end (committed or not) before the connection
+                # is closed under it.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(in_flight)
 
     # ---- reading ---------------------------------------------------------------------------
     def _add(self, seqs: list[int], payloads: list[bytes]) -> None:
