@@ -191,7 +191,7 @@ async def bench_kills(pg: PostgresServer, tmp: Path, n: int, kills: int,
         # Each process is killed a random 0-1 s after it has committed something past the
         # previous kill's position (a process killed while it starts proves nothing).
         delays = [rng.uniform(0.0, 1.0) for _ in range(kills)]
-        rate = n / (kills * 1.6)  # the events flow over the kills, not before them
+        rate = n / (kills * 2.5)  # the events flow over the kills, not before them
         loader = asyncio.create_task(_load(url, evs, tmp, rate=rate))
         positions = []
         t0 = time.perf_counter()

@@ -37,6 +37,20 @@ def test_migrate_only_then_once(dsn: str, nats_server: EmbeddedNats,
         assert migrations.current_version(conn) == len(applied)
 
 
+def test_a_database_that_is_not_there_fails_fast(nats_server: EmbeddedNats,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong DSN at start is an error to fix, not an outage to wait out."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    dsn = f"postgresql://tollway:secret-pw-123@127.0.0.1:{port}/postgres"
+    assert main(["sink", "postgres", "--url", nats_server.url, "--dsn", dsn]) == 1
+    err = capsys.readouterr().err
+    assert "PostgreSQL" in err and "secret-pw-123" not in err
+
+
 def test_export_refuses_an_empty_range(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "parquet", "--since", "2026-02-01", "--until", "2026-01-01",
                  "--url", "nats://127.0.0.1:1", "out"]) == 2

@@ -68,6 +68,8 @@ def parse_time(text: str) -> float:
 
 
 async def run_sink(config: Config, args: argparse.Namespace) -> int:
+    import psycopg
+
     from tollway.events.cli import open_nats
     from tollway.sink import migrations
     from tollway.sink.postgres import PostgresSink, migrate_only
@@ -100,6 +102,9 @@ async def run_sink(config: Config, args: argparse.Namespace) -> int:
     except migrations.SchemaError as exc:
         print(f"tollway: {exc}", file=sys.stderr)
         return 2
+    except psycopg.Error as exc:
+        print(f"tollway: PostgreSQL: {exc}", file=sys.stderr)
+        return 1
 
 
 async def run_export(config: Config, args: argparse.Namespace,

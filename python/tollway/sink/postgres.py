@@ -226,6 +226,7 @@ class PostgresSink:
         self._payloads: list[bytes] = []
         self._arrived = asyncio.Event()
         self._drained = asyncio.Event()
+        self._opened = False  # the database was reached once: later failures are retried
 
     # ---- the loop --------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None, *, until_caught_up: bool = False,
@@ -241,6 +242,8 @@ class PostgresSink:
                 raise  # not going to change by itself
             except (OSError, psycopg.Error, PositionMoved, RuntimeError, TimeoutError,
                     msgspec.DecodeError) as exc:
+                if not self._opened:
+                    raise  # never got going (a wrong DSN, no database): say so, not retry
                 # Lost PostgreSQL or NATS, or another writer: start again from the database.
                 self.stats.restarts += 1
                 log.warning("sink: %s: %s; starting again from the database's position in "
@@ -257,6 +260,7 @@ class PostgresSink:
         reader_task: asyncio.Task[None] | None = None
         try:
             await asyncio.to_thread(writer.open, migrate=self.migrate)
+            self._opened = True
             standby = False
             while not await asyncio.to_thread(writer.try_lock):
                 if not standby:
