@@ -202,3 +202,27 @@ def test_unreadable_messages_become_other_rows(bad: bytes) -> None:
     rows = ledger.to_rows([(5, bad)], decode)
     assert rows.by_table == {} and len(rows.other) == 1
     assert rows.other[0][:2] == ("~seq-5", 5) and "\x00" not in rows.other[0][4]
+
+
+async def test_an_event_postgresql_refuses_does_not_stop_the_sink(nc: NatsClient,
+                                                                 dsn: str) -> None:
+    """A NUL in a text, a count past bigint, a time past any date: each is kept whole in
+    other_events, the events around them are written, the position moves past them."""
+    good = [CallCompleted(event_id=f"ok-{i}", occurred_at=synthetic.DAY0 + i, tenant="acme",
+                          actual_cost_nanousd=10) for i in range(5)]
+    bad = [
+        CallCompleted(event_id="nul", occurred_at=synthetic.DAY0, tenant="acme",
+                      error_message="bad\x00byte"),
+        CallCompleted(event_id="huge", occurred_at=synthetic.DAY0, tenant="acme",
+                      prompt_tokens=2**63),
+        CallCompleted(event_id="far", occurred_at=1e300, tenant="acme"),
+    ]
+    n = await publish(nc, [good[0], bad[0], good[1], bad[1], good[2], bad[2], *good[3:]])
+    sink = await _sink_all(nc, dsn)
+    assert sink.stats.committed_seq == n
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*), sum(actual_cost_nanousd) FROM calls"
+                            ).fetchone() == (5, 50)
+        other = conn.execute("SELECT event_id, type FROM other_events ORDER BY seq").fetchall()
+        assert other == [("nul", "call.completed"), ("huge", "call.completed"),
+                         ("far", "call.completed")]

@@ -200,8 +200,12 @@ def other_row(seq: int, data: bytes) -> Row:
         env = _envelope.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         env = _Envelope()
-    body = data.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-    return (env.event_id or f"~seq-{seq}", seq, env.type, env.schema_version, body)
+    def text(v: str) -> str:  # PostgreSQL's text holds no NUL
+        return v.replace("\x00", "\ufffd")
+
+    body = text(data.decode("utf-8", errors="replace"))
+    version = env.schema_version if -(2**31) <= env.schema_version < 2**31 else 0
+    return (text(env.event_id) or f"~seq-{seq}", seq, text(env.type), version, body)
 
 
 class Rows(msgspec.Struct):
@@ -227,8 +231,13 @@ def to_rows(messages: Iterable[tuple[int, bytes]], decode: Callable[[bytes], Eve
         if t is None:
             out.other.append(other_row(seq, data))
             continue
+        try:
+            row = t.row(seq, e)
+        except (ValueError, OverflowError, OSError):  # a time no datetime can hold
+            out.other.append(other_row(seq, data))
+            continue
         lst = tables.get(t.name)
         if lst is None:
             lst = tables[t.name] = []
-        lst.append(t.row(seq, e))
+        lst.append(row)
     return out

@@ -142,9 +142,11 @@ class Writer:
         self.stream_created = stream_created
         return last
 
-    def write(self, rows: ledger.Rows, last_seq: int) -> int:
+    def write(self, rows: ledger.Rows, last_seq: int,
+              raw: tuple[list[int], list[bytes]] | None = None) -> int:
         """Insert ``rows`` and move the position to ``last_seq`` in one transaction; returns
-        the rows inserted (events already stored are not)."""
+        the rows inserted (events already stored are not). ``raw``: the batch's sequences and
+        messages, for a row PostgreSQL refuses (kept whole in other_events instead)."""
         assert self.conn is not None
         conn = self.conn
         inserted = 0
@@ -163,11 +165,9 @@ class Writer:
                         self._copy(cur, name, name, cols, lst)
                     inserted += len(lst)
                 except psycopg.errors.UniqueViolation:
-                    self._copy(cur, f"_in_{name}", name, cols, lst)
-                    names = ", ".join(cols)
-                    cur.execute(f"INSERT INTO {name} ({names}) SELECT {names} FROM _in_{name} "
-                                "ON CONFLICT (event_id) DO NOTHING")
-                    inserted += max(cur.rowcount, 0)
+                    inserted += self._insert_new(cur, name, cols, lst)
+                except (psycopg.DataError, ValueError, OverflowError):
+                    inserted += self._row_by_row(cur, name, cols, lst, raw)
             cur.execute("UPDATE sink_position SET last_seq = %s, updated_at = now() "
                         "WHERE stream = %s AND last_seq = %s",
                         (last_seq, self.stream, self.last_seq))
@@ -176,6 +176,38 @@ class Writer:
                                     f"{self.last_seq}: another sink wrote")
         self.last_seq = last_seq
         return inserted
+
+    def _insert_new(self, cur: psycopg.Cursor[Any], name: str, cols: tuple[str, ...],
+                    rows: list[ledger.Row]) -> int:
+        """Through the temporary table: the rows not there yet."""
+        self._copy(cur, f"_in_{name}", name, cols, rows)
+        names = ", ".join(cols)
+        cur.execute(f"INSERT INTO {name} ({names}) SELECT {names} FROM _in_{name} "
+                    "ON CONFLICT (event_id) DO NOTHING")
+        n = max(cur.rowcount, 0)
+        cur.execute(f"TRUNCATE _in_{name}")
+        return n
+
+    def _row_by_row(self, cur: psycopg.Cursor[Any], name: str, cols: tuple[str, ...],
+                    rows: list[ledger.Row], raw: tuple[list[int], list[bytes]] | None) -> int:
+        """A batch PostgreSQL refused (a NUL character in a text, a number past bigint): row by
+        row, each one it refuses kept whole in other_events, so one bad event cannot stop
+        the sink."""
+        assert self.conn is not None
+        messages = dict(zip(*raw, strict=True)) if raw is not None else {}
+        n = 0
+        for r in rows:
+            try:
+                with self.conn.transaction():
+                    n += self._insert_new(cur, name, cols, [r])
+            except (psycopg.DataError, ValueError, OverflowError) as exc:
+                seq = int(r[1])
+                log.warning("sink: PostgreSQL refused the event at sequence %d (%s); kept "
+                            "whole in other_events", seq, type(exc).__name__)
+                data = messages.get(seq, b"")
+                n += self._insert_new(cur, "other_events", ledger.OTHER_COLUMNS,
+                                      [ledger.other_row(seq, data)])
+        return n
 
     def _copy(self, cur: psycopg.Cursor[Any], into: str, table: str, cols: tuple[str, ...],
               rows: list[ledger.Row]) -> None:
@@ -369,8 +401,8 @@ class PostgresSink:
                 self._drained.set()
                 rows = ledger.to_rows(zip(seqs, payloads, strict=True), decode)
                 await landed()  # one transaction at a time, in order
-                in_flight = asyncio.ensure_future(asyncio.to_thread(writer.write, rows,
-                                                                     seqs[-1]))
+                in_flight = asyncio.ensure_future(asyncio.to_thread(
+                    writer.write, rows, seqs[-1], (seqs, payloads)))
                 flight_seqs = (len(seqs), seqs[-1])
                 if target is not None and seqs[-1] >= target:
                     await landed()
