@@ -202,7 +202,7 @@ async def bench_kills(pg: PostgresServer, tmp: Path, n: int, kills: int,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=ENV)
             deadline = time.monotonic() + 60
-            while (_ledger_totals(dsn)["position"] == before and not loader.done()
+            while (before == _ledger_totals(dsn)["position"] < n
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.02)
             await asyncio.sleep(d)

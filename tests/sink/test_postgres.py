@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from tollway.events import synthetic
+from tollway.events.broker import EmbeddedNats
 from tollway.events.schema import (
     CallCompleted,
     CallEvent,
@@ -226,3 +227,29 @@ async def test_an_event_postgresql_refuses_does_not_stop_the_sink(nc: NatsClient
         other = conn.execute("SELECT event_id, type FROM other_events ORDER BY seq").fetchall()
         assert other == [("nul", "call.completed"), ("huge", "call.completed"),
                          ("far", "call.completed")]
+
+
+async def test_nats_restarted_under_the_sink(nc: NatsClient, dsn: str,
+                                             nats_server: EmbeddedNats) -> None:
+    """The stream's server goes away and comes back: the sink starts again from the
+    database's position and writes what was published since, each event once."""
+    first = await publish(nc, _events(60))
+    stop = asyncio.Event()
+    sink = PostgresSink(nc, dsn, migrate=True, max_wait_s=0.05)
+    task = asyncio.create_task(sink.run(stop, retry_s=0.05))
+    async with asyncio.timeout(60):
+        while sink.stats.committed_seq < first:
+            await asyncio.sleep(0.02)
+    await asyncio.to_thread(nats_server.restart)
+    async with asyncio.timeout(60):
+        while not nc.is_connected:
+            await asyncio.sleep(0.02)
+    more = await publish(nc, _events(40, seed=11))
+    async with asyncio.timeout(60):
+        while sink.stats.committed_seq < first + more:
+            await asyncio.sleep(0.02)
+    stop.set()
+    await task
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT event_id) FROM calls").fetchone() \
+            == (sum(isinstance(e, CallEvent) for e in [*_events(60), *_events(40, seed=11)]),) * 2

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import nats.errors
 import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -272,8 +273,8 @@ class PostgresSink:
                 delay = retry_s
             except (migrations.SchemaError, psycopg.errors.InsufficientPrivilege):
                 raise  # not going to change by itself
-            except (OSError, psycopg.Error, PositionMoved, RuntimeError, TimeoutError,
-                    msgspec.DecodeError) as exc:
+            except (OSError, psycopg.Error, nats.errors.Error, PositionMoved, RuntimeError,
+                    TimeoutError, msgspec.DecodeError) as exc:
                 if not self._opened:
                     raise  # never got going (a wrong DSN, no database): say so, not retry
                 # Lost PostgreSQL or NATS, or another writer: start again from the database.
