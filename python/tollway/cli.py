@@ -12,6 +12,7 @@ from tollway import admin_cli
 from tollway.config import Config, ConfigError, default_config, load_config, missing_secrets
 from tollway.events import cli as events_cli
 from tollway.shadow import cli as shadow_cli
+from tollway.sink import cli as sink_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     events_cli.add_commands(sub, find_config=_find_config)  # events tail, usage, replay
     shadow_cli.add_commands(sub, find_config=_find_config)  # shadow report
+    sink_cli.add_commands(sub, find_config=_find_config)  # sink postgres, export parquet
     return parser
 
 
