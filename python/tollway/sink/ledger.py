@@ -1,8 +1,8 @@
 """The ledger's tables: which events go where, and each event as a row of typed values.
 
 One table per kind of event (the migrations create them): ``calls``, ``budget_events``,
-``breaker_events``, ``shadow_events``, ``admin_events``, and ``other_events`` for what this
-version cannot read. A table's columns are the fields of its event structs under the same
+``breaker_events``, ``shadow_events``, ``route_events``, ``admin_events``, and
+``other_events`` for what this version cannot read. A table's columns are the fields of its event structs under the same
 names, plus a few derived ones (the stream sequence, the UTC day, the type); so a field added
 to an event needs a column (a migration), which ``tests/sink`` checks. Both the PostgreSQL
 sink and the Parquet export write these rows.
@@ -33,9 +33,12 @@ from tollway.events.schema import (
     KeyCreated,
     KeyRevoked,
     KeyRotated,
+    RouteLearned,
     ShadowCompared,
     TenantChanged,
     TenantCreated,
+    ToolChanged,
+    ToolRemoved,
     day_of,
 )
 
@@ -140,9 +143,12 @@ BUDGET_COLUMNS = ("event_id", "seq", "occurred_at", "type",
                   *[n for n in _fields(*_BUDGET) if n not in ("event_id", "occurred_at")])
 BREAKER_COLUMNS = ("event_id", "seq", "occurred_at",
                    *[n for n in _fields(BreakerChanged) if n not in ("event_id", "occurred_at")])
+ROUTE_COLUMNS = ("event_id", "seq", "occurred_at",
+                 *[n for n in _fields(RouteLearned) if n not in ("event_id", "occurred_at")])
 SHADOW_COLUMNS = ("event_id", "seq", "occurred_at", "day",
                   *[n for n in _fields(ShadowCompared) if n not in ("event_id", "occurred_at")])
-_ADMIN = (TenantCreated, TenantChanged, KeyCreated, KeyRevoked, KeyRotated, FlagChanged)
+_ADMIN = (TenantCreated, TenantChanged, KeyCreated, KeyRevoked, KeyRotated, FlagChanged,
+          ToolChanged, ToolRemoved)
 ADMIN_COLUMNS = ("event_id", "seq", "occurred_at", "type",
                  *[n for n in _fields(AdminEvent) if n not in ("event_id", "occurred_at")],
                  "subject_id", "details")
@@ -150,7 +156,8 @@ _ADMIN_OMIT = {*ENVELOPE, "admin", "key_sha256"}  # the hash of a key stays out 
 
 
 def _subject_id(_seq: int, e: Any) -> str:
-    return str(getattr(e, "key_id", None) or getattr(e, "flag", None) or "")
+    return str(getattr(e, "key_id", None) or getattr(e, "flag", None)
+               or getattr(e, "tool", None) or "")
 
 
 def _details(_seq: int, e: Any) -> str:
@@ -176,6 +183,8 @@ _add(Table("breaker_events", BREAKER_COLUMNS, _generic(BREAKER_COLUMNS, {
 _add(Table("shadow_events", SHADOW_COLUMNS, _generic(SHADOW_COLUMNS, {
     "seq": _seq, "occurred_at": _at, "day": lambda _s, e: day(e.occurred_at)}),
     (ShadowCompared,)))
+_add(Table("route_events", ROUTE_COLUMNS, _generic(ROUTE_COLUMNS, {
+    "seq": _seq, "occurred_at": _at}), (RouteLearned,)))
 _add(Table("admin_events", ADMIN_COLUMNS, _generic(ADMIN_COLUMNS, {
     "seq": _seq, "occurred_at": _at, "type": _tag, "subject_id": _subject_id,
     "details": _details}), _ADMIN))
