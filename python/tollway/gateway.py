@@ -22,6 +22,7 @@ from tollway.providers import OpenAIProvider, build_providers
 from tollway.record import Recorder
 from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
 from tollway.tokens import CachePrices, CostEstimator, load_cache_prices
+from tollway.tracing.settings import TracingSettings, tracing_settings
 
 if TYPE_CHECKING:
     from tollway.events.service import EventsService
@@ -73,6 +74,8 @@ class Gateway:
         # off): the events service ([nats] enabled) and shadow mode.
         self.events: EventsService | None = None
         self.shadow: ShadowService | None = None
+        # OpenTelemetry ([tracing] and OTEL_*): decided once, here; None: off.
+        self.tracing: TracingSettings | None = tracing_settings(config.tracing, env)
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)

@@ -42,7 +42,7 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import Finisher, Guard, PlanHook
+from tollway.pipeline.hooks import CallTracer, Finisher, Guard, PlanHook
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
 from tollway.pipeline.responses import RESPONSES_SURFACE
@@ -76,6 +76,8 @@ class Pipeline:
         self.finishers: list[Finisher] = []
         self.plan_hooks: list[PlanHook] = []
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
+        # Starts each call's trace; None (tracing off): a call pays nothing for tracing.
+        self.tracer: CallTracer | None = None
         self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,6 +105,8 @@ class Pipeline:
             await surface.send_error(send, PermissionDenied("this endpoint needs a tenant "
                                                             "key, not the admin key"))
             return
+        if self.tracer is not None:
+            call.trace = self.tracer(call, scope)
         concluded = False
 
         def conclude() -> None:  # 6 and 7, once

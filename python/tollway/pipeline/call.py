@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from tollway.config import TenantConfig
 from tollway.context import RequestInfo
@@ -17,6 +18,18 @@ CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
 
 
+class CallTrace(Protocol):
+    """A call's trace (``call.trace``): the dispatcher marks each upstream attempt's start
+    and end, and passes the attempt's context upstream in the request headers; the tracer's
+    finisher ends what is still open."""
+
+    def attempt(self, call: Call, dep: Deployment) -> None: ...
+
+    def attempt_end(self, error: TollwayError | None) -> None: ...
+
+    def headers(self, extra: Mapping[str, str] | None) -> Mapping[str, str]: ...
+
+
 class Call:
     __slots__ = (
         "attempts", "body", "cache_read_tokens", "cache_write_tokens", "client_cancelled",
@@ -25,7 +38,7 @@ class Call:
         "info", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
         "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
         "reservation", "response_started", "sensitivity", "settled", "status", "stream",
-        "surface", "t0", "tap", "task", "tenant", "tier", "usage",
+        "surface", "t0", "tap", "task", "tenant", "tier", "trace", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -90,3 +103,4 @@ class Call:
         self.user = ""  # shadow: X-Tollway-User (sticky A/B arms)
         self.reservation: Any = None  # what a guard holds until the call ends (budget)
         self.hold_id = ""  # the shared budget's lease it was granted from (for the record)
+        self.trace: CallTrace | None = None  # its spans, when tracing is on (tollway.tracing)

@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
-    from tollway.pipeline.call import Call
+    from tollway.asgi import Scope
+    from tollway.pipeline.call import Call, CallTrace
     from tollway.pipeline.plan import RoutePlan
 
-__all__ = ["Finisher", "Guard", "PlanHook"]
+__all__ = ["CallTracer", "Finisher", "Guard", "PlanHook"]
 
 # A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
 Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
@@ -24,3 +25,7 @@ Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
 Finisher: TypeAlias = "Callable[[Call], None]"
 # Runs after the policy and may replace the plan (the A/B split puts a candidate first).
 PlanHook: TypeAlias = "Callable[[Call, RoutePlan], RoutePlan]"
+# Starts a call's trace as it reaches the pipeline (tollway.tracing); the pipeline's hook is
+# None when tracing is off, so a call then does no tracing work at all.
+CallTracer: TypeAlias = "Callable[[Call, Scope], CallTrace]"
+
