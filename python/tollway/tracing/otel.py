@@ -128,7 +128,7 @@ class Tracing:
 class CallSpans:
     """A call's span and its open attempt's; the pipeline knows it as ``call.trace``."""
 
-    __slots__ = ("attempt_span", "context", "operation", "span", "tracing")
+    __slots__ = ("attempt_span", "context", "operation", "recording", "span", "tracing")
 
     def __init__(self, tracing: Tracing, span: Span, operation: str) -> None:
         self.tracing = tracing
@@ -136,13 +136,20 @@ class CallSpans:
         self.operation = operation
         self.context: Context = set_span_in_context(span)
         self.attempt_span: Span | None = None
+        # Sampled out: the spans still carry the context upstream, but no attributes.
+        self.recording = span.is_recording()
 
     def attempt(self, call: Call, dep: Deployment) -> None:
         """A child span for an upstream attempt (the call's ``call.attempts``-th)."""
         if self.attempt_span is not None:
             self.attempt_end(None)
+        tracer = self.tracing.tracer
+        if not self.recording:
+            self.attempt_span = tracer.start_span(self.operation, context=self.context,
+                                                  kind=SpanKind.CLIENT)
+            return
         system, host, port = self.tracing.upstreams.get(dep.provider, ("", "", 0))
-        self.attempt_span = self.tracing.tracer.start_span(
+        self.attempt_span = tracer.start_span(
             f"{self.operation} {dep.upstream}", context=self.context, kind=SpanKind.CLIENT,
             attributes={
                 "gen_ai.operation.name": self.operation,
@@ -182,6 +189,9 @@ class CallSpans:
         error = call.error
         self.attempt_end(error)
         span = self.span
+        if not self.recording:
+            span.end()
+            return
         request: Any = call.request
         route = call.plan.route if call.plan is not None else (
             getattr(request, "model", "") if request is not None else "")
