@@ -170,13 +170,14 @@ def test_a_streamed_call_starts_a_trace_and_its_attempt_spans_the_stream(
     client: httpx.Client, upstream: FakeUpstream, otlp: OtlpReceiver
 ) -> None:
     body = chat_body("one two three four", stream=True, stream_options={"include_usage": True})
-    r = client.post(CHAT, json=body, headers=auth())
+    # A traceparent that is not W3C's is ignored, as the spec says: a new trace.
+    r = client.post(CHAT, json=body, headers=auth() | {"traceparent": "00-xyz-01"})
     assert r.status_code == 200
     events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     usage = json.loads(events[-2])["usage"]
     call, (attempt,) = call_spans(otlp, r.headers["x-request-id"], 1)
-    assert call.parent_span_id == ""  # no traceparent from the caller: a new trace
+    assert call.parent_span_id == "" and call.trace_id != TRACE_ID
     assert call.attributes["tollway.stream"] is True
     assert call.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert call.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == 4
@@ -310,6 +311,26 @@ def test_tracing_from_the_environment_samples_and_flushes_at_shutdown(
     trace_id, span_id, flags = parent_of(to_unsampled)
     assert trace_id not in (TRACE_ID, "0" * 32) and span_id != "0" * 16
     assert int(flags, 16) & 1 == 0
+
+
+def test_a_stuck_collector_does_not_hold_up_the_stop(
+    upstream: FakeUpstream, otlp: OtlpReceiver
+) -> None:
+    raw = traced_config(upstream.base_url, enabled=True, endpoint=otlp.endpoint,
+                        export_timeout_s=0.2)
+    env = gateway_env() | {"OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    otlp.hold()
+    try:
+        server = Server(create_app(parse_config(raw, source="<test>", env=env), env=env))
+        with server:
+            r = httpx.post(server.url + CHAT, json=chat_body(), headers=auth(),
+                           timeout=HANG_S)
+            assert r.status_code == 200
+        # The flush at the stop met a collector that never answers: the export timed out
+        # (the exporter logs it) and the gateway stopped all the same.
+        assert not server.thread.is_alive()
+    finally:
+        otlp.release()
 
 
 def test_off_by_default_with_no_hook_and_no_traceparent(upstream: FakeUpstream) -> None:

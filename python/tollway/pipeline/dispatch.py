@@ -262,7 +262,7 @@ class Dispatcher:
                                         (dep.provider, spec_for(fault).code or "error"))
                                 else:
                                     breaker.record_success(now, now - t)
-                        return
+                        return  # its trace's attempt ends with the call (a finisher)
                     call.reply = await self._post(call, provider, body)
                     try:
                         call.usage = wire.usage(call.reply.body)
@@ -275,7 +275,7 @@ class Dispatcher:
                     latency.observe(dep, dep.provider, elapsed)
                     if trace is not None:
                         trace.attempt_end(None)
-                    return  # (a stream's attempt ends with the call: the tracer's finisher)
+                    return
                 except UpstreamRejectedRequest as exc:
                     if trace is not None:
                         trace.attempt_end(exc)

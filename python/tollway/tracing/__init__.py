@@ -13,6 +13,9 @@ event loop never waits on the collector; the lifespan's end flushes what is left
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -24,12 +27,16 @@ if TYPE_CHECKING:
 
 __all__ = ["TracingSettings", "tracing_lifespan", "tracing_settings"]
 
+log = logging.getLogger("tollway.tracing")
+
 
 @asynccontextmanager
 async def tracing_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     """Attach the tracer while the app runs (nothing when ``gateway.tracing`` is None);
-    at the end, detach it and flush the spans not yet exported (in a thread: the export
-    is a blocking HTTP request)."""
+    at the end, detach it and flush the spans not yet exported: in a thread (the export
+    is a blocking HTTP request), waited for as long as one export may take and a little
+    more (some exporter versions retry a collector's 503 for a minute: the gateway does
+    not wait for that, and a daemon thread does not hold the process up)."""
     settings = gateway.tracing
     if settings is None:
         yield
@@ -45,4 +52,22 @@ async def tracing_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     finally:
         pipeline.tracer = None
         pipeline.finishers.remove(tracing.finish)
-        await asyncio.to_thread(tracing.shutdown)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def flushed() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def flush() -> None:
+            try:
+                tracing.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                    loop.call_soon_threadsafe(flushed)
+
+        threading.Thread(target=flush, name="tollway-tracing-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(done, settings.export_timeout_s + 5.0)
+        except TimeoutError:
+            log.warning("traces not flushed: the collector did not answer in time")
