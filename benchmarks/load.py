@@ -105,6 +105,9 @@ BASE_CONFIG: dict[str, Any] = {
     ],
 }
 
+# A variant's [tracing] endpoint: replaced by the OTLP receiver load.py starts.
+OTLP = "http://{otlp}/v1/traces"
+
 # name -> overlay, deep-merged into BASE_CONFIG (dicts merge, anything else replaces).
 # `base` is the gateway as shipped (auth, metrics, access log, guards) minus the event
 # log; a feature that can be switched in the config gets a variant here, e.g.
@@ -117,9 +120,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "eventsnolog": {"nats": {"enabled": True, "url": "embedded"}, "server": {"access_log": False}},
     # Issue 16: OpenTelemetry on, every call traced (a call span and an attempt span),
     # exported to an OTLP receiver that load.py runs (python -m tollway.testing.otlp).
-    "tracing": {"tracing": {"enabled": True, "endpoint": "{otlp}"}},
+    "tracing": {"tracing": {"enabled": True, "endpoint": OTLP}},
     # ... and with one new trace in ten recorded (sample_ratio 0.1), as production often runs.
-    "tracing10": {"tracing": {"enabled": True, "endpoint": "{otlp}", "sample_ratio": 0.1}},
+    "tracing10": {"tracing": {"enabled": True, "endpoint": OTLP, "sample_ratio": 0.1}},
     # Issue 6: 10 % of the primary calls shadowed to a second model on the same upstream.
     "shadow10": {
         "models": [
@@ -327,12 +330,12 @@ def start_otlp(workdir: Path) -> tuple[Proc, str]:
 def start_gateway(workdir: Path, variant: str, upstream: str, *, wrap: list[str] | None = None,
                   timeout: float = 60.0, otlp: str | None = None) -> tuple[Proc, str]:
     """A gateway of ``variant`` on a free port; ``wrap``: a command it runs under (valgrind);
-    ``otlp``: the trace receiver's endpoint, for a variant whose endpoint is ``{otlp}``."""
+    ``otlp``: the trace receiver's endpoint, for a variant whose endpoint is ``OTLP``."""
     name, python = split_variant(variant)
     cfg = deep_merge(BASE_CONFIG, VARIANTS[name])
     cfg["providers"][0]["base_url"] = upstream
     tracing = cfg.get("tracing")
-    if isinstance(tracing, dict) and tracing.get("endpoint") == "{otlp}":
+    if isinstance(tracing, dict) and tracing.get("endpoint") == OTLP:
         if otlp is None:
             raise SystemExit(f"variant {variant} needs an OTLP receiver (start_otlp)")
         tracing["endpoint"] = otlp
