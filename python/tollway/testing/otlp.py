@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -130,6 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     receiver: OtlpReceiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the exporter gave up waiting (a held answer): what a collector sees
+        super().handle_error(request, client_address)
 
 
 class OtlpReceiver:
