@@ -105,6 +105,9 @@ BASE_CONFIG: dict[str, Any] = {
     ],
 }
 
+# A variant's [tracing] endpoint: replaced by the OTLP receiver load.py starts.
+OTLP = "http://{otlp}/v1/traces"
+
 # name -> overlay, deep-merged into BASE_CONFIG (dicts merge, anything else replaces).
 # `base` is the gateway as shipped (auth, metrics, access log, guards) minus the event
 # log; a feature that can be switched in the config gets a variant here, e.g.
@@ -115,6 +118,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "events": {"nats": {"enabled": True, "url": "embedded"}},
     "nolog": {"server": {"access_log": False}},
     "eventsnolog": {"nats": {"enabled": True, "url": "embedded"}, "server": {"access_log": False}},
+    # Issue 16: OpenTelemetry on, every call traced (a call span and an attempt span),
+    # exported to an OTLP receiver that load.py runs (python -m tollway.testing.otlp).
+    "tracing": {"tracing": {"enabled": True, "endpoint": OTLP}},
+    # ... and with one new trace in ten recorded (sample_ratio 0.1), as production often runs.
+    "tracing10": {"tracing": {"enabled": True, "endpoint": OTLP, "sample_ratio": 0.1}},
     # Issue 6: 10 % of the primary calls shadowed to a second model on the same upstream.
     "shadow10": {
         "models": [
@@ -308,12 +316,38 @@ def split_variant(variant: str) -> tuple[str, str]:
     return name, PYTHONS[label] if label else sys.executable
 
 
+def start_otlp(workdir: Path) -> tuple[Proc, str]:
+    """An OTLP/HTTP trace receiver (answers without decoding), for variants that trace."""
+    port = free_port()
+    log = workdir / "otlp.log"
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "tollway.testing.otlp", "--port", str(port), "--discard"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    proc = Proc("otlp", popen, log)
+    endpoint = f"http://{HOST}:{port}/v1/traces"
+    deadline = time.monotonic() + 30
+    while "OTLP receiver on" not in proc.tail(5):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            proc.stop()
+            raise SystemExit(f"the OTLP receiver did not start:\n{proc.tail()}")
+        time.sleep(0.05)
+    return proc, endpoint
+
+
 def start_gateway(workdir: Path, variant: str, upstream: str, *, wrap: list[str] | None = None,
-                  timeout: float = 60.0) -> tuple[Proc, str]:
-    """A gateway of ``variant`` on a free port; ``wrap``: a command it runs under (valgrind)."""
+                  timeout: float = 60.0, otlp: str | None = None) -> tuple[Proc, str]:
+    """A gateway of ``variant`` on a free port; ``wrap``: a command it runs under (valgrind);
+    ``otlp``: the trace receiver's endpoint, for a variant whose endpoint is ``OTLP``."""
     name, python = split_variant(variant)
     cfg = deep_merge(BASE_CONFIG, VARIANTS[name])
     cfg["providers"][0]["base_url"] = upstream
+    tracing = cfg.get("tracing")
+    if isinstance(tracing, dict) and tracing.get("endpoint") == OTLP:
+        if otlp is None:
+            raise SystemExit(f"variant {variant} needs an OTLP receiver (start_otlp)")
+        tracing["endpoint"] = otlp
     port = free_port()
     cfg["server"]["port"] = port
     (workdir / variant).mkdir(exist_ok=True)
@@ -692,6 +726,10 @@ def run(
     with processes() as procs:
         upstream, upstream_base = start_upstream(workdir, args.reply_words)
         procs.append(upstream)
+        otlp = None
+        if any("tracing" in VARIANTS[split_variant(v)[0]] for v in variants):
+            receiver, otlp = start_otlp(workdir)
+            procs.append(receiver)
         targets: dict[str, tuple[str, str]] = {"direct": (upstream_base, UPSTREAM_KEY)}
         pids = {"direct": upstream.popen.pid}
         gateways: dict[str, Proc] = {}
@@ -700,7 +738,7 @@ def run(
         # --also-surfaces as a target of its own ("base:messages"), same process.
         requests = {"direct": (DIRECT_PATH, {"plain": DIRECT_PLAIN, "stream": DIRECT_STREAM})}
         for v in variants:
-            gw, gw_base = start_gateway(workdir, v, upstream_base)
+            gw, gw_base = start_gateway(workdir, v, upstream_base, otlp=otlp)
             procs.append(gw)
             gateways[v] = gw
             pids[v] = gw.popen.pid

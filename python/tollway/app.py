@@ -35,6 +35,7 @@ from tollway.record import Recorder
 from tollway.routes import admin, dashboard, directory, health, openai, tools
 from tollway.routes import openapi as openapi_document
 from tollway.shadow import wiring as shadow
+from tollway.tracing import tracing_lifespan
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +49,10 @@ class Layer:
 
 
 # Started in this order inside the gateway's lifespan, stopped in reverse: shadow mode
-# publishes through the events layer, so events are up first and stop last.
+# publishes through the events layer, so events are up first and stop last; tracing is
+# up before any of them and stops after them, so its last flush holds every call's span.
 LAYERS: tuple[Layer, ...] = (
+    Layer("tracing", tracing_lifespan, lambda gateway: []),  # OpenTelemetry ([tracing])
     Layer("events", events.events_lifespan, events.routes),  # NATS, usage, budget
     Layer("shadow", shadow.shadow_lifespan, shadow.routes),  # shadow calls, A/B split
     Layer("cache", cache.cache_lifespan, lambda gateway: []),  # the response cache

@@ -377,6 +377,36 @@ class ToolCallsConfig(_Base):
     # A non-streamed reply with invalid arguments is asked for once more (same request);
     # the call then costs both replies. Streams cannot be: their first bytes are sent.
     retry_invalid: bool = False
+class TracingConfig(_Base):
+    """[tracing]: OpenTelemetry traces, exported over OTLP/HTTP (the ``tollway[otel]`` extra).
+
+    One span per call (the GenAI semantic conventions, plus ``tollway.*`` attributes) and a
+    child span per upstream attempt; the caller's W3C ``traceparent`` is the call span's
+    parent, and each attempt's context goes upstream in its own ``traceparent``
+    (:mod:`tollway.tracing`). Off by default, and then a call does no tracing work at all.
+
+    What the file leaves out comes from the environment, as OpenTelemetry's SDKs read it:
+    ``OTEL_TRACES_EXPORTER=otlp`` turns tracing on (``none``: off), ``OTEL_SDK_DISABLED=true``
+    turns it off whatever the file says, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (else
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``), ``OTEL_SERVICE_NAME``,
+    ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``; always from the environment:
+    ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`` (a collector's token: never in the file),
+    ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_BSP_*`` (the batch processor)::
+
+        [tracing]
+        enabled = true
+        endpoint = "http://otel-collector:4318/v1/traces"
+        service_name = "tollway"
+        sample_ratio = 0.1     # of the traces tollway starts; a caller's sampled flag wins
+    """
+
+    enabled: bool | None = None  # None: on when OTEL_TRACES_EXPORTER is otlp
+    # The OTLP/HTTP traces URL, path included; default http://localhost:4318/v1/traces.
+    endpoint: str | None = None
+    service_name: Name | None = None  # default: OTEL_SERVICE_NAME, else "tollway"
+    # Share of new traces recorded (1: all); a caller's traceparent decides for its calls.
+    sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    export_timeout_s: Positive = 10.0  # one export request to the collector, at most
 
 
 class Config(_Base):
@@ -397,6 +427,7 @@ class Config(_Base):
     tool_calls: ToolCallsConfig = field(default_factory=ToolCallsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -551,6 +582,10 @@ def _check(cfg: Config, file_cfg: Config, source: str) -> None:
                 raise ConfigError(f"ca_file {p.ca_file!r} is not a readable PEM CA bundle "
                                   f"({exc.strerror or exc.__class__.__name__})", source=source,
                                   path=f"$.providers[{i}].ca_file") from None
+    endpoint = file_cfg.tracing.endpoint
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError("endpoint must be an http:// or https:// URL (OTLP/HTTP)",
+                          source=source, path="$.tracing.endpoint")
     providers = {p.name for p in cfg.providers}
     seen = set()
     for i, m in enumerate(file_cfg.models):

@@ -24,6 +24,7 @@ from tollway.resilience import Breakers, LatencyTracker, RetryPolicy
 from tollway.tokens import CachePrices, CostEstimator, load_cache_prices
 from tollway.tools.calls import ToolCalls
 from tollway.tools.registry import ToolRegistry
+from tollway.tracing.settings import TracingSettings, tracing_settings
 
 if TYPE_CHECKING:
     from tollway.cache.store import ResponseCache
@@ -79,6 +80,8 @@ class Gateway:
         self.events: EventsService | None = None
         self.shadow: ShadowService | None = None
         self.cache: ResponseCache | None = None  # the response cache layer's store
+        # OpenTelemetry ([tracing] and OTEL_*): decided once, here; None: off.
+        self.tracing: TracingSettings | None = tracing_settings(config.tracing, env)
         self.local_budget = LocalBudget(self.clock)
         guards, finishers, self.rate_guard, self.budget_guard = build_guards(
             config, self.clock, self.budget_book)

@@ -45,7 +45,15 @@ from tollway.pipeline.anthropic import MESSAGES_SURFACE
 from tollway.pipeline.call import Call
 from tollway.pipeline.completions import COMPLETIONS_SURFACE
 from tollway.pipeline.dispatch import Dispatcher, cost_header, served_headers
-from tollway.pipeline.hooks import DecodeHook, Finisher, Guard, PlanHook, ReplyHook, Responder
+from tollway.pipeline.hooks import (
+    CallTracer,
+    DecodeHook,
+    Finisher,
+    Guard,
+    PlanHook,
+    ReplyHook,
+    Responder,
+)
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.prompt import THREAD_MIN_BYTES, count_in_thread, prompt_tokens
 from tollway.pipeline.rerank import RERANK_SURFACE
@@ -83,6 +91,8 @@ class Pipeline:
         self.recorders: list[Recorder] = []  # each gets every call's record, in this order
         self.decode_hooks: list[DecodeHook] = []  # after 2: the tool registry's inlining
         self.reply_hooks: list[ReplyHook] = []  # after 5, on a whole reply: tool validation
+        # Starts each call's trace; None (tracing off): a call pays nothing for tracing.
+        self.tracer: CallTracer | None = None
         self.dispatcher = Dispatcher(parts)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -113,6 +123,8 @@ class Pipeline:
             await surface.send_error(send, PermissionDenied("this endpoint needs a tenant "
                                                             "key, not the admin key"))
             return
+        if self.tracer is not None:
+            call.trace = self.tracer(call, scope)
         concluded = False
 
         def conclude() -> None:  # 6 and 7, once

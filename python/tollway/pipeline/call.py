@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from tollway.config import TenantConfig
 from tollway.context import RequestInfo
@@ -17,6 +18,18 @@ CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
 
 
+class CallTrace(Protocol):
+    """A call's trace (``call.trace``): the dispatcher marks each upstream attempt's start
+    and end, and passes the attempt's context upstream in the request headers; the tracer's
+    finisher ends what is still open."""
+
+    def attempt(self, call: Call, dep: Deployment) -> None: ...
+
+    def attempt_end(self, error: TollwayError | None) -> None: ...
+
+    def headers(self, extra: Mapping[str, str] | None) -> Mapping[str, str]: ...
+
+
 class Call:
     __slots__ = (
         "attempts", "body", "budget_replies", "budget_scope", "cache", "cache_control",
@@ -27,7 +40,7 @@ class Call:
         "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
         "reservation", "response_started", "saved_nanousd", "sensitivity", "settled", "status",
         "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
-        "tool_calls_invalid", "tool_retried", "tools", "usage",
+        "tool_calls_invalid", "tool_retried", "tools", "trace", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
     )
@@ -114,3 +127,4 @@ class Call:
         self.cache_control = ""
         self.cache: Any = None  # the cache's own per-call state (a tollway.cache.wiring.Lookup)
         self.saved_nanousd = 0
+        self.trace: CallTrace | None = None  # its spans, when tracing is on (tollway.tracing)

@@ -239,6 +239,9 @@ class Dispatcher:
                 call.wire = wire
                 call.output_bound = bound
                 call.attempts += 1
+                trace = call.trace  # its spans (tracing on): one per attempt
+                if trace is not None:
+                    trace.attempt(call, dep)
                 t = clock.monotonic()
                 try:
                     if call.stream:
@@ -259,7 +262,7 @@ class Dispatcher:
                                         (dep.provider, spec_for(fault).code or "error"))
                                 else:
                                     breaker.record_success(now, now - t)
-                        return
+                        return  # its trace's attempt ends with the call (a finisher)
                     call.reply = await self._post(call, provider, body)
                     try:
                         call.usage = wire.usage(call.reply.body)
@@ -270,13 +273,19 @@ class Dispatcher:
                     elapsed = clock.monotonic() - t
                     breaker.record_success(clock.monotonic(), elapsed)
                     latency.observe(dep, dep.provider, elapsed)
+                    if trace is not None:
+                        trace.attempt_end(None)
                     return
-                except UpstreamRejectedRequest:
+                except UpstreamRejectedRequest as exc:
+                    if trace is not None:
+                        trace.attempt_end(exc)
                     # The provider answered: healthy, whatever it thought of the request.
                     breaker.record_success(clock.monotonic(), clock.monotonic() - t)
                     metrics.upstream_errors.inc((dep.provider, "rejected"))
                     raise
                 except UpstreamError as exc:
+                    if trace is not None:
+                        trace.attempt_end(exc)
                     now = clock.monotonic()
                     breaker.record_failure(now)
                     latency.observe_failure(
@@ -298,7 +307,10 @@ class Dispatcher:
         t = time.perf_counter()
         try:
             wire = _wire(call)
-            reply = await provider.post(wire.path, body, info.request_id, wire.headers(call))
+            extra = wire.headers(call)
+            if call.trace is not None:
+                extra = call.trace.headers(extra)  # the attempt's traceparent
+            reply = await provider.post(wire.path, body, info.request_id, extra)
         finally:
             info.upstream_s += time.perf_counter() - t
         if reply.status >= 300:
@@ -311,8 +323,10 @@ class Dispatcher:
         t = time.perf_counter()
         try:
             wire = _wire(call)
-            return await provider.post_stream(wire.path, body, info.request_id,
-                                              wire.headers(call))
+            extra = wire.headers(call)
+            if call.trace is not None:
+                extra = call.trace.headers(extra)  # the attempt's traceparent
+            return await provider.post_stream(wire.path, body, info.request_id, extra)
         finally:
             info.upstream_s += time.perf_counter() - t
 

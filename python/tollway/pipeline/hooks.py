@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
-    from tollway.asgi import Send
-    from tollway.pipeline.call import Call
+    from tollway.asgi import Scope, Send
+    from tollway.pipeline.call import Call, CallTrace
     from tollway.pipeline.plan import RoutePlan
 
-__all__ = ["DecodeHook", "Finisher", "Guard", "PlanHook", "Redispatch", "ReplyHook", "Responder"]
+__all__ = ["CallTracer", "DecodeHook", "Finisher", "Guard", "PlanHook", "Redispatch", "ReplyHook",
+           "Responder"]
 
 # A guard may refuse a call by raising a TollwayError (rate limit, budget, cost cap).
 Guard: TypeAlias = "Callable[[Call, RoutePlan], Awaitable[None]]"
@@ -37,3 +38,7 @@ ReplyHook: TypeAlias = "Callable[[Call, Redispatch], Awaitable[None]]"
 # the call itself (the response cache) and returns None, or returns the send dispatch
 # is to use (the same, or one that also keeps what goes out, e.g. a stream to store).
 Responder: TypeAlias = "Callable[[Call, Send], Awaitable[Send | None]]"
+# Starts a call's trace as it reaches the pipeline (tollway.tracing); the pipeline's hook is
+# None when tracing is off, so a call then does no tracing work at all.
+CallTracer: TypeAlias = "Callable[[Call, Scope], CallTrace]"
+

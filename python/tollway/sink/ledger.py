@@ -2,11 +2,10 @@
 
 One table per kind of event (the migrations create them): ``calls``, ``budget_events``,
 ``breaker_events``, ``shadow_events``, ``route_events``, ``admin_events``, and
-``other_events`` for what this version cannot read. A table's columns are the fields of its event structs under the same
-names, plus a few derived ones (the stream sequence, the UTC day, the type); so a field added
-to an event needs a column (a migration), which ``tests/sink`` checks. Both the PostgreSQL
-sink and the Parquet export write these rows.
-"""
+``other_events`` for what this version cannot read. A table's columns are the fields of its
+event structs under the same names, plus a few derived ones (the stream sequence, the UTC
+day, the type); so a field added to an event needs a column (a migration), which
+``tests/sink`` checks. Both the PostgreSQL sink and the Parquet export write these rows."""
 
 from __future__ import annotations
 
