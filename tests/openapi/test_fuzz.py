@@ -81,17 +81,22 @@ def _directory_entries(live: Live) -> dict[str, str]:
             "rotate": post("/api/ai/admin/keys", {"tenant": "acme"})["id"]}
 
 
+def _with_a_reranker(base_url: str) -> dict[str, Any]:
+    """providers= and models= with a local provider (the same fake) serving a reranker:
+    rerank goes to local providers only."""
+    raw = make_raw_config(base_url)
+    return {"providers": [*raw["providers"],
+                          {**raw["providers"][0], "name": "lab", "local": True}],
+            "models": [*raw["models"], {"id": "reranker", "provider": "lab", "kind": "rerank"}]}
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     data = Path(tmp_path_factory.mktemp("fuzz")) / "data"
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
-        raw = make_raw_config(up.base_url)
-        # A local provider (the same fake) with a reranker: rerank goes to local ones only.
-        providers = [*raw["providers"], {**raw["providers"][0], "name": "lab", "local": True}]
-        models = [*raw["models"], {"id": "reranker", "provider": "lab", "kind": "rerank"}]
         cfg = make_config(
             up.base_url, nats={"url": "embedded", "data_dir": str(data)},
-            providers=providers, models=models,
+            **_with_a_reranker(up.base_url),
             tenants=unlimited_acme(tier="premium", daily_usd=10**6),
             # negative cases send broken keys: the admin paths must not lock the fuzzer out
             server={"builtin_providers": False, "builtin_models": False,
@@ -232,7 +237,8 @@ def mounted_live() -> Iterator[Live]:
     """A gateway mounted under a prefix in a host FastAPI app (events off: the OpenAI
     routes' conformance, not the event stream's, is what the prefix could change)."""
     with FakeUpstream(api_key=UPSTREAM_KEY) as up:
-        cfg = make_config(up.base_url, tenants=unlimited_acme(tier="premium", daily_usd=10**6))
+        cfg = make_config(up.base_url, **_with_a_reranker(up.base_url),
+                          tenants=unlimited_acme(tier="premium", daily_usd=10**6))
         with mounted(create_app(cfg, env=gateway_env()), "fastapi") as server:
             it = Live(server, up)
             try:
