@@ -301,6 +301,15 @@ class ShadowRouteConfig(_Base):
     salt: str = ""  # change it to reshuffle who lands in which arm
 
 
+class StreamsConfig(_Base):
+    # Relay a chat completions stream in the Rust core once its first token has gone out
+    # (pipeline/native.py): the upstream's bytes go from its socket to the client's with
+    # no Python per chunk. Only where it is simple: a plain-HTTP upstream, no output limit
+    # on the stream, the client's connection with nothing left to write; every other
+    # stream is relayed in Python as before, and so is every stream with this false.
+    native_relay: bool = True
+
+
 class Config(_Base):
     server: ServerConfig = field(default_factory=ServerConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -315,6 +324,7 @@ class Config(_Base):
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     shadow: list[ShadowRouteConfig] = field(default_factory=list)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)

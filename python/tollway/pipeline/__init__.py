@@ -29,7 +29,7 @@ from tollway.asgi import (
     read_body,
     send_bytes,
 )
-from tollway.context import SCOPE_KEY, RequestInfo
+from tollway.context import CYCLE_KEY, SCOPE_KEY, RequestInfo
 from tollway.errors import (
     InternalError,
     InvalidRequest,
@@ -103,6 +103,7 @@ class Pipeline:
             await surface.send_error(send, PermissionDenied("this endpoint needs a tenant "
                                                             "key, not the admin key"))
             return
+        call.relay_to = scope.get(CYCLE_KEY)  # uvicorn's cycle, for native.py
         concluded = False
 
         def conclude() -> None:  # 6 and 7, once
