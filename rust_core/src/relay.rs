@@ -207,8 +207,10 @@ impl Stream {
             if reading {
                 self.last_read = Instant::now(); // our client was slow, not the upstream
             }
-            let events = if reading { libc::EPOLLIN as u32 } else { 0 };
-            ctl(epfd, libc::EPOLL_CTL_MOD, self.up, events, id * 2);
+            // Out of the epoll while not read: a hang-up is reported even with no events
+            // asked for, and would wake the thread again and again.
+            let op = if reading { libc::EPOLL_CTL_ADD } else { libc::EPOLL_CTL_DEL };
+            ctl(epfd, op, self.up, libc::EPOLLIN as u32, id * 2);
         }
         Ok(())
     }
@@ -495,6 +497,37 @@ mod tests {
         let f = wait(&relay);
         assert_eq!((f.end, f.done), (End::Broken, false));
         assert_eq!(f.collected, b"data: x\n\n");
+    }
+
+    #[test]
+    fn a_slow_client_gets_everything_and_the_end_waits_for_it() {
+        let relay = Relay::new().unwrap();
+        let head = b"HTTP/1.1 200 OK\r\n\r\n"; // the body ends at EOF
+        let (up_ours, mut up_theirs) = pair();
+        let (client_ours, mut client_theirs) = pair();
+        relay.start(up_ours.as_raw_fd(), client_ours.as_raw_fd(), head, 0, b"", true, 5.0, 60.0).unwrap();
+        drop(up_ours);
+        drop(client_ours);
+        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let writer = std::thread::spawn(move || {
+            for _ in 0..40_000 {
+                up_theirs.write_all(event).unwrap(); // ~1.9 MB, past HIGH_WATER
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100)); // the client reads nothing yet
+        assert!(relay.finished().is_empty());
+        let mut got = Vec::new();
+        client_theirs.read_to_end(&mut got).unwrap(); // EOF: the relay closed its copy
+        writer.join().unwrap();
+        let f = wait(&relay);
+        assert_eq!(f.end, End::Ended);
+        // Unframe the HTTP chunks: the events, whole and in order.
+        let mut body = Vec::new();
+        let mut d = BodyDecoder::new(crate::sse::Framing::Chunked, 0);
+        d.feed(&got, &mut body).unwrap();
+        assert_eq!(body.len(), event.len() * 40_000);
+        assert!(body.chunks(event.len()).all(|e| e == event));
+        assert_eq!(f.collected, body);
     }
 
     #[test]
