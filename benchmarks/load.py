@@ -116,6 +116,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "noguards": {"guards": {"enabled": False}},
     "events": {"nats": {"enabled": True, "url": "embedded"}},
+    # Issue 13: streams relayed in Python to their end (the native relay off).
+    "eventspy": {"nats": {"enabled": True, "url": "embedded"},
+                 "streams": {"native_relay": False}},
     "nolog": {"server": {"access_log": False}},
     "eventsnolog": {"nats": {"enabled": True, "url": "embedded"}, "server": {"access_log": False}},
     # Issue 16: OpenTelemetry on, every call traced (a call span and an attempt span),

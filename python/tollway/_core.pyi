@@ -235,3 +235,29 @@ class CircuitBreaker:
     @property
     def pending_transitions(self) -> int: ...
     def config(self) -> dict[str, int | float | None]: ...
+
+# (id, end, done, error, usage payload or None, the forwarded events, message); end: 0 the
+# body's end, 1 broken by the upstream, 2 the client left, 3 timed out, 4 not events.
+RelayOutcome = tuple[int, int, bool, bool, bytes | None, bytes, str]
+
+class Relay:
+    """The native stream relay (rust_core/src/relay.rs): one thread, one epoll."""
+
+    def __init__(self) -> None: ...
+    @property
+    def notify_fd(self) -> int: ...
+    def start(
+        self,
+        up_fd: int,
+        client_fd: int,
+        reply: bytes,
+        untaken: int,
+        pending: bytes,
+        keep_usage: bool,
+        silence_s: float,
+        total_s: float,
+    ) -> int: ...
+    def cancel(self, id: int) -> bool: ...
+    def finished(self) -> list[RelayOutcome]: ...
+    def running(self) -> int: ...
+    def close(self) -> list[RelayOutcome]: ...

@@ -377,6 +377,8 @@ class ToolCallsConfig(_Base):
     # A non-streamed reply with invalid arguments is asked for once more (same request);
     # the call then costs both replies. Streams cannot be: their first bytes are sent.
     retry_invalid: bool = False
+
+
 class TracingConfig(_Base):
     """[tracing]: OpenTelemetry traces, exported over OTLP/HTTP (the ``tollway[otel]`` extra).
 
@@ -409,6 +411,15 @@ class TracingConfig(_Base):
     export_timeout_s: Positive = 10.0  # one export request to the collector, at most
 
 
+class StreamsConfig(_Base):
+    # Relay a chat completions stream in the Rust core once its first token has gone out
+    # (pipeline/native.py): the upstream's bytes go from its socket to the client's with
+    # no Python per chunk. Only where it is simple: a plain-HTTP upstream, no output limit
+    # on the stream, the client's connection with nothing left to write; every other
+    # stream is relayed in Python as before, and so is every stream with this false.
+    native_relay: bool = True
+
+
 class Config(_Base):
     server: ServerConfig = field(default_factory=ServerConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -428,6 +439,7 @@ class Config(_Base):
     cache: CacheConfig = field(default_factory=CacheConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)

@@ -15,6 +15,7 @@ from typing import Any
 from tollway.auth import Principal
 
 SCOPE_KEY = "tollway.info"
+CYCLE_KEY = "tollway.cycle"  # uvicorn's response cycle, set by tollway.protocol
 
 # The request id of the request being served, for every log line it causes.
 request_id_var: ContextVar[str] = ContextVar("tollway_request_id", default="")

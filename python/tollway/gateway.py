@@ -166,6 +166,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
+        self.pipeline.dispatcher.close()  # the native relay's thread
         for provider in self.providers.values():
             await provider.aclose()
 

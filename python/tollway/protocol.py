@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tollway.config import ServerConfig
+from tollway.context import CYCLE_KEY
 from tollway.errors import (
     HeadersTooLarge,
     InvalidRequest,
@@ -154,6 +155,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 f"retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}))
         else:
             super().on_headers_complete()
+            # The request's response cycle, for the native stream relay (it writes a
+            # handed-over stream's chunks to this cycle's socket itself).
+            self.scope[CYCLE_KEY] = self.cycle  # type: ignore[literal-required]
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

@@ -1180,6 +1180,105 @@ mod json_scan {
     }
 }
 
+/// The native stream relay (`relay.rs`): one per event loop, its thread stopped when it
+/// is closed or collected.
+mod native_relay {
+    use std::sync::Mutex;
+
+    use pyo3::exceptions::{PyRuntimeError, PyValueError};
+    use pyo3::prelude::*;
+    use pyo3::types::PyBytes;
+
+    use crate::relay::Relay;
+
+    use super::caught;
+
+    #[pyclass(frozen, name = "Relay", module = "tollway._core")]
+    struct PyRelay {
+        relay: Mutex<Option<Relay>>,
+        notify_fd: i32,
+    }
+
+    type Outcome<'py> = (u64, u8, bool, bool, Option<Bound<'py, PyBytes>>, Bound<'py, PyBytes>,
+                         &'static str);
+
+    fn outcomes(py: Python<'_>, done: Vec<crate::relay::Finished>) -> Vec<Outcome<'_>> {
+        done.into_iter()
+            .map(|f| (f.id, f.end as u8, f.done, f.error, f.usage.map(|u| PyBytes::new(py, &u)),
+                      PyBytes::new(py, &f.collected), f.message))
+            .collect()
+    }
+
+    #[pymethods]
+    impl PyRelay {
+        #[new]
+        fn new() -> PyResult<Self> {
+            let relay = Relay::new().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            let notify_fd = relay.notify_fd();
+            Ok(PyRelay { relay: Mutex::new(Some(relay)), notify_fd })
+        }
+
+        /// The eventfd that turns readable when streams have ended (see finished()).
+        #[getter]
+        fn notify_fd(&self) -> i32 {
+            self.notify_fd
+        }
+
+        /// Take over a stream (the fds are duplicated: the caller keeps its own); its id.
+        #[allow(clippy::too_many_arguments)]
+        #[pyo3(signature = (up_fd, client_fd, reply, untaken, pending, keep_usage, silence_s,
+                            total_s))]
+        fn start(&self, py: Python<'_>, up_fd: i32, client_fd: i32, reply: &[u8],
+                 untaken: usize, pending: &[u8], keep_usage: bool, silence_s: f64,
+                 total_s: f64) -> PyResult<u64> {
+            let guard = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            let relay = guard.as_ref().ok_or_else(|| PyRuntimeError::new_err("relay closed"))?;
+            let result = py.detach(|| caught(|| relay.start(up_fd, client_fd, reply, untaken,
+                                                            pending, keep_usage, silence_s,
+                                                            total_s)))?;
+            result.map_err(PyValueError::new_err)
+        }
+
+        /// Stop relaying a stream; whether it was running. The relay is done with its
+        /// sockets when this returns.
+        fn cancel(&self, id: u64) -> PyResult<bool> {
+            let guard = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(match guard.as_ref() {
+                Some(relay) => caught(|| relay.cancel(id))?,
+                None => false,
+            })
+        }
+
+        /// The streams that ended since the last call: (id, end, done, error, usage
+        /// payload or None, the forwarded events, message).
+        fn finished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Outcome<'py>>> {
+            let guard = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(relay) = guard.as_ref() else { return Ok(Vec::new()) };
+            let done = caught(|| relay.finished())?;
+            Ok(outcomes(py, done))
+        }
+
+        /// How many streams it relays now.
+        fn running(&self) -> usize {
+            let guard = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            guard.as_ref().map_or(0, Relay::running)
+        }
+
+        /// Stop the thread and end every stream it still relays (their sockets'
+        /// duplicates closed, as if the client left); the outcomes not taken yet.
+        fn close<'py>(&self, py: Python<'py>) -> Vec<Outcome<'py>> {
+            let relay = self.relay.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let done = py.detach(|| relay.map(|mut r| r.shutdown()).unwrap_or_default());
+            outcomes(py, done)
+        }
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_class::<PyRelay>()?;
+        Ok(())
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -1187,6 +1286,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     limiter_breaker::register(m)?;
     nats_frames::register(m)?;
     json_scan::register(m)?;
+    native_relay::register(m)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add_function(wrap_pyfunction!(test_panic, m)?)?;
     Ok(())

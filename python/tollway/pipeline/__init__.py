@@ -32,7 +32,7 @@ from tollway.asgi import (
     read_body,
     send_bytes,
 )
-from tollway.context import SCOPE_KEY, RequestInfo
+from tollway.context import CYCLE_KEY, SCOPE_KEY, RequestInfo
 from tollway.errors import (
     InternalError,
     InvalidRequest,
@@ -125,6 +125,7 @@ class Pipeline:
             return
         if self.tracer is not None:
             call.trace = self.tracer(call, scope)
+        call.relay_to = scope.get(CYCLE_KEY)  # uvicorn's cycle, for native.py
         concluded = False
 
         def conclude() -> None:  # 6 and 7, once
@@ -174,6 +175,10 @@ class Pipeline:
                         break
                 if send_on is not None:
                     sender: Send = send_on
+                    if sender is not send_last:
+                        # A responder keeps what goes out (the cache, a stream to store):
+                        # every byte must pass its send, so no native relay.
+                        call.relay_to = None
                     await self.dispatcher.dispatch(call, receive, sender)  # 5 (streams)
                     if not call.response_started:
                         for replied in self.reply_hooks:  # e.g. the tool registry's check

@@ -37,9 +37,9 @@ class Call:
         "cost_nanousd", "deployment", "endpoint", "error", "estimated_cost_nanousd", "fallbacks",
         "flags", "headers", "hold_id", "include_usage", "info", "key_hold_id", "key_id",
         "key_reservation", "latency_class", "limit_scope", "occurred_at", "output_bound", "plan",
-        "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "reply", "request",
-        "reservation", "response_started", "saved_nanousd", "sensitivity", "settled", "status",
-        "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
+        "prompt_counts", "prompt_tokens", "protocol_headers", "reason", "relay_to", "reply",
+        "request", "reservation", "response_started", "saved_nanousd", "sensitivity", "settled",
+        "status", "stream", "surface", "t0", "tap", "task", "tenant", "tier", "tool_calls",
         "tool_calls_invalid", "tool_retried", "tools", "trace", "usage",
         "user",  # shadow: X-Tollway-User (sticky A/B arms)
         "wire",
@@ -53,6 +53,9 @@ class Call:
         self.surface = surface or (EMBEDDINGS_SURFACE if endpoint == EMBEDDINGS
                                    else CHAT_SURFACE)
         self.wire: Wire | None = None
+        # The server's response cycle (uvicorn's), when a stream may be handed over to
+        # the native relay (pipeline/native.py); None when the ASGI send is not its own.
+        self.relay_to: object | None = None
         # The caller's protocol headers the surface passes on (anthropic-version, ...).
         self.protocol_headers: dict[str, str] = {}
         self.info = info

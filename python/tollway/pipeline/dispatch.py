@@ -46,6 +46,7 @@ from tollway.errors import (
     spec_for,
 )
 from tollway.pipeline.call import Call
+from tollway.pipeline.native import ClientLeft, NativeRelay, forget
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.prompt import prompt_tokens
 from tollway.pipeline.surface import Wire
@@ -201,6 +202,7 @@ def _wire(call: Call) -> Wire:
 class Dispatcher:
     def __init__(self, parts: GatewayParts) -> None:
         self.parts = parts
+        self._relay_core: NativeRelay | None = None
 
     async def dispatch(self, call: Call, receive: Receive, send: Send) -> None:
         """Serve the call from the first candidate that answers; raise when none does."""
@@ -415,6 +417,11 @@ class Dispatcher:
         info = call.info
         following = up.reply.next
         clock = time.perf_counter
+        # Until the first token is out, then handed to the native relay when it can be.
+        native = self._native() if call.relay_to is not None else None
+        if native is None:
+            forget(up)
+        sent = False  # the head is out (it leaves with the first body message)
         data: bytes | None = first
         while data is not None:
             out = tap.feed(data)
@@ -423,8 +430,22 @@ class Dispatcher:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 except OSError as exc:  # what ASGI servers raise for a client that is gone
                     raise _ClientLeft from exc
+                sent = True
             if tap.cut:  # at the output limit: the provider ignored max_tokens
                 return _wire(call).cut(call, tap, lambda: self._counted(call, tap))
+            if native is not None and sent and tap.first_token_at is not None:
+                handle = native.take(call.relay_to, up, tap)
+                if handle is not None:
+                    name = call.deployment.provider if call.deployment is not None else ""
+                    t = clock()
+                    try:
+                        await native.wait(handle, tap, name)
+                    except ClientLeft:
+                        raise _ClientLeft from None
+                    finally:
+                        info.upstream_s += clock() - t
+                    break
+                native = None  # relayed here to its end
             t = clock()
             try:
                 data = await following()
@@ -442,6 +463,24 @@ class Dispatcher:
         if not tap.done:
             raise UpstreamError(f"{name}: provider ended the stream early")
         return _wire(call).end(call, tap, lambda: self._counted(call, tap))
+
+    def _native(self) -> NativeRelay | None:
+        """This loop's native relay, when ``[streams] native_relay`` is on."""
+        if not self.parts.config.streams.native_relay:
+            return None
+        relay = self._relay_core
+        loop = asyncio.get_running_loop()
+        if relay is None or relay.loop is not loop:
+            if relay is not None:
+                relay.close()
+            relay = self._relay_core = NativeRelay(loop)
+        return relay
+
+    def close(self) -> None:
+        """Stop the native relay's thread (streams it still has are cut)."""
+        if self._relay_core is not None:
+            self._relay_core.close()
+            self._relay_core = None
 
     def _counted(self, call: Call, tap: Tap) -> Usage:
         dep = call.deployment

@@ -27,6 +27,9 @@ from tollway.errors import UpstreamConnectFailed, UpstreamError
 IDLE, WAITING, BODY, DONE, BROKEN = range(5)
 
 PAUSE_AT = 1 << 20  # a stream's buffered bytes before reading from the socket pauses
+# A streamed reply's first bytes as read (head included) are kept, up to this many, so
+# that the native relay can take the stream over knowing its body framing's state.
+RECORD_BYTES = 32 << 10
 
 
 class Owner(Protocol):
@@ -71,6 +74,9 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.out_of_step = False
         self.last_activity = 0.0
+        # Every byte read for this reply so far, while a stream may still be handed over.
+        self.record: list[bytes] | None = [] if streaming else None
+        self.recorded = 0
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +92,13 @@ class Connection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_activity = self.client.loop.time()
+        record = self.record
+        if record is not None:
+            self.recorded += len(data)
+            if self.recorded > RECORD_BYTES:
+                self.record = None
+            else:
+                record.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
