@@ -46,7 +46,7 @@ from tollway.errors import (
     spec_for,
 )
 from tollway.pipeline.call import Call
-from tollway.pipeline.native import ClientLeft, NativeRelay, forget
+from tollway.pipeline.native import NOT_YET, TRIES, ClientLeft, NativeRelay, forget
 from tollway.pipeline.plan import Deployment
 from tollway.pipeline.prompt import prompt_tokens
 from tollway.pipeline.surface import Wire
@@ -422,6 +422,7 @@ class Dispatcher:
         if native is None:
             forget(up)
         sent = False  # the head is out (it leaves with the first body message)
+        tries = 0  # hand-offs not yet possible (see native.NOT_YET)
         data: bytes | None = first
         while data is not None:
             out = tap.feed(data)
@@ -435,7 +436,15 @@ class Dispatcher:
                 return _wire(call).cut(call, tap, lambda: self._counted(call, tap))
             if native is not None and sent and tap.first_token_at is not None:
                 handle = native.take(call.relay_to, up, tap)
-                if handle is not None:
+                if handle is NOT_YET:  # the loop writes at the end of its turn: let it
+                    await asyncio.sleep(0)
+                    handle = native.take(call.relay_to, up, tap)
+                if handle is NOT_YET:  # tried again after the next read, a few times
+                    tries += 1
+                    if tries >= TRIES:
+                        forget(up)
+                        native = None  # relayed here to its end
+                elif handle is not None:
                     name = call.deployment.provider if call.deployment is not None else ""
                     t = clock()
                     try:
@@ -445,7 +454,8 @@ class Dispatcher:
                     finally:
                         info.upstream_s += clock() - t
                     break
-                native = None  # relayed here to its end
+                else:
+                    native = None  # relayed here to its end
             t = clock()
             try:
                 data = await following()

@@ -41,6 +41,8 @@ from tollway.providers.http.raw.connection import BODY
 log = logging.getLogger("tollway.pipeline")
 
 ENDED, BROKEN, CLIENT_LEFT, TIMED_OUT, NOT_EVENTS = range(5)
+NOT_YET = "not yet"  # take(): not now, maybe at the stream's next read
+TRIES = 8  # reads a stream may wait for its hand-off before it stays in Python
 
 
 class ClientLeft(Exception):
@@ -81,7 +83,8 @@ class NativeRelay:
         self._resolve(self.core.close())
 
     def take(self, relay_to: object, up: HeldStream, tap: Tap) -> Any | None:
-        """Hand the stream over if it is safe: the handle to :meth:`wait` on, else None."""
+        """Hand the stream over if it is safe: the handle to :meth:`wait` on, else None
+        (never), or :data:`NOT_YET` (bytes still on their way to the client)."""
         if not isinstance(tap, SseTap) or type(tap) is not SseTap:
             return None  # another surface's tap (Messages, Responses) stays in Python
         if tap.limit or tap.done or tap.error or tap.cut:
@@ -91,6 +94,18 @@ class NativeRelay:
         reply = up.reply
         if type(reply) is not RawStream:
             return None
+        # uvicorn's RequestResponseCycle (httptools or h11 protocol): its attributes.
+        cycle: Any = relay_to
+        transport = getattr(cycle, "transport", None)
+        flow = getattr(cycle, "flow", None)
+        if (transport is None or flow is None or getattr(cycle, "chunked_encoding", None)
+                is not True or cycle.response_complete or cycle.disconnected
+                or transport.is_closing()):
+            return None
+        if flow.read_paused or flow.write_paused or transport.get_write_buffer_size():
+            # Bytes still on their way to the client (uvloop before 0.21 writes at the end
+            # of the loop's turn): the next read's turn may find them gone.
+            return NOT_YET
         conn = reply._conn
         record = conn.record
         conn.record = None  # kept no longer, whatever happens here
@@ -99,15 +114,6 @@ class NativeRelay:
             return None
         up_transport = conn.transport
         if up_transport.get_extra_info("sslcontext") is not None:
-            return None
-        # uvicorn's RequestResponseCycle (httptools or h11 protocol): its attributes.
-        cycle: Any = relay_to
-        transport = getattr(cycle, "transport", None)
-        flow = getattr(cycle, "flow", None)
-        if (transport is None or flow is None or getattr(cycle, "chunked_encoding", None)
-                is not True or cycle.response_complete or cycle.disconnected
-                or flow.read_paused or flow.write_paused or transport.is_closing()
-                or transport.get_write_buffer_size()):
             return None
         up_sock = up_transport.get_extra_info("socket")
         client_sock = transport.get_extra_info("socket")
