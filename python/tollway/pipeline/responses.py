@@ -29,7 +29,13 @@ from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
 from tollway.pipeline.stream import SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
 from tollway.pipeline.taps import EventTap
-from tollway.pipeline.translate import ChatFunction, ChatInside, ChatMessage, chat_reply
+from tollway.pipeline.translate import (
+    ChatFunction,
+    ChatInside,
+    ChatMessage,
+    chat_reply,
+    payloads,
+)
 from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
 
@@ -296,16 +302,7 @@ class ChatToResponses(ChatInside):
         if not relayed:
             return b""
         out: list[bytes] = []
-        for raw in relayed.split(b"\n\n"):
-            if not raw:
-                continue
-            if raw.startswith(b"data: ") and b"\n" not in raw:  # one data line: most
-                payload = raw[6:]
-            else:
-                payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
-                                     if line.startswith(b"data:"))
-            if not payload:
-                continue
+        for payload in payloads(relayed):
             try:
                 chunk = chat_reply.decode(payload)
             except msgspec.MsgspecError:

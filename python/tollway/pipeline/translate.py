@@ -13,6 +13,7 @@ completions has no field for (dropped; a request that needs them goes to an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -218,6 +219,18 @@ def message_of(body: bytes, model: str) -> bytes:
         "stop_sequence": None, "usage": usage_of(done.usage)})
 
 
+def payloads(relayed: bytes) -> Iterator[bytes]:
+    """The ``data`` of each event the chat tap relayed (nearly all are one data line)."""
+    for raw in relayed.split(b"\n\n"):
+        if raw.startswith(b"data: ") and b"\n" not in raw:
+            yield raw[6:]
+        elif raw:
+            payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
+                                 if line.startswith(b"data:"))
+            if payload:
+                yield payload
+
+
 def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encode({"type": name, **data}) + b"\n\n"
 
@@ -295,16 +308,7 @@ class ChatToMessages(ChatInside):
         if not relayed:
             return b""
         out: list[bytes] = []
-        for raw in relayed.split(b"\n\n"):
-            if not raw:
-                continue
-            if raw.startswith(b"data: ") and b"\n" not in raw:  # one data line: most
-                payload = raw[6:]
-            else:
-                payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
-                                     if line.startswith(b"data:"))
-            if not payload:
-                continue
+        for payload in payloads(relayed):
             try:
                 chunk = _chunk.decode(payload)
             except msgspec.MsgspecError:

@@ -57,6 +57,8 @@ class _Completion(msgspec.Struct):
 
 _usage_only = msgspec.json.Decoder(_UsageOnly)
 _completion = msgspec.json.Decoder(_Completion)
+# A whole chat reply as far as the gateway reads it: each choice's text and tool calls.
+read_reply = _completion.decode
 
 
 def reply_usage(body: bytes) -> Usage | None:

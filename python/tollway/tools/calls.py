@@ -40,7 +40,7 @@ from tollway.pipeline.hooks import Redispatch
 from tollway.pipeline.prompt import prompt_tokens
 from tollway.pipeline.stream import SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
-from tollway.pipeline.usage import Usage, count_text
+from tollway.pipeline.usage import Usage, count_text, read_reply
 
 if TYPE_CHECKING:
     from tollway.config import ToolCallsConfig
@@ -54,30 +54,6 @@ log = logging.getLogger("tollway.tools")
 
 _top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _Message | None = None
-
-
-class _Completion(msgspec.Struct):
-    choices: list[_Choice] = []
-
-
-_completion = msgspec.json.Decoder(_Completion)
 
 
 def check(tools: dict[str, Tool], calls: list[tuple[str, str | None]]
@@ -102,7 +78,7 @@ def check(tools: dict[str, Tool], calls: list[tuple[str, str | None]]
 def reply_calls(body: bytes) -> list[tuple[str, str | None]]:
     """(name, arguments) of every tool call in a whole chat completion."""
     try:
-        done = _completion.decode(body)
+        done = read_reply(body)
     except msgspec.MsgspecError:
         return []
     out: list[tuple[str, str | None]] = []
