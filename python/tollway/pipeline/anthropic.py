@@ -48,7 +48,8 @@ MESSAGES = "messages"
 
 class InputMessage(msgspec.Struct):
     role: Annotated[str, Meta(pattern="^(user|assistant)$")]
-    content: str | list[dict[str, Any]]
+    # Anthropic refuses a message without content blocks, as the translation would too
+    content: str | Annotated[list[dict[str, Any]], Meta(min_length=1)]
 
 
 class Conversation(msgspec.Struct, kw_only=True):

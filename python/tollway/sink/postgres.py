@@ -42,6 +42,12 @@ log = logging.getLogger("tollway.sink")
 LOCK_KEY = 0x746F6C6C77617932  # "tollway2": the session lock of the writing sink
 
 
+# What PostgreSQL (or psycopg, dumping the row) refuses of a row: a NUL in a text, a number
+# past bigint, a time past any date; a value it cannot even allocate (seen as "out of
+# memory", ProgramLimitExceeded, with the oldest psycopg the bounds allow). The batch then
+# goes row by row, each refused row kept whole in other_events.
+REFUSED = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded, ValueError, OverflowError)
+
 class PositionMoved(RuntimeError):
     """Another writer moved the position under this one: start again from the database."""
 
@@ -167,7 +173,7 @@ class Writer:
                     inserted += len(lst)
                 except psycopg.errors.UniqueViolation:
                     inserted += self._insert_new(cur, name, cols, lst)
-                except (psycopg.DataError, ValueError, OverflowError):
+                except REFUSED:
                     inserted += self._row_by_row(cur, name, cols, lst, raw)
             cur.execute("UPDATE sink_position SET last_seq = %s, updated_at = now() "
                         "WHERE stream = %s AND last_seq = %s",
@@ -201,7 +207,7 @@ class Writer:
             try:
                 with self.conn.transaction():
                     n += self._insert_new(cur, name, cols, [r])
-            except (psycopg.DataError, ValueError, OverflowError) as exc:
+            except REFUSED as exc:
                 seq = int(r[1])
                 log.warning("sink: PostgreSQL refused the event at sequence %d (%s); kept "
                             "whole in other_events", seq, type(exc).__name__)
