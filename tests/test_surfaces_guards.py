@@ -64,7 +64,12 @@ async def test_50_concurrent_calls_against_a_budget_worth_10(case: SurfaceCase) 
                     content, "auto", max_tokens=5, stream=i % 2 == 0))
             replies = await asyncio.gather(*(one(i) for i in range(50)))
         codes = [x.status_code for x in replies]
-        assert codes.count(200) == 10 and codes.count(429) == 40
+        # Ten holds of a call's whole cost fill the day. A call that ends gives back what
+        # it held beyond its actual cost (the provider may count fewer tokens than the
+        # estimate), so on a loaded machine, where the 50 do not all arrive within the
+        # 50 ms, an eleventh may fit: never more than the budget (below).
+        served = codes.count(200)
+        assert served >= 10 and served + codes.count(429) == 50, codes
         assert {case.error(x)["type" if case.name.startswith("messages") else "code"]
                 for x in replies if x.status_code == 429} == {
             "rate_limit_error" if case.name.startswith("messages") else "insufficient_quota"}
@@ -75,7 +80,7 @@ async def test_50_concurrent_calls_against_a_budget_worth_10(case: SurfaceCase) 
         book = r.gateway.local_budget
         assert book.spent_today("acme", r.clock.time()) == spent_before + spent
         assert book.reserved_today("acme", r.clock.time()) == 0
-        assert sum(1 for x in recs if x.error_code == "insufficient_quota") == 40
+        assert sum(1 for x in recs if x.error_code == "insufficient_quota") == 50 - served
 
 
 @pytest.mark.parametrize("case", CASES)
