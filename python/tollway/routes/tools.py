@@ -22,10 +22,11 @@ from starlette.routing import Route
 from tollway.config import TenantId
 from tollway.context import info_of
 from tollway.directory import event_id
-from tollway.errors import Conflict, InvalidRequest, NotFound, error_body
+from tollway.errors import Conflict, InvalidRequest, NotFound
 from tollway.events.schema import ToolChanged, ToolRemoved, ToolSettings
 from tollway.gateway import Gateway
 from tollway.pipeline.decode import invalid_request
+from tollway.routes.directory import _answer, _error
 from tollway.tools.schema import ToolSchemaError, compile_schema
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -54,18 +55,6 @@ class ToolView(msgspec.Struct):
 class ToolList(msgspec.Struct):
     object: Literal["list"]
     data: list[ToolView]
-
-
-_json = msgspec.json.Encoder()
-
-
-def _answer(body: Any, status: int = 200) -> Response:
-    return Response(_json.encode(body), status, media_type="application/json")
-
-
-def _error(exc: Exception) -> Response:
-    status, body = error_body(exc)
-    return Response(body, status, media_type="application/json")
 
 
 def routes(gateway: Gateway) -> list[Route]:
