@@ -30,6 +30,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import NotFoundError
 
+from tollway.aio import cancel_and_wait
 from tollway.cache.entry import Entry, decode_entry, encode_entry
 
 if TYPE_CHECKING:
@@ -186,7 +187,5 @@ class ResponseCache:
         if tasks:
             # Puts under way get a moment to land; the watcher is cancelled.
             _, pending = await asyncio.wait(tasks, timeout=1.0)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending, what="the response cache's tasks")
         self.kv = None

@@ -20,12 +20,12 @@ it ended whole, stored under the model that answered it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from tollway.aio import cancel_and_wait
 from tollway.asgi import Message, Send, send_bytes
 from tollway.cache.entry import Entry, as_sse, from_stream, storable
 from tollway.cache.key import cache_control, cache_key
@@ -199,9 +199,7 @@ async def cache_lifespan(gateway: Gateway) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        attaching.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await attaching
+        await cancel_and_wait(attaching, what="the response cache's attach")
         pipeline.responders.remove(hook)
         pipeline.finishers.remove(hook.finish)
         await store.stop()

@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from tollway.aio import cancel_and_wait
 from tollway.events.metrics import EventMetrics
 from tollway.events.nats.bulk import BulkError, BulkUnavailable, Endpoint
 from tollway.events.nats.wire import (
@@ -330,9 +331,7 @@ class Publisher:
                 async with asyncio.timeout(timeout):
                     await task
             except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task, what="the publisher's task")
         io = self._io
         if io is not None:  # an outbox operation the cancelled task left running
             with contextlib.suppress(Exception):

@@ -74,6 +74,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from tollway.aio import cancel_and_wait
 from tollway.events.schema import subject_token
 from tollway.ratelimit import TIERS, Limits, format_reset
 
@@ -333,11 +334,8 @@ class FleetLimits:
 
     async def stop(self) -> None:
         """Give back what is held and leave the fleet (before the connection closes)."""
-        for task in (self._ticker, self._switch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait([t for t in (self._ticker, self._switch) if t is not None],
+                              what="the fleet rate limits' ticker")
         self._ticker = self._switch = None
         if not self.degraded and self._usable():
             async def give_back(t: _Tenant) -> None:
@@ -353,10 +351,9 @@ class FleetLimits:
         # awaited here, not left pending when the connection closes.
         pending = [task for t in self._tenants.values() for task in (t.task, t.returning)
                    if task is not None and not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:  # bounded: stopping never hangs on NATS
-            await asyncio.wait(pending, timeout=self.op_timeout_s)
+        # bounded: stopping never hangs on NATS
+        await cancel_and_wait(pending, within=self.op_timeout_s,
+                              what="a give-back of the fleet rate limits")
         for t in self._tenants.values():
             t.task = t.returning = None
         kv = self.kv

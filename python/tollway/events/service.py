@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
+from tollway.aio import cancel_and_wait
 from tollway.config import EventsConfig, NatsConfig
 from tollway.events.breakers import FleetBreakers
 from tollway.events.broker import (
@@ -67,6 +68,31 @@ async def _kv_answers(kv: KeyValue, within: float = 15.0) -> None:
             if time.monotonic() >= deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+STOP_STEP_S = 10.0  # the longest one part of the service may take to stop
+
+
+async def _bounded(what: str, step: Awaitable[Any], within: float = STOP_STEP_S) -> None:
+    """Await one part's stop for at most ``within`` seconds. It runs as a task of its own
+    and is waited on, not wrapped in a timeout, so even a part that swallows its
+    cancellation cannot hold the stop up; one that errs is logged, and the rest go on."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait((task,), timeout=within)
+    if not done:
+        log.warning("events: %s did not stop within %.0f s; stopping the rest without it",
+                    what, within)
+        await cancel_and_wait(task, within=1.0, what=f"stopping {what}")
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("events: stopping %s failed: %r", what, task.exception())
+
+
+async def _close(nc: NatsClient) -> None:
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=1)
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 class EventsService:
@@ -235,27 +261,27 @@ class EventsService:
                 log.exception("budget: lease maintenance failed")
 
     async def stop(self) -> None:
-        for task in (self._connector, self._maintainer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop every part, each within a bound (:data:`STOP_STEP_S`): a part that does
+        not stop in time is logged by name and left behind, so stopping never hangs (what
+        the publisher did not send is in the outbox for the next start)."""
+        await cancel_and_wait([t for t in (self._connector, self._maintainer) if t is not None],
+                              what="the events layer's background tasks")
         self._connector = self._maintainer = None
         if self.ratelimits is not None:
-            await self.ratelimits.stop()  # allotments given back while NATS is there
+            # allotments given back while NATS is there
+            await _bounded("the fleet's rate limits", self.ratelimits.stop())
         self.budget.close()  # idle leases given back while the publisher still runs
         if self.breakers is not None and self.breakers.nc is not None:
-            await self.breakers.stop()
-        await self.publisher.stop(timeout=self.config.publish_timeout_s + 1)
+            await _bounded("the fleet's breakers", self.breakers.stop())
+        publish_s = self.config.publish_timeout_s + 1
+        await _bounded("the publisher", self.publisher.stop(timeout=publish_s),
+                       STOP_STEP_S + publish_s)
         if self.runner is not None:
-            await self.runner.stop()
+            await _bounded("the projections", self.runner.stop())
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.flush(timeout=1)
-            with contextlib.suppress(Exception):
-                await self.nc.close()
-            self.nc = None
-        await asyncio.to_thread(self.outbox.close)  # fsyncs
+            nc, self.nc = self.nc, None
+            await _bounded("the NATS connection", _close(nc))
+        await _bounded("the outbox", asyncio.to_thread(self.outbox.close))  # fsyncs
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

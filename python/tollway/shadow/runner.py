@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from tollway.aio import cancel_and_wait
 from tollway.config import ShadowRouteConfig
 from tollway.errors import UpstreamError, UpstreamTimeout, public_message, spec_for
 from tollway.metrics import Counter, Gauge
@@ -422,11 +423,7 @@ class ShadowRunner:
     async def stop(self) -> None:
         """Cancel every shadow call still running (their holds are released)."""
         self.stopping = True
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self.tasks), what="shadow calls")
         self.tasks.clear()
 
     def status(self) -> dict[str, Any]:

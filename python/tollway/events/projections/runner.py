@@ -35,6 +35,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamState
 from nats.js.kv import KeyValue
 
+from tollway.aio import cancel_and_wait
 from tollway.events.metrics import EventMetrics
 from tollway.events.nats.bulk import BulkReader, BulkUnavailable
 from tollway.events.projections import (
@@ -172,11 +173,8 @@ class ProjectionRunner:
         self._task = asyncio.create_task(self._supervise(), name="tollway-projections")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task, what="the projections' task")
+        self._task = None
         await self._unsubscribe()
         with contextlib.suppress(Exception):
             await self.checkpoint()
