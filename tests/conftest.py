@@ -6,6 +6,8 @@ import gc
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +19,58 @@ from tollway.testing.upstream import FakeUpstream
 
 # Every log line and event of the run is scanned for keys; a key found fails the run.
 pytest_plugins = ["secret_scan"]
+
+
+# Tests that start several processes (gateways, workers, NATS clusters) or hundreds of
+# streams: one xdist group, so two of them never share the two cores; the rest of the suite
+# runs beside them on the other worker.
+HEAVY = (
+    "tests/events/test_cluster.py",
+    "tests/events/test_crash.py",
+    "tests/events/test_fleet_breakers.py",
+    "tests/events/test_fleet_budget.py",
+    "tests/events/test_fleet_serve.py",
+    "tests/events/test_outage.py",
+    "tests/events/test_ratelimits.py",
+    "tests/test_stream_lifecycle.py",
+    "tests/test_stream_native.py",
+    "tests/test_workers.py",
+)
+# Folders whose session fixture starts a server (PostgreSQL, promtool's files): one worker
+# each, so the server starts once.
+FOLDERS = ("tests/sink/", "tests/deploy/")
+_ROOT = Path(__file__).resolve().parent.parent
+assert all((_ROOT / path).exists() for path in (*HEAVY, *FOLDERS)), "a group names a path gone"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's marker, declared for runs without it too (-p no:xdist).
+    config.addinivalue_line("markers", "xdist_group(name): run the group on one worker")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which adds the group to the test's id
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        group = "heavy" if path in HEAVY else next(
+            (folder for folder in FOLDERS if path.startswith(folder)), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole modules to a worker (their module-scoped gateways and the tests that read what
+    the module's earlier tests did stay together), and each group to one worker."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ByModule(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):
+                return nodeid.rsplit("@", 1)[1]  # the group, as loadgroup has it
+            return nodeid.split("::", 1)[0]
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(autouse=True, scope="module")

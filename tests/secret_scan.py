@@ -111,7 +111,18 @@ def pytest_configure(config: pytest.Config) -> None:
     _state.update(scanner=scanner, mp=mp)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, in the controller: what a worker's scanner found (its session's exit
+    status does not reach the controller's, nor does its terminal summary)."""
+    found = getattr(node, "workeroutput", {}).get("secrets_found", ())
+    _state["scanner"].found.extend(found)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller fails the run
+        workeroutput["secrets_found"] = list(_state["scanner"].found)
     scanner: Scanner = _state["scanner"]
     if scanner.found and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

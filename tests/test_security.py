@@ -57,7 +57,11 @@ def test_the_scanner_names_each_key_it_finds_and_passes_clean_text() -> None:
                              "d: a 'Bea'-shaped key"]
 
 
-def test_a_key_in_any_log_line_fails_the_run_whose_tests_all_passed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_key_in_any_log_line_fails_the_run_whose_tests_all_passed(
+        tmp_path: Path, workers: list[str]) -> None:
+    """Also when the run is split among xdist workers (as the suite is): a worker's finds
+    fail the controller's run."""
     (tmp_path / "test_leak.py").write_text(textwrap.dedent(f"""
         import logging
 
@@ -68,7 +72,7 @@ def test_a_key_in_any_log_line_fails_the_run_whose_tests_all_passed(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(TESTS), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "secret_scan", "-p",
-                          "no:cacheprovider", "-q", "test_leak.py"],
+                          "no:cacheprovider", "-q", *workers, "test_leak.py"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert "1 passed" in run.stdout, run.stdout + run.stderr
     assert run.returncode == pytest.ExitCode.TESTS_FAILED
