@@ -9,18 +9,22 @@ call is billed from the provider's last usage chunk, or from counted text withou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support import ListRecorder, Server, auth, gateway_env, make_config, unlimited_acme
 from tollway import count_tokens
 from tollway.app import create_app
-from tollway.pipeline.stream import SseTap
+from tollway.pipeline.stream import SseTap, _payload
+from tollway.pipeline.stream import _chunk as _chunk_of
 from tollway.testing.scripted import ScriptedUpstream, Step
 
 USAGE = st.builds(lambda p, c: {"prompt_tokens": p, "completion_tokens": c,
@@ -112,14 +116,29 @@ def _feed(tap: SseTap, pieces: list[bytes]) -> bytes:
     return b"".join(tap.feed(p) for p in pieces)
 
 
+@pytest.mark.parametrize("collect", [False, True], ids=["held", "collected"])
 @settings(max_examples=300)
 @given(stream=streams(), cuts=st.lists(st.integers(0, 4000), max_size=12))
 def test_the_tap_forwards_whole_events_as_sent_however_the_bytes_are_split(
-        stream: tuple[bytes, Expected], cuts: list[int]) -> None:
+        collect: bool, stream: tuple[bytes, Expected], cuts: list[int]) -> None:
+    """Also when it collects the chunks it forwards, decoded, for a translator (whose
+    events are then read from those): the same chunks as decoding each forwarded event."""
     raw, exp = stream
-    tap = SseTap(keep_usage=exp.keep_usage)
-    out = _feed(tap, _split(raw, cuts))
+    tap = SseTap(keep_usage=exp.keep_usage, collect=collect)
+    collected: list[Any] = []
+    out = b""
+    for piece in _split(raw, cuts):
+        out += tap.feed(piece)
+        if collect:
+            collected += [msgspec.to_builtins(chunk) for _, chunk in tap.take()]
     assert out == b"".join(e + b"\n\n" for e in exp.forwarded)
+    if collect:
+        want = []
+        for event in exp.forwarded:
+            with contextlib.suppress(msgspec.MsgspecError):
+                want.append(msgspec.to_builtins(_chunk_of.decode(_payload(event.replace(
+                    b"\r\n", b"\n")))))
+        assert collected == want
     assert (tap.text(), tap.done, tap.error, tap.finish_reason) == (
         "".join(exp.parts), exp.done, exp.error, exp.finish_reason)
     got = None if tap.usage is None else {

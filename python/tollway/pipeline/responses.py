@@ -26,7 +26,7 @@ from msgspec import Meta
 
 from tollway.errors import InvalidRequest
 from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
-from tollway.pipeline.stream import SseTap
+from tollway.pipeline.stream import NO_FUNCTION, SseTap
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
 from tollway.pipeline.taps import EventTap
 from tollway.pipeline.translate import (
@@ -34,7 +34,6 @@ from tollway.pipeline.translate import (
     ChatInside,
     ChatMessage,
     chat_reply,
-    payloads,
 )
 from tollway.pipeline.usage import CachedUsage, Usage
 from tollway.tokens import count_chat_tokens
@@ -276,7 +275,7 @@ class ChatToResponses(ChatInside):
     :class:`tollway.pipeline.translate.ChatToMessages`, its Messages twin)."""
 
     def __init__(self, req: ResponsesRequest, limit: int, upstream: str) -> None:
-        self.inner = SseTap(True, limit, upstream)
+        self.inner = SseTap(True, limit, upstream, collect=True)
         self.req = req
         self.seq = 0
         self.rid = ""
@@ -298,18 +297,14 @@ class ChatToResponses(ChatInside):
                          usage, status)
 
     def feed(self, data: bytes) -> bytes:
-        relayed = self.inner.feed(data)
-        if not relayed:
+        if not self.inner.feed(data):
             return b""
         out: list[bytes] = []
-        for payload in payloads(relayed):
-            try:
-                chunk = chat_reply.decode(payload)
-            except msgspec.MsgspecError:
-                continue
+        # The chunks the chat tap forwarded, as it decoded them (no second decode here).
+        for _, chunk in self.inner.take():
             if not self.rid:
                 out.append(self._start(chunk.id))
-            if b'"error"' in payload and not chunk.choices:
+            if chunk.error is not None and not chunk.choices:
                 out.append(self._event("error", {"code": "upstream_error", "message":
                                                  "provider sent an error mid-stream",
                                                  "param": None}))
@@ -340,7 +335,7 @@ class ChatToResponses(ChatInside):
                                b'"content_index":0,"delta":%b,"logprobs":[]}\n\n' % (
                                    self.seq - 1, self._delta_at, _encode(delta.content)))
                 for call in delta.tool_calls or ():
-                    fn = call.function or ChatFunction()
+                    fn = call.function or NO_FUNCTION
                     if call.index not in self.calls:
                         call_id = call.id or f"call_{call.index}"
                         out.append(self._open(_call_item(f"fc_{call_id}", call_id,
@@ -356,8 +351,14 @@ class ChatToResponses(ChatInside):
 
     def _start(self, chunk_id: str) -> bytes:
         self.rid = "resp_" + (chunk_id or f"tollway{next(_ids)}")
-        return self._event("response.created", {"response": self._snapshot("in_progress")}) \
-            + self._event("response.in_progress", {"response": self._snapshot("in_progress")})
+        # The same snapshot in both events, encoded once.
+        response = _encode(self._snapshot("in_progress"))
+        self.seq += 2
+        return (b'event: response.created\ndata: {"type":"response.created",'
+                b'"sequence_number":%d,"response":%b}\n\n'
+                b'event: response.in_progress\ndata: {"type":"response.in_progress",'
+                b'"sequence_number":%d,"response":%b}\n\n'
+                % (self.seq - 2, response, self.seq - 1, response))
 
     def _open(self, item: dict[str, Any]) -> bytes:
         out = self._close()

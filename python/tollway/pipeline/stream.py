@@ -43,6 +43,7 @@ class _Function(msgspec.Struct):
 
 class _ToolCall(msgspec.Struct):
     index: int = 0
+    id: str | None = None
     function: _Function | None = None
 
 
@@ -59,12 +60,14 @@ class _ChunkChoice(msgspec.Struct):
 
 
 class _Chunk(msgspec.Struct):
+    id: str = ""
     choices: list[_ChunkChoice] | None = None
     usage: Usage | None = None
     error: dict[str, object] | None = None
 
 
 _chunk = msgspec.json.Decoder(_Chunk)
+NO_FUNCTION = _Function()  # a tool call's, when its chunk names none
 DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1 << 20  # one event held until its end comes: ~250k tokens of text
 # Forwarded bytes held for their text at most; past it they are decoded into text. A
@@ -101,10 +104,11 @@ def _plain(block: bytes) -> bool:
 
 class SseTap:
     __slots__ = ("_buf", "_counted", "_finish_reason", "_held", "_held_bytes", "_uncounted",
-                 "cut", "done", "error", "first_token_at", "keep_usage", "limit", "parts",
-                 "tool_calls", "upstream", "usage")
+                 "chunks", "cut", "done", "error", "first_token_at", "keep_usage", "limit",
+                 "parts", "tool_calls", "upstream", "usage")
 
-    def __init__(self, keep_usage: bool, limit: int = 0, upstream: str = "") -> None:
+    def __init__(self, keep_usage: bool, limit: int = 0, upstream: str = "",
+                 collect: bool = False) -> None:
         self.keep_usage = keep_usage
         # Output tokens relayed at most (0: no limit), counted as the settle counts them
         # (the text of every choice, in the encoding of ``upstream``).
@@ -126,6 +130,11 @@ class SseTap:
         # calls, when asked for (a request naming registry tools: tollway.tools); filled as
         # the text is (from the held bytes, when :meth:`text` is asked), never per chunk.
         self.tool_calls: dict[tuple[int, int], list[str]] | None = None
+        # ``collect``: every forwarded chunk, decoded, with its payload when it was read
+        # alone (b"" in a run read together, which has no error), for a translator to take
+        # (:meth:`take`) instead of decoding the forwarded bytes again; the text is then
+        # taken from them as they come, never held.
+        self.chunks: list[tuple[bytes, _Chunk]] | None = [] if collect else None
 
     @property
     def finish_reason(self) -> str:
@@ -154,7 +163,10 @@ class SseTap:
         self._check_held()
         complete = buf[:end]
         if self.first_token_at is not None and not self.limit and _plain(complete):
-            self._hold(complete)
+            if self.chunks is None:
+                self._hold(complete)
+            else:
+                self._collect(complete)
             return complete
         out: list[bytes] = []
         for event in complete.split(b"\n\n")[:-1]:
@@ -162,9 +174,26 @@ class SseTap:
                 out.append(event)
                 out.append(b"\n\n")
         forwarded = b"".join(out)
-        if forwarded and not self.limit:
+        if forwarded and not self.limit and self.chunks is None:
             self._hold(forwarded)
         return forwarded
+
+    def take(self) -> list[tuple[bytes, _Chunk]]:
+        """The chunks collected since the last take (``collect``)."""
+        chunks = self.chunks
+        if not chunks:
+            return []
+        self.chunks = []
+        return chunks
+
+    def _collect(self, run: bytes) -> None:
+        """A run of plain events, decoded together, into :attr:`chunks` and the text."""
+        decoded: list[_Chunk] = []
+        self._decode_into(run, decoded)
+        assert self.chunks is not None
+        for chunk in decoded:
+            self._text_of(chunk)
+            self.chunks.append((b"", chunk))
 
     def _check_held(self) -> None:
         # Not an event stream (an HTML page with a 200, say): refuse it rather than
@@ -185,9 +214,15 @@ class SseTap:
             return
         self._held = []
         self._held_bytes = 0
-        lines: list[bytes] = []  # one-line payloads, decoded together
         chunks: list[_Chunk] = []
-        for event in b"".join(held).split(b"\n\n"):
+        self._decode_into(b"".join(held), chunks)
+        for chunk in chunks:
+            self._text_of(chunk)
+
+    def _decode_into(self, events: bytes, chunks: list[_Chunk]) -> None:
+        """The chunks of the complete ``events`` (a payload that is not one skipped)."""
+        lines: list[bytes] = []  # one-line payloads, decoded together
+        for event in events.split(b"\n\n"):
             if event.startswith(b"data: ") and event.find(b"\n") < 0:
                 lines.append(event[6:])
             elif event:
@@ -200,8 +235,6 @@ class SseTap:
                     with contextlib.suppress(msgspec.MsgspecError):  # relayed as sent
                         chunks.append(_chunk.decode(payload))
         self._flush(lines, chunks)
-        for chunk in chunks:
-            self._text_of(chunk)
 
     @staticmethod
     def _flush(lines: list[bytes], chunks: list[_Chunk]) -> None:
@@ -274,6 +307,8 @@ class SseTap:
                 del self.parts[before:]
                 self.cut = True
                 return False
+        elif self.chunks is not None:
+            got_token = self._text_of(chunk)
         elif self.first_token_at is None:
             got_token = any(_has_token(choice.delta) for choice in chunk.choices or ())
         if got_token and self.first_token_at is None:
@@ -283,6 +318,8 @@ class SseTap:
             # The usage-only chunk has no choices; others carry "usage": null.
             if not self.keep_usage and not chunk.choices:
                 return False
+        if self.chunks is not None:
+            self.chunks.append((payload, chunk))
         return True
 
     def text(self) -> str:

@@ -13,12 +13,11 @@ completions has no field for (dropped; a request that needs them goes to an
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 
-from tollway.pipeline.stream import SseTap
+from tollway.pipeline.stream import NO_FUNCTION, SseTap
 from tollway.pipeline.usage import Usage
 
 __all__ = ["ChatToMessages", "chat_request", "chat_tools", "message_of", "stop_reason"]
@@ -219,39 +218,8 @@ def message_of(body: bytes, model: str) -> bytes:
         "stop_sequence": None, "usage": usage_of(done.usage)})
 
 
-def payloads(relayed: bytes) -> Iterator[bytes]:
-    """The ``data`` of each event the chat tap relayed (nearly all are one data line)."""
-    for raw in relayed.split(b"\n\n"):
-        if raw.startswith(b"data: ") and b"\n" not in raw:
-            yield raw[6:]
-        elif raw:
-            payload = b"\n".join(line[5:].lstrip(b" ") for line in raw.split(b"\n")
-                                 if line.startswith(b"data:"))
-            if payload:
-                yield payload
-
-
 def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encode({"type": name, **data}) + b"\n\n"
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    tool_calls: list[ChatToolCall] | None = None
-
-
-class _ChunkChoice(msgspec.Struct):
-    delta: _Delta | None = None
-    finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    id: str = ""
-    choices: list[_ChunkChoice] | None = None
-    usage: Usage | None = None
-
-
-_chunk = msgspec.json.Decoder(_Chunk)
 
 
 class ChatInside:
@@ -292,7 +260,7 @@ class ChatToMessages(ChatInside):
     ``tool_use`` with ``input_json_delta``), ``message_delta`` and ``message_stop``."""
 
     def __init__(self, limit: int, upstream: str, model: str, prompt_tokens: int) -> None:
-        self.inner = SseTap(True, limit, upstream)
+        self.inner = SseTap(True, limit, upstream, collect=True)
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.started = False
@@ -304,20 +272,16 @@ class ChatToMessages(ChatInside):
 
 
     def feed(self, data: bytes) -> bytes:
-        relayed = self.inner.feed(data)
-        if not relayed:
+        if not self.inner.feed(data):
             return b""
         out: list[bytes] = []
-        for payload in payloads(relayed):
-            try:
-                chunk = _chunk.decode(payload)
-            except msgspec.MsgspecError:
-                continue
+        # The chunks the chat tap forwarded, as it decoded them (no second decode here).
+        for payload, chunk in self.inner.take():
             if not self.started:
                 out.append(self._start(chunk.id))
             choices = chunk.choices
             if not choices:
-                if b'"error"' in payload:
+                if chunk.error is not None:
                     out.append(_error_event(payload))
                 continue
             for choice in choices:
@@ -336,7 +300,7 @@ class ChatToMessages(ChatInside):
                     # build and encode two dicts for it.
                     out.append(self._text_head + _encode(delta.content) + b"}}\n\n")
                 for call in delta.tool_calls or ():
-                    fn = call.function or ChatFunction()
+                    fn = call.function or NO_FUNCTION
                     if call.index not in self.tools:
                         out.append(self._open({"type": "tool_use",
                                                "id": call.id or f"toolu_{call.index}",
