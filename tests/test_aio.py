@@ -4,6 +4,7 @@ wait ends at its bound (tollway/aio.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -70,10 +71,8 @@ async def test_a_task_that_never_ends_is_left_behind_after_the_bound(
 
     async def deaf() -> None:
         while not stop:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                pass
 
     task = asyncio.create_task(deaf())
     await asyncio.sleep(0.02)  # running (a task cancelled before its first step just ends)
