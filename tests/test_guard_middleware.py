@@ -6,6 +6,7 @@ per request on the stream."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,58 @@ async def test_every_guarded_call_is_an_event_on_the_stream(host: Host) -> None:
                                                4_000_000)
     finally:
         await nc.close()
+
+
+async def test_the_event_is_written_before_the_responses_last_bytes() -> None:
+    """As the pipeline does its own calls: when the last body message reaches the server,
+    the call is settled and recorded (its event in the outbox), also for a streamed
+    response; a process killed once its client has the answer loses no event."""
+    from starlette.responses import StreamingResponse
+
+    async def parts() -> Any:
+        for part in (b"one ", b"two ", b"three"):
+            yield part
+
+    async def streamed(request: Request) -> Response:
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    recorder = ListRecorder()
+    cfg = make_config("http://127.0.0.1:9/v1", tenants=[_tenant("words", daily_usd=1000.0)])
+    gw = tollway.Gateway(cfg, env=gateway_env(), recorder=recorder)
+    app = Starlette(
+        routes=[Route("/search", search), Route("/stream", streamed)],
+        middleware=[Middleware(tollway.GuardMiddleware, gateway=gw,
+                               tenant=lambda scope: "words", cost=lambda scope: SEARCH_USD)])
+    async with gw:
+        for path in ("/search", "/stream"):
+            before = len(recorder.records)
+            seen = await _call_once(app, path, recorder)
+            assert seen[-1] == (True, before + 1), (path, seen)  # recorded, then the end
+            assert all(n == before for last, n in seen if not last)  # not before the end
+            (rec,) = recorder.records[before:]
+            assert (rec.outcome, rec.status, rec.actual_cost_nanousd) == (
+                "completed", 200, 4_000_000)
+
+
+async def _call_once(app: Starlette, path: str, recorder: ListRecorder) -> list[tuple[bool, int]]:
+    """GET ``path`` of ``app`` at the ASGI level: (last, records so far) as each body
+    message reached the server."""
+    seen: list[tuple[bool, int]] = []
+    asked: list[bool] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            seen.append((not message.get("more_body"), len(recorder.records)))
+
+    async def receive() -> Any:
+        if not asked:  # the request, then a client that stays (never disconnects)
+            asked.append(True)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return seen

@@ -6,13 +6,16 @@ routes: the tenant's rate limits, its daily budget, the sensitivity rule of
 its config, and one call event per request on the same stream. The host app
 names the tenant (a callable of the ASGI scope) and what a call costs: an
 explicit callback in USD, or a token estimate of the request body at a
-configured model's price. A route may report its actual cost afterwards in
-``scope["tollway.cost_usd"]`` (USD); otherwise a call answered below 400 costs
-what was estimated, and one answered with an error costs nothing.
+configured model's price. A route may report its actual cost, before its
+response's last bytes, in ``scope["tollway.cost_usd"]`` (USD); otherwise a call
+answered below 400 costs what was estimated, and one answered with an error
+costs nothing.
 
 The steps are the pipeline's own (hints, sensitivity cap, rate limit guard,
 budget guard, finish, record), on a :class:`tollway.pipeline.call.Call` whose
-plan has no deployment: nothing is dispatched, the host's route answers.
+plan has no deployment: nothing is dispatched, the host's route answers. As on
+the pipeline's own calls, the call is settled and its event written to the
+outbox before the response's last bytes go to the client.
 """
 
 from __future__ import annotations
@@ -172,6 +175,7 @@ class GuardMiddleware:
         call = Call(self.endpoint, info, tenant, gateway.clock.time())
         call.plan = RoutePlan(path, ())
         call.status = 0
+        served = False  # from here _serve ends the call
         try:
             try:
                 receive = await self._admit(call, scope, receive)
@@ -187,10 +191,15 @@ class GuardMiddleware:
                 log.exception("guard: admitting the call failed")
                 await self._refuse(call, InternalError("internal error"), send, rid_header)
                 return
+            served = True
             await self._serve(call, scope, receive, send, rid_header)
         finally:
-            self.pipeline.finish(call)  # settles or releases the budget's hold
-            self.pipeline.record(call)
+            if not served:
+                self._end(call)
+
+    def _end(self, call: Call) -> None:
+        self.pipeline.finish(call)  # settles or releases the budget's hold
+        self.pipeline.record(call)
 
     @staticmethod
     async def _refuse(call: Call, exc: TollwayError, send: Send,
@@ -247,23 +256,36 @@ class GuardMiddleware:
     async def _serve(self, call: Call, scope: Scope, receive: Receive, send: Send,
                      rid_header: tuple[bytes, bytes]) -> None:
         extra = [*call.headers, rid_header]
+        ended = False
 
         async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            nonlocal ended
+            kind = message["type"]
+            if kind == "http.response.start":
                 call.status = message["status"]
                 call.response_started = True
                 message["headers"] = [*message.get("headers", ()), *extra]
+            elif kind == "http.response.body" and not message.get("more_body") and not ended:
+                # Settled and recorded before the last bytes go, as the pipeline does its
+                # calls: a process killed once the client has its answer has the event in
+                # its outbox.
+                ended = True
+                self._settle(call, scope)
+                self._end(call)
             await send(message)
 
         call.attempts = 1
         try:
             await self.app(scope, receive, sending)
         except BaseException:
-            call.error = InternalError("the route raised an exception")
-            call.status = call.status or 500
+            if not ended:
+                call.error = InternalError("the route raised an exception")
+                call.status = call.status or 500
             raise
         finally:
-            self._settle(call, scope)
+            if not ended:  # no last bytes: the route failed, or its client left
+                self._settle(call, scope)
+                self._end(call)
 
     @staticmethod
     def _settle(call: Call, scope: Scope) -> None:
