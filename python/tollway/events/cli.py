@@ -203,28 +203,37 @@ async def run_replay(config: Config, args: argparse.Namespace,
 
 
 # ---- argparse --------------------------------------------------------------------------------
+Command = Callable[[Config, argparse.Namespace], Any]  # an async command: its exit code
+
+
+def runner(find_config: FindConfig, fn: Command,
+           failures: tuple[type[BaseException], ...] = (NatsUnavailable, ValueError)
+           ) -> Callable[[argparse.Namespace], int]:
+    """The argparse handler of an async command over the stream: exit 2 on a config
+    error, 1 with the message on one of ``failures``, 130 on Ctrl-C."""
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            config = find_config(args.config)
+            code: int = asyncio.run(fn(config, args))
+            return code
+        except ConfigError as exc:
+            print(f"tollway: config error: {exc}", file=sys.stderr)
+            return 2
+        except failures as exc:
+            print(f"tollway: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return handler
+
+
+def common(p: argparse.ArgumentParser) -> None:
+    """The options every command over the stream takes."""
+    p.add_argument("--config", help="TOML file (default: $TOLLWAY_CONFIG or ./tollway.toml)")
+    p.add_argument("--url", help="NATS URL(s), comma-separated (default: from the config)")
+
+
 def add_commands(sub: Any, find_config: FindConfig) -> None:
-    def runner(fn: Callable[[Config, argparse.Namespace], Any]) -> Callable[
-            [argparse.Namespace], int]:
-        def handler(args: argparse.Namespace) -> int:
-            try:
-                config = find_config(args.config)
-                code: int = asyncio.run(fn(config, args))
-                return code
-            except ConfigError as exc:
-                print(f"tollway: config error: {exc}", file=sys.stderr)
-                return 2
-            except (NatsUnavailable, ValueError) as exc:
-                print(f"tollway: {exc}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                return 130
-        return handler
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="TOML file (default: $TOLLWAY_CONFIG or ./tollway.toml)")
-        p.add_argument("--url", help="NATS URL(s), comma-separated (default: from the config)")
-
     events = sub.add_parser("events", help="the event stream").add_subparsers(
         dest="events_command", required=True)
     p = events.add_parser("tail", help="print events as they arrive, one JSON object a line")
@@ -238,16 +247,16 @@ def add_commands(sub: Any, find_config: FindConfig) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.add_argument("--idle-timeout", type=float, default=0.0,
                    help="stop after this many seconds without an event")
-    p.set_defaults(func=runner(tail))
+    p.set_defaults(func=runner(find_config, tail))
 
     p = sub.add_parser("usage", help="usage per day, tenant, model and provider")
     common(p)
     p.add_argument("--tenant", help="one tenant (default: all)")
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=runner(show_usage))
+    p.set_defaults(func=runner(find_config, show_usage))
 
     p = sub.add_parser("replay", help="rebuild the views from the event log")
     common(p)
     p.add_argument("--dry-run", action="store_true", help="fold, report, keep the checkpoints")
-    p.set_defaults(func=runner(run_replay))
+    p.set_defaults(func=runner(find_config, run_replay))

@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from tollway.config import Config, ConfigError
+from tollway.config import Config
+from tollway.events.broker import NatsUnavailable
+from tollway.events.cli import Command, FindConfig, common, open_nats, runner
 
-FindConfig = Callable[[str | None], Config]
 DSN_ENV = "TOLLWAY_SINK_DSN"
 
 
@@ -70,7 +71,6 @@ def parse_time(text: str) -> float:
 async def run_sink(config: Config, args: argparse.Namespace) -> int:
     import psycopg
 
-    from tollway.events.cli import open_nats
     from tollway.sink import migrations
     from tollway.sink.postgres import PostgresSink, migrate_only
 
@@ -109,7 +109,6 @@ async def run_sink(config: Config, args: argparse.Namespace) -> int:
 
 async def run_export(config: Config, args: argparse.Namespace,
                      out: TextIO | None = None) -> int:
-    from tollway.events.cli import open_nats
     from tollway.sink.parquet import export
 
     out = out or sys.stdout
@@ -127,33 +126,23 @@ async def run_export(config: Config, args: argparse.Namespace,
     return 0
 
 
+def _needs_extra(fn: Command) -> Command:
+    """The command, telling how to install the extra it lacks (psycopg, pyarrow)."""
+    async def run(config: Config, args: argparse.Namespace) -> int:
+        try:
+            code: int = await fn(config, args)
+            return code
+        except ImportError as exc:
+            if exc.name in ("psycopg", "pyarrow"):
+                return _missing_extra(exc)
+            raise
+    return run
+
+
 def add_commands(sub: Any, find_config: FindConfig) -> None:
-    def runner(fn: Callable[[Config, argparse.Namespace], Any]) -> Callable[
-            [argparse.Namespace], int]:
-        def handler(args: argparse.Namespace) -> int:
-            from tollway.events.broker import NatsUnavailable
-
-            try:
-                config = find_config(args.config)
-                code: int = asyncio.run(fn(config, args))
-                return code
-            except ImportError as exc:
-                if exc.name in ("psycopg", "pyarrow"):
-                    return _missing_extra(exc)
-                raise
-            except ConfigError as exc:
-                print(f"tollway: config error: {exc}", file=sys.stderr)
-                return 2
-            except (NatsUnavailable, ValueError, OSError) as exc:
-                print(f"tollway: {exc}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                return 130
-        return handler
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="TOML file (default: $TOLLWAY_CONFIG or ./tollway.toml)")
-        p.add_argument("--url", help="NATS URL(s), comma-separated (default: from the config)")
+    def run(fn: Command) -> Callable[[argparse.Namespace], int]:
+        return runner(find_config, _needs_extra(fn),
+                      failures=(NatsUnavailable, ValueError, OSError))
 
     sink = sub.add_parser("sink", help="write the event stream into a database").add_subparsers(
         dest="sink_command", required=True)
@@ -173,7 +162,7 @@ def add_commands(sub: Any, find_config: FindConfig) -> None:
                    help="seconds an event waits for its batch to fill (default 0.5)")
     p.add_argument("--log-interval", type=float, default=30.0,
                    help="seconds between progress log lines (default 30)")
-    p.set_defaults(func=runner(run_sink))
+    p.set_defaults(func=run(run_sink))
 
     export = sub.add_parser("export", help="export the ledger").add_subparsers(
         dest="export_command", required=True)
@@ -185,4 +174,4 @@ def add_commands(sub: Any, find_config: FindConfig) -> None:
     p.add_argument("--until", type=parse_time, default=None,
                    help="last instant, exclusive (default: no end)")
     p.add_argument("out", metavar="OUT", help="folder to write into")
-    p.set_defaults(func=runner(run_export))
+    p.set_defaults(func=run(run_export))
