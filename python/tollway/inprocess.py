@@ -338,13 +338,6 @@ class ChatStream:
     async def _next_message(self) -> Message | None:
         return await self._queue.get()
 
-    @asynccontextmanager
-    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """This gateway's ``async with`` as a host app's lifespan (``lifespan=gw.lifespan``);
-        ``app`` is not used."""
-        async with self:
-            yield
-
     async def __aenter__(self) -> Self:
         if self._task is None:
             await self._start()
