@@ -20,15 +20,16 @@ RECANCEL_S = 0.05  # how long a cancellation is given before it is sent again
 WITHIN_S = 10.0
 
 
-async def cancel_and_wait(tasks: asyncio.Future[Any] | Iterable[asyncio.Future[Any]]
+async def cancel_and_wait(tasks: asyncio.Future[Any] | Iterable[asyncio.Future[Any] | None]
                           | None, *, within: float = WITHIN_S, what: str = "a task") -> bool:
     """Cancel the task(s) and wait until they end, cancelling again each :data:`RECANCEL_S`
     while one runs on (a cancellation it swallowed). True when all ended; after ``within``
     seconds, False and a warning naming ``what`` (the tasks are left cancelled). Their
-    results and errors are not raised; a cancellation of the caller is."""
+    results and errors are not raised; a cancellation of the caller is. None (a task not
+    started) is skipped."""
     if tasks is None:
         return True
-    every = {tasks} if isinstance(tasks, asyncio.Future) else set(tasks)
+    every = {tasks} if isinstance(tasks, asyncio.Future) else {t for t in tasks if t is not None}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     pending = every

@@ -334,7 +334,7 @@ class FleetLimits:
 
     async def stop(self) -> None:
         """Give back what is held and leave the fleet (before the connection closes)."""
-        await cancel_and_wait([t for t in (self._ticker, self._switch) if t is not None],
+        await cancel_and_wait((self._ticker, self._switch),
                               what="the fleet rate limits' ticker")
         self._ticker = self._switch = None
         if not self.degraded and self._usable():

@@ -264,7 +264,7 @@ class EventsService:
         """Stop every part, each within a bound (:data:`STOP_STEP_S`): a part that does
         not stop in time is logged by name and left behind, so stopping never hangs (what
         the publisher did not send is in the outbox for the next start)."""
-        await cancel_and_wait([t for t in (self._connector, self._maintainer) if t is not None],
+        await cancel_and_wait((self._connector, self._maintainer),
                               what="the events layer's background tasks")
         self._connector = self._maintainer = None
         if self.ratelimits is not None:
