@@ -28,6 +28,16 @@ def scan_js_deliveries(
     ``end``: (stream sequences, payloads, position after them, last consumer sequence,
     pending after it or -1). Stops at any other frame; ValueError on a consumer gap."""
 
+def text_deltas(run: bytes, head: bytes, middle: bytes, tail: bytes,
+                seq: int) -> tuple[bytes, str, str | None, str | None, int] | None:
+    """A run of complete chat chunk events (LF line ends) that are text deltas alone, as
+    events of another API: for each non-empty piece ``head``, the sequence number (from
+    ``seq``, counting; none when ``seq`` < 0), ``middle``, the piece's JSON string as
+    sent, ``tail``. (events, the pieces' text, first and last finish reason, events
+    written); None when any chunk is anything else (a tool call, a refusal, usage, an
+    error, not one ``data:`` line, not valid JSON of the chunk's types, a member named
+    twice): the Python translator reads that run."""
+
 def duplicate_member(body: bytes) -> str | None:
     """The first name the top-level object of ``body`` (JSON already decoded) holds twice,
     escapes decoded; None when every name is distinct or ``body`` is not an object."""

@@ -162,14 +162,14 @@ impl<'a> Scan<'a> {
     }
 }
 
-fn hex4(raw: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn hex4(raw: &[u8], at: usize) -> Option<u32> {
     let digits = raw.get(at..at + 4)?;
     let text = std::str::from_utf8(digits).ok()?;
     u32::from_str_radix(text, 16).ok()
 }
 
 /// The bytes a JSON string's body stands for (UTF-8), its escapes decoded.
-fn unescape(raw: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn unescape(raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(raw.len());
     let mut k = 0;
     while k < raw.len() {

@@ -10,6 +10,7 @@
 
 pub mod breaker;
 pub mod cost;
+pub mod deltas;
 pub mod jsonscan;
 pub mod limiter;
 pub mod natsframe;

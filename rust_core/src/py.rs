@@ -1146,6 +1146,7 @@ mod nats_frames {
 /// The request body check (`jsonscan`).
 mod json_scan {
     use pyo3::prelude::*;
+    use pyo3::types::PyBytes;
 
     use super::caught;
 
@@ -1173,7 +1174,34 @@ mod json_scan {
         }
     }
 
+    /// A run of chat chunks that are text deltas alone, as another API's events: see
+    /// `deltas::text_deltas`. (events, text, first finish reason, last one, events
+    /// written), or None: the run is the Python translator's to read.
+    #[pyfunction]
+    #[pyo3(signature = (run, head, middle, tail, seq))]
+    #[allow(clippy::type_complexity)]
+    fn text_deltas<'py>(
+        py: Python<'py>,
+        run: &[u8],
+        head: &[u8],
+        middle: &[u8],
+        tail: &[u8],
+        seq: i64,
+    ) -> PyResult<Option<(Bound<'py, PyBytes>, String, Option<String>, Option<String>, u64)>> {
+        let template = crate::deltas::Template {
+            head,
+            middle,
+            tail,
+            seq: u64::try_from(seq).ok(),
+        };
+        let got = caught(|| crate::deltas::text_deltas(run, &template))?;
+        Ok(got.map(|d| {
+            (PyBytes::new(py, &d.out), d.text, d.first_finish, d.last_finish, d.count)
+        }))
+    }
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(text_deltas, m)?)?;
         m.add_function(wrap_pyfunction!(duplicate_member, m)?)?;
         m.add_function(wrap_pyfunction!(utf8_error, m)?)?;
         Ok(())

@@ -26,7 +26,7 @@ from msgspec import Meta
 
 from tollway.errors import InvalidRequest
 from tollway.pipeline.decode import Count, ModelName, _decode, rewrite
-from tollway.pipeline.stream import NO_FUNCTION, SseTap
+from tollway.pipeline.stream import NO_FUNCTION, SseTap, _Chunk
 from tollway.pipeline.surface import CallState, Counted, Surface, Wire
 from tollway.pipeline.taps import EventTap
 from tollway.pipeline.translate import (
@@ -275,7 +275,7 @@ class ChatToResponses(ChatInside):
     :class:`tollway.pipeline.translate.ChatToMessages`, its Messages twin)."""
 
     def __init__(self, req: ResponsesRequest, limit: int, upstream: str) -> None:
-        self.inner = SseTap(True, limit, upstream, collect=True)
+        self.inner = SseTap(True, limit, upstream, sink=self)
         self.req = req
         self.seq = 0
         self.rid = ""
@@ -296,58 +296,69 @@ class ChatToResponses(ChatInside):
         return _response(self.req, self.rid, self.created, list(self.output), self.finish,
                          usage, status)
 
-    def feed(self, data: bytes) -> bytes:
-        if not self.inner.feed(data):
-            return b""
-        out: list[bytes] = []
-        # The chunks the chat tap forwarded, as it decoded them (no second decode here).
-        for _, chunk in self.inner.take():
-            if not self.rid:
-                out.append(self._start(chunk.id))
-            if chunk.error is not None and not chunk.choices:
-                out.append(self._event("error", {"code": "upstream_error", "message":
-                                                 "provider sent an error mid-stream",
-                                                 "param": None}))
+    def template(self) -> tuple[bytes, bytes, bytes, int] | None:
+        if self.open is None or self.open["type"] != "message":
+            return None
+        return (b'event: response.output_text.delta\ndata: {"type":'
+                b'"response.output_text.delta","sequence_number":',
+                b"," + self._delta_at + b'"content_index":0,"delta":',
+                b',"logprobs":[]}\n\n', self.seq)
+
+    def took(self, events: bytes, text: str, finish: str | None, count: int) -> None:
+        self._out.append(events)
+        self.seq += count
+        if text:
+            self.texts.append(text)
+        if finish:
+            self.finish = finish
+
+    def chunk(self, payload: bytes, chunk: _Chunk) -> None:
+        out = self._out
+        if not self.rid:
+            out.append(self._start(chunk.id))
+        if chunk.error is not None and not chunk.choices:
+            out.append(self._event("error", {"code": "upstream_error", "message":
+                                             "provider sent an error mid-stream",
+                                             "param": None}))
+            return
+        for choice in chunk.choices or ():
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+            delta = choice.delta
+            if delta is None:
                 continue
-            for choice in chunk.choices or ():
-                if choice.finish_reason:
-                    self.finish = choice.finish_reason
-                delta = choice.delta
-                if delta is None:
-                    continue
-                if delta.content:
-                    if self.open is None or self.open["type"] != "message":
-                        item_id = f"msg_{self.rid[5:]}_{len(self.output)}"
-                        out.append(self._open(_text_item(item_id, "", "in_progress")))
-                        assert self.open is not None
-                        out.append(self._event("response.content_part.added", {
-                            "item_id": self.open["id"], "output_index": len(self.output),
-                            "content_index": 0, "part": {"type": "output_text", "text": "",
-                                                         "annotations": [], "logprobs": []}}))
-                        self._delta_at = b'"item_id":%b,"output_index":%d,' % (
-                            _encode(self.open["id"]), len(self.output))
-                    self.texts.append(delta.content)
-                    # The commonest event of all, written from bytes: _event would build
-                    # and encode two dicts for it.
-                    self.seq += 1
-                    out.append(b'event: response.output_text.delta\ndata: {"type":'
-                               b'"response.output_text.delta","sequence_number":%d,%b'
-                               b'"content_index":0,"delta":%b,"logprobs":[]}\n\n' % (
-                                   self.seq - 1, self._delta_at, _encode(delta.content)))
-                for call in delta.tool_calls or ():
-                    fn = call.function or NO_FUNCTION
-                    if call.index not in self.calls:
-                        call_id = call.id or f"call_{call.index}"
-                        out.append(self._open(_call_item(f"fc_{call_id}", call_id,
-                                                         fn.name or "", "", "in_progress")))
-                        self.calls[call.index] = len(self.output)
-                    if fn.arguments and self.open is not None and \
-                            self.calls[call.index] == len(self.output):
-                        self.open["arguments"] += fn.arguments
-                        out.append(self._event("response.function_call_arguments.delta", {
-                            "item_id": self.open["id"], "output_index": len(self.output),
-                            "delta": fn.arguments}))
-        return b"".join(out)
+            if delta.content:
+                if self.open is None or self.open["type"] != "message":
+                    item_id = f"msg_{self.rid[5:]}_{len(self.output)}"
+                    out.append(self._open(_text_item(item_id, "", "in_progress")))
+                    assert self.open is not None
+                    out.append(self._event("response.content_part.added", {
+                        "item_id": self.open["id"], "output_index": len(self.output),
+                        "content_index": 0, "part": {"type": "output_text", "text": "",
+                                                     "annotations": [], "logprobs": []}}))
+                    self._delta_at = b'"item_id":%b,"output_index":%d,' % (
+                        _encode(self.open["id"]), len(self.output))
+                self.texts.append(delta.content)
+                # The commonest event of all, written from bytes: _event would build
+                # and encode two dicts for it.
+                self.seq += 1
+                out.append(b'event: response.output_text.delta\ndata: {"type":'
+                           b'"response.output_text.delta","sequence_number":%d,%b'
+                           b'"content_index":0,"delta":%b,"logprobs":[]}\n\n' % (
+                               self.seq - 1, self._delta_at, _encode(delta.content)))
+            for call in delta.tool_calls or ():
+                fn = call.function or NO_FUNCTION
+                if call.index not in self.calls:
+                    call_id = call.id or f"call_{call.index}"
+                    out.append(self._open(_call_item(f"fc_{call_id}", call_id,
+                                                     fn.name or "", "", "in_progress")))
+                    self.calls[call.index] = len(self.output)
+                if fn.arguments and self.open is not None and \
+                        self.calls[call.index] == len(self.output):
+                    self.open["arguments"] += fn.arguments
+                    out.append(self._event("response.function_call_arguments.delta", {
+                        "item_id": self.open["id"], "output_index": len(self.output),
+                        "delta": fn.arguments}))
 
     def _start(self, chunk_id: str) -> bytes:
         self.rid = "resp_" + (chunk_id or f"tollway{next(_ids)}")

@@ -17,10 +17,19 @@ comparison) is decoded from the forwarded bytes only when asked for
 decoded past its first token. The forwarded bytes are held until then, up to
 :data:`HELD_TEXT_BYTES`, past which they are decoded and let go.
 
+A translated stream (Messages, Responses) gives its translator, the tap's
+:class:`Sink`, each chunk as it is read, decoded once; a run of plain events
+that are text deltas alone (nearly all of a reply) is instead written as the
+other API's events in one call into the core (``_core.text_deltas``: each
+piece's JSON string copied from the provider's bytes), and only what it will
+not read (a tool call, a refusal, odd JSON) is decoded here.
+
 Given a limit (the output tokens the budget held the call at, when that is
 less than the model's full output), every event is read as it comes, and the
 tap drops the event that would take the relayed output past the limit and
-every event after (:attr:`SseTap.cut`): a provider that ignores
+every event after (:attr:`SseTap.cut`; a translated run of text deltas goes
+whole only when its text cannot take the output past the limit, a token being at
+least a byte): a provider that ignores
 ``max_tokens`` still cannot make the call cost more than was held, since what
 is billed is what was relayed.
 """
@@ -29,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Protocol
 
 import msgspec
 
+from tollway._core import text_deltas
 from tollway.errors import UpstreamError
 from tollway.pipeline.usage import Usage, count_text
 
@@ -102,13 +113,53 @@ def _plain(block: bytes) -> bool:
     return usage == nulls or usage == nulls + block.count(b'"usage": null')
 
 
+def _plain_end(block: bytes) -> int:
+    """Where the complete events of ``block`` stop being plain (:func:`_plain`): the start
+    of the first event that holds ``[DONE]``, ``"error"`` or a ``"usage"`` that is not
+    null (0 when that start is not plain to see; ``len(block)``: none does)."""
+    cut = len(block)
+    for marker in (b"[DONE]", b'"error"'):
+        at = block.find(marker, 0, cut)
+        if at >= 0:
+            cut = at
+    at = block.find(b'"usage"', 0, cut)
+    while at >= 0:
+        after = block[at + 7:at + 13]
+        if not (after.startswith(b":null") or after.startswith(b": null")):
+            cut = at
+            break
+        at = block.find(b'"usage"', at + 7, cut)
+    if cut == len(block):
+        return cut
+    start = block.rfind(b"\n\n", 0, cut)
+    # Inside a run of blank lines the events' split (two newlines at a time from the
+    # left) may fall elsewhere: then the whole block is read event by event.
+    return start + 2 if start > 0 and block[start - 1] != 10 else 0
+
+
+class Sink(Protocol):
+    """What a translator (``pipeline/translate.py``) takes from the tap, as it is read."""
+
+    def chunk(self, payload: bytes, chunk: _Chunk) -> None:
+        """A forwarded chunk, decoded (``payload``: its data when it was read alone)."""
+
+    def template(self) -> tuple[bytes, bytes, bytes, int] | None:
+        """The pieces of a text delta event (head, middle, tail, first sequence number or
+        -1: none) when a run of them can be written from the provider's bytes now
+        (``_core.text_deltas``); None: runs are given chunk by chunk."""
+
+    def took(self, events: bytes, text: str, finish: str | None, count: int) -> None:
+        """A run written from its bytes: its events, text, last finish reason, events
+        written."""
+
+
 class SseTap:
     __slots__ = ("_buf", "_counted", "_finish_reason", "_held", "_held_bytes", "_uncounted",
-                 "chunks", "cut", "done", "error", "first_token_at", "keep_usage", "limit",
-                 "parts", "tool_calls", "upstream", "usage")
+                 "cut", "done", "error", "first_token_at", "keep_usage", "limit", "parts",
+                 "sink", "tool_calls", "upstream", "usage")
 
     def __init__(self, keep_usage: bool, limit: int = 0, upstream: str = "",
-                 collect: bool = False) -> None:
+                 sink: Sink | None = None) -> None:
         self.keep_usage = keep_usage
         # Output tokens relayed at most (0: no limit), counted as the settle counts them
         # (the text of every choice, in the encoding of ``upstream``).
@@ -130,11 +181,10 @@ class SseTap:
         # calls, when asked for (a request naming registry tools: tollway.tools); filled as
         # the text is (from the held bytes, when :meth:`text` is asked), never per chunk.
         self.tool_calls: dict[tuple[int, int], list[str]] | None = None
-        # ``collect``: every forwarded chunk, decoded, with its payload when it was read
-        # alone (b"" in a run read together, which has no error), for a translator to take
-        # (:meth:`take`) instead of decoding the forwarded bytes again; the text is then
-        # taken from them as they come, never held.
-        self.chunks: list[tuple[bytes, _Chunk]] | None = [] if collect else None
+        # A translator, given every chunk forwarded as it is read, in order (instead of
+        # decoding the forwarded bytes again): see :class:`Sink`. The text is then taken
+        # as they are read, never held.
+        self.sink = sink
 
     @property
     def finish_reason(self) -> str:
@@ -162,38 +212,85 @@ class SseTap:
         self._buf = buf[end:]
         self._check_held()
         complete = buf[:end]
-        if self.first_token_at is not None and not self.limit and _plain(complete):
-            if self.chunks is None:
+        sink = self.sink
+        if self.limit and sink is None:  # every event read: the cut must be exact
+            return self._inspect_all(complete)
+        if self.first_token_at is not None and _plain(complete):
+            if sink is None:
                 self._hold(complete)
-            else:
-                self._collect(complete)
-            return complete
+                return complete
+            return self._run(complete, sink)
         out: list[bytes] = []
-        for event in complete.split(b"\n\n")[:-1]:
-            if self._inspect(event):
-                out.append(event)
-                out.append(b"\n\n")
+        rest = complete
+        if self.first_token_at is None:
+            events = complete.split(b"\n\n")
+            rest = b""
+            for i in range(len(events) - 1):
+                if self._inspect(events[i]):
+                    out.append(events[i])
+                    out.append(b"\n\n")
+                if self.first_token_at is not None:
+                    rest = b"\n\n".join(events[i + 1:])
+                    break
+        if rest:
+            # Past the first token, the plain events before the stream's tail (usage,
+            # [DONE], an error) go as one run; only the tail is read event by event.
+            start = _plain_end(rest)
+            if start:
+                out.append(rest[:start] if sink is None else self._run(rest[:start], sink))
+            out.append(self._inspect_all(rest[start:]))
         forwarded = b"".join(out)
-        if forwarded and not self.limit and self.chunks is None:
+        if forwarded and sink is None:
             self._hold(forwarded)
         return forwarded
 
-    def take(self) -> list[tuple[bytes, _Chunk]]:
-        """The chunks collected since the last take (``collect``)."""
-        chunks = self.chunks
-        if not chunks:
-            return []
-        self.chunks = []
-        return chunks
+    def _inspect_all(self, events: bytes) -> bytes:
+        """The complete ``events`` read one by one: those to forward."""
+        out: list[bytes] = []
+        for event in events.split(b"\n\n")[:-1]:
+            if self._inspect(event):
+                out.append(event)
+                out.append(b"\n\n")
+        return b"".join(out)
 
-    def _collect(self, run: bytes) -> None:
-        """A run of plain events, decoded together, into :attr:`chunks` and the text."""
-        decoded: list[_Chunk] = []
-        self._decode_into(run, decoded)
-        assert self.chunks is not None
-        for chunk in decoded:
+    def _run(self, run: bytes, sink: Sink) -> bytes:
+        """A run of plain events past the first token, for the sink: written from its
+        bytes when it is text deltas alone (and, with a limit, cannot pass it), else
+        decoded in one call (read event by event with a limit): what is forwarded."""
+        if self.cut:
+            return b""
+        template = sink.template()
+        got = None if template is None else text_deltas(run, *template)
+        if got is not None:
+            events, text, first_finish, last_finish, count = got
+            if not self.limit or self._fits(text):
+                if text:
+                    self.parts.append(text)
+                if first_finish and not self._finish_reason:
+                    self._finish_reason = first_finish
+                sink.took(events, text, last_finish, count)
+                return run
+        if self.limit:
+            return self._inspect_all(run)
+        chunks: list[_Chunk] = []
+        self._decode_into(run, chunks)
+        for chunk in chunks:
             self._text_of(chunk)
-            self.chunks.append((b"", chunk))
+            sink.chunk(b"", chunk)
+        return run
+
+    def _fits(self, text: str) -> bool:
+        """Whether ``text`` after the parts stays within the limit (then counted in)."""
+        counted, uncounted = self._counted, self._uncounted
+        self._uncounted += len(text.encode())  # a token is >= 1 byte
+        if self._counted + self._uncounted <= self.limit:
+            return True
+        self._counted = count_text(self.text() + text, self.upstream)
+        self._uncounted = 0
+        if self._counted <= self.limit:
+            return True
+        self._counted, self._uncounted = counted, uncounted  # read event by event instead
+        return False
 
     def _check_held(self) -> None:
         # Not an event stream (an HTML page with a 200, say): refuse it rather than
@@ -307,7 +404,7 @@ class SseTap:
                 del self.parts[before:]
                 self.cut = True
                 return False
-        elif self.chunks is not None:
+        elif self.sink is not None:
             got_token = self._text_of(chunk)
         elif self.first_token_at is None:
             got_token = any(_has_token(choice.delta) for choice in chunk.choices or ())
@@ -318,8 +415,8 @@ class SseTap:
             # The usage-only chunk has no choices; others carry "usage": null.
             if not self.keep_usage and not chunk.choices:
                 return False
-        if self.chunks is not None:
-            self.chunks.append((payload, chunk))
+        if self.sink is not None:
+            self.sink.chunk(payload, chunk)
         return True
 
     def text(self) -> str:

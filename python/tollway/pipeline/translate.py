@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from tollway.pipeline.stream import NO_FUNCTION, SseTap
+from tollway.pipeline.stream import NO_FUNCTION, SseTap, _Chunk
 from tollway.pipeline.usage import Usage
 
 __all__ = ["ChatToMessages", "chat_request", "chat_tools", "message_of", "stop_reason"]
@@ -228,6 +228,7 @@ class ChatInside:
     inner chat tap's, which reads the provider's chunks, counts and cuts."""
 
     inner: SseTap
+    _out: list[bytes]  # events for the client from the feed under way
 
     @property
     def cut(self) -> bool:
@@ -252,6 +253,28 @@ class ChatInside:
     def text(self) -> str:
         return self.inner.text()
 
+    def feed(self, data: bytes) -> bytes:
+        # The chat tap hands this (its sink) what it forwards as it reads it, decoded
+        # once (chunk), or written from the provider's bytes (took).
+        out: list[bytes] = []
+        self._out = out
+        if not self.inner.feed(data):
+            return b""
+        return b"".join(out)
+
+    def chunk(self, payload: bytes, chunk: _Chunk) -> None:
+        """One chunk's events."""
+        raise NotImplementedError
+
+    def template(self) -> tuple[bytes, bytes, bytes, int] | None:
+        """A text delta event's pieces (head, middle, tail, first sequence number or -1:
+        none), when one can be written now."""
+        raise NotImplementedError
+
+    def took(self, events: bytes, text: str, finish: str | None, count: int) -> None:
+        """A run written from its bytes: its events, text, last finish reason, count."""
+        raise NotImplementedError
+
 
 class ChatToMessages(ChatInside):
     """A chat completions stream as Anthropic's message events: the chat tap (usage
@@ -260,7 +283,7 @@ class ChatToMessages(ChatInside):
     ``tool_use`` with ``input_json_delta``), ``message_delta`` and ``message_stop``."""
 
     def __init__(self, limit: int, upstream: str, model: str, prompt_tokens: int) -> None:
-        self.inner = SseTap(True, limit, upstream, collect=True)
+        self.inner = SseTap(True, limit, upstream, sink=self)
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.started = False
@@ -271,47 +294,52 @@ class ChatToMessages(ChatInside):
         self._text_head = b""  # a text delta event up to its text (see feed)
 
 
-    def feed(self, data: bytes) -> bytes:
-        if not self.inner.feed(data):
-            return b""
-        out: list[bytes] = []
-        # The chunks the chat tap forwarded, as it decoded them (no second decode here).
-        for payload, chunk in self.inner.take():
-            if not self.started:
-                out.append(self._start(chunk.id))
-            choices = chunk.choices
-            if not choices:
-                if chunk.error is not None:
-                    out.append(_error_event(payload))
+    def template(self) -> tuple[bytes, bytes, bytes, int] | None:
+        if self.block_kind != "text":
+            return None
+        return self._text_head, b"", b"}}\n\n", -1
+
+    def took(self, events: bytes, text: str, finish: str | None, count: int) -> None:
+        self._out.append(events)
+        if finish:
+            self.finish = finish
+
+    def chunk(self, payload: bytes, chunk: _Chunk) -> None:
+        out = self._out
+        if not self.started:
+            out.append(self._start(chunk.id))
+        choices = chunk.choices
+        if not choices:
+            if chunk.error is not None:
+                out.append(_error_event(payload))
+            return
+        for choice in choices:
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+            delta = choice.delta
+            if delta is None:
                 continue
-            for choice in choices:
-                if choice.finish_reason:
-                    self.finish = choice.finish_reason
-                delta = choice.delta
-                if delta is None:
-                    continue
-                if delta.content:
-                    if self.block_kind != "text":
-                        out.append(self._open({"type": "text", "text": ""}, "text"))
-                        self._text_head = (
-                            b'event: content_block_delta\ndata: {"type":"content_block_delta",'
-                            b'"index":%d,"delta":{"type":"text_delta","text":' % self.block)
-                    # The commonest event of all, written from bytes: event() would
-                    # build and encode two dicts for it.
-                    out.append(self._text_head + _encode(delta.content) + b"}}\n\n")
-                for call in delta.tool_calls or ():
-                    fn = call.function or NO_FUNCTION
-                    if call.index not in self.tools:
-                        out.append(self._open({"type": "tool_use",
-                                               "id": call.id or f"toolu_{call.index}",
-                                               "name": fn.name or "", "input": {}}, "tool"))
-                        self.tools[call.index] = self.block
-                    if fn.arguments:
-                        out.append(event("content_block_delta", {
-                            "index": self.tools[call.index],
-                            "delta": {"type": "input_json_delta",
-                                      "partial_json": fn.arguments}}))
-        return b"".join(out)
+            if delta.content:
+                if self.block_kind != "text":
+                    out.append(self._open({"type": "text", "text": ""}, "text"))
+                    self._text_head = (
+                        b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                        b'"index":%d,"delta":{"type":"text_delta","text":' % self.block)
+                # The commonest event of all, written from bytes: event() would
+                # build and encode two dicts for it.
+                out.append(self._text_head + _encode(delta.content) + b"}}\n\n")
+            for call in delta.tool_calls or ():
+                fn = call.function or NO_FUNCTION
+                if call.index not in self.tools:
+                    out.append(self._open({"type": "tool_use",
+                                           "id": call.id or f"toolu_{call.index}",
+                                           "name": fn.name or "", "input": {}}, "tool"))
+                    self.tools[call.index] = self.block
+                if fn.arguments:
+                    out.append(event("content_block_delta", {
+                        "index": self.tools[call.index],
+                        "delta": {"type": "input_json_delta",
+                                  "partial_json": fn.arguments}}))
 
     def _start(self, chunk_id: str) -> bytes:
         self.started = True
