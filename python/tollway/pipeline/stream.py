@@ -113,6 +113,11 @@ def _plain(block: bytes) -> bool:
     return usage == nulls or usage == nulls + block.count(b'"usage": null')
 
 
+def _nulls(block: bytes, end: int) -> int:
+    """The ``"usage"`` members that are null before ``end``."""
+    return block.count(b'"usage":null', 0, end) + block.count(b'"usage": null', 0, end)
+
+
 def _plain_end(block: bytes) -> int:
     """Where the complete events of ``block`` stop being plain (:func:`_plain`): the start
     of the first event that holds ``[DONE]``, ``"error"`` or a ``"usage"`` that is not
@@ -122,13 +127,21 @@ def _plain_end(block: bytes) -> int:
         at = block.find(marker, 0, cut)
         if at >= 0:
             cut = at
-    at = block.find(b'"usage"', 0, cut)
-    while at >= 0:
-        after = block[at + 7:at + 13]
-        if not (after.startswith(b":null") or after.startswith(b": null")):
+    if block.count(b'"usage"', 0, cut) != _nulls(block, cut):  # one is not null: where?
+        # Most likely the usage chunk's object: the first, when none before it is not null.
+        at = block.find(b'"usage":{', 0, cut)
+        if at < 0:
+            at = block.find(b'"usage": {', 0, cut)
+        if at >= 0 and block.count(b'"usage"', 0, at) == _nulls(block, at):
             cut = at
-            break
-        at = block.find(b'"usage"', at + 7, cut)
+        else:
+            at = block.find(b'"usage"', 0, cut)
+            while at >= 0:
+                after = block[at + 7:at + 13]
+                if not (after.startswith(b":null") or after.startswith(b": null")):
+                    cut = at
+                    break
+                at = block.find(b'"usage"', at + 7, cut)
     if cut == len(block):
         return cut
     start = block.rfind(b"\n\n", 0, cut)
