@@ -28,6 +28,11 @@ def scan_js_deliveries(
     ``end``: (stream sequences, payloads, position after them, last consumer sequence,
     pending after it or -1). Stops at any other frame; ValueError on a consumer gap."""
 
+def plain_end(block: bytes) -> int:
+    """Where the complete events of ``block`` (LF line ends) stop being plain: the start of
+    the first event holding ``[DONE]``, ``"error"`` or a ``"usage"`` that is not null;
+    ``len(block)`` when none does; 0 when that start is inside a run of blank lines."""
+
 def text_deltas(run: bytes, head: bytes, middle: bytes, tail: bytes,
                 seq: int) -> tuple[bytes, str, str | None, str | None, int] | None:
     """A run of complete chat chunk events (LF line ends) that are text deltas alone, as

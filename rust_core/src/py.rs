@@ -1200,7 +1200,14 @@ mod json_scan {
         }))
     }
 
+    /// Where a stream's complete events stop being plain: see `sse::plain_end`.
+    #[pyfunction]
+    fn plain_end(block: &[u8]) -> PyResult<usize> {
+        caught(|| crate::sse::plain_end(block))
+    }
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(plain_end, m)?)?;
         m.add_function(wrap_pyfunction!(text_deltas, m)?)?;
         m.add_function(wrap_pyfunction!(duplicate_member, m)?)?;
         m.add_function(wrap_pyfunction!(utf8_error, m)?)?;

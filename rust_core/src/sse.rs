@@ -79,6 +79,33 @@ fn plain(block: &[u8]) -> bool {
     usage == nulls || usage == nulls + n.spaced_null.find_iter(block).count()
 }
 
+/// Where the complete events of `block` stop being plain (as `stream._plain_end`): the
+/// start of the first event holding `[DONE]`, `"error"` or a `"usage"` that is not null;
+/// `block.len()` when none does; 0 when that start is inside a run of blank lines.
+pub fn plain_end(block: &[u8]) -> usize {
+    let n = needles();
+    let mut cut = block.len();
+    for finder in [&n.done, &n.error] {
+        if let Some(at) = finder.find(&block[..cut]) {
+            cut = at;
+        }
+    }
+    for at in n.usage.find_iter(&block[..cut]) {
+        let after = &block[at + 7..];
+        if !(after.starts_with(b":null") || after.starts_with(b": null")) {
+            cut = at;
+            break;
+        }
+    }
+    if cut == block.len() {
+        return cut;
+    }
+    match rfind(&block[..cut], b"\n\n") {
+        Some(start) if start > 0 && block[start - 1] != b'\n' => start + 2,
+        _ => 0,
+    }
+}
+
 impl BodyDecoder {
     pub fn new(framing: Framing, length: u64) -> Self {
         BodyDecoder { framing, state: Chunk::Size, remaining: length, line: Vec::new() }
@@ -536,6 +563,19 @@ mod tests {
         let (out, s) = scan(false, &[text]);
         assert_eq!(out, text);
         assert!(!s.error && !s.done && s.usage.is_none());
+    }
+
+    #[test]
+    fn plain_end_is_where_the_tail_starts() {
+        let head = b"data: {\"usage\":null}\n\ndata: {\"usage\": null}\n\n";
+        let mut block = head.to_vec();
+        assert_eq!(plain_end(&block), block.len());
+        block.extend_from_slice(USAGE);
+        block.extend_from_slice(b"data: [DONE]\n\n");
+        assert_eq!(plain_end(&block), head.len());
+        assert_eq!(plain_end(b"data: [DONE]\n\n"), 0);
+        assert_eq!(plain_end(b"data: x\n\n\n\ndata: {\"error\":1}\n\n"), 0);
+        assert_eq!(plain_end(b"data: x\n\ndata: {\"error\":1}\n\n"), 9);
     }
 
     #[test]

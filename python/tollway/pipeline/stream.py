@@ -42,7 +42,7 @@ from typing import Protocol
 
 import msgspec
 
-from tollway._core import text_deltas
+from tollway._core import plain_end, text_deltas
 from tollway.errors import UpstreamError
 from tollway.pipeline.usage import Usage, count_text
 
@@ -111,43 +111,6 @@ def _plain(block: bytes) -> bool:
         return True
     nulls = block.count(b'"usage":null')
     return usage == nulls or usage == nulls + block.count(b'"usage": null')
-
-
-def _nulls(block: bytes, end: int) -> int:
-    """The ``"usage"`` members that are null before ``end``."""
-    return block.count(b'"usage":null', 0, end) + block.count(b'"usage": null', 0, end)
-
-
-def _plain_end(block: bytes) -> int:
-    """Where the complete events of ``block`` stop being plain (:func:`_plain`): the start
-    of the first event that holds ``[DONE]``, ``"error"`` or a ``"usage"`` that is not
-    null (0 when that start is not plain to see; ``len(block)``: none does)."""
-    cut = len(block)
-    for marker in (b"[DONE]", b'"error"'):
-        at = block.find(marker, 0, cut)
-        if at >= 0:
-            cut = at
-    if block.count(b'"usage"', 0, cut) != _nulls(block, cut):  # one is not null: where?
-        # Most likely the usage chunk's object: the first, when none before it is not null.
-        at = block.find(b'"usage":{', 0, cut)
-        if at < 0:
-            at = block.find(b'"usage": {', 0, cut)
-        if at >= 0 and block.count(b'"usage"', 0, at) == _nulls(block, at):
-            cut = at
-        else:
-            at = block.find(b'"usage"', 0, cut)
-            while at >= 0:
-                after = block[at + 7:at + 13]
-                if not (after.startswith(b":null") or after.startswith(b": null")):
-                    cut = at
-                    break
-                at = block.find(b'"usage"', at + 7, cut)
-    if cut == len(block):
-        return cut
-    start = block.rfind(b"\n\n", 0, cut)
-    # Inside a run of blank lines the events' split (two newlines at a time from the
-    # left) may fall elsewhere: then the whole block is read event by event.
-    return start + 2 if start > 0 and block[start - 1] != 10 else 0
 
 
 class Sink(Protocol):
@@ -248,7 +211,7 @@ class SseTap:
         if rest:
             # Past the first token, the plain events before the stream's tail (usage,
             # [DONE], an error) go as one run; only the tail is read event by event.
-            start = _plain_end(rest)
+            start = plain_end(rest)  # where the tail starts (as _plain, in the core)
             if start:
                 out.append(rest[:start] if sink is None else self._run(rest[:start], sink))
             out.append(self._inspect_all(rest[start:]))
