@@ -198,15 +198,17 @@ class SseTap:
             return self._run(complete, sink)
         out: list[bytes] = []
         rest = complete
-        if self.first_token_at is None:
-            events = complete.split(b"\n\n")
-            rest = b""
-            for i in range(len(events) - 1):
-                if self._inspect(events[i]):
-                    out.append(events[i])
+        if self.first_token_at is None:  # event by event up to the first token
+            at, rest = 0, b""
+            while at < end:
+                stop = complete.find(b"\n\n", at)  # as split() takes them, from the left
+                event = complete[at:stop]
+                if self._inspect(event):
+                    out.append(event)
                     out.append(b"\n\n")
+                at = stop + 2
                 if self.first_token_at is not None:
-                    rest = b"\n\n".join(events[i + 1:])
+                    rest = complete[at:]
                     break
         if rest:
             # Past the first token, the plain events before the stream's tail (usage,
