@@ -361,7 +361,10 @@ class SseTap:
         """Read one event; False to drop it."""
         if self.cut:
             return False
-        payload = _payload(event) if event else b""
+        if event.startswith(b"data: ") and event.find(b"\n") < 0:
+            payload = event[6:]  # the usual event, one data line: as _payload reads it
+        else:
+            payload = _payload(event) if event else b""
         if not payload:
             return True  # comments, keep-alives, blank lines: pass through
         if payload == b"[DONE]":
