@@ -31,7 +31,9 @@ def scan_js_deliveries(
 def plain_end(block: bytes) -> int:
     """Where the complete events of ``block`` (LF line ends) stop being plain: the start of
     the first event holding ``[DONE]``, ``"error"`` or a ``"usage"`` that is not null;
-    ``len(block)`` when none does; 0 when that start is inside a run of blank lines."""
+    ``len(block)`` when none does; 0 when that start is inside a run of blank lines. A
+    false alarm (the words inside a JSON string are escaped, so it takes odd JSON) only
+    costs reading the run event by event."""
 
 def text_deltas(run: bytes, head: bytes, middle: bytes, tail: bytes,
                 seq: int) -> tuple[bytes, str, str | None, str | None, int] | None:

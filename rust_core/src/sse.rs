@@ -49,8 +49,6 @@ struct Needles {
     done: memchr::memmem::Finder<'static>,
     error: memchr::memmem::Finder<'static>,
     usage: memchr::memmem::Finder<'static>,
-    null: memchr::memmem::Finder<'static>,
-    spaced_null: memchr::memmem::Finder<'static>,
 }
 
 fn needles() -> &'static Needles {
@@ -59,29 +57,14 @@ fn needles() -> &'static Needles {
         done: memchr::memmem::Finder::new(b"[DONE]"),
         error: memchr::memmem::Finder::new(b"\"error\""),
         usage: memchr::memmem::Finder::new(b"\"usage\""),
-        null: memchr::memmem::Finder::new(b"\"usage\":null"),
-        spaced_null: memchr::memmem::Finder::new(b"\"usage\": null"),
     })
 }
 
-/// Whether a run of complete events can go out whole, unread (as `stream._plain`): no
-/// `[DONE]`, no error, no usage but nulls.
-fn plain(block: &[u8]) -> bool {
-    let n = needles();
-    if n.done.find(block).is_some() || n.error.find(block).is_some() {
-        return false;
-    }
-    let usage = n.usage.find_iter(block).count();
-    if usage == 0 {
-        return true;
-    }
-    let nulls = n.null.find_iter(block).count();
-    usage == nulls || usage == nulls + n.spaced_null.find_iter(block).count()
-}
-
-/// Where the complete events of `block` stop being plain (as `stream._plain_end`): the
-/// start of the first event holding `[DONE]`, `"error"` or a `"usage"` that is not null;
-/// `block.len()` when none does; 0 when that start is inside a run of blank lines.
+/// Where the complete events of `block` stop being plain, able to go out whole, unread:
+/// the start of the first event holding `[DONE]`, `"error"` or a `"usage"` that is not
+/// null; `block.len()` when none does; 0 when that start is inside a run of blank lines.
+/// A false alarm (the words inside a JSON string are escaped, so it takes odd JSON) only
+/// costs reading the run event by event.
 pub fn plain_end(block: &[u8]) -> usize {
     let n = needles();
     let mut cut = block.len();
@@ -408,7 +391,7 @@ impl SseScanner {
         let complete = std::mem::replace(&mut self.buf, rest);
         self.check()?;
         let before = out.len();
-        if plain(&complete) {
+        if plain_end(&complete) == complete.len() {
             out.extend_from_slice(&complete);
         } else {
             let mut events: Vec<&[u8]> = Vec::new();

@@ -99,20 +99,6 @@ def _payload(event: bytes) -> bytes:
     return payload
 
 
-def _plain(block: bytes) -> bool:
-    """Whether a run of complete events can go out whole, unread: no ``[DONE]``, no error,
-    no usage but nulls. A false alarm (the words inside a JSON string are escaped, so it
-    takes odd JSON) only costs reading the run event by event."""
-    # find() rather than `in`: the same search, at half the cost per call on CPython 3.11.
-    if block.find(b"[DONE]") >= 0 or block.find(b'"error"') >= 0:
-        return False
-    usage = block.count(b'"usage"')
-    if not usage:
-        return True
-    nulls = block.count(b'"usage":null')
-    return usage == nulls or usage == nulls + block.count(b'"usage": null')
-
-
 class Sink(Protocol):
     """What a translator (``pipeline/translate.py``) takes from the tap, as it is read."""
 
@@ -191,7 +177,7 @@ class SseTap:
         sink = self.sink
         if self.limit and sink is None:  # every event read: the cut must be exact
             return self._inspect_all(complete)
-        if self.first_token_at is not None and _plain(complete):
+        if self.first_token_at is not None and plain_end(complete) == end:
             if sink is None:
                 self._hold(complete)
                 return complete
@@ -213,7 +199,7 @@ class SseTap:
         if rest:
             # Past the first token, the plain events before the stream's tail (usage,
             # [DONE], an error) go as one run; only the tail is read event by event.
-            start = plain_end(rest)  # where the tail starts (as _plain, in the core)
+            start = plain_end(rest)  # where the tail starts
             if start:
                 out.append(rest[:start] if sink is None else self._run(rest[:start], sink))
             out.append(self._inspect_all(rest[start:]))

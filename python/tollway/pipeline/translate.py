@@ -262,19 +262,6 @@ class ChatInside:
             return b""
         return b"".join(out)
 
-    def chunk(self, payload: bytes, chunk: _Chunk) -> None:
-        """One chunk's events."""
-        raise NotImplementedError
-
-    def template(self) -> tuple[bytes, bytes, bytes, int] | None:
-        """A text delta event's pieces (head, middle, tail, first sequence number or -1:
-        none), when one can be written now."""
-        raise NotImplementedError
-
-    def took(self, events: bytes, text: str, finish: str | None, count: int) -> None:
-        """A run written from its bytes: its events, text, last finish reason, count."""
-        raise NotImplementedError
-
 
 class ChatToMessages(ChatInside):
     """A chat completions stream as Anthropic's message events: the chat tap (usage
