@@ -43,6 +43,11 @@ pub fn text_deltas(run: &[u8], template: &Template<'_>) -> Option<Deltas> {
     let mut body = run.strip_suffix(b"\n\n")?;
     let mut got = Deltas::default();
     let finder = memchr::memmem::Finder::new(b"\n\n");
+    // The bytes around the text of the last chunk read whole, when it was one text piece
+    // and nothing else of note: a provider's chunks differ in their text alone, so a
+    // chunk with the same bytes around a valid JSON string reads the same way, and only
+    // its string need be read.
+    let mut frame: Option<(&[u8], &[u8])> = None;
     loop {
         let (event, rest) = match finder.find(body) {
             Some(at) => (&body[..at], Some(&body[at + 2..])),
@@ -50,10 +55,15 @@ pub fn text_deltas(run: &[u8], template: &Template<'_>) -> Option<Deltas> {
         };
         let data = event.strip_prefix(b"data:")?;
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if memchr::memchr(b'\n', data).is_some() {
-            return None;
+        if frame.is_none_or(|f| framed(data, f, template, &mut got).is_none()) {
+            if memchr::memchr(b'\n', data).is_some() {
+                return None;
+            }
+            let mut scan = Scan::default();
+            chunk(data, template, &mut got, &mut scan)?;
+            frame = (scan.pieces == 1 && !scan.finish)
+                .then(|| (&data[..scan.piece.0], &data[scan.piece.1..]));
         }
-        chunk(data, template, &mut got)?;
         match rest {
             Some(rest) => body = rest,
             None => return Some(got),
@@ -61,10 +71,49 @@ pub fn text_deltas(run: &[u8], template: &Template<'_>) -> Option<Deltas> {
     }
 }
 
+/// What reading one chunk whole noted for the next one's frame.
+#[derive(Default)]
+struct Scan {
+    /// Text values (strings, empty or not) met, and where the last one is (its quotes
+    /// included).
+    pieces: u32,
+    piece: (usize, usize),
+    /// A finish reason other than null was met.
+    finish: bool,
+}
+
+/// `data`, when it is the frame's bytes around one JSON string: its piece written.
+/// None (nothing written): read it whole.
+fn framed(data: &[u8], (head, tail): (&[u8], &[u8]), template: &Template<'_>,
+          got: &mut Deltas) -> Option<()> {
+    (data.len() > head.len() + tail.len() + 1 && data.starts_with(head)
+        && data.ends_with(tail) && data[head.len()] == b'"').then_some(())?;
+    let end = string(data, head.len())?;
+    (end == data.len() - tail.len()).then_some(())?;
+    piece(&data[head.len()..end], template, got)
+}
+
+/// One text piece (a valid JSON string, its quotes included): written when not empty.
+fn piece(raw: &[u8], template: &Template<'_>, got: &mut Deltas) -> Option<()> {
+    if raw.len() > 2 {
+        let text = String::from_utf8(unescape(&raw[1..raw.len() - 1])?).ok()?;
+        got.text.push_str(&text);
+        got.out.extend_from_slice(template.head);
+        if let Some(seq) = template.seq {
+            decimal(seq + got.count, &mut got.out);
+        }
+        got.out.extend_from_slice(template.middle);
+        got.out.extend_from_slice(raw);
+        got.out.extend_from_slice(template.tail);
+        got.count += 1;
+    }
+    Some(())
+}
+
 /// One chunk's payload: a JSON object whose `choices` hold text deltas at most. Read in
 /// one pass that also checks it is valid JSON: what it writes before a fault is thrown
 /// away with the whole run.
-fn chunk(json: &[u8], template: &Template<'_>, got: &mut Deltas) -> Option<()> {
+fn chunk(json: &[u8], template: &Template<'_>, got: &mut Deltas, scan: &mut Scan) -> Option<()> {
     let mut seen = Names::default();
     let end = object(json, skip_ws(json, 0), 0, |name, at| match name {
         b"choices" => {
@@ -72,7 +121,7 @@ fn chunk(json: &[u8], template: &Template<'_>, got: &mut Deltas) -> Option<()> {
             if json[at..].starts_with(b"null") {
                 return Some(at + 4);
             }
-            array(json, at, 1, |at| choice(json, at, template, got))
+            array(json, at, 1, |at| choice(json, at, template, got, scan))
         }
         b"id" => {
             seen.once(1)?;
@@ -90,7 +139,8 @@ fn chunk(json: &[u8], template: &Template<'_>, got: &mut Deltas) -> Option<()> {
 }
 
 /// One choice (at `json[at]`, two deep): its finish reason noted, its text written.
-fn choice(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas) -> Option<usize> {
+fn choice(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas, scan: &mut Scan)
+          -> Option<usize> {
     let mut seen = Names::default();
     object(json, at, 2, |name, at| match name {
         b"index" => {
@@ -102,7 +152,7 @@ fn choice(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas) -> 
             if json[at..].starts_with(b"null") {
                 return Some(at + 4);
             }
-            delta(json, at, template, got)
+            delta(json, at, template, got, scan)
         }
         b"finish_reason" => {
             seen.once(2)?;
@@ -110,6 +160,7 @@ fn choice(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas) -> 
             // Noted where it stands, not before the text as the Python translators
             // do: neither writes it until the stream ends.
             if end - at > 2 && json[at] == b'"' {
+                scan.finish = true;
                 let reason = String::from_utf8(unescape(&json[at + 1..end - 1])?).ok()?;
                 if got.first_finish.is_none() {
                     got.first_finish = Some(reason.clone());
@@ -123,24 +174,17 @@ fn choice(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas) -> 
 }
 
 /// A choice's delta (at `json[at]`, three deep): its text written.
-fn delta(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas) -> Option<usize> {
+fn delta(json: &[u8], at: usize, template: &Template<'_>, got: &mut Deltas, scan: &mut Scan)
+         -> Option<usize> {
     let mut seen = Names::default();
     object(json, at, 3, |name, at| match name {
         b"content" => {
             seen.once(0)?;
             let end = string_or_null(json, at)?;
-            if end - at > 2 && json[at] == b'"' {
-                let raw = &json[at..end];
-                let text = String::from_utf8(unescape(&raw[1..raw.len() - 1])?).ok()?;
-                got.text.push_str(&text);
-                got.out.extend_from_slice(template.head);
-                if let Some(seq) = template.seq {
-                    decimal(seq + got.count, &mut got.out);
-                }
-                got.out.extend_from_slice(template.middle);
-                got.out.extend_from_slice(raw);
-                got.out.extend_from_slice(template.tail);
-                got.count += 1;
+            if json[at] == b'"' {
+                scan.pieces += 1;
+                scan.piece = (at, end);
+                piece(&json[at..end], template, got)?;
             }
             Some(end)
         }
@@ -403,6 +447,27 @@ mod tests {
         assert_eq!(text_deltas(b"data: {\"id\":\"\xff\"}\n\n", &T), None);
         let deep = format!("{{\"x\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(text_deltas(&ev(&deep), &T), None);
+    }
+
+    #[test]
+    fn chunks_in_one_frame_read_as_when_read_whole() {
+        let frame = |text: &str, finish: &str| {
+            format!(r#"{{"id":"c","choices":[{{"index":0,"delta":{{"content":{text}}},"finish_reason":{finish}}}],"usage":null}}"#)
+        };
+        let events = [frame(r#""a""#, "null"), frame(r#""\u00e9\"""#, "null"), frame(r#""""#, "null"),
+                      frame(r#""b""#, "null"), frame(r#""c""#, r#""stop""#)];
+        let got = text_deltas(&run(&events.iter().map(String::as_str).collect::<Vec<_>>()), &T)
+            .unwrap();
+        assert_eq!(got.out, br#"<7|"a"><8|"\u00e9\""><9|"b"><10|"c">"#.to_vec());
+        assert_eq!(got.text, "a\u{e9}\"bc");
+        assert_eq!(got.last_finish.as_deref(), Some("stop"));
+        // Past a frame, what is not one valid string in it is read whole, and refused
+        // when it is not text deltas.
+        for bad in [r#""a"#, "\"a\tb\"", r#""a\x""#, r#""a","content":"b""#, r#""a"}}],"x":{"#, "5",
+                    r#""a\ud800""#] {
+            let r = run(&[&frame(r#""a""#, "null"), &frame(bad, "null")]);
+            assert_eq!(text_deltas(&r, &T), None, "{bad}");
+        }
     }
 
     #[test]
