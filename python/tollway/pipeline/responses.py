@@ -221,26 +221,30 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str,
             "name": name, "arguments": arguments}
 
 
-def _response(req: ResponsesRequest, rid: str, created: int, output: list[dict[str, Any]],
-              finish: str | None, usage: Usage | None, status: str | None = None
-              ) -> dict[str, Any]:
-    if status is None:
-        status = "incomplete" if finish == "length" else "completed"
-    return {
-        "id": rid, "object": "response", "created_at": created, "status": status,
-        "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
-        else None,
+def _echo(req: ResponsesRequest) -> bytes:
+    """The response object's members that echo the request, encoded (no braces): the
+    same in every snapshot of one call, so encoded once."""
+    return _encode({
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-        "model": req.model, "output": output,
-        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "model": req.model, "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": None, "store": False,
         "temperature": req.temperature, "top_p": req.top_p,
         "tool_choice": req.tool_choice or "auto", "tools": _echoed(req.tools),
         "text": req.text or {"format": {"type": "text"}}, "truncation": "disabled",
         "metadata": req.metadata or {},
-        **({"user": req.user} if req.user is not None else {}),
-        **({"usage": _usage(usage)} if usage is not None else {})}
+        **({"user": req.user} if req.user is not None else {})})[1:-1]
+
+
+def _response(echo: bytes, rid: str, created: int, output: bytes, status: str,
+              usage: Usage | None) -> bytes:
+    """A response object, encoded: ``echo`` from :func:`_echo`, ``output`` the encoded
+    list of output items, ``status`` completed, incomplete or in_progress."""
+    return (b'{"id":%b,"object":"response","created_at":%d,"status":"%b","error":null,'
+            b'"incomplete_details":%b,"output":%b,%b%b}' % (
+                _encode(rid), created, status.encode(),
+                b'{"reason":"max_output_tokens"}' if status == "incomplete" else b"null",
+                output, echo,
+                b"" if usage is None else b',"usage":' + _encode(_usage(usage))))
 
 
 def _echoed(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -266,13 +270,17 @@ def response_of(req: ResponsesRequest, body: bytes) -> bytes:
             call_id = call.id or f"call_{i}"
             output.append(_call_item(f"fc_{call_id}", call_id, fn.name or "",
                                      fn.arguments or ""))
-    return _encode(_response(req, rid, int(time.time()), output, finish,
-                             done.usage or Usage()))
+    return _response(_echo(req), rid, int(time.time()), _encode(output),
+                     "incomplete" if finish == "length" else "completed", done.usage or Usage())
 
 
 class ChatToResponses(ChatInside):
     """A chat completions stream as the Responses API's typed events (see
-    :class:`tollway.pipeline.translate.ChatToMessages`, its Messages twin)."""
+    :class:`tollway.pipeline.translate.ChatToMessages`, its Messages twin).
+
+    The events of a message item (its opening, its text deltas and its closing), and the
+    response object, are written from bytes: the request's echo and each text are
+    encoded once, however many events carry them."""
 
     def __init__(self, req: ResponsesRequest, limit: int, upstream: str) -> None:
         self.inner = SseTap(True, limit, upstream, sink=self)
@@ -280,11 +288,14 @@ class ChatToResponses(ChatInside):
         self.seq = 0
         self.rid = ""
         self.created = int(time.time())
-        self.output: list[dict[str, Any]] = []  # items, completed as they close
-        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.items: list[bytes] = []  # the output items closed so far, encoded
+        # The item being streamed: a function call's fields, or {"type": "message"}.
+        self.open: dict[str, Any] | None = None
         self.calls: dict[int, int] = {}  # chat tool call index -> output index
         self.finish: str | None = None
         self.texts: list[str] = []  # the open message's text, joined when it closes
+        self._echo = b""  # the response object's members that echo the request
+        self._item_id = b""  # the open message's id, encoded
         self._delta_at = b""  # a text delta event from its item id on (see feed)
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
@@ -292,9 +303,9 @@ class ChatToResponses(ChatInside):
         return b"event: %b\ndata: %b\n\n" % (name.encode(), _encode(
             {"type": name, "sequence_number": self.seq - 1, **data}))
 
-    def _snapshot(self, status: str, usage: Usage | None = None) -> dict[str, Any]:
-        return _response(self.req, self.rid, self.created, list(self.output), self.finish,
-                         usage, status)
+    def _snapshot(self, status: str, usage: Usage | None = None) -> bytes:
+        return _response(self._echo, self.rid, self.created, b"[%b]" % b",".join(self.items),
+                         status, usage)
 
     def template(self) -> tuple[bytes, bytes, bytes, int] | None:
         if self.open is None or self.open["type"] != "message":
@@ -329,15 +340,7 @@ class ChatToResponses(ChatInside):
                 continue
             if delta.content:
                 if self.open is None or self.open["type"] != "message":
-                    item_id = f"msg_{self.rid[5:]}_{len(self.output)}"
-                    out.append(self._open(_text_item(item_id, "", "in_progress")))
-                    assert self.open is not None
-                    out.append(self._event("response.content_part.added", {
-                        "item_id": self.open["id"], "output_index": len(self.output),
-                        "content_index": 0, "part": {"type": "output_text", "text": "",
-                                                     "annotations": [], "logprobs": []}}))
-                    self._delta_at = b'"item_id":%b,"output_index":%d,' % (
-                        _encode(self.open["id"]), len(self.output))
+                    out.append(self._open_message())
                 self.texts.append(delta.content)
                 # The commonest event of all, written from bytes: _event would build
                 # and encode two dicts for it.
@@ -352,18 +355,19 @@ class ChatToResponses(ChatInside):
                     call_id = call.id or f"call_{call.index}"
                     out.append(self._open(_call_item(f"fc_{call_id}", call_id,
                                                      fn.name or "", "", "in_progress")))
-                    self.calls[call.index] = len(self.output)
+                    self.calls[call.index] = len(self.items)
                 if fn.arguments and self.open is not None and \
-                        self.calls[call.index] == len(self.output):
+                        self.calls[call.index] == len(self.items):
                     self.open["arguments"] += fn.arguments
                     out.append(self._event("response.function_call_arguments.delta", {
-                        "item_id": self.open["id"], "output_index": len(self.output),
+                        "item_id": self.open["id"], "output_index": len(self.items),
                         "delta": fn.arguments}))
 
     def _start(self, chunk_id: str) -> bytes:
         self.rid = "resp_" + (chunk_id or f"tollway{next(_ids)}")
+        self._echo = _echo(self.req)
         # The same snapshot in both events, encoded once.
-        response = _encode(self._snapshot("in_progress"))
+        response = self._snapshot("in_progress")
         self.seq += 2
         return (b'event: response.created\ndata: {"type":"response.created",'
                 b'"sequence_number":%d,"response":%b}\n\n'
@@ -371,46 +375,70 @@ class ChatToResponses(ChatInside):
                 b'"sequence_number":%d,"response":%b}\n\n'
                 % (self.seq - 2, response, self.seq - 1, response))
 
+    def _open_message(self) -> bytes:
+        out = self._close()
+        index = len(self.items)
+        self.open = {"type": "message"}
+        item_id = self._item_id = _encode(f"msg_{self.rid[5:]}_{index}")
+        self._delta_at = b'"item_id":%b,"output_index":%d,' % (item_id, index)
+        self.seq += 2
+        return out + (
+            b'event: response.output_item.added\ndata: {"type":"response.output_item.added",'
+            b'"sequence_number":%d,"output_index":%d,"item":{"id":%b,"type":"message",'
+            b'"role":"assistant","status":"in_progress","content":[]}}\n\n'
+            b'event: response.content_part.added\ndata: {"type":"response.content_part.added",'
+            b'"sequence_number":%d,%b"content_index":0,"part":{"type":"output_text",'
+            b'"text":"","annotations":[],"logprobs":[]}}\n\n'
+            % (self.seq - 2, index, item_id, self.seq - 1, self._delta_at))
+
     def _open(self, item: dict[str, Any]) -> bytes:
+        """A function call item opened."""
         out = self._close()
         self.open = item
         return out + self._event("response.output_item.added", {
-            "output_index": len(self.output), "item": {**item, "content": []}
-            if item["type"] == "message" else item})
+            "output_index": len(self.items), "item": item})
 
     def _close(self) -> bytes:
         item, self.open = self.open, None
         if item is None:
             return b""
-        index = len(self.output)
-        item["status"] = "completed"
-        out = b""
+        index = len(self.items)
         if item["type"] == "message":
-            part = item["content"][0]
-            part["text"] = "".join(self.texts)
+            text = _encode("".join(self.texts))
             self.texts = []
-            out += self._event("response.output_text.done", {
-                "item_id": item["id"], "output_index": index, "content_index": 0,
-                "text": part["text"], "logprobs": []})
-            out += self._event("response.content_part.done", {
-                "item_id": item["id"], "output_index": index, "content_index": 0,
-                "part": part})
+            part = b'{"type":"output_text","text":%b,"annotations":[],"logprobs":[]}' % text
+            encoded = (b'{"id":%b,"type":"message","role":"assistant","status":"completed",'
+                       b'"content":[%b]}' % (self._item_id, part))
+            self.seq += 3
+            out = (b'event: response.output_text.done\ndata: {"type":'
+                   b'"response.output_text.done","sequence_number":%d,%b"content_index":0,'
+                   b'"text":%b,"logprobs":[]}\n\n'
+                   b'event: response.content_part.done\ndata: {"type":'
+                   b'"response.content_part.done","sequence_number":%d,%b"content_index":0,'
+                   b'"part":%b}\n\n'
+                   % (self.seq - 3, self._delta_at, text, self.seq - 2, self._delta_at, part))
         else:
-            out += self._event("response.function_call_arguments.done", {
+            item["status"] = "completed"
+            encoded = _encode(item)
+            out = self._event("response.function_call_arguments.done", {
                 "item_id": item["id"], "output_index": index, "name": item["name"],
                 "arguments": item["arguments"]})
-        self.output.append(item)
-        return out + self._event("response.output_item.done", {"output_index": index,
-                                                                "item": item})
+            self.seq += 1
+        self.items.append(encoded)
+        return out + (b'event: response.output_item.done\ndata: {"type":'
+                      b'"response.output_item.done","sequence_number":%d,"output_index":%d,'
+                      b'"item":%b}\n\n' % (self.seq - 1, index, encoded))
 
     def end(self, usage: Usage, cut: bool = False) -> bytes:
         out = b"" if self.rid else self._start("")
         out += self._close()
         if cut:
             self.finish = "length"
-        status = "incomplete" if self.finish == "length" else "completed"
-        return out + self._event(f"response.{status}",
-                                 {"response": self._snapshot(status, usage)})
+        status = b"incomplete" if self.finish == "length" else b"completed"
+        self.seq += 1
+        return out + (b'event: response.%b\ndata: {"type":"response.%b","sequence_number":%d,'
+                      b'"response":%b}\n\n' % (status, status, self.seq - 1,
+                                                 self._snapshot(status.decode(), usage)))
 
 
 class _Translated(Wire):
@@ -563,11 +591,10 @@ class _PassThrough(_Translated):
 
     def cut(self, call: CallState, tap: Tap, counted: Counted) -> bytes:
         assert isinstance(tap, ResponsesTap)
-        response = _response(call.request, tap.rid, int(time.time()), [], "length",
-                             counted(), "incomplete")
-        return b"event: response.incomplete\ndata: %b\n\n" % _encode({
-            "type": "response.incomplete", "sequence_number": tap.seq + 1,
-            "response": response})
+        response = _response(_echo(call.request), tap.rid, int(time.time()), b"[]",
+                             "incomplete", counted())
+        return (b'event: response.incomplete\ndata: {"type":"response.incomplete",'
+                b'"sequence_number":%d,"response":%b}\n\n' % (tap.seq + 1, response))
 
 
 class _ResponsesSurface(Surface):
