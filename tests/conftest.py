@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from support import MOUNTS, UPSTREAM_KEY, ListRecorder, Server, gateway_env, make_config, mounted
 from tollway.app import create_app
@@ -19,6 +20,12 @@ from tollway.testing.upstream import FakeUpstream
 
 # Every log line and event of the run is scanned for keys; a key found fails the run.
 pytest_plugins = ["secret_scan"]
+
+# No time limit on an example: hypothesis's default (200 ms) is a timed assertion, and the
+# suite shares two cores with the other worker and the servers the tests start (a nesting
+# 20,000 deep once took 270 ms there). A test's own settings still apply on top.
+settings.register_profile("tollway", deadline=None)
+settings.load_profile("tollway")
 
 
 # Tests that start several processes (gateways, workers, NATS clusters) or hundreds of
