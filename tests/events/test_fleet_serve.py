@@ -132,6 +132,14 @@ def fleet(nats_server: EmbeddedNats, tmp_path: Path, upstream: FakeUpstream) -> 
         f.stop()
 
 
+def _client() -> httpx.AsyncClient:
+    """A client that never reuses a connection idle for 1 s: a process polled ready early
+    waits while the others start, past the gateways' keep-alive timeout (5 s) on a busy
+    machine, and a request sent on a connection the server is closing at that moment
+    fails with ReadError (seen once in CI)."""
+    return httpx.AsyncClient(timeout=30, limits=httpx.Limits(keepalive_expiry=1.0))
+
+
 async def _until_all_see_each_other(client: httpx.AsyncClient, fleet: Fleet) -> None:
     """Every process ready, and long enough for heartbeats to go round (3 periods)."""
     for url in fleet.urls:
@@ -165,7 +173,7 @@ def _check_refusals(answers: list[httpx.Response]) -> None:
 
 
 async def test_four_processes_serve_one_limit(fleet: Fleet) -> None:
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with _client() as client:
         await _until_all_see_each_other(client, fleet)
         # 60 a minute: 1,000 calls over four processes.
         started = time.monotonic()
@@ -193,7 +201,7 @@ async def test_four_processes_serve_one_limit(fleet: Fleet) -> None:
 
 async def test_nats_stopped_the_fleet_never_exceeds_the_limit(
         fleet: Fleet, nats_server: EmbeddedNats) -> None:
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with _client() as client:
         await _until_all_see_each_other(client, fleet)
         started = time.monotonic()
         before = await _spread(client, fleet, INITECH_KEY, 20, concurrency=4)
