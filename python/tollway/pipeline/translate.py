@@ -308,7 +308,7 @@ class ChatToMessages(ChatInside):
                 continue
             if delta.content:
                 if self.block_kind != "text":
-                    out.append(self._open({"type": "text", "text": ""}, "text"))
+                    out.append(self._open(None, "text"))
                     self._text_head = (
                         b'event: content_block_delta\ndata: {"type":"content_block_delta",'
                         b'"index":%d,"delta":{"type":"text_delta","text":' % self.block)
@@ -328,33 +328,40 @@ class ChatToMessages(ChatInside):
                         "delta": {"type": "input_json_delta",
                                   "partial_json": fn.arguments}}))
 
+    # The events every stream has are written from bytes (as event() would write them).
     def _start(self, chunk_id: str) -> bytes:
         self.started = True
-        return event("message_start", {"message": {
-            "id": "msg_" + (chunk_id or "tollway"), "type": "message", "role": "assistant",
-            "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}})
+        return (b'event: message_start\ndata: {"type":"message_start","message":{"id":%b,'
+                b'"type":"message","role":"assistant","model":%b,"content":[],'
+                b'"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":%d,'
+                b'"output_tokens":0}}}\n\n' % (_encode("msg_" + (chunk_id or "tollway")),
+                                               _encode(self.model), self.prompt_tokens))
 
-    def _open(self, block: dict[str, Any], kind: str) -> bytes:
+    def _open(self, block: dict[str, Any] | None, kind: str) -> bytes:
+        """A content block opened: ``block``, or None for an empty text block."""
         out = self._close()
         self.block += 1
         self.block_kind = kind
-        return out + event("content_block_start", {"index": self.block,
-                                                   "content_block": block})
+        return out + (b'event: content_block_start\ndata: {"type":"content_block_start",'
+                      b'"index":%d,"content_block":%b}\n\n' % (
+                          self.block, b'{"type":"text","text":""}' if block is None
+                          else _encode(block)))
 
     def _close(self) -> bytes:
         if not self.block_kind:
             return b""
         self.block_kind = ""
-        return event("content_block_stop", {"index": self.block})
+        return (b'event: content_block_stop\ndata: {"type":"content_block_stop",'
+                b'"index":%d}\n\n' % self.block)
 
     def end(self, usage: Usage, stop: str | None = None) -> bytes:
         """The stream's last events: the open block closed, the stop reason and usage."""
         out = b"" if self.started else self._start("")
         out += self._close()
-        return out + event("message_delta", {
-            "delta": {"stop_reason": stop or stop_reason(self.finish), "stop_sequence": None},
-            "usage": usage_of(usage)}) + event("message_stop", {})
+        return out + (b'event: message_delta\ndata: {"type":"message_delta","delta":'
+                      b'{"stop_reason":%b,"stop_sequence":null},"usage":%b}\n\n'
+                      b'event: message_stop\ndata: {"type":"message_stop"}\n\n' % (
+                          _encode(stop or stop_reason(self.finish)), _encode(usage_of(usage))))
 
 
 def _error_event(payload: bytes) -> bytes:
