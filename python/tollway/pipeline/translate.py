@@ -308,7 +308,7 @@ class ChatToMessages(ChatInside):
                 continue
             if delta.content:
                 if self.block_kind != "text":
-                    out.append(self._open(None, "text"))
+                    out.append(self._open(_TEXT_BLOCK, "text"))
                     self._text_head = (
                         b'event: content_block_delta\ndata: {"type":"content_block_delta",'
                         b'"index":%d,"delta":{"type":"text_delta","text":' % self.block)
@@ -318,9 +318,9 @@ class ChatToMessages(ChatInside):
             for call in delta.tool_calls or ():
                 fn = call.function or NO_FUNCTION
                 if call.index not in self.tools:
-                    out.append(self._open({"type": "tool_use",
-                                           "id": call.id or f"toolu_{call.index}",
-                                           "name": fn.name or "", "input": {}}, "tool"))
+                    out.append(self._open(_encode({
+                        "type": "tool_use", "id": call.id or f"toolu_{call.index}",
+                        "name": fn.name or "", "input": {}}), "tool"))
                     self.tools[call.index] = self.block
                 if fn.arguments:
                     out.append(event("content_block_delta", {
@@ -337,15 +337,13 @@ class ChatToMessages(ChatInside):
                 b'"output_tokens":0}}}\n\n' % (_encode("msg_" + (chunk_id or "tollway")),
                                                _encode(self.model), self.prompt_tokens))
 
-    def _open(self, block: dict[str, Any] | None, kind: str) -> bytes:
-        """A content block opened: ``block``, or None for an empty text block."""
+    def _open(self, block: bytes, kind: str) -> bytes:
+        """A content block opened: ``block``, encoded."""
         out = self._close()
         self.block += 1
         self.block_kind = kind
         return out + (b'event: content_block_start\ndata: {"type":"content_block_start",'
-                      b'"index":%d,"content_block":%b}\n\n' % (
-                          self.block, b'{"type":"text","text":""}' if block is None
-                          else _encode(block)))
+                      b'"index":%d,"content_block":%b}\n\n' % (self.block, block))
 
     def _close(self) -> bytes:
         if not self.block_kind:
@@ -362,6 +360,9 @@ class ChatToMessages(ChatInside):
                       b'{"stop_reason":%b,"stop_sequence":null},"usage":%b}\n\n'
                       b'event: message_stop\ndata: {"type":"message_stop"}\n\n' % (
                           _encode(stop or stop_reason(self.finish)), _encode(usage_of(usage))))
+
+
+_TEXT_BLOCK = b'{"type":"text","text":""}'  # a text block as it opens
 
 
 def _error_event(payload: bytes) -> bytes:
