@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,24 +98,39 @@ class Fleet:
                 [sys.executable, "-m", "tollway.cli", "serve", "--config", str(cfg),
                  "--port", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 text=True))
+        self.logs: list[list[str]] = []
         for proc in self.procs:
             port = serving_port(proc, timeout=60)
             assert port, "serve did not start"
             self.urls.append(f"http://127.0.0.1:{port}")
-            # The rest of its log goes nowhere, so the pipe never fills up.
-            assert proc.stderr is not None
-            proc.stderr.close()
+            # The rest of its log is kept (the pipe never fills up), for a failure to show.
+            lines: list[str] = []
+            self.logs.append(lines)
+            threading.Thread(target=_drain, args=(proc, lines), daemon=True).start()
 
     def stop(self) -> None:
-        for proc in self.procs:
+        for i, proc in enumerate(self.procs):
             if proc.poll() is None:
                 proc.terminate()
+            else:  # it ended early: what it said last goes to the test's captured output
+                print(f"process {i} ended with {proc.returncode}:", *self.logs[i][-20:],
+                      sep="\n")
+            # Its warnings and errors too, which a failed test's report then shows.
+            print(*(f"process {i}: {line}" for line in self.logs[i]
+                    if '"level":"warning"' in line or '"level":"error"' in line), sep="\n")
         for proc in self.procs:
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stderr is not None
+    with proc.stderr as stderr:
+        for line in stderr:
+            lines.append(line.rstrip())
 
 
 @pytest.fixture
@@ -151,15 +167,29 @@ async def _until_all_see_each_other(client: httpx.AsyncClient, fleet: Fleet) -> 
 
 async def _spread(client: httpx.AsyncClient, fleet: Fleet, key: str, calls: int,
                   concurrency: int = 16) -> list[httpx.Response]:
-    """``calls`` calls round robin over the processes, ``concurrency`` at a time."""
+    """``calls`` calls round robin over the processes, ``concurrency`` at a time. A call
+    that gets no answer fails the test with the process it went to and whether that one
+    still runs; the calls still out are cancelled, so none outlives the test."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> httpx.Response:
+        n = i % len(fleet.urls)
         async with gate:
-            return await client.post(f"{fleet.urls[i % len(fleet.urls)]}/api/ai/v1/chat/"
-                                     "completions", json=chat_body(), headers=auth(key))
+            try:
+                return await client.post(f"{fleet.urls[n]}/api/ai/v1/chat/completions",
+                                         json=chat_body(), headers=auth(key))
+            except httpx.TransportError as exc:
+                code = fleet.procs[n].poll()
+                root: BaseException = exc
+                while (below := root.__cause__ or root.__context__) is not None:
+                    root = below
+                raise AssertionError(f"call {i} to process {n} got no answer: {root!r}; the "
+                                     f"process {'runs' if code is None else f'ended: {code}'}"
+                                     ) from exc
 
-    return await asyncio.gather(*(one(i) for i in range(calls)))
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(i)) for i in range(calls)]
+    return [t.result() for t in tasks]
 
 
 def _check_refusals(answers: list[httpx.Response]) -> None:
