@@ -53,6 +53,7 @@ from tollway.pipeline import SENSITIVITIES, Pipeline
 from tollway.pipeline.call import Call
 from tollway.pipeline.plan import RoutePlan
 from tollway.pipeline.usage import count_text
+from tollway.record import CallRecord
 from tollway.tokens import UnknownModelError
 
 __all__ = ["COST_KEY", "GuardMiddleware"]
@@ -175,7 +176,7 @@ class GuardMiddleware:
         call = Call(self.endpoint, info, tenant, gateway.clock.time())
         call.plan = RoutePlan(path, ())
         call.status = 0
-        served = False  # from here _serve ends the call
+        done: list[CallRecord] = []  # the call's record, once written (_end)
         try:
             try:
                 receive = await self._admit(call, scope, receive)
@@ -191,15 +192,15 @@ class GuardMiddleware:
                 log.exception("guard: admitting the call failed")
                 await self._refuse(call, InternalError("internal error"), send, rid_header)
                 return
-            served = True
-            await self._serve(call, scope, receive, send, rid_header)
+            await self._serve(call, scope, receive, send, rid_header, done)
         finally:
-            if not served:
-                self._end(call)
+            if not done:  # refused, or _serve's route never sent its last bytes
+                self._end(call, done)
+            self.pipeline.observe(call, done[0])  # after the last bytes: no one waits on it
 
-    def _end(self, call: Call) -> None:
+    def _end(self, call: Call, done: list[CallRecord]) -> None:
         self.pipeline.finish(call)  # settles or releases the budget's hold
-        self.pipeline.record(call)
+        done.append(self.pipeline.record(call))
 
     @staticmethod
     async def _refuse(call: Call, exc: TollwayError, send: Send,
@@ -254,38 +255,35 @@ class GuardMiddleware:
         return receive
 
     async def _serve(self, call: Call, scope: Scope, receive: Receive, send: Send,
-                     rid_header: tuple[bytes, bytes]) -> None:
+                     rid_header: tuple[bytes, bytes], done: list[CallRecord]) -> None:
         extra = [*call.headers, rid_header]
-        ended = False
 
         async def sending(message: Message) -> None:
-            nonlocal ended
             kind = message["type"]
             if kind == "http.response.start":
                 call.status = message["status"]
                 call.response_started = True
                 message["headers"] = [*message.get("headers", ()), *extra]
-            elif kind == "http.response.body" and not message.get("more_body") and not ended:
+            elif kind == "http.response.body" and not message.get("more_body") and not done:
                 # Settled and recorded before the last bytes go, as the pipeline does its
                 # calls: a process killed once the client has its answer has the event in
                 # its outbox.
-                ended = True
                 self._settle(call, scope)
-                self._end(call)
+                self._end(call, done)
             await send(message)
 
         call.attempts = 1
         try:
             await self.app(scope, receive, sending)
         except BaseException:
-            if not ended:
+            if not done:
                 call.error = InternalError("the route raised an exception")
                 call.status = call.status or 500
             raise
         finally:
-            if not ended:  # no last bytes: the route failed, or its client left
+            if not done:  # no last bytes: the route failed, or its client left
                 self._settle(call, scope)
-                self._end(call)
+                self._end(call, done)
 
     @staticmethod
     def _settle(call: Call, scope: Scope) -> None:

@@ -126,19 +126,18 @@ class Pipeline:
         if self.tracer is not None:
             call.trace = self.tracer(call, scope)
         call.relay_to = scope.get(CYCLE_KEY)  # uvicorn's cycle, for native.py
-        concluded = False
+        rec: CallRecord | None = None
 
         def conclude() -> None:  # 6 and 7, once
-            nonlocal concluded
-            if concluded:
+            nonlocal rec
+            if rec is not None:
                 return
-            concluded = True
             try:
                 self.settle(call)  # 6 again: a no-op unless the call ended early
             except Exception:  # e.g. a panic in the core while counting: still one record
                 log.exception("settle failed")
             self.finish(call)
-            self.record(call)  # 7
+            rec = self.record(call)  # 7
 
         start: Message | None = None
 
@@ -209,6 +208,8 @@ class Pipeline:
                 raise
         finally:
             conclude()  # the call ended without a last message (the client left)
+            assert rec is not None
+            self.observe(call, rec)  # after the last bytes: the client does not wait on it
 
     # ---- steps ------------------------------------------------------------
     def authorize(self, surface: Surface, info: RequestInfo) -> Call | None:
@@ -364,8 +365,9 @@ class Pipeline:
         call.response_started = True
         await call.surface.send_error(send, exc, headers)
 
-    def record(self, call: Call) -> None:
-        """The call's one record: to the recorders, the metrics and the log line."""
+    def record(self, call: Call) -> CallRecord:
+        """The call's one record, to the recorders (the events' outbox among them): before
+        the response's last bytes. :meth:`observe` takes it to the metrics after them."""
         info = call.info
         now = time.perf_counter()
         latency = now - call.t0
@@ -434,17 +436,23 @@ class Pipeline:
                 recorder.record(rec)
             except Exception:  # a recorder must not raise; if one does, the call still ends
                 log.exception("recorder failed")
+        return rec
+
+    def observe(self, call: Call, rec: CallRecord) -> None:
+        """The call's record to the metrics and its log line's fields (the request's info,
+        which the access log writes once the app returns)."""
         self.parts.metrics.observe_call(rec)
-        info.route = route
-        info.model = rec.model or route
+        info = call.info
+        info.route = rec.route
+        info.model = rec.model or rec.route
         info.provider = rec.provider
         info.prompt_tokens = rec.prompt_tokens
         info.completion_tokens = rec.completion_tokens
         info.cost_usd = rec.actual_cost_nanousd / 1e9
         info.reason = rec.reason
         info.client_cancelled = rec.client_cancelled
-        if exc is not None:
-            info.error = f"{spec.code if spec else ''}: {exc.message}"
+        if call.error is not None:
+            info.error = f"{rec.error_code}: {rec.error_message}"
         if info.status == 0:
             info.status = call.status
 
