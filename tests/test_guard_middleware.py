@@ -266,3 +266,41 @@ async def _call_once(app: Starlette, path: str, recorder: ListRecorder) -> list[
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     await app(scope, receive, send)
     return seen
+
+
+async def test_a_call_is_counted_once_even_when_writing_its_record_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics take a call after its last bytes; a record that cannot be written (a
+    bug) still ends the call once: its budget hold settled once, the client answered."""
+    recorder = ListRecorder()
+    cfg = make_config("http://127.0.0.1:9/v1", tenants=[_tenant("words", daily_usd=1000.0)])
+    gw = tollway.Gateway(cfg, env=gateway_env(), recorder=recorder)
+    app = Starlette(routes=[Route("/search", search)], middleware=[
+        Middleware(tollway.GuardMiddleware, gateway=gw, tenant=lambda scope: "words",
+                   cost=lambda scope: SEARCH_USD)])
+    registry = gw.core.metrics.registry
+
+    def spent() -> float:
+        return registry.get_sample_value("tollway_cost_usd_total",
+                                         {"tenant": "words", "model": ""}) or 0.0
+
+    async with gw:
+        seen = await _call_once(app, "/search", recorder)
+        assert seen == [(True, 1)] and spent() == pytest.approx(SEARCH_USD)
+        finished: list[int] = []
+        pipeline = gw.core.pipeline
+        finish = pipeline.finish
+
+        def counted(call: Any) -> None:
+            finished.append(1)
+            finish(call)
+
+        def broken(call: Any) -> Any:
+            raise RuntimeError("a bug in the record")
+
+        monkeypatch.setattr(pipeline, "finish", counted)
+        monkeypatch.setattr(pipeline, "record", broken)
+        with pytest.raises(RuntimeError, match="a bug in the record"):
+            await _call_once(app, "/search", recorder)
+        assert finished == [1]  # settled once, not again as the error unwound
+        assert len(recorder.records) == 1 and spent() == pytest.approx(SEARCH_USD)

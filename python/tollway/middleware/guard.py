@@ -176,7 +176,7 @@ class GuardMiddleware:
         call = Call(self.endpoint, info, tenant, gateway.clock.time())
         call.plan = RoutePlan(path, ())
         call.status = 0
-        done: list[CallRecord] = []  # the call's record, once written (_end)
+        done: list[CallRecord | None] = []  # the call ended (_end), then its record
         try:
             try:
                 receive = await self._admit(call, scope, receive)
@@ -196,11 +196,14 @@ class GuardMiddleware:
         finally:
             if not done:  # refused, or _serve's route never sent its last bytes
                 self._end(call, done)
-            self.pipeline.observe(call, done[0])  # after the last bytes: no one waits on it
+            rec = done[0]
+            if rec is not None:
+                self.pipeline.observe(call, rec)  # after the last bytes: no one waits on it
 
-    def _end(self, call: Call, done: list[CallRecord]) -> None:
+    def _end(self, call: Call, done: list[CallRecord | None]) -> None:
+        done.append(None)  # once, even if what follows raises
         self.pipeline.finish(call)  # settles or releases the budget's hold
-        done.append(self.pipeline.record(call))
+        done[0] = self.pipeline.record(call)
 
     @staticmethod
     async def _refuse(call: Call, exc: TollwayError, send: Send,
@@ -255,7 +258,7 @@ class GuardMiddleware:
         return receive
 
     async def _serve(self, call: Call, scope: Scope, receive: Receive, send: Send,
-                     rid_header: tuple[bytes, bytes], done: list[CallRecord]) -> None:
+                     rid_header: tuple[bytes, bytes], done: list[CallRecord | None]) -> None:
         extra = [*call.headers, rid_header]
 
         async def sending(message: Message) -> None:

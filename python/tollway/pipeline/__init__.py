@@ -126,12 +126,14 @@ class Pipeline:
         if self.tracer is not None:
             call.trace = self.tracer(call, scope)
         call.relay_to = scope.get(CYCLE_KEY)  # uvicorn's cycle, for native.py
+        concluded = False
         rec: CallRecord | None = None
 
         def conclude() -> None:  # 6 and 7, once
-            nonlocal rec
-            if rec is not None:
+            nonlocal concluded, rec
+            if concluded:
                 return
+            concluded = True
             try:
                 self.settle(call)  # 6 again: a no-op unless the call ended early
             except Exception:  # e.g. a panic in the core while counting: still one record
@@ -208,8 +210,8 @@ class Pipeline:
                 raise
         finally:
             conclude()  # the call ended without a last message (the client left)
-            assert rec is not None
-            self.observe(call, rec)  # after the last bytes: the client does not wait on it
+            if rec is not None:
+                self.observe(call, rec)  # after the last bytes: the client does not wait on it
 
     # ---- steps ------------------------------------------------------------
     def authorize(self, surface: Surface, info: RequestInfo) -> Call | None:
