@@ -194,7 +194,7 @@ class GuardMiddleware:
                 return
             await self._serve(call, scope, receive, send, rid_header, done)
         finally:
-            if not done:  # refused, or _serve's route never sent its last bytes
+            if not done:  # refused before the route ran (_serve ends every call it serves)
                 self._end(call, done)
             rec = done[0]
             if rec is not None:
