@@ -83,6 +83,7 @@ def _watch_logs(scanner: Scanner, mp: pytest.MonkeyPatch) -> None:
 def _watch_events(scanner: Scanner, mp: pytest.MonkeyPatch) -> None:
     import tollway.events.budget
     import tollway.events.publisher
+    import tollway.events.schema
 
     def scanned(module: Any, name: str, payload: Callable[[Any], bytes]) -> None:
         real = getattr(module, name)
@@ -96,7 +97,8 @@ def _watch_events(scanner: Scanner, mp: pytest.MonkeyPatch) -> None:
         mp.setattr(module, name, encode)
 
     scanned(tollway.events.publisher, "encode", lambda out: out)
-    scanned(tollway.events.publisher, "encode_record", lambda out: out[1])
+    # Each publisher's call events (RecordEncoder.__call__ is looked up on the class).
+    scanned(tollway.events.schema.RecordEncoder, "__call__", lambda out: out[1])
     scanned(tollway.events.budget, "encode", lambda out: out)
 
 

@@ -67,7 +67,7 @@ from tollway.events.nats.wire import (
     classify,
 )
 from tollway.events.outbox import Outbox, OutboxEntry, line_of
-from tollway.events.schema import Event, encode, encode_record
+from tollway.events.schema import Event, RecordEncoder, encode
 from tollway.record import CallRecord
 
 log = logging.getLogger("tollway.events")
@@ -132,6 +132,7 @@ class Publisher:
         self.raw = raw
         self.via = ""  # how the last batch went out: "wire" (raw connection) or "nats-py"
         self.new_id = EventIds()
+        self._encode_record = RecordEncoder(instance)
         # Entries with the bytes of their outbox line (0: not in the outbox), in the
         # outbox's order: while not spilled, they are its unsent lines after the batch out.
         self._q: collections.deque[tuple[OutboxEntry, int]] = collections.deque()
@@ -484,7 +485,7 @@ class Publisher:
     def _entry(self, item: Item) -> OutboxEntry:
         if isinstance(item, CallRecord):
             event_id = self.new_id()
-            subject, payload = encode_record(item, event_id, self.instance)
+            subject, payload = self._encode_record(item, event_id)
             return OutboxEntry(subject, event_id, payload)
         return OutboxEntry(item.subject(), item.event_id, encode(item))
 

@@ -608,12 +608,32 @@ def encode_record(rec: CallRecord, event_id: str, instance: str = "") -> tuple[s
     struct of 36 fields built and encoded again cost more than all the rest of publishing).
     ``events/schema`` and the tests hold it to ``encode(event_from_record(...))``.
     """
-    cls = CALL_EVENT_TYPES[rec.outcome]
-    enc = _record_json.encode
-    head = b'{"type":"%s","event_id":%s,"schema_version":%d,"instance":%s,' % (
-        _TAGS[rec.outcome], enc(event_id), SCHEMA_VERSION, enc(instance))
-    body = _record_json.encode(rec)
-    return f"{cls.subject_prefix}.{subject_token(rec.tenant)}", head + body[1:]
+    return RecordEncoder(instance)(rec, event_id)
+
+
+class RecordEncoder:
+    """:func:`encode_record` for one instance: the envelope's bytes that are the same for
+    every call (its type, schema version and instance) are encoded once, not per call."""
+
+    __slots__ = ("_heads",)
+
+    def __init__(self, instance: str = "") -> None:
+        tail = b'","schema_version":%d,"instance":%s,' % (
+            SCHEMA_VERSION, _record_json.encode(instance))
+        self._heads = {
+            outcome: (cls.subject_prefix + ".", b'{"type":"%s","event_id":"' % _TAGS[outcome],
+                      tail)
+            for outcome, cls in CALL_EVENT_TYPES.items()}
+
+    def __call__(self, rec: CallRecord, event_id: str) -> tuple[str, bytes]:
+        prefix, head, tail = self._heads[rec.outcome]
+        if event_id.isascii() and event_id.isalnum():  # the publisher's ids: no escapes
+            eid = event_id.encode()
+        else:
+            eid = _record_json.encode(event_id)[1:-1]
+        body = _record_json.encode(rec)
+        return prefix + subject_token(rec.tenant), b"".join(
+            (head, eid, tail, memoryview(body)[1:]))
 
 
 # ---- JSON Schema files -----------------------------------------------------------------------
