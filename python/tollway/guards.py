@@ -464,13 +464,26 @@ class BudgetGuard:
         self._refuse(call, book, account, limit,
                      f"this call may cost up to {amount / NANO:.6f} USD")
 
-    async def hold_amount(self, call: Call, amount_nanousd: int) -> None:
+    def hold_amount(self, call: Call, amount_nanousd: int) -> Coroutine[Any, Any, None] | None:
         """Hold a fixed amount against the tenant's day: a call whose cost its caller
-        names (a host app's own route behind ``tollway.GuardMiddleware``), not a plan's."""
+        names (a host app's own route behind ``tollway.GuardMiddleware``), not a plan's.
+
+        None when decided at once (one of this gateway's leases had room), else a
+        coroutine that decides it (to await), as :meth:`RateLimitGuard.check` does."""
         book = self.book_of()
+        call.estimated_cost_nanousd = amount_nanousd
+        grant = getattr(book, "try_grant", None)
+        if grant is not None:
+            hold = grant(call.tenant.id, amount_nanousd, request_id=call.info.request_id,
+                         now=call.occurred_at)
+            if hold is not None:
+                call.reservation = (book, hold)
+                return None
+        return self._reserve_amount(call, book, amount_nanousd)
+
+    async def _reserve_amount(self, call: Call, book: BudgetBook, amount_nanousd: int) -> None:
         tenant = call.tenant.id
         limit = self.daily.get(tenant, self.default_daily)
-        call.estimated_cost_nanousd = amount_nanousd
         try:
             hold = await book.reserve(tenant, amount_nanousd, limit,
                                       request_id=call.info.request_id, now=call.occurred_at)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
@@ -39,7 +38,7 @@ from tollway.asgi import (
     send_error,
 )
 from tollway.auth import Principal
-from tollway.context import SCOPE_KEY, RequestInfo, request_id_var
+from tollway.context import SCOPE_KEY, RequestInfo, new_request_id, request_id_var
 from tollway.errors import (
     AuthenticationFailed,
     InternalError,
@@ -84,7 +83,7 @@ def _valid_id(scope: Scope) -> str:
             if 0 < len(value) <= 128 and all(c in _ID_BYTES for c in value):
                 return bytes(value).decode("ascii")
             break
-    return os.urandom(16).hex()
+    return new_request_id()
 
 
 _ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
@@ -254,7 +253,9 @@ class GuardMiddleware:
         budget = self.gateway.budget_guard
         call.estimated_cost_nanousd = amount
         if budget is not None and amount > 0:
-            await budget.hold_amount(call, amount)
+            held = budget.hold_amount(call, amount)
+            if held is not None:
+                await held
         return receive
 
     async def _serve(self, call: Call, scope: Scope, receive: Receive, send: Send,
