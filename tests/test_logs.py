@@ -6,7 +6,9 @@ import asyncio
 import io
 import json
 import logging
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +180,27 @@ def test_a_log_stream_that_cannot_be_written_never_fails_the_request() -> None:
         await asyncio.sleep(0)
 
     asyncio.run(on_the_loop())
+
+
+def test_request_ids_are_unique_and_a_forked_worker_draws_its_own() -> None:
+    from tollway.context import new_request_id
+
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # 3.12+ warns of fork() in a process with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: a worker forked after the parent served requests
+        try:
+            os.write(write, ",".join(new_request_id() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        child = f.read().decode().split(",")
+    os.waitpid(pid, 0)
+    assert len(child) == 100
+    assert not set(child) & {*ids, *(new_request_id() for _ in range(100))}
+    assert {c[:16] for c in child} != {i[:16] for i in ids}

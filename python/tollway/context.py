@@ -34,8 +34,8 @@ def _new_id_prefix() -> None:
 
 def new_request_id() -> str:
     """A request id for a request that brings none: 32 hex digits, a random 64-bit prefix
-    per process and a counter (unique; one ``getrandom`` per process, not per request,
-    which cold cost a call ~3 us). A forked child draws its own prefix."""
+    per process and a counter (unique, as the 128 random bits it replaces were; one
+    ``getrandom`` per process, not per request). A forked child draws its own prefix."""
     return _id_format % next(_id_count)
 
 

@@ -39,7 +39,7 @@ from tollway.asgi import Message, Scope
 from tollway.auth import Principal
 from tollway.clock import Clock
 from tollway.config import Config, default_config, load_config
-from tollway.context import SCOPE_KEY, RequestInfo, request_id_var
+from tollway.context import SCOPE_KEY, RequestInfo, new_request_id, request_id_var
 from tollway.gateway import Gateway as Core
 from tollway.logs import log_request
 from tollway.openapi.wire import ChatCompletion, ChatCompletionChunk, EmbeddingList
@@ -210,7 +210,7 @@ class Gateway:
         if known is None:
             raise APIError(403, f"unknown tenant {tenant_id!r}", type="permission_error",
                            code="unknown_tenant")
-        rid = request_id or os.urandom(16).hex()
+        rid = request_id or new_request_id()
         info = RequestInfo(rid, time.perf_counter())
         info.principal = Principal(known)
         headers = [(b"content-type", b"application/json"),

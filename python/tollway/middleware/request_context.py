@@ -11,13 +11,12 @@ is logged with its traceback; its text never reaches the caller.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Any
 
 from tollway.asgi import Message, Receive, Scope, Send, route_path, send_error
-from tollway.context import SCOPE_KEY, RequestInfo, request_id_var
+from tollway.context import SCOPE_KEY, RequestInfo, new_request_id, request_id_var
 from tollway.errors import InternalError
 from tollway.logs import log_request
 from tollway.metrics import Metrics
@@ -33,7 +32,7 @@ def _request_id(scope: Scope) -> str:
             if _VALID_ID.fullmatch(value):
                 return bytes(value).decode("ascii")
             break
-    return os.urandom(16).hex()
+    return new_request_id()
 
 
 class RequestContextMiddleware:
