@@ -180,12 +180,16 @@ async def _spread(client: httpx.AsyncClient, fleet: Fleet, key: str, calls: int,
                                          json=chat_body(), headers=auth(key))
             except httpx.TransportError as exc:
                 code = fleet.procs[n].poll()
+                # The cause chain (httpx, httpcore, anyio) ends at the OS's error: the
+                # contexts beside it are what the libraries were handling at the time.
                 root: BaseException = exc
-                while (below := root.__cause__ or root.__context__) is not None:
+                while (below := root.__cause__) is not None:
                     root = below
+                said = [line for line in fleet.logs[n] if '"tollway.access"' not in line]
                 raise AssertionError(f"call {i} to process {n} got no answer: {root!r}; the "
                                      f"process {'runs' if code is None else f'ended: {code}'}"
-                                     ) from exc
+                                     "; its last lines but access lines:\n"
+                                     + "\n".join(said[-15:])) from exc
 
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(one(i)) for i in range(calls)]
