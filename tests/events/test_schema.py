@@ -82,6 +82,20 @@ def test_one_event_per_record(outcome: str, cls: type, subject: str) -> None:
         encode(msgspec.structs.replace(ev, instance='gw "2"')))
 
 
+def test_one_encoder_writes_every_outcome_and_any_event_id() -> None:
+    """The publisher's encoder (one per instance) against the event built and encoded:
+    ids that need escaping in JSON too (the publisher's own are hex)."""
+    enc = schema.RecordEncoder('gw "2"\n')
+    for outcome in ("completed", "failed", "rejected", "completed"):
+        for event_id in ("0a1b2c", 'e"1\\', "é-1", ""):
+            rec = make_record(7, outcome=outcome)  # type: ignore[arg-type]
+            subject, payload = enc(rec, event_id)
+            want = event_from_record(rec, event_id, 'gw "2"\n')
+            assert subject == want.subject()
+            assert decode(payload) == want
+            assert msgspec.json.decode(payload) == msgspec.json.decode(encode(want))
+
+
 def test_new_fields_with_defaults_keep_old_readers_working() -> None:
     ev = event_from_record(make_record(1), "e1")
     raw = msgspec.json.decode(encode(ev))
