@@ -54,7 +54,7 @@ async def _cluster_up(folder: Path) -> tuple[NatsCluster, NatsClient]:
         except (AssertionError, OSError, nats.errors.Error) as exc:
             print(f"cluster attempt {attempt}: {exc}")
             for name in cluster.names:
-                log = folder / f"cluster{attempt}" / name / "nats.log"
+                log = cluster.folder / name / "nats.log"
                 print(f"{name}:", *log.read_text(errors="replace").splitlines()[-5:], sep="\n")
             if nc is not None:
                 with contextlib.suppress(Exception):
