@@ -385,9 +385,17 @@ class Directory:
         if view is None:
             return []
         now = self.clock()
-        return [key_json(kid, k, now, self.last_used.get(kid))
+        return [key_json(kid, k, now, self._last_use(view, kid))
                 for kid, k in sorted(view.keys.items(), key=lambda kv: kv[1].created_at)
                 if tenant_id is None or k.tenant == tenant_id]
+
+    def _last_use(self, view: DirectoryView, key_id: str) -> float | None:
+        """The fleet's last call with the key (the view, a few ms behind), or this
+        process's own later one."""
+        mine, fleet = self.last_used.get(key_id), view.last_used.get(key_id)
+        if mine is None or fleet is None:
+            return fleet if mine is None else mine
+        return max(mine, fleet)
 
     async def create_key(self, tenant_id: str, admin: str, *, name: str = "",
                          expires_at: float | None = None,
@@ -428,7 +436,10 @@ class Directory:
         return key.tenant, _budget_account(view, key_id, key), key.daily_usd
 
     def get_key(self, key_id: str) -> dict[str, Any]:
-        return key_json(key_id, self._key(key_id), self.clock(), self.last_used.get(key_id))
+        key = self._key(key_id)
+        view = self._current()
+        assert view is not None  # _key found it there
+        return key_json(key_id, key, self.clock(), self._last_use(view, key_id))
 
     async def revoke_key(self, key_id: str, admin: str) -> dict[str, Any]:
         self._view_or_unavailable()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import msgspec
 import pytest
 
 from support import (
@@ -28,7 +29,16 @@ from tollway.app import create_app
 from tollway.config import parse_config
 from tollway.events.broker import EmbeddedNats
 from tollway.events.projections import directory as directory_view
-from tollway.events.schema import KeyCreated, KeyRevoked, TenantChanged, TenantCreated, decode
+from tollway.events.schema import (
+    CallCompleted,
+    CallFailed,
+    CallRejected,
+    KeyCreated,
+    KeyRevoked,
+    TenantChanged,
+    TenantCreated,
+    decode,
+)
 from tollway.testing.upstream import FakeUpstream
 
 ADMIN = auth(ADMIN_KEY)
@@ -282,6 +292,57 @@ def test_the_fold_is_idempotent_and_keeps_the_first_create() -> None:
     assert directory_view.dump(view) == snapshot
     assert view.tenants["t"].settings.tier == "low" and view.keys["k"].revoked_at == 4.0
     assert directory_view.load(snapshot) == view
+
+
+def test_a_key_s_last_use_is_the_latest_call_event_naming_it() -> None:
+    view = directory_view.new()
+    directory_view.apply(view, 1, KeyCreated(event_id="k", occurred_at=1.0, tenant="t",
+                                             key_id="key_a", key_sha256="ab" * 32))
+    version = view.version
+    calls = [CallCompleted(event_id="c1", occurred_at=5.0, tenant="t", key_id="key_a"),
+             CallRejected(event_id="c2", occurred_at=7.0, tenant="t", key_id="key_a"),
+             # folded later, made earlier (another gateway's): no step back
+             CallFailed(event_id="c3", occurred_at=6.0, tenant="t", key_id="key_a"),
+             # a config key (no id) and an id the directory never made: nothing kept
+             CallCompleted(event_id="c4", occurred_at=9.0, tenant="t"),
+             CallCompleted(event_id="c5", occurred_at=9.0, tenant="t", key_id="key_zz")]
+    for seq, event in enumerate(calls, 2):
+        directory_view.apply(view, seq, event)
+    assert view.last_used == {"key_a": 7.0}
+    assert view.version == version  # nothing the gateway derives from the view moved
+    directory_view.skipped(view, 0, calls[0])  # replayed: no step back either
+    assert directory_view.load(directory_view.dump(view)).last_used == {"key_a": 7.0}
+    # A checkpoint from before last uses were kept loads, with none.
+    older = msgspec.msgpack.decode(directory_view.dump(view))
+    del older["last_used"]
+    loaded = directory_view.load(msgspec.msgpack.encode(older))
+    assert loaded.last_used == {} and loaded.keys == view.keys
+
+
+def test_a_key_s_last_use_shows_on_a_gateway_that_never_served_it(pair: Pair) -> None:
+    assert pair.a.post("/api/ai/admin/tenants", headers=ADMIN,
+                       json={"id": "vandelay"}).status_code == 201
+    key = pair.a.post("/api/ai/admin/keys", headers=ADMIN, json={"tenant": "vandelay"}).json()
+
+    def listed(client: httpx.Client) -> list[dict[str, Any]]:
+        got = client.get("/api/ai/admin/keys", params={"tenant": "vandelay"}, headers=ADMIN)
+        assert got.status_code == 200, got.text
+        return cast("list[dict[str, Any]]", got.json()["data"])
+
+    def last_use(client: httpx.Client) -> float | None:
+        (row,) = listed(client)
+        assert row["id"] == key["id"]
+        return cast("float | None", row["last_used_at"])
+
+    _within(lambda: len(listed(pair.b)) == 1)
+    assert last_use(pair.a) is None and last_use(pair.b) is None
+    before = time.time()
+    assert _chat(pair.a, key["key"]).status_code == 200
+    _within(lambda: last_use(pair.b) is not None)
+    seen_on_b = last_use(pair.b)
+    assert seen_on_b is not None and before - 1 <= seen_on_b <= time.time()
+    # a, which served the call, shows the same call.
+    assert last_use(pair.a) == pytest.approx(seen_on_b, abs=1.0)
 
 
 def test_the_command_line_drives_the_admin_api(pair: Pair, monkeypatch: pytest.MonkeyPatch,

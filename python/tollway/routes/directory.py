@@ -150,7 +150,7 @@ class KeyView(msgspec.Struct):
     rotated_from: str | None
     limits: TenantLimitsView | None  # the key's own, on top of the tenant's
     daily_usd: float | None  # the key's own daily budget, beside the tenant's
-    last_used_at: float | None  # by this gateway process's calls
+    last_used_at: float | None  # the latest call with it, on any gateway of the stream
     state: Literal["active", "expired", "revoked"]
 
 

@@ -17,6 +17,10 @@ Rules:
 - ``flag.changed`` carries the flag's settings whole; the last in the stream wins.
 - ``tool.changed`` carries a registry tool's settings whole (the last wins);
   ``tool.removed`` takes it out until a later ``tool.changed`` makes it again.
+- A call event naming a key of the directory (``key_id``) moves that key's last use
+  to the call's time, never back: every gateway on the stream shows the fleet's last
+  use of a key, not only its own calls'. It changes no ``version`` (nothing derived
+  from the directory depends on it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import msgspec
 
 from tollway.events.schema import (
+    CallEvent,
     Event,
     FlagChanged,
     FlagSettings,
@@ -89,6 +94,9 @@ class DirectoryView(msgspec.Struct):
     # Bumped by every change: the gateway rebuilds what it derives from the view when
     # this moves (tollway.directory).
     version: int = 0
+    # Key id -> unix time of its latest call on any gateway (a checkpoint made before
+    # this field loads with none: last uses count from the first call after it).
+    last_used: dict[str, float] = msgspec.field(default_factory=dict)
     seen: Seen = msgspec.field(default_factory=lambda: Seen(RETENTION_DAYS))
 
 
@@ -112,7 +120,12 @@ def skipped(view: DirectoryView, seq: int, event: Event) -> None:
 
 
 def _fold(view: DirectoryView, event: Event) -> None:
-    if isinstance(event, TenantCreated):
+    if isinstance(event, CallEvent):  # first: nearly every event is one
+        key_id = event.key_id
+        if key_id and key_id in view.keys and event.occurred_at > view.last_used.get(
+                key_id, 0.0):
+            view.last_used[key_id] = event.occurred_at
+    elif isinstance(event, TenantCreated):
         if event.tenant not in view.tenants:
             view.tenants[event.tenant] = TenantEntry(
                 event.settings, event.occurred_at, event.occurred_at, event.admin)
