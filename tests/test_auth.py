@@ -5,8 +5,19 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from support import ACME_KEY, ADMIN_KEY, GLOBEX_KEY, ListRecorder, auth, chat_body, make_config
-from tollway.auth import PUBLIC_PATHS, KeyIndex, bearer, hash_key, new_key
+from support import (
+    ACME_KEY,
+    ADMIN_KEY,
+    GLOBEX_KEY,
+    ListRecorder,
+    Server,
+    auth,
+    chat_body,
+    gateway_env,
+    make_config,
+)
+from tollway.app import create_app
+from tollway.auth import PUBLIC_PATHS, ClientAddress, KeyIndex, bearer, hash_key, new_key
 from tollway.testing.upstream import FakeUpstream
 
 CHAT = "/api/ai/v1/chat/completions"
@@ -80,3 +91,63 @@ def test_tenant_allow_list_and_records_keep_tenants_apart(
     assert [(r.tenant, r.outcome) for r in recs] == [
         ("globex", "rejected"), ("globex", "completed"), ("acme", "completed")]
     assert recs[1].tier == "low" and recs[2].tier == "standard"
+
+
+@pytest.mark.parametrize(("peer", "fields", "counted"), [
+    # not from a trusted proxy: its X-Forwarded-For is the client's word, ignored
+    ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),
+    # through one proxy: what it saw connect
+    ("10.0.0.5", ["198.51.100.1"], "198.51.100.1"),
+    # entries left of it are the client's own, whatever they say
+    ("10.0.0.5", ["10.9.9.9, 192.0.2.66, 198.51.100.1"], "198.51.100.1"),
+    # through two proxies (the outer one appended the client, the inner one the outer)
+    ("10.0.0.5", ["198.51.100.1, 10.1.1.1"], "198.51.100.1"),
+    ("::1", ["198.51.100.1", "2001:db8::7"], "2001:db8::7"),  # two fields: one list
+    ("10.0.0.5", [], "10.0.0.5"),  # no header: the proxy itself
+    ("10.0.0.5", ["10.2.2.2, 10.1.1.1"], "10.2.2.2"),  # only proxies: the outermost
+    ("10.0.0.5", ["not-an-address"], "not-an-address"),  # still one address to count
+])
+def test_the_client_address_behind_trusted_proxies(peer: str, fields: list[str],
+                                                   counted: str) -> None:
+    address = ClientAddress(["10.0.0.0/8", "::1"])
+    headers = [(b"x-forwarded-for", f.encode()) for f in fields]
+    assert address((peer, 4321), [(b"host", b"x"), *headers]) == counted
+    assert ClientAddress()((peer, 4321), headers) == peer  # none trusted: the connection's
+
+
+def _guessed(client: httpx.Client, address: str, times: int) -> list[int]:
+    return [client.get("/api/ai/providers", headers={
+        **auth(f"tw-guess-{i}"), "X-Forwarded-For": address}).status_code
+        for i in range(times)]
+
+
+def test_behind_a_trusted_proxy_a_guessing_client_locks_out_only_itself() -> None:
+    with FakeUpstream() as up:
+        cfg = make_config(up.base_url, server={
+            "builtin_providers": False, "builtin_models": False,
+            "admin_sign_in_failures_per_minute": 3, "trusted_proxies": ["127.0.0.0/8"]})
+        with Server(create_app(cfg, env=gateway_env())) as server, \
+                httpx.Client(base_url=server.url) as client:
+            assert _guessed(client, "198.51.100.1", 4) == [401, 401, 401, 429]
+            admin = auth(ADMIN_KEY)
+            assert client.get("/api/ai/providers", headers={
+                **admin, "X-Forwarded-For": "198.51.100.1"}).status_code == 429
+            # Another client through the same proxy still signs in.
+            assert client.get("/api/ai/providers", headers={
+                **admin, "X-Forwarded-For": "198.51.100.2"}).status_code == 200
+            # A forged entry left of the proxy's does not move the guesser elsewhere.
+            assert client.get("/api/ai/providers", headers={
+                **auth("tw-guess"), "X-Forwarded-For": "192.0.2.1, 198.51.100.1"}
+                ).status_code == 429
+
+
+def test_without_trusted_proxies_x_forwarded_for_moves_no_one() -> None:
+    with FakeUpstream() as up:
+        cfg = make_config(up.base_url, server={
+            "builtin_providers": False, "builtin_models": False,
+            "admin_sign_in_failures_per_minute": 3})
+        with Server(create_app(cfg, env=gateway_env())) as server, \
+                httpx.Client(base_url=server.url) as client:
+            assert _guessed(client, "198.51.100.1", 3) == [401, 401, 401]
+            # Claiming another address does not escape: the connection's is counted.
+            assert _guessed(client, "198.51.100.2", 1) == [429]

@@ -75,6 +75,8 @@ def test_example_config_is_valid() -> None:
     [
         ('[server]\nport = "eighty"\n', "$.server.port", "Expected `int`"),
         ("[server]\nport = 70000\n", "$.server.port", "<= 65535"),
+        ('[server]\ntrusted_proxies = ["10.0.0.0/8", "proxy.local"]\n', "$.server",
+         "'proxy.local' is not an IP address or network"),
         ('[server]\nadmin_key_evn = "X"\n', "$.server", "unknown field `admin_key_evn`"),
         ('[[tenants]]\nid = "acme"\ntier = "gold"\n', "$.tenants[0].tier", "unknown tier"),
         ('[[tenants]]\nid = "a.b"\n', "$.tenants[0].id", "matching regex"),

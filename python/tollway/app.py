@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tollway.asgi import route_path
-from tollway.auth import SignInThrottle
+from tollway.auth import ClientAddress, SignInThrottle
 from tollway.cache import wiring as cache
 from tollway.clock import Clock
 from tollway.config import Config, default_config
@@ -187,7 +187,8 @@ def app_of(gateway: Gateway) -> GatewayApp:
         Middleware(RequestContextMiddleware, metrics=gateway.metrics, known_paths=known),
         Middleware(AuthMiddleware, keys=gateway.keys, metrics=gateway.metrics,
                    throttle=SignInThrottle(
-                       gateway.config.server.admin_sign_in_failures_per_minute)),
+                       gateway.config.server.admin_sign_in_failures_per_minute),
+                   client_address=ClientAddress(gateway.config.server.trusted_proxies)),
     ]
 
     def wrapped(handler: ASGIApp) -> ASGIApp:  # the list above, without Starlette's layers

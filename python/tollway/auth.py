@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Protocol
 from urllib.parse import parse_qsl
 
@@ -74,6 +75,44 @@ def key_in_query(query: bytes, keys: KeyIndex) -> str | None:
                 8 <= len(value) <= 512 and keys.resolve(value) is not None):
             return name[:64]
     return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientAddress:
+    """The address a request counts for: the connection's, or, when that is one of the
+    ``trusted`` proxies, the rightmost ``X-Forwarded-For`` entry that is not (what the
+    outermost trusted proxy saw connect to it; entries left of it are the client's word).
+    Every ``X-Forwarded-For`` field counts, in order, as one list."""
+
+    __slots__ = ("trusted",)
+
+    def __init__(self, trusted: Sequence[str] = ()) -> None:
+        self.trusted: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(p, strict=False) for p in trusted)
+
+    def _is_trusted(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def __call__(self, client: tuple[str, int] | None,
+                 headers: Iterable[tuple[bytes, bytes]]) -> str:
+        host = client[0] if client else ""
+        if not self.trusted or not self._is_trusted(host):
+            return host
+        hops = [hop.strip() for name, value in headers if name == b"x-forwarded-for"
+                for hop in value.decode("latin-1").split(",")]
+        for hop in reversed(hops):
+            if not hop:
+                continue
+            if not self._is_trusted(hop):
+                return hop
+            host = hop  # a trusted proxy further out: the next one left is who it saw
+        return host
 
 
 class SignInThrottle:

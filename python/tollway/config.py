@@ -14,6 +14,7 @@ of the built-in price table, the three budget tiers, and an ``auto`` route.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -55,6 +56,10 @@ class ServerConfig(_Base):
     # Failed sign-ins on the admin paths one client address may make in a minute; past
     # them it is refused (429) until the minute ends, whatever key it sends.
     admin_sign_in_failures_per_minute: Annotated[int, Meta(ge=1)] = 10
+    # The reverse proxies in front of the gateway (addresses or networks, "10.0.0.0/8"):
+    # a request from one of them counts for the address its X-Forwarded-For names (the
+    # last one no trusted proxy added), not the proxy's. Empty: the connection's address.
+    trusted_proxies: list[str] = field(default_factory=list)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True  # one JSON line per request on the "tollway.access" logger
@@ -76,6 +81,14 @@ class ServerConfig(_Base):
     workers: Annotated[int, Meta(ge=1)] | Literal["auto"] = 1
     # SIGTERM/SIGINT: in-flight calls and streams may finish for this long, then are cut.
     drain_timeout_s: Positive = 30.0
+
+    def __post_init__(self) -> None:
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or "
+                                 "network (such as '10.0.0.0/8')") from None
 
 
 class NatsConfig(_Base):

@@ -49,7 +49,9 @@ def uvicorn_config(app: Any, server: ServerConfig, *, log_level: str = "info",
         "log_config": None,  # logging is configured by tollway.logs
         "log_level": log_level,
         "server_header": False,
-        "proxy_headers": False,  # tollway does not use the client address
+        # The client address counts for the admin sign-in throttle only, and tollway reads
+        # X-Forwarded-For itself, from [server] trusted_proxies (tollway.auth.ClientAddress).
+        "proxy_headers": False,
         "timeout_keep_alive": server.keepalive_timeout_s,
         # SIGTERM: stop accepting, let in-flight calls and streams end, cut the rest.
         "timeout_graceful_shutdown": server.drain_timeout_s,

@@ -14,6 +14,7 @@ from tollway.asgi import Receive, Scope, Send, route_path, send_error
 from tollway.auth import (
     ADMIN_PREFIXES,
     PUBLIC_PATHS,
+    ClientAddress,
     KeyIndex,
     Principal,
     SignInThrottle,
@@ -33,11 +34,13 @@ _CHALLENGE = [(b"www-authenticate", b'Bearer realm="tollway"')]
 
 class AuthMiddleware:
     def __init__(self, app: Any, keys: KeyIndex, metrics: Metrics,
-                 throttle: SignInThrottle | None = None) -> None:
+                 throttle: SignInThrottle | None = None,
+                 client_address: ClientAddress | None = None) -> None:
         self.app = app
         self.keys = keys
         self.metrics = metrics
         self.throttle = throttle or SignInThrottle()
+        self.client_address = client_address or ClientAddress()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Before the public paths: a key in a URL has leaked wherever the URL goes.
@@ -103,8 +106,7 @@ class AuthMiddleware:
     def _admin_sign_in(self, scope: Scope) -> Principal | TollwayError:
         """:meth:`_sign_in` for the admin paths: only the admin key passes, and an address
         that keeps failing is refused for a while (:class:`SignInThrottle`)."""
-        client = scope.get("client")
-        host = client[0] if client else ""
+        host = self.client_address(scope.get("client"), scope["headers"])
         wait = self.throttle.retry_after(host)
         if wait > 0:
             self.metrics.rejections.inc(("too_many_failed_sign_ins",))
