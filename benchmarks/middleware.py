@@ -12,8 +12,10 @@ median over rounds of (guarded - bare) p50, and of the server's CPU time per req
     python benchmarks/middleware.py --rounds 5 --duration 6 --no-events
 
 The bare route sits behind the middleware too, outside its ``paths`` (one prefix check):
-both routes share one process, one socket and one moment. Results go to
-``benchmarks/results/middleware-<UTC timestamp>.json``.
+the routes share one process, one socket and one moment. A third route, ``/floor``, sits
+behind a pure ASGI middleware that only wraps ``send`` and adds a header, the least any
+guard in front of a route does: its added p50 is the floor of what a middleware costs at
+this pace. Results go to ``benchmarks/results/middleware-<UTC timestamp>.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from load import (
 
 KEY = "tw-bench-middleware-0123456789"
 RATE = 500
+TARGETS = ["bare", "floor", "guarded"]
 BAR_MS = 0.1  # issue 19: at most +0.1 ms p50 over the bare route at 500 calls/s
 BIG = 10**12
 
@@ -61,6 +64,26 @@ def config(data_dir: str, events: bool) -> Any:
             "per_minute": BIG, "per_hour": BIG, "per_day": BIG, "expensive_per_hour": BIG}}],
     }
     return parse_config(raw, source="<bench>", env={})
+
+
+class Floor:
+    """The least a guard does: a prefix check, a ``send`` wrapped, a header added."""
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.path):
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-floor", b"1")]
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 def serve(port: int, data_dir: str, events: bool) -> None:
@@ -96,9 +119,11 @@ def serve(port: int, data_dir: str, events: bool) -> None:
 
     app = Starlette(
         routes=[Route("/bare", answer, methods=["GET", "POST"]),
+                Route("/floor", answer, methods=["POST"]),
                 Route("/guarded", answer, methods=["POST"])],
         middleware=[Middleware(tollway.GuardMiddleware, gateway=gw, tenant=tenant,
-                               cost=lambda scope: 0.0001, paths=["/guarded"])],
+                               cost=lambda scope: 0.0001, paths=["/guarded"]),
+                    Middleware(Floor, path="/floor")],
         lifespan=lifespan)
     uvicorn.Server(uvicorn_config(app, ServerConfig(), host=HOST, port=port,
                                   log_level="warning")).run()
@@ -126,11 +151,13 @@ def main() -> None:
         try:
             base = f"http://{HOST}:{port}"
             wait_ready(proc, f"{base}/bare", {})
-            for target in ("bare", "guarded"):  # warm up both paths
+            for target in TARGETS:  # warm up every path
                 run_oha(oha, f"{base}/{target}", KEY, "{}", rate=RATE, duration=1.0,
                         connections=16)
             for rnd in range(args.rounds):
-                order = ["bare", "guarded"] if rnd % 2 == 0 else ["guarded", "bare"]
+                order = TARGETS[rnd % 3:] + TARGETS[:rnd % 3]  # each first in turn
+                if rnd // 3 % 2:
+                    order.reverse()  # and each after each of the others
                 for target in order:
                     before = process_cpu_s(proc.popen.pid)
                     doc = run_oha(oha, f"{base}/{target}", KEY, "{}", rate=RATE,
@@ -144,15 +171,21 @@ def main() -> None:
             proc.stop()
     by = {(leg.round, leg.target): leg for leg in legs}
     p50 = [by[(r, "guarded")].p50_ms - by[(r, "bare")].p50_ms for r in range(args.rounds)]
+    floor = [by[(r, "floor")].p50_ms - by[(r, "bare")].p50_ms for r in range(args.rounds)]
     cpu = [by[(r, "guarded")].server_cpu_us - by[(r, "bare")].server_cpu_us
            for r in range(args.rounds)]
+    floor_cpu = [by[(r, "floor")].server_cpu_us - by[(r, "bare")].server_cpu_us
+                 for r in range(args.rounds)]
     summary = {
         "rate": RATE, "events": args.events, "rounds": args.rounds, "duration_s": args.duration,
         "bare_p50_ms": statistics.median(by[(r, "bare")].p50_ms for r in range(args.rounds)),
         "guarded_p50_ms": statistics.median(by[(r, "guarded")].p50_ms
                                             for r in range(args.rounds)),
+        "floor_p50_ms": statistics.median(by[(r, "floor")].p50_ms for r in range(args.rounds)),
         "added_p50_ms": statistics.median(p50),
+        "floor_added_p50_ms": statistics.median(floor),
         "added_cpu_us_per_request": statistics.median(cpu),
+        "floor_added_cpu_us_per_request": statistics.median(floor_cpu),
         "bar_p50_ms": BAR_MS,
         "non_2xx": sum(n for leg in legs for s, n in leg.status.items() if not s.startswith("2")),
     }
@@ -166,8 +199,11 @@ def main() -> None:
     print(f"| route | p50 ms (median of {args.rounds} rounds at {RATE}/s) |")
     print("|---|---:|")
     print(f"| bare | {summary['bare_p50_ms']:.3f} |")
+    print(f"| floor (a pass-through middleware) | {summary['floor_p50_ms']:.3f} |")
     print(f"| guarded | {summary['guarded_p50_ms']:.3f} |")
-    print(f"\nadded p50: {summary['added_p50_ms']:+.3f} ms (bar {BAR_MS} ms), added server CPU: "
+    print(f"\nthe floor adds {summary['floor_added_p50_ms']:+.3f} ms p50, "
+          f"{summary['floor_added_cpu_us_per_request']:+.1f} us of server CPU a request")
+    print(f"added p50: {summary['added_p50_ms']:+.3f} ms (bar {BAR_MS} ms), added server CPU: "
           f"{summary['added_cpu_us_per_request']:+.1f} us/request; non-2xx: "
           f"{summary['non_2xx']}; events {'on' if args.events else 'off'}; {out.name}")
 
