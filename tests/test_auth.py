@@ -104,6 +104,7 @@ def test_tenant_allow_list_and_records_keep_tenants_apart(
     ("10.0.0.5", ["198.51.100.1, 10.1.1.1"], "198.51.100.1"),
     ("::1", ["198.51.100.1", "2001:db8::7"], "2001:db8::7"),  # two fields: one list
     ("10.0.0.5", [], "10.0.0.5"),  # no header: the proxy itself
+    ("::ffff:10.0.0.5", ["198.51.100.1"], "198.51.100.1"),  # IPv4 on a dual-stack socket
     ("10.0.0.5", ["10.2.2.2, 10.1.1.1"], "10.2.2.2"),  # only proxies: the outermost
     ("10.0.0.5", ["not-an-address"], "not-an-address"),  # still one address to count
 ])

@@ -97,6 +97,8 @@ class ClientAddress:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 peer of a dual-stack socket ("::ffff:10.0.0.5")
         return any(ip in net for net in self.trusted)
 
     def __call__(self, client: tuple[str, int] | None,
