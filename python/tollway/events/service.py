@@ -308,8 +308,15 @@ class EventsService:
 
     def projection(self, name: str) -> Projection[Any]:
         """One of the views by name (``usage``, ``budget``, ``health``, ``shadow``,
-        ``directory``)."""
+        ``directory``, ``recent``; ``learning`` when routing learns)."""
         return self._by_name[name]
+
+    def add_view(self, projection: Projection[Any]) -> None:
+        """Fold one more view of the stream (before :meth:`start`)."""
+        if self.runner is not None or projection.name in self._by_name:
+            raise RuntimeError(f"view {projection.name!r}: added after start, or twice")
+        self.projections.append(projection)
+        self._by_name[projection.name] = projection
 
     @property
     def usage_view(self) -> usage.UsageView:

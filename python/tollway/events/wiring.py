@@ -21,6 +21,8 @@ from tollway.events.breakers import FleetBreakers
 from tollway.events.ratelimits import worker_total
 from tollway.events.schema import day_of
 from tollway.events.service import EventsService
+from tollway.learn.routing import learning_routes, new_learning
+from tollway.learn.view import learning_projection
 
 if TYPE_CHECKING:
     from tollway.gateway import Gateway
@@ -40,6 +42,12 @@ async def events_lifespan(gateway: Gateway) -> AsyncIterator[None]:
                         clock=gateway.clock.time,
                         limits_of=rate.limiter.limits if rate is not None else None,
                         processes=worker_total())
+    learns = learning_routes(config.learn, config.shadow)
+    if learns:  # one set of learned choices for every process on the stream
+        parts = gateway.parts
+        svc.add_view(learning_projection(
+            lambda: new_learning(parts, config.learn, learns), svc.publisher.submit,
+            config.events.retention_days, gateway.clock.time))
     if config.breaker.fleet:
         svc.breakers = FleetBreakers(gateway.breakers, svc.instance,
                                      lease_s=config.breaker.probe_lease_s,

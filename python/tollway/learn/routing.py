@@ -12,29 +12,33 @@ live rules (not when the data's sensitivity keeps it local and the candidate is 
 its breaker is open, or the tier's cap cannot pay it). The plan's reason says
 ``learn[<route>/<task>] -> <model>``; the call event carries it.
 
-With several gateway processes, each learns from the samples it made itself; their
-decisions all go to the stream.
+With events on, the fold is the ``learning`` view of the stream
+(:mod:`tollway.learn.view`): every gateway process folds every process's samples in
+stream order, so the fleet serves one choice. With events off, the process folds its
+own samples as it makes them.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
 from tollway.config import LearnConfig, ShadowRouteConfig
-from tollway.events.schema import Event, RouteLearned, ShadowCompared
+from tollway.events.schema import Event, ShadowCompared
 from tollway.learn.evidence import Learning, LearnRules
+from tollway.learn.view import log_decision
 from tollway.pipeline.call import CHAT, Call
 from tollway.pipeline.plan import RoutePlan
 from tollway.shadow.ab import ABSplit
 
 if TYPE_CHECKING:
+    from tollway.events.projections import Projection
+    from tollway.learn.view import LearningView
     from tollway.parts import GatewayParts
     from tollway.shadow.sink import ShadowSink
 
-__all__ = ["LearnedRouting", "Learner", "LearningSink", "learning_routes"]
+__all__ = ["LearnedRouting", "Learner", "LearningSink", "learning_routes", "new_learning"]
 
 log = logging.getLogger("tollway.learn")
 
@@ -47,28 +51,44 @@ def learning_routes(cfg: LearnConfig, entries: list[ShadowRouteConfig]) -> list[
     return [e for e in entries if e.mode == "shadow" and (every or e.route in cfg.routes)]
 
 
+def new_learning(parts: GatewayParts, cfg: LearnConfig,
+                 entries: list[ShadowRouteConfig]) -> Learning:
+    """A fresh fold state for the routes that learn (``entries``), by the config's rules
+    and the catalog's prices."""
+    rules = LearnRules(min_agreement=cfg.min_agreement, min_samples=cfg.min_samples,
+                       window=cfg.window, recent=cfg.recent, hysteresis=cfg.hysteresis,
+                       similarity=cfg.similarity, objective=parts.policy.objective_for)
+    models = parts.catalog.models
+    prices = {m: d.input_usd_per_mtok + d.output_usd_per_mtok for m, d in models.items()}
+    return Learning(rules, prices, {e.route: tuple(e.candidates) for e in entries})
+
+
 class Learner:
+    """The fold state the plan hook reads: the stream's ``learning`` view (``view``,
+    events on), or this process's own, fed by :meth:`observe` (events off)."""
+
     def __init__(self, parts: GatewayParts, cfg: LearnConfig,
-                 entries: list[ShadowRouteConfig], sink: ShadowSink) -> None:
-        rules = LearnRules(min_agreement=cfg.min_agreement, min_samples=cfg.min_samples,
-                           window=cfg.window, recent=cfg.recent, hysteresis=cfg.hysteresis,
-                           similarity=cfg.similarity, objective=parts.policy.objective_for)
-        models = parts.catalog.models
-        prices = {m: d.input_usd_per_mtok + d.output_usd_per_mtok for m, d in models.items()}
-        self.learning = Learning(rules, prices, {e.route: tuple(e.candidates) for e in entries})
+                 entries: list[ShadowRouteConfig], sink: ShadowSink,
+                 view: Projection[LearningView] | None = None) -> None:
+        self.view = view
+        self._own = new_learning(parts, cfg, entries) if view is None else None
         self.sink = sink
-        self.decisions: collections.deque[RouteLearned] = collections.deque(maxlen=1000)
         self._lock = threading.Lock()  # a test may publish from its own thread
 
+    @property
+    def learning(self) -> Learning:
+        if self.view is not None:
+            return self.view.view.learning  # the view a reset or a checkpoint put there
+        assert self._own is not None
+        return self._own
+
     def observe(self, e: ShadowCompared) -> None:
+        """Events off: fold one of this process's samples, publish its decision."""
         with self._lock:
             decision = self.learning.observe(e)
             if decision is None:
                 return
-            self.decisions.append(decision)
-        log.info("learning routing: %s", decision.why, extra={
-            "route": decision.route, "task": decision.task, "model": decision.model,
-            "previous": decision.previous, "action": decision.action})
+        log_decision(decision)
         self.sink.publish(decision)  # type: ignore[arg-type]
 
     def status(self) -> dict[str, Any]:

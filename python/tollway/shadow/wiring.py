@@ -62,15 +62,21 @@ async def shadow_lifespan(gateway: Gateway,
     sink: ShadowSink = PublisherSink(events.publisher) if events is not None else MemorySink()
     entries = gateway.config.shadow if entries is None else entries
     learns = learning_routes(gateway.config.learn, entries)
-    if learns:
+    # Events on: the stream's view folds every process's samples (tollway.learn.view);
+    # off: this process folds its own, on their way to the sink.
+    view = next((p for p in events.projections if p.name == "learning"),
+                None) if events is not None and learns else None
+    if learns and view is None:
         sink = LearningSink(sink)
     svc = ShadowService(gateway.parts, sink, entries, events)
     pipeline = gateway.pipeline
     learned: LearnedRouting | None = None
     if learns:
-        assert isinstance(sink, LearningSink)
-        learner = Learner(gateway.parts, gateway.config.learn, learns, sink.inner)
-        sink.learner = svc.learner = learner
+        inner = sink.inner if isinstance(sink, LearningSink) else sink
+        learner = Learner(gateway.parts, gateway.config.learn, learns, inner, view)
+        svc.learner = learner
+        if isinstance(sink, LearningSink):
+            sink.learner = learner
         for e in learns:
             svc.runner.verify(e.route, gateway.config.learn.verify_fraction, e.seed)
         learned = LearnedRouting(gateway.parts, learner)
