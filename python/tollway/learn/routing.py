@@ -70,15 +70,15 @@ class Learner:
     def __init__(self, parts: GatewayParts, cfg: LearnConfig,
                  entries: list[ShadowRouteConfig], sink: ShadowSink,
                  view: Projection[LearningView] | None = None) -> None:
-        self.view = view
+        self.projection = view
         self._own = new_learning(parts, cfg, entries) if view is None else None
         self.sink = sink
         self._lock = threading.Lock()  # a test may publish from its own thread
 
     @property
     def learning(self) -> Learning:
-        if self.view is not None:
-            return self.view.view.learning  # the view a reset or a checkpoint put there
+        if self.projection is not None:  # the view a reset or a checkpoint put there
+            return self.projection.view.learning
         assert self._own is not None
         return self._own
 
