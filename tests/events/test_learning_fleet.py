@@ -1,6 +1,6 @@
 """Learning routing across gateways on one stream: the samples one gateway makes decide
-what every gateway serves, each decision is one event, and a restarted gateway resumes
-the fleet's choice from its checkpoint."""
+what every gateway serves, each decision is one event, and a gateway started later
+serves the fleet's choice at once; the view's fold and checkpoint on their own."""
 
 from __future__ import annotations
 
@@ -99,13 +99,13 @@ def test_samples_made_on_one_gateway_decide_what_every_gateway_serves(fleet: Fle
     assert eventually(lambda: _idle(a, b), timeout=20)
     learned = _learned(fleet.nats_url)
     assert [(e.action, e.model) for e in learned] == [("promoted", "small")]
-    # b's report has the evidence of a's samples (and its own check since).
+    # b's report shows the fleet's choice.
     here = client_b.get("/api/ai/shadow", headers=auth(ADMIN_KEY)).json()
     assert here["learning"]["here"]["serving"] == [
         {"route": "auto", "task": "classify", "model": "small"}]
 
 
-def test_a_restarted_gateway_resumes_the_fleet_s_choice(fleet: Fleet) -> None:
+def test_a_gateway_started_later_serves_the_fleet_s_choice_at_once(fleet: Fleet) -> None:
     a, client_a = fleet.start("a")
     for i in range(4):
         assert _classify(client_a, i).status_code == 200
