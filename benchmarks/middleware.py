@@ -16,6 +16,13 @@ the routes share one process, one socket and one moment. A third route, ``/floor
 behind a pure ASGI middleware that only wraps ``send`` and adds a header, the least any
 guard in front of a route does: its added p50 is the floor of what a middleware costs at
 this pace. Results go to ``benchmarks/results/middleware-<UTC timestamp>.json``.
+
+A second reading is taken inside the server: an outer ASGI wrapper (in front of every
+route alike) times each request from its arrival to its response's last bytes, and
+``GET /timings`` hands the leg's times over. Its median difference between two routes is
+the middleware's own time with the client, the kernel and the load generator left out:
+about a third as noisy from round to round as the p50s, so a change of a few
+microseconds shows in it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +95,44 @@ class Floor:
         await self.app(scope, receive, sending)
 
 
+class Timed:
+    """Every request's time from its arrival to its last bytes, by path; ``GET /timings``
+    answers those taken since the last ask (JSON: path -> seconds) and forgets them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.times: dict[str, list[float]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/timings":
+            body = json.dumps(self.times).encode()
+            self.times = {}
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        t0 = time.perf_counter()
+        times = self.times.setdefault(path, [])
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                times.append(time.perf_counter() - t0)
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+def taken(base: str) -> dict[str, list[float]]:
+    """The server's times since the last ask (:class:`Timed`)."""
+    with urllib.request.urlopen(f"{base}/timings", timeout=10) as reply:
+        doc: dict[str, list[float]] = json.loads(reply.read())
+    return doc
+
+
 def serve(port: int, data_dir: str, events: bool) -> None:
     """The host app (run in the child process)."""
     import uvicorn
@@ -125,7 +172,7 @@ def serve(port: int, data_dir: str, events: bool) -> None:
                                cost=lambda scope: 0.0001, paths=["/guarded"]),
                     Middleware(Floor, path="/floor")],
         lifespan=lifespan)
-    uvicorn.Server(uvicorn_config(app, ServerConfig(), host=HOST, port=port,
+    uvicorn.Server(uvicorn_config(Timed(app), ServerConfig(), host=HOST, port=port,
                                   log_level="warning")).run()
 
 
@@ -141,6 +188,7 @@ def main() -> None:
         return
     oha = find_oha()
     legs: list[Leg] = []
+    server_ms: dict[tuple[int, str], float] = {}  # (round, route) -> median in the server
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         log = Path(tmp) / "host.log"
@@ -154,6 +202,7 @@ def main() -> None:
             for target in TARGETS:  # warm up every path
                 run_oha(oha, f"{base}/{target}", KEY, "{}", rate=RATE, duration=1.0,
                         connections=16)
+            taken(base)
             for rnd in range(args.rounds):
                 order = TARGETS[rnd % 3:] + TARGETS[:rnd % 3]  # each first in turn
                 if rnd // 3 % 2:
@@ -167,6 +216,8 @@ def main() -> None:
                     if before and after and leg.requests:
                         leg.server_cpu_us = (sum(after) - sum(before)) / leg.requests * 1e6
                     legs.append(leg)
+                    server_ms[(rnd, target)] = 1e3 * statistics.median(
+                        taken(base)[f"/{target}"])
         finally:
             proc.stop()
     by = {(leg.round, leg.target): leg for leg in legs}
@@ -176,6 +227,10 @@ def main() -> None:
            for r in range(args.rounds)]
     floor_cpu = [by[(r, "floor")].server_cpu_us - by[(r, "bare")].server_cpu_us
                  for r in range(args.rounds)]
+    server = [1e3 * (server_ms[(r, "guarded")] - server_ms[(r, "bare")])
+              for r in range(args.rounds)]
+    floor_server = [1e3 * (server_ms[(r, "floor")] - server_ms[(r, "bare")])
+                    for r in range(args.rounds)]
     summary = {
         "rate": RATE, "events": args.events, "rounds": args.rounds, "duration_s": args.duration,
         "bare_p50_ms": statistics.median(by[(r, "bare")].p50_ms for r in range(args.rounds)),
@@ -184,6 +239,9 @@ def main() -> None:
         "floor_p50_ms": statistics.median(by[(r, "floor")].p50_ms for r in range(args.rounds)),
         "added_p50_ms": statistics.median(p50),
         "floor_added_p50_ms": statistics.median(floor),
+        "added_server_us": statistics.median(server),
+        "floor_added_server_us": statistics.median(floor_server),
+        "added_server_us_by_round": [round(x, 1) for x in server],
         "added_cpu_us_per_request": statistics.median(cpu),
         "floor_added_cpu_us_per_request": statistics.median(floor_cpu),
         "bar_p50_ms": BAR_MS,
@@ -203,6 +261,10 @@ def main() -> None:
     print(f"| guarded | {summary['guarded_p50_ms']:.3f} |")
     print(f"\nthe floor adds {summary['floor_added_p50_ms']:+.3f} ms p50, "
           f"{summary['floor_added_cpu_us_per_request']:+.1f} us of server CPU a request")
+    print(f"in the server, arrival to last bytes: the floor adds "
+          f"{summary['floor_added_server_us']:+.1f} us, the guard "
+          f"{summary['added_server_us']:+.1f} us (by round: "
+          f"{summary['added_server_us_by_round']})")
     print(f"added p50: {summary['added_p50_ms']:+.3f} ms (bar {BAR_MS} ms), added server CPU: "
           f"{summary['added_cpu_us_per_request']:+.1f} us/request; non-2xx: "
           f"{summary['non_2xx']}; events {'on' if args.events else 'off'}; {out.name}")
