@@ -21,8 +21,7 @@ A second reading is taken inside the server: an outer ASGI wrapper (in front of 
 route alike) times each request from its arrival to its response's last bytes, and
 ``GET /timings`` hands the leg's times over. Its median difference between two routes is
 the middleware's own time with the client, the kernel and the load generator left out:
-about a third as noisy from round to round as the p50s, so a change of a few
-microseconds shows in it.
+about half as noisy from round to round as the p50s.
 """
 
 from __future__ import annotations
