@@ -244,6 +244,31 @@ async def test_the_event_is_written_before_the_responses_last_bytes() -> None:
                 "completed", 200, 4_000_000)
 
 
+async def test_without_events_the_processs_own_book_holds_the_day_and_refuses_past_it(
+        ) -> None:
+    """No NATS: the gateway's local budget decides at once (no await), holds each call's
+    cost, settles it when the route answers and refuses the call that would pass the day."""
+    recorder = ListRecorder()
+    cfg = make_config("http://127.0.0.1:9/v1", tenants=[_tenant("thrifty", daily_usd=0.01)])
+    gw = tollway.Gateway(cfg, env=gateway_env(), recorder=recorder)
+    app = host_app(gw)
+    async with gw:
+        book = gw.core.budget_book()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://host") as client:
+            for _ in range(2):  # 0.008 of 0.01 USD
+                ok = await client.get("/search", headers={"x-user": "thrifty"})
+                assert ok.status_code == 200, ok.text
+                assert book.reserved_today("thrifty") == 0  # settled, not still held
+            refused = await client.get("/search", headers={"x-user": "thrifty"})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert "daily budget" in refused.json()["error"]["message"]
+    assert book.spent_today("thrifty") == 2 * 4_000_000
+    assert [(r.outcome, r.actual_cost_nanousd) for r in recorder.records] == [
+        ("completed", 4_000_000), ("completed", 4_000_000), ("rejected", 0)]
+
+
 async def _call_once(app: Starlette, path: str, recorder: ListRecorder) -> list[tuple[bool, int]]:
     """GET ``path`` of ``app`` at the ASGI level: (last, records so far) as each body
     message reached the server."""

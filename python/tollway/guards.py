@@ -472,6 +472,16 @@ class BudgetGuard:
         coroutine that decides it (to await), as :meth:`RateLimitGuard.check` does."""
         book = self.book_of()
         call.estimated_cost_nanousd = amount_nanousd
+        if type(book) is LocalBudget:  # this process's own book decides without awaiting
+            tenant = call.tenant.id
+            limit = self.daily.get(tenant, self.default_daily)
+            held = book.try_reserve(tenant, amount_nanousd, limit,
+                                    request_id=call.info.request_id, now=call.occurred_at)
+            if held is None:
+                self._refuse(call, book, tenant, limit,
+                             f"this call may cost up to {amount_nanousd / NANO:.6f} USD")
+            call.reservation = (book, held)
+            return None
         grant = getattr(book, "try_grant", None)
         if grant is not None:
             hold = grant(call.tenant.id, amount_nanousd, request_id=call.info.request_id,
