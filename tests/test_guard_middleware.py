@@ -213,10 +213,13 @@ async def test_every_guarded_call_is_an_event_on_the_stream(host: Host) -> None:
         await nc.close()
 
 
-async def test_the_event_is_written_before_the_responses_last_bytes() -> None:
-    """As the pipeline does its own calls: when the last body message reaches the server,
-    the call is settled and recorded (its event in the outbox), also for a streamed
-    response; a process killed once its client has the answer loses no event."""
+@pytest.mark.parametrize("before", [True, False], ids=["before_last_bytes", "default"])
+async def test_when_the_event_is_written_around_the_responses_last_bytes(before: bool) -> None:
+    """``event_before_last_bytes=True``, as the pipeline does its own calls: when the last
+    body message reaches the server, the call is settled and recorded (its event in the
+    outbox), also for a streamed response; a process killed once its client has the
+    answer loses no event. By default the record follows the last bytes at once: written
+    when the server's ``send`` returns, before the request's ASGI call does."""
     from starlette.responses import StreamingResponse
 
     async def parts() -> Any:
@@ -232,14 +235,18 @@ async def test_the_event_is_written_before_the_responses_last_bytes() -> None:
     app = Starlette(
         routes=[Route("/search", search), Route("/stream", streamed)],
         middleware=[Middleware(tollway.GuardMiddleware, gateway=gw,
-                               tenant=lambda scope: "words", cost=lambda scope: SEARCH_USD)])
+                               tenant=lambda scope: "words", cost=lambda scope: SEARCH_USD,
+                               event_before_last_bytes=before)])
     async with gw:
         for path in ("/search", "/stream"):
-            before = len(recorder.records)
-            seen = await _call_once(app, path, recorder)
-            assert seen[-1] == (True, before + 1), (path, seen)  # recorded, then the end
-            assert all(n == before for last, n in seen if not last)  # not before the end
-            (rec,) = recorder.records[before:]
+            before_n = len(recorder.records)
+            returned: list[int] = []
+            seen = await _call_once(app, path, recorder, returned)
+            # (last, records so far) as each body message reached the server
+            assert seen[-1] == (True, before_n + 1 if before else before_n), (path, seen)
+            assert all(n == before_n for last, n in seen if not last)  # not before the end
+            assert returned == [before_n + 1]  # written once the last send returned
+            (rec,) = recorder.records[before_n:]
             assert (rec.outcome, rec.status, rec.actual_cost_nanousd) == (
                 "completed", 200, 4_000_000)
 
@@ -269,15 +276,22 @@ async def test_without_events_the_processs_own_book_holds_the_day_and_refuses_pa
         ("completed", 4_000_000), ("completed", 4_000_000), ("rejected", 0)]
 
 
-async def _call_once(app: Starlette, path: str, recorder: ListRecorder) -> list[tuple[bool, int]]:
+async def _call_once(app: Starlette, path: str, recorder: ListRecorder,
+                     returned: list[int] | None = None) -> list[tuple[bool, int]]:
     """GET ``path`` of ``app`` at the ASGI level: (last, records so far) as each body
-    message reached the server."""
+    message reached the server; ``returned`` gets the records so far when the server's
+    ``send`` of the last body message has returned, at the caller's next step (as a
+    server's next request would see them)."""
     seen: list[tuple[bool, int]] = []
     asked: list[bool] = []
 
     async def send(message: Any) -> None:
         if message["type"] == "http.response.body":
-            seen.append((not message.get("more_body"), len(recorder.records)))
+            last = not message.get("more_body")
+            seen.append((last, len(recorder.records)))
+            if last and returned is not None:
+                asyncio.get_running_loop().call_soon(
+                    lambda: returned.append(len(recorder.records)))
 
     async def receive() -> Any:
         if not asked:  # the request, then a client that stays (never disconnects)
@@ -290,6 +304,7 @@ async def _call_once(app: Starlette, path: str, recorder: ListRecorder) -> list[
              "root_path": "", "query_string": b"", "headers": [],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     await app(scope, receive, send)
+    await asyncio.sleep(0)  # the loop's next step: ``returned``'s callback runs
     return seen
 
 
@@ -311,7 +326,8 @@ async def test_a_call_is_counted_once_even_when_writing_its_record_fails(
 
     async with gw:
         seen = await _call_once(app, "/search", recorder)
-        assert seen == [(True, 1)] and spent() == pytest.approx(SEARCH_USD)
+        assert seen == [(True, 0)]  # by default the record follows the last bytes
+        assert len(recorder.records) == 1 and spent() == pytest.approx(SEARCH_USD)
         finished: list[int] = []
         pipeline = gw.core.pipeline
         finish = pipeline.finish

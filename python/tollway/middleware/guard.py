@@ -13,9 +13,16 @@ costs nothing.
 
 The steps are the pipeline's own (hints, sensitivity cap, rate limit guard,
 budget guard, finish, record), on a :class:`tollway.pipeline.call.Call` whose
-plan has no deployment: nothing is dispatched, the host's route answers. As on
-the pipeline's own calls, the call is settled and its event written to the
-outbox before the response's last bytes go to the client.
+plan has no deployment: nothing is dispatched, the host's route answers.
+
+When the event is written: by default right after the server took the
+response's last bytes, in the same step (no other task runs in between under
+uvicorn), so the client does not wait for it: a process killed in those
+microseconds loses that one event. With ``event_before_last_bytes=True`` the
+call is settled and its event in the outbox before the last bytes go, as on
+the pipeline's own calls, where it costs nothing next to the LLM's time: a
+process killed once the client has its answer loses no event, for ~50-100 µs
+more a request (``benchmarks/middleware.py``).
 """
 
 from __future__ import annotations
@@ -101,13 +108,17 @@ class GuardMiddleware:
     ``sensitivity(scope)``: the data's sensitivity (else the ``X-Tollway-Sensitivity``
     header), refused above the tenant's ``max_sensitivity``. ``paths``: the path
     prefixes guarded (default: every path). ``endpoint``: the call events' endpoint.
+    ``event_before_last_bytes``: write each call's event before its response's last bytes
+    (the pipeline's promise) instead of right after them (see the module's doc).
     """
 
     def __init__(self, app: Any, *, gateway: Gateway | _HasCore, tenant: TenantOf,
                  cost: CostOf | None = None, model: str | None = None,
                  output_tokens: int = 0, sensitivity: SensitivityOf | None = None,
-                 paths: Collection[str] | None = None, endpoint: str = "host") -> None:
+                 paths: Collection[str] | None = None, endpoint: str = "host",
+                 event_before_last_bytes: bool = False) -> None:
         self.app = app
+        self.event_before_last_bytes = event_before_last_bytes
         core = gateway if isinstance(gateway, Gateway) else gateway.core
         self.gateway = core
         self.pipeline: Pipeline = core.pipeline
@@ -261,6 +272,7 @@ class GuardMiddleware:
     async def _serve(self, call: Call, scope: Scope, receive: Receive, send: Send,
                      rid_header: tuple[bytes, bytes], done: list[CallRecord | None]) -> None:
         extra = [*call.headers, rid_header]
+        before = self.event_before_last_bytes
 
         async def sending(message: Message) -> None:
             kind = message["type"]
@@ -269,11 +281,15 @@ class GuardMiddleware:
                 call.response_started = True
                 message["headers"] = [*message.get("headers", ()), *extra]
             elif kind == "http.response.body" and not message.get("more_body") and not done:
-                # Settled and recorded before the last bytes go, as the pipeline does its
-                # calls: a process killed once the client has its answer has the event in
-                # its outbox.
-                self._settle(call, scope)
-                self._end(call, done)
+                self._settle(call, scope)  # the status and cost as the route left them
+                if before:
+                    self._end(call, done)
+                else:  # the client does not wait for the record; nothing awaits between
+                    try:
+                        await send(message)
+                    finally:
+                        self._end(call, done)
+                    return
             await send(message)
 
         call.attempts = 1
