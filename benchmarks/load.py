@@ -435,6 +435,9 @@ class Leg:
     # unlike latency, barely moved by what else runs on the machine.
     server_cpu_us: float = float("nan")
     server_sys_share: float = float("nan")  # of that CPU, the kernel's (syscalls, loopback TCP)
+    # Median time in the server from a request's arrival to its last bytes, where the
+    # benchmark times it (middleware.py).
+    server_p50_ms: float = float("nan")
     requests: int = 0
     success_rate: float = 0.0
     status: dict[str, int] = field(default_factory=dict)
