@@ -21,10 +21,10 @@ of a route does: its added p50 is the floor of what a middleware costs at this p
 Results go to ``benchmarks/results/middleware-<UTC timestamp>.json``.
 
 Pinning (the default with 2 CPUs or more): ``oha`` runs on one CPU, the server and the
-nats-server it starts on the others. With latency correction ``oha`` counts its own late
-sends as latency, so on shared CPUs the reading grows with all the CPU the server spends,
-also off any request's path (publishing and folding events); pinned, it is what a client
-on its own machine sees, with the server and NATS still sharing theirs.
+nats-server it starts on the others. Sharing the CPUs, ``oha`` often waits for the
+server's CPU to read an answer, so work the server does right after a response's last
+bytes (the guard's record) still shows in the p50; pinned, the reading is what a client
+on a CPU of its own sees, with the server and NATS still sharing theirs.
 
 A second reading is taken inside the server: an outer ASGI wrapper (in front of every
 route alike) times each request from its arrival to its response's last bytes, and
