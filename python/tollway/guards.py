@@ -475,12 +475,9 @@ class BudgetGuard:
         if type(book) is LocalBudget:  # this process's own book decides without awaiting
             tenant = call.tenant.id
             limit = self.daily.get(tenant, self.default_daily)
-            held = book.try_reserve(tenant, amount_nanousd, limit,
-                                    request_id=call.info.request_id, now=call.occurred_at)
-            if held is None:
-                self._refuse(call, book, tenant, limit,
-                             f"this call may cost up to {amount_nanousd / NANO:.6f} USD")
-            call.reservation = (book, held)
+            self._held(call, book, limit, amount_nanousd, book.try_reserve(
+                tenant, amount_nanousd, limit, request_id=call.info.request_id,
+                now=call.occurred_at))
             return None
         grant = getattr(book, "try_grant", None)
         if grant is not None:
@@ -502,8 +499,13 @@ class BudgetGuard:
             call.reason = f"{call.reason}; refused: budget unavailable"
             raise NotReady("the budget cannot be checked right now; retry shortly",
                            headers={"Retry-After": "1"}) from None
+        self._held(call, book, limit, amount_nanousd, hold)
+
+    def _held(self, call: Call, book: BudgetBook, limit: int, amount_nanousd: int,
+              hold: Any) -> None:
+        """The book's answer to a fixed amount: the call's reservation, or its refusal."""
         if hold is None:
-            self._refuse(call, book, tenant, limit,
+            self._refuse(call, book, call.tenant.id, limit,
                          f"this call may cost up to {amount_nanousd / NANO:.6f} USD")
         call.reservation = (book, hold)
 
